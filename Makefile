@@ -1,0 +1,37 @@
+# mmray developer entry points. `make quickstart` and `make test` are the two commands a new user needs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DATA   ?= data/synth
+STORAGE ?= runs
+
+export HF_HUB_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install quickstart test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/mmray data synth --out $(DATA) --rows 3000 --shards 4 --seed 0
+	$(BIN)/mmray train jobs/quickstart.yaml --storage $(STORAGE) --name quickstart
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q --timeout=900 tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/ingest.py
+
+clean:
+	rm -rf runs data/synth .pytest_cache

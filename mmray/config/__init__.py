@@ -1,0 +1,29 @@
+"""Typed job config: schema, YAML loading, ``--set`` overrides and validation errors.
+
+Names are resolved lazily so that components can import :mod:`mmray.config.errors` while the
+schema (which is assembled from the component registries) is still being built.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ConfigError": "mmray.config.errors",
+    "UserError": "mmray.config.errors",
+    "JobConfig": "mmray.config.schema",
+    "METRICS": "mmray.config.schema",
+    "MODALITIES": "mmray.config.schema",
+    "apply_overrides": "mmray.config.loader",
+    "from_yaml_text": "mmray.config.loader",
+    "load_job": "mmray.config.loader",
+    "to_yaml": "mmray.config.loader",
+    "validate_job": "mmray.config.loader",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mmray.config' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,0 +1,187 @@
+"""The job config schema: one typed model per section, validated once at the edge.
+
+Every default lives here. Component sections (``model.encoders.*``, ``model.fusion``) are
+discriminated unions built from the registries, so a registered component is immediately
+selectable by name and its own keys are checked.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from mmray.models.encoders import ENCODERS
+from mmray.models.fusion import FUSIONS
+from mmray.registry import StrictModel
+
+MODALITIES: tuple[str, ...] = ("audio", "image", "text")
+Modality = Literal["audio", "image", "text"]
+
+# Metrics a run reports each epoch, usable for checkpoint ranking and early stopping.
+METRICS: dict[str, str] = {
+    "val.accuracy": "max",
+    "val.f1": "max",
+    "val.precision": "max",
+    "val.recall": "max",
+    "val.loss": "min",
+    "train.loss": "min",
+}
+
+
+def _component(registry, modality: str | None = None):
+    types = registry.config_types(modality)
+    return Annotated[Union[types], Field(discriminator="name")]  # type: ignore[valid-type]
+
+
+ImageEncoder = _component(ENCODERS, "image")
+TextEncoder = _component(ENCODERS, "text")
+AudioEncoder = _component(ENCODERS, "audio")
+Fusion = _component(FUSIONS)
+
+
+# --------------------------------------------------------------------------------------- data
+class ImagePreprocess(StrictModel):
+    size: int = Field(32, ge=8, description="images are resized to size x size")
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    augment: bool = Field(True, description="random shift and brightness jitter on the train split")
+
+
+class TextPreprocess(StrictModel):
+    tokenizer: Optional[str] = Field(
+        None, description="Hugging Face tokenizer name or local path; null = the dataset's own tokenizer"
+    )
+    max_length: int = Field(32, ge=2)
+
+
+class AudioPreprocess(StrictModel):
+    sample_rate: int = Field(8000, ge=1000, description="waveforms are resampled to this rate")
+    seconds: float = Field(1.0, gt=0, description="waveforms are cropped or zero-padded to this length")
+
+    @property
+    def num_samples(self) -> int:
+        return int(round(self.sample_rate * self.seconds))
+
+
+class DataConfig(StrictModel):
+    path: str = Field(description="dataset directory (made by `mmray data synth` or `mmray data prepare`)")
+    modalities: tuple[Modality, ...] = Field(MODALITIES, min_length=1)
+    on_bad_record: Literal["skip", "fail"] = Field(
+        "skip", description="a record that fails to decode is counted and skipped, or fails the run"
+    )
+    image: ImagePreprocess = ImagePreprocess()
+    text: TextPreprocess = TextPreprocess()
+    audio: AudioPreprocess = AudioPreprocess()
+    prefetch_batches: int = Field(2, ge=0)
+    decode_batch_size: int = Field(256, ge=1, description="rows per Ray Data decode task batch")
+
+    @field_validator("modalities")
+    @classmethod
+    def _sorted_unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"modalities repeat: {list(v)}")
+        return tuple(sorted(v))
+
+
+# -------------------------------------------------------------------------------------- model
+DEFAULT_ENCODERS = {"image": "cnn", "text": "transformer", "audio": "mel_cnn"}
+DEFAULT_FUSION = "concat"
+
+
+def _fill_names(raw, defaults: dict[str, str]):
+    """A component section without ``name`` means the default component (so ``--set model.fusion.dropout=0.2`` works)."""
+    if isinstance(raw, dict):
+        raw = dict(raw)
+        for key, default in defaults.items():
+            if isinstance(raw.get(key), dict) and "name" not in raw[key]:
+                raw[key] = {"name": default, **raw[key]}
+    return raw
+
+
+class EncodersConfig(StrictModel):
+    image: ImageEncoder = Field(default_factory=lambda: ENCODERS.entry(DEFAULT_ENCODERS["image"]).config())  # type: ignore[valid-type]
+    text: TextEncoder = Field(default_factory=lambda: ENCODERS.entry(DEFAULT_ENCODERS["text"]).config())  # type: ignore[valid-type]
+    audio: AudioEncoder = Field(default_factory=lambda: ENCODERS.entry(DEFAULT_ENCODERS["audio"]).config())  # type: ignore[valid-type]
+
+    _defaults = model_validator(mode="before")(lambda raw: _fill_names(raw, DEFAULT_ENCODERS))
+
+
+class ModelConfig(StrictModel):
+    encoders: EncodersConfig = EncodersConfig()
+    fusion: Fusion = Field(default_factory=lambda: FUSIONS.entry(DEFAULT_FUSION).config())  # type: ignore[valid-type]
+    head_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    _defaults = model_validator(mode="before")(lambda raw: _fill_names(raw, {"fusion": DEFAULT_FUSION}))
+
+
+# -------------------------------------------------------------------------------------- train
+class OptimizerConfig(StrictModel):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(0.9, ge=0, description="sgd only")
+
+
+class LRScheduleConfig(StrictModel):
+    name: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="fraction of all optimizer steps spent warming up")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class EarlyStoppingConfig(StrictModel):
+    patience: Optional[int] = Field(3, ge=1, description="epochs without improvement before stopping; null = off")
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainConfig(StrictModel):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1, description="per worker")
+    grad_accum_steps: int = Field(1, ge=1)
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 autocast on CUDA when supported, fp32 on CPU"
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    seed: int = 0
+    metric: Literal[tuple(METRICS)] = Field("val.accuracy", description="ranks checkpoints and drives early stopping")  # type: ignore[valid-type]
+    optimizer: OptimizerConfig = OptimizerConfig()
+    lr_schedule: LRScheduleConfig = LRScheduleConfig()
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+
+    @property
+    def mode(self) -> str:
+        return METRICS[self.metric]
+
+
+class ScalingConfig(StrictModel):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(
+        0.5, gt=0, description="CPUs reserved per train worker; leave the rest for Ray Data decoding"
+    )
+    gpus_per_worker: float = Field(1.0, gt=0, description="with use_gpu; fractions share a GPU")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = forever")
+
+
+class CheckpointConfig(StrictModel):
+    num_to_keep: int = Field(2, ge=1, description="best checkpoints kept by train.metric (the latest is kept too)")
+
+
+class JobConfig(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    storage: str = Field("runs", description="local path or pyarrow URI (s3://, gs://) for runs")
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="after")
+    def _gpu_precision(self) -> "JobConfig":
+        if self.train.precision in ("bf16", "fp16") and not self.scaling.use_gpu:
+            raise ValueError(
+                f"train.precision: {self.train.precision!r} needs scaling.use_gpu: true; use 'auto' or 'fp32' on CPU"
+            )
+        return self

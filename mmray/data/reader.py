@@ -1,0 +1,108 @@
+"""In-process batch reader (no Ray): streams a split's shards with pyarrow and decodes with :class:`Preprocessor`.
+
+Used for local training, evaluation and predict. Memory is bounded by the shuffle window (a few
+thousand rows), never by the size of the split.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmray.config.errors import UserError
+from mmray.config.schema import DataConfig
+from mmray.data.dataset_dir import DatasetInfo, resolve_fs
+from mmray.data.decode import Preprocessor
+
+# Rows held for shuffling: a window of whole row groups is permuted before batching.
+MIN_SHUFFLE_WINDOW = 1024
+
+
+def iter_batches(
+    data: DataConfig,
+    info: DatasetInfo,
+    split: str,
+    *,
+    batch_size: int,
+    train: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool | None = None,
+    with_ids: bool = False,
+    preprocessor: Preprocessor | None = None,
+) -> Iterator[dict]:
+    """Yield decoded batches of ``split`` as torch tensors; every row exactly once per call.
+
+    Args:
+        data: the job's ``data`` section (modalities, preprocessing, on_bad_record).
+        info: the dataset.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        batch_size: rows per batch (the last batch may be smaller).
+        train: augment images (with ``data.image.augment``); also the default for ``shuffle``.
+        seed, epoch: seed the shuffle and augmentation; a new epoch gives a new order.
+        shuffle: shuffle shard order, row-group order and rows within a window; default = ``train``.
+        with_ids: add ``"id"``: list[str] to each batch (for predict).
+        preprocessor: reuse this preprocessor (e.g. to avoid reloading a tokenizer every epoch).
+
+    Yields:
+        ``dict[str, torch.Tensor]`` in the batch format of :mod:`mmray.data.decode`, plus ``"id"``
+        when ``with_ids``.
+
+    Raises:
+        UserError: unknown split or bad ``batch_size``; BadRecordError with ``on_bad_record: fail``.
+    """
+    import torch
+
+    if batch_size < 1:
+        raise UserError(f"batch_size: must be at least 1, got {batch_size}")
+    shuffle = train if shuffle is None else shuffle
+    rng = np.random.default_rng([seed, epoch])
+    pre = preprocessor or Preprocessor(data, info, train=train, seed=int(rng.integers(2**31)))
+    window = max(4 * batch_size, MIN_SHUFFLE_WINDOW) if shuffle else batch_size
+    for table in _batches(_chunks(data, info, split, shuffle, rng), batch_size, window, rng if shuffle else None):
+        columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+        out = {k: torch.from_numpy(v) for k, v in pre(columns).items()}
+        if with_ids:
+            out["id"] = [str(i) for i in columns["id"]]
+        yield out
+
+
+def _chunks(
+    data: DataConfig, info: DatasetInfo, split: str, shuffle: bool, rng: np.random.Generator
+) -> Iterator[pa.Table]:
+    """Row groups of the split's shards (only the columns decoding needs), in file order or shuffled."""
+    files = info.split_files(split)
+    order = rng.permutation(len(files)) if shuffle else range(len(files))
+    for fi in order:
+        fs, inner = resolve_fs(files[fi])
+        pf = pq.ParquetFile(fs.open_input_file(inner))
+        wanted = {"id", *data.modalities, *info.tasks}
+        columns = [c for c in pf.schema_arrow.names if c in wanted]
+        groups = rng.permutation(pf.num_row_groups) if shuffle else range(pf.num_row_groups)
+        for g in groups:
+            yield pf.read_row_group(int(g), columns=columns)
+
+
+def _batches(chunks: Iterator[pa.Table], batch_size: int, window: int, rng: np.random.Generator | None):
+    """Re-cut tables into ``batch_size`` rows; with ``rng``, permute each window of >= ``window`` rows first."""
+    pending: list[pa.Table] = []
+    rows = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        rows += chunk.num_rows
+        if rows >= window:
+            table = _permuted(pa.concat_tables(pending), rng)
+            full = (table.num_rows // batch_size) * batch_size
+            for start in range(0, full, batch_size):
+                yield table.slice(start, batch_size)
+            pending, rows = ([table.slice(full)], table.num_rows - full) if full < table.num_rows else ([], 0)
+    if rows:
+        table = _permuted(pa.concat_tables(pending), rng)
+        for start in range(0, table.num_rows, batch_size):
+            yield table.slice(start, batch_size)
+
+
+def _permuted(table: pa.Table, rng: np.random.Generator | None) -> pa.Table:
+    return table if rng is None else table.take(rng.permutation(table.num_rows))

@@ -1,0 +1,212 @@
+"""Evaluate an export on a dataset split, and write per-row predictions (no Ray).
+
+``mmray evaluate`` and ``mmray predict`` call these; they read shards with the in-process reader
+(:func:`mmray.data.reader.iter_batches`) and decode exactly as validation did during training.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from mmray.config import UserError
+from mmray.export.loader import Predictor, load_model
+from mmray.train.metrics import ClassificationMetrics
+
+log = logging.getLogger("mmray.export")
+
+# Past this many classes the cells are too small to hold readable counts.
+MAX_ANNOTATED_CLASSES = 30
+
+
+def _open_split(predictor: Predictor, data_dir: str | Path, split: str):
+    """The dataset and a (never augmenting, skipping) preprocessor for ``predictor``'s model.
+
+    Raises:
+        UserError: the dataset is missing, lacks a modality the model reads, or its classes differ.
+    """
+    from mmray.data.dataset_dir import read_dataset_info
+    from mmray.data.decode import Preprocessor
+
+    info = read_dataset_info(str(data_dir))
+    info.split_files(split)  # raises a UserError naming the splits if ``split`` is not one
+    if list(info.class_names) != predictor.class_names:
+        raise UserError(
+            f"{info.path}: its classes {list(info.class_names)} differ from the model's {predictor.class_names}"
+        )
+    # Bad records are counted and reported as "skipped" rather than stopping the evaluation.
+    data = predictor.config.data.model_copy(update={"path": str(data_dir), "on_bad_record": "skip"})
+    pre = Preprocessor(data, info, train=False, tokenizer=predictor.tokenizer)
+    return data, info, pre
+
+
+def _batches(predictor: Predictor, data_dir: str | Path, split: str, batch_size: int) -> Iterator[dict]:
+    from mmray.data.reader import iter_batches
+
+    data, info, pre = _open_split(predictor, data_dir, split)
+    yield from iter_batches(
+        data, info, split, batch_size=batch_size, train=False, shuffle=False, with_ids=True, preprocessor=pre
+    )
+
+
+def evaluate(
+    model_dir: str | Path, data_dir: str | Path, split: str = "test", batch_size: int = 256
+) -> dict[str, Any]:
+    """Metrics of the export at ``model_dir`` on one split of a dataset directory.
+
+    Writes ``eval-<split>.json`` (the returned dict) and ``confusion-<split>.png`` into ``model_dir``.
+
+    Args:
+        model_dir: a model export folder.
+        data_dir: a dataset directory with the same classes.
+        split: ``train``, ``val`` or ``test``.
+        batch_size: rows decoded and predicted at a time.
+
+    Returns:
+        ``{"split", "model_dir", "data_dir", "rows", "skipped", "accuracy", "precision", "recall",
+        "f1", "confusion", "class_names"}``: ``rows`` counts evaluated rows, ``skipped`` the records
+        that could not be decoded; macro averages over classes; ``confusion`` rows = true class.
+
+    Raises:
+        UserError: a missing or mismatched export or dataset, or an unknown split.
+    """
+    predictor = load_model(model_dir)
+    metrics = ClassificationMetrics(len(predictor.class_names))
+    skipped = 0
+    for batch in _batches(predictor, data_dir, split, batch_size):
+        valid = batch["valid"].bool()
+        skipped += int((~valid).sum())
+        if valid.any():
+            metrics.update(predictor.predict_batch(batch)[valid], batch["label"][valid])
+    result = {
+        "split": split,
+        "model_dir": str(model_dir),
+        "data_dir": str(data_dir),
+        **metrics.compute(),
+        "skipped": skipped,
+        "class_names": list(predictor.class_names),
+    }
+    if result["rows"] == 0:
+        log.warning("split %r of %s has no decodable rows; every metric is 0", split, data_dir)
+    out = Path(model_dir)
+    (out / f"eval-{split}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_confusion(result["confusion"], result["class_names"], out / f"confusion-{split}.png",
+                   title=f"{split}: accuracy {result['accuracy']:.3f} ({result['rows']} rows)")
+    return result
+
+
+def plot_confusion(confusion: list[list[int]], class_names: list[str], path: str | Path, title: str = "") -> Path:
+    """Save a heat map of the row-normalised confusion matrix, raw counts in the cells, as PNG.
+
+    Colour = fraction of the true class (row) predicted as each column, so rare classes read as
+    clearly as common ones; the counts keep the absolute numbers visible.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    counts = np.asarray(confusion, dtype=np.int64).reshape(len(class_names), len(class_names))
+    support = counts.sum(axis=1, keepdims=True)
+    norm = np.divide(counts, support, out=np.zeros(counts.shape, dtype=np.float64), where=support > 0)
+    n = len(class_names)
+    side = min(max(4.0, 0.6 * n + 2.0), 30.0)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    try:
+        im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+        ax.set_xticks(range(n), labels=class_names, rotation=45, ha="right")
+        ax.set_yticks(range(n), labels=class_names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        if title:
+            ax.set_title(title)
+        if n <= MAX_ANNOTATED_CLASSES:
+            for i in range(n):
+                for j in range(n):
+                    ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if norm[i, j] > 0.5 else "black")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def format_evaluation(result: dict[str, Any]) -> str:
+    """A terminal summary of :func:`evaluate`'s result: a metrics table and the confusion matrix."""
+    names = [_short(n) for n in result["class_names"]]
+    lines = [
+        f"split {result['split']}: {result['rows']} rows evaluated, {result['skipped']} skipped (undecodable)",
+        "",
+        f"{'metric':<10} {'value':>7}",
+    ]
+    for key in ("accuracy", "precision", "recall", "f1"):
+        lines.append(f"{key:<10} {result[key]:>7.4f}")
+    lines += ["", "confusion matrix (rows = true, columns = predicted)"]
+    conf = result["confusion"]
+    width = max([len(n) for n in names] + [len(str(v)) for row in conf for v in row] + [4])
+    lines.append(" " * width + "  " + " ".join(f"{n:>{width}}" for n in names))
+    for name, row in zip(names, conf):
+        lines.append(f"{name:<{width}}  " + " ".join(f"{v:>{width}}" for v in row))
+    return "\n".join(lines)
+
+
+def _short(name: str, limit: int = 12) -> str:
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+def predict_dataset(
+    model_dir: str | Path, data_dir: str | Path, split: str, out_file: str | Path, batch_size: int = 256
+) -> int:
+    """Write one prediction per row of ``split``: JSONL (default) or CSV when ``out_file`` ends in ``.csv``.
+
+    Columns: ``id``, ``label`` (predicted class id), ``class_name``, ``probability`` (of that class).
+    A record that cannot be decoded is written with empty (null) prediction fields, so every id
+    of the split appears once.
+
+    Returns:
+        The number of rows written.
+
+    Raises:
+        UserError: a missing or mismatched export or dataset, an unknown split, or an unwritable ``out_file``.
+    """
+    predictor = load_model(model_dir)
+    out = Path(out_file)
+    as_csv = out.suffix.lower() == ".csv"
+    fields = ("id", "label", "class_name", "probability")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        f = out.open("w", newline="" if as_csv else None)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write: {e}") from None
+    n = 0
+    with f:
+        writer = csv.DictWriter(f, fieldnames=fields) if as_csv else None
+        if writer:
+            writer.writeheader()
+        for batch in _batches(predictor, data_dir, split, batch_size):
+            for row in _prediction_rows(predictor, batch):
+                if writer:
+                    writer.writerow({k: "" if v is None else v for k, v in row.items()})
+                else:
+                    f.write(json.dumps(row) + "\n")
+                n += 1
+    return n
+
+
+def _prediction_rows(predictor: Predictor, batch: dict) -> Iterator[dict[str, Any]]:
+    valid = batch["valid"].bool()
+    probs = predictor.predict_batch(batch)
+    top_p, top = probs.max(dim=1)
+    for i, record_id in enumerate(batch["id"]):
+        if not valid[i]:
+            yield {"id": record_id, "label": None, "class_name": None, "probability": None}
+            continue
+        label = int(top[i])
+        yield {"id": record_id, "label": label, "class_name": predictor.class_names[label],
+               "probability": round(float(top_p[i]), 6)}

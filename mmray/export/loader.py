@@ -1,0 +1,208 @@
+"""Load a model export and predict from raw inputs (no Ray).
+
+Example:
+    >>> import mmray
+    >>> p = mmray.load_model("runs/quickstart/export")
+    >>> p.predict(images=[open("cat.png", "rb").read()], texts=["a small cat"])
+    [{'label': 3, 'class_name': 'cat', 'probabilities': {'cat': 0.91, ...}}]
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from mmray.config import JobConfig, UserError, from_yaml_text
+from mmray.export.writer import CONFIG_FILE, LABELS_FILE, TOKENIZER_DIR, WEIGHTS_FILE
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise UserError(f"{path}: missing; a model export needs its {what} (is {path.parent} an export folder?)")
+    return path
+
+
+def read_labels(export_dir: Path) -> dict[str, list[str]]:
+    """``labels.json`` -> ``{task: [class names]}``. Raises :class:`UserError` if missing or malformed."""
+    path = _require(export_dir / LABELS_FILE, "class names")
+    try:
+        labels = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON: {e}") from None
+    ok = isinstance(labels, dict) and isinstance(labels.get("label"), list) and labels["label"]
+    if not ok or not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in labels.values()):
+        raise UserError(f'{path}: expected {{"label": ["class name", ...], ...}}')
+    return labels
+
+
+def read_config(export_dir: Path) -> JobConfig:
+    path = _require(export_dir / CONFIG_FILE, "resolved job config")
+    return from_yaml_text(path.read_text(), source=str(path))
+
+
+class Predictor:
+    """A loaded model plus everything needed to turn raw inputs into predictions.
+
+    Attributes:
+        model: the ``MultimodalModel`` in eval mode on ``device``.
+        config: the resolved :class:`JobConfig` the model was trained with.
+        class_names: names of the main task's classes (index = label id).
+        labels: ``{task: [class names]}`` for every task the model predicts.
+        modalities: the modalities the model reads, sorted.
+        tokenizer: the ``TextTokenizer`` (``None`` when text is not a modality).
+        device: where the model runs.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: JobConfig,
+        labels: Mapping[str, list[str]],
+        tokenizer: Any,
+        preprocessor: Any,
+        device: torch.device,
+    ):
+        self.model = model
+        self.config = config
+        self.labels = dict(labels)
+        self.class_names: list[str] = list(labels["label"])
+        self.modalities: tuple[str, ...] = tuple(config.data.modalities)
+        self.tokenizer = tokenizer
+        self.preprocessor = preprocessor
+        self.device = device
+
+    # ------------------------------------------------------------------ decoded batches
+    def predict_batch(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Class probabilities for an already-decoded batch (the reader's / pipeline's format).
+
+        Args:
+            batch: ``{"image": [B,3,S,S], "image_present": [B], "input_ids": [B,L], ...}`` as torch
+                tensors or numpy arrays; keys the model does not read (``label``, ``id``) are ignored.
+
+        Returns:
+            ``float32 [B, C]`` probabilities on CPU (softmax over the main task's logits).
+        """
+        tensors = {
+            k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v).to(self.device)
+            for k, v in batch.items()
+            if isinstance(v, torch.Tensor) or (isinstance(v, np.ndarray) and v.dtype != object and v.dtype.kind != "U")
+        }
+        with torch.inference_mode():
+            logits = self.model(tensors).logits["label"]
+            return torch.softmax(logits.float(), dim=-1).cpu()
+
+    # ------------------------------------------------------------------ raw inputs
+    def decode_raw(
+        self,
+        images: Sequence[bytes | None] | None = None,
+        texts: Sequence[str | None] | None = None,
+        audios: Sequence[bytes | None] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Decode raw inputs into the model's batch format exactly as evaluation does (no augmentation).
+
+        Raises:
+            UserError: see :meth:`predict`.
+        """
+        given = {m for m, v in (("audio", audios), ("image", images), ("text", texts)) if v is not None}
+        extra = sorted(given - set(self.modalities))
+        if extra:
+            raise UserError(f"this model reads {', '.join(self.modalities)}; it takes no {', '.join(extra)} inputs")
+        if isinstance(texts, str):
+            raise UserError("texts: expected a list of strings (one per row), got one string")
+        return self.preprocessor.from_raw(images=images, texts=texts, audios=audios)
+
+    def predict(
+        self,
+        images: Sequence[bytes | None] | None = None,
+        texts: Sequence[str | None] | None = None,
+        audios: Sequence[bytes | None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Predict from raw inputs, one row per list entry.
+
+        Args:
+            images: encoded image files (PNG / JPEG / WebP bytes); ``None`` entries = missing image.
+            texts: strings; ``None`` entries = missing text.
+            audios: encoded WAV / FLAC bytes; ``None`` entries = missing audio.
+            A modality not given at all is missing for every row.
+
+        Returns:
+            Per row ``{"label": int, "class_name": str, "probabilities": {class name: float}}``.
+
+        Raises:
+            UserError: lists of different lengths, a modality the model does not read, or an input
+                that cannot be decoded (the message names the row and the reason).
+        """
+        given = [v for v in (images, texts, audios) if v is not None]
+        if given and all(len(v) == 0 for v in given):
+            return []
+        probs = self.predict_batch(self.decode_raw(images=images, texts=texts, audios=audios))
+        return [self._row(p) for p in probs]
+
+    def _row(self, probs: torch.Tensor) -> dict[str, Any]:
+        label = int(probs.argmax())
+        return {
+            "label": label,
+            "class_name": self.class_names[label],
+            "probabilities": {name: float(p) for name, p in zip(self.class_names, probs.tolist())},
+        }
+
+    def __repr__(self) -> str:
+        return f"Predictor(modalities={list(self.modalities)}, classes={len(self.class_names)}, device={self.device})"
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
+    """Load an export folder written by :func:`mmray.export.write_export`. Needs no Ray.
+
+    Args:
+        path: the export folder.
+        device: where to put the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+
+    Returns:
+        A :class:`Predictor` with the model in eval mode.
+
+    Raises:
+        UserError: the folder or one of its files is missing or unreadable, or the weights do not
+            match the model the config describes.
+    """
+    from mmray.data.decode import Preprocessor
+    from mmray.models.builder import build_job_model, job_tasks
+
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such model export folder")
+    weights_path = _require(root / WEIGHTS_FILE, "weights")
+    config = read_config(root)
+    labels = read_labels(root)
+    tokenizer = _load_tokenizer(root, config)
+    dev = torch.device(device)
+
+    # The same builder training uses, so the parameter names match the saved ones exactly.
+    model = build_job_model(config, job_tasks(labels), tokenizer)
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{weights_path}: not a readable safetensors file: {e}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{weights_path}: weights do not match the model in {root / CONFIG_FILE}: {e}") from None
+    model.to(dev).eval()
+    # Raw inputs are user data: a bad one is an error naming it, not a silently skipped row.
+    strict_data = config.data.model_copy(update={"on_bad_record": "fail"})
+    preprocessor = Preprocessor.for_raw(strict_data, tokenizer)
+    return Predictor(model, config, labels, tokenizer, preprocessor, dev)
+
+
+# ------------------------------------------------------------------ data-layer glue
+def _load_tokenizer(root: Path, config: JobConfig) -> Any:
+    if "text" not in config.data.modalities:
+        return None
+    from mmray.data.tokenizer import TextTokenizer
+
+    return TextTokenizer.from_dir(str(_require(root / TOKENIZER_DIR, "tokenizer files")))
+

@@ -1,0 +1,181 @@
+"""Write a model export folder (no Ray, no pickle).
+
+Layout (the product contract)::
+
+    OUT/model.safetensors   weights only (state dict), loads with safetensors, never unpickled
+    OUT/config.yaml         the resolved job config (every default written out)
+    OUT/labels.json         {"label": [class names], "label_<task>": [...]}  index = label id
+    OUT/tokenizer/          the text tokenizer's files (only when text is a modality)
+    OUT/metrics.json        {"epoch": N, ...the metrics passed in (validation / test)}
+    OUT/versions.json       {"mmray", "torch", "ray", "python", "git_commit"}
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import save_file
+
+from mmray.config import JobConfig, UserError, to_yaml
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+LABELS_FILE = "labels.json"
+TOKENIZER_DIR = "tokenizer"
+METRICS_FILE = "metrics.json"
+VERSIONS_FILE = "versions.json"
+
+
+def export_files(modalities: tuple[str, ...]) -> list[str]:
+    """The names an export holds at its top level for a model over ``modalities`` (sorted)."""
+    names = [WEIGHTS_FILE, CONFIG_FILE, LABELS_FILE, METRICS_FILE, VERSIONS_FILE]
+    if "text" in modalities:
+        names.append(TOKENIZER_DIR)
+    return sorted(names)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside DistributedDataParallel / torch.compile wrappers (their keys carry prefixes)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def weights_for_safetensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as standalone contiguous CPU tensors.
+
+    safetensors refuses tensors that share storage (tied weights) or are views into a larger
+    buffer; cloning those keeps every state-dict key, so ``load_state_dict(strict=True)`` works
+    and tied parameters are simply restored twice with the same values.
+    """
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu")
+        storage = t.untyped_storage()
+        shared = storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size()
+        seen.add(storage.data_ptr())
+        t = t.clone(memory_format=torch.contiguous_format) if shared or not t.is_contiguous() else t
+        out[name] = t
+    return out
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    """The commit of the mmray source tree, if it is a git checkout (an installed wheel is not)."""
+    try:
+        res = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if res.returncode != 0:
+        return None
+    return res.stdout.strip() or None
+
+
+def collect_versions() -> dict[str, Any]:
+    """Versions saved with every export. Ray's comes from package metadata: importing it is slow and not needed."""
+    return {
+        "mmray": _package_version("mmray"),
+        "torch": torch.__version__,
+        "ray": _package_version("ray"),
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+    }
+
+
+def _labels(info: Any, model: torch.nn.Module) -> dict[str, list[str]]:
+    """Class names per task the model predicts, ``label`` first."""
+    tasks: dict[str, list[str]] = {"label": list(info.class_names)}
+    for task, names in (getattr(info, "tasks", None) or {}).items():
+        tasks[task] = list(names)
+    model_tasks = getattr(model, "tasks", None)
+    if model_tasks is not None:  # only the heads the model actually has, so a strict reload matches
+        tasks = {t: names for t, names in tasks.items() if t in model_tasks}
+    return tasks
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` folder to ``out``, replacing an earlier export there."""
+    if out.exists():
+        if not (out / WEIGHTS_FILE).is_file() and any(out.iterdir()):
+            raise UserError(f"{out}: exists, is not empty and is not a model export; choose another folder")
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def write_export(
+    out_dir: str | Path,
+    model: torch.nn.Module,
+    config: JobConfig,
+    info: Any,
+    tokenizer: Any,
+    metrics: Mapping[str, Any],
+    epoch: int | None = None,
+) -> Path:
+    """Write ``model`` as an export folder that :func:`mmray.export.load_model` reads back with no Ray.
+
+    The folder is assembled next to ``out_dir`` and moved into place at the end, so a reader never
+    sees half an export; an earlier export at ``out_dir`` is replaced.
+
+    Args:
+        out_dir: the export folder (local path).
+        model: the trained ``MultimodalModel`` (a DDP or compiled wrapper is unwrapped); any device.
+        config: the resolved job config the model was built from.
+        info: the training dataset's ``DatasetInfo`` (class names and task names).
+        tokenizer: the ``TextTokenizer`` used in training; required when ``text`` is a modality.
+        metrics: JSON-serialisable metrics, e.g. ``{"val": {...}, "test": {...}}``.
+        epoch: the epoch the weights come from (``None`` when unknown).
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        UserError: ``out_dir`` holds something that is not an export, or a text model has no tokenizer.
+    """
+    out = Path(out_dir)
+    model = unwrap_model(model)
+    if "text" in config.data.modalities and tokenizer is None:
+        raise UserError("write_export: the model reads text but no tokenizer was given")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
+    try:
+        save_file(weights_for_safetensors(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(to_yaml(config))
+        _write_json(tmp / LABELS_FILE, _labels(info, model))
+        if "text" in config.data.modalities:
+            (tmp / TOKENIZER_DIR).mkdir()
+            tokenizer.save(str(tmp / TOKENIZER_DIR))
+        _write_json(tmp / METRICS_FILE, {**dict(metrics), "epoch": epoch})
+        _write_json(tmp / VERSIONS_FILE, collect_versions())
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,33 @@
+"""Build the model a job config describes: the one place training and export agree on."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mmray.config.schema import JobConfig
+    from mmray.models.model import MultimodalModel
+
+
+def job_tasks(class_names: dict[str, list[str]]) -> dict[str, int]:
+    """``{"label": [...], "label_color": [...]}`` -> task -> number of classes (``label`` first)."""
+    return {t: len(class_names[t]) for t in sorted(class_names, key=lambda t: (t != "label", t))}
+
+
+def build_job_model(config: "JobConfig", tasks: dict[str, int], tokenizer: Any | None = None) -> "MultimodalModel":
+    """The model for ``config`` with one head per task; ``tokenizer`` sizes the text embedding.
+
+    Raises:
+        UserError: text is among the modalities but no tokenizer was given.
+    """
+    from mmray.config.errors import UserError
+    from mmray.models.encoders.base import BuildContext
+    from mmray.models.model import build_model
+
+    if "text" in config.data.modalities and tokenizer is None:
+        raise UserError("data.modalities includes text but no tokenizer was found")
+    ctx = BuildContext.from_config(
+        config.data,
+        vocab_size=tokenizer.vocab_size if tokenizer is not None else 0,
+        pad_token_id=tokenizer.pad_id if tokenizer is not None else 0,
+    )
+    return build_model(config.model, modalities=config.data.modalities, tasks=tasks, ctx=ctx)

@@ -1,0 +1,102 @@
+"""The multimodal model: one encoder per modality -> a fusion -> one classification head per task."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
+
+import torch
+from torch import nn
+
+from mmray.config.errors import UserError
+from mmray.models.encoders import ENCODERS, BuildContext
+from mmray.models.fusion import FUSIONS
+
+if TYPE_CHECKING:  # the schema imports the registries, which import this package
+    from mmray.config.schema import ModelConfig
+
+KNOWN_MODALITIES = ("audio", "image", "text")
+
+
+@dataclass
+class ModelOutput:
+    """What :meth:`MultimodalModel.forward` returns.
+
+    Attributes:
+        logits: task -> ``[B, C_task]`` unnormalised class scores.
+        embeddings: modality -> ``[B, D_m]`` pooled encoder output (before missing rows are zeroed).
+        fused: ``[B, F]`` the fusion output the heads read (``F`` = ``fusion.output_dim``).
+    """
+
+    logits: dict[str, torch.Tensor]
+    embeddings: dict[str, torch.Tensor]
+    fused: torch.Tensor
+
+
+class MultimodalModel(nn.Module):
+    """Encoders (``nn.ModuleDict`` by modality) -> fusion -> heads (``nn.ModuleDict`` by task).
+
+    ``forward(batch)`` reads each modality's inputs and its ``<modality>_present`` bool ``[B]`` mask (all
+    True when the key is absent); the fusion ignores a modality in the rows where it is not present.
+    """
+
+    def __init__(self, encoders: dict[str, nn.Module], fusion: nn.Module, heads: dict[str, nn.Module]):
+        super().__init__()
+        self.modalities: tuple[str, ...] = tuple(sorted(encoders))
+        self.encoders = nn.ModuleDict(encoders)
+        self.fusion = fusion
+        self.heads = nn.ModuleDict(heads)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.heads)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+        embeddings = {m: self.encoders[m](batch).pooled for m in self.modalities}
+        fused = self.fusion(embeddings, self.present_masks(batch, embeddings))
+        return ModelOutput({t: head(fused) for t, head in self.heads.items()}, embeddings, fused)
+
+    def present_masks(
+        self, batch: dict[str, torch.Tensor], embeddings: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """modality -> bool ``[B]``: the batch's ``<m>_present`` column, or all True without one."""
+        masks = {}
+        for m, emb in embeddings.items():
+            key = f"{m}_present"
+            masks[m] = (
+                batch[key].to(device=emb.device, dtype=torch.bool) if key in batch
+                else torch.ones(emb.shape[0], dtype=torch.bool, device=emb.device)
+            )
+        return masks
+
+
+def build_model(
+    model: ModelConfig, *, modalities: Iterable[str], tasks: dict[str, int], ctx: BuildContext
+) -> MultimodalModel:
+    """Build the model a job config describes.
+
+    Args:
+        model: the job's ``model`` section.
+        modalities: the modalities to encode (``data.modalities``); iterated in sorted order.
+        tasks: task name -> number of classes; the main task is ``"label"``.
+        ctx: data facts the encoders need (vocabulary, text length, image size, audio rate and length).
+
+    Raises:
+        UserError: no or unknown modalities, no tasks, a task with fewer than 2 classes, or an encoder that
+            cannot be built for the data (e.g. an image too small for its CNN).
+    """
+    mods = tuple(sorted(set(modalities)))
+    unknown = [m for m in mods if m not in KNOWN_MODALITIES]
+    if not mods or unknown:
+        raise UserError(f"data.modalities: {list(mods)} must be a non-empty subset of {list(KNOWN_MODALITIES)}")
+    if not tasks:
+        raise UserError("a model needs at least one task (the dataset's 'label')")
+    for task, n in tasks.items():
+        if n < 2:
+            raise UserError(f"task {task!r} has {n} class(es); classification needs at least 2")
+    encoders = {m: ENCODERS.build(getattr(model.encoders, m), ctx=ctx) for m in mods}
+    fusion = FUSIONS.build(model.fusion, input_dims={m: e.output_dim for m, e in encoders.items()})
+    heads = {
+        t: nn.Sequential(nn.Dropout(model.head_dropout), nn.Linear(fusion.output_dim, n))
+        for t, n in sorted(tasks.items())
+    }
+    return MultimodalModel(encoders, fusion, heads)

@@ -1,0 +1,40 @@
+"""Starting or joining Ray, quietly. Only the Ray layer (trainer, tune, jobs) imports this."""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+
+def quiet_ray_logs() -> None:
+    """Keep Ray's own chatter (progress bars, info logs, deprecation notices) out of the user's terminal."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray")
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None):
+    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray if neither is set.
+
+    Returns the Ray context. Inside an already initialised driver this is a no-op.
+    """
+    quiet_ray_logs()
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        kwargs = dict(logging_level=logging.WARNING, include_dashboard=False if not address else None,
+                      configure_logging=True, log_to_driver=True)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+    DataContext.get_current().enable_progress_bars = False
+    return ray

@@ -1,0 +1,103 @@
+"""What the training loop needs from its surroundings, so the loop itself never imports Ray.
+
+:class:`WorkerContext` is implemented twice: :class:`LocalContext` here (one process, the local
+Parquet reader; used by tests, by in-process sweep trials and on a laptop with no cluster) and
+``RayWorkerContext`` in :mod:`mmray.train.trainer` (Ray Train workers fed by Ray Data).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any, Callable, Iterable, Protocol
+
+import torch
+from torch import nn
+
+Batch = dict[str, Any]
+
+
+class WorkerContext(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+    run_dir: str  # the run's folder: TensorBoard files go under it
+
+    def train_batches(self, epoch: int) -> Iterable[Batch]: ...
+    def val_batches(self, epoch: int) -> Iterable[Batch]: ...
+    def prepare_model(self, model: nn.Module) -> nn.Module: ...
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum across workers (identity with one worker)."""
+        ...
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        """Publish one epoch's metrics and (from rank 0) its checkpoint folder. A barrier across workers."""
+        ...
+    def latest_checkpoint(self) -> str | None:
+        """A local folder holding the checkpoint to resume from, or None for a fresh start."""
+        ...
+    def progress(self, event: dict[str, Any]) -> None:
+        """Non-blocking progress event (rank 0) for the person watching."""
+        ...
+
+
+class LocalContext:
+    """Single-process context: reads Parquet shards directly, keeps checkpoints in ``run_dir``.
+
+    Args:
+        run_dir: folder for checkpoints (``checkpoint_epoch_NNNN``) and TensorBoard files.
+        train_batches / val_batches: ``epoch -> iterable of batches``.
+        on_report: called with ``(metrics, checkpoint_path)`` after each epoch.
+        on_progress: called with progress events.
+    """
+
+    rank = 0
+    world_size = 1
+
+    def __init__(
+        self,
+        run_dir: str,
+        train_batches: Callable[[int], Iterable[Batch]],
+        val_batches: Callable[[int], Iterable[Batch]],
+        *,
+        device: str | torch.device = "cpu",
+        on_report: Callable[[dict[str, float], str | None], None] | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ):
+        self.run_dir = run_dir
+        self.device = torch.device(device)
+        self._train, self._val = train_batches, val_batches
+        self._on_report, self._on_progress = on_report, on_progress
+        self.history: list[dict[str, float]] = []
+        self.checkpoints: list[str] = []
+
+    def train_batches(self, epoch: int) -> Iterable[Batch]:
+        return self._train(epoch)
+
+    def val_batches(self, epoch: int) -> Iterable[Batch]:
+        return self._val(epoch)
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        path = None
+        if checkpoint_dir is not None:
+            path = os.path.join(self.run_dir, os.path.basename(checkpoint_dir))
+            if os.path.abspath(path) != os.path.abspath(checkpoint_dir):
+                shutil.copytree(checkpoint_dir, path, dirs_exist_ok=True)
+            self.checkpoints.append(path)
+        self.history.append(dict(metrics))
+        if self._on_report:
+            self._on_report(metrics, path)
+
+    def latest_checkpoint(self) -> str | None:
+        if not os.path.isdir(self.run_dir):
+            return None
+        found = sorted(d for d in os.listdir(self.run_dir) if d.startswith("checkpoint_epoch_"))
+        return os.path.join(self.run_dir, found[-1]) if found else None
+
+    def progress(self, event: dict[str, Any]) -> None:
+        if self._on_progress:
+            self._on_progress(event)

@@ -1,0 +1,30 @@
+"""Run the training loop in this process, with no Ray: for tests, quick experiments and in-process trials."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from mmray.config import JobConfig
+from mmray.data.dataset_dir import read_dataset_info
+from mmray.data.reader import iter_batches
+from mmray.train.checkpoint import TrainState
+from mmray.train.context import LocalContext
+from mmray.train.loop import train_loop
+
+
+def train_local(config: JobConfig, run_dir: str, *, device: str = "cpu",
+                on_event: Callable[[dict[str, Any]], None] | None = None) -> tuple[TrainState, LocalContext]:
+    """Train ``config`` in-process; checkpoints land in ``run_dir/checkpoint_epoch_NNNN``.
+
+    Returns the final train state and the context (its ``history`` and ``checkpoints``).
+    """
+    info = read_dataset_info(config.data.path)
+    bs, seed = config.train.batch_size, config.train.seed
+
+    def train_batches(epoch: int):
+        return iter_batches(config.data, info, "train", batch_size=bs, train=True, seed=seed, epoch=epoch)
+
+    def val_batches(epoch: int):
+        return iter_batches(config.data, info, "val", batch_size=bs, train=False, seed=seed, epoch=epoch)
+
+    ctx = LocalContext(run_dir, train_batches, val_batches, device=device, on_progress=on_event)
+    return train_loop(config, ctx), ctx

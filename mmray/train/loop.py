@@ -1,0 +1,256 @@
+"""The per-worker training loop. Read it top to bottom: set-up, then one epoch = train, evaluate, report.
+
+Plain PyTorch: everything that depends on where it runs (Ray Train workers or one local process)
+comes in through a :class:`~mmray.train.context.WorkerContext`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmray.config import JobConfig
+from mmray.config.schema import LRScheduleConfig, OptimizerConfig
+from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
+from mmray.data.tokenizer import TextTokenizer
+from mmray.models.builder import build_job_model, job_tasks
+from mmray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from mmray.train.context import WorkerContext
+from mmray.train.metrics import ClassificationMetrics, metrics_from_confusion
+
+PROGRESS_EVERY_S = 1.0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm weights (1-D tensors): decaying them only hurts.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def make_scheduler(optimizer, cfg: LRScheduleConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = int(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.name == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.name == "cosine" else 1 - progress
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.precision``, or None for full fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def task_losses(logits: dict[str, torch.Tensor], batch: dict[str, Any], label_smoothing: float) -> torch.Tensor:
+    """Mean cross-entropy over valid rows, summed over tasks. Invalid (undecodable) rows weigh zero,
+    so every worker still runs forward/backward on every batch and DDP stays in step."""
+    valid = batch["valid"].float()
+    total = logits[next(iter(logits))].new_zeros(())
+    for task, task_logits in logits.items():
+        per_row = F.cross_entropy(task_logits.float(), batch[task], label_smoothing=label_smoothing, reduction="none")
+        total = total + (per_row * valid).sum() / valid.sum().clamp(min=1)
+    return total
+
+
+def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, config: JobConfig, ctx: WorkerContext,
+                state: TrainState, epoch: int, expected_rows: int) -> dict[str, float]:
+    model.train()
+    accum, amp = config.train.grad_accum_steps, autocast_dtype(config.train.precision, ctx.device)
+    loss_sum = torch.zeros((), device=ctx.device)
+    rows = torch.zeros((), device=ctx.device)
+    bad = torch.zeros((), device=ctx.device)
+    start = last_progress = time.perf_counter()
+    pending = 0  # micro-batches whose gradients are not yet applied
+    for batch in batches:
+        batch = to_device(batch, ctx.device)
+        pending += 1
+        sync = pending == accum
+        # Skip DDP's gradient all-reduce on micro-batches that only accumulate.
+        no_sync = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
+        with no_sync, torch.autocast(ctx.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = task_losses(model(batch).logits, batch, config.train.label_smoothing)
+            scaler.scale(loss / accum).backward()
+        if sync:
+            _optimizer_step(model, optimizer, scheduler, scaler, config)
+            state.global_step += 1
+            pending = 0
+        n_valid = batch["valid"].sum()
+        loss_sum += loss.detach() * n_valid
+        rows += n_valid
+        bad += (~batch["valid"]).sum()
+        if ctx.rank == 0 and time.perf_counter() - last_progress > PROGRESS_EVERY_S:
+            last_progress = time.perf_counter()
+            # .item() syncs with the GPU: only once a second, for the person watching.
+            ctx.progress({"type": "step", "epoch": epoch, "rows": int(rows.item()) * ctx.world_size,
+                          "rows_total": expected_rows, "loss": (loss_sum / rows.clamp(min=1)).item()})
+    if pending:  # a partial accumulation at the end of the epoch: average it in by hand across workers
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.copy_(ctx.all_reduce(p.grad) / ctx.world_size)
+        _optimizer_step(model, optimizer, scheduler, scaler, config)
+        state.global_step += 1
+    elapsed = time.perf_counter() - start
+    totals = ctx.all_reduce(torch.stack([loss_sum, rows, bad]).float())
+    seconds = ctx.all_reduce(torch.tensor([elapsed], device=ctx.device)).item() / ctx.world_size
+    return {"train.loss": (totals[0] / totals[1].clamp(min=1)).item(), "train.rows": totals[1].item(),
+            "train.bad_records": totals[2].item(), "train.samples_per_s": totals[1].item() / max(seconds, 1e-9),
+            "train.epoch_s": seconds}
+
+
+def _optimizer_step(model, optimizer, scheduler, scaler, config: JobConfig) -> None:
+    if config.train.grad_clip is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+
+
+@torch.inference_mode()
+def evaluate(model, batches: Iterable, *, tasks: dict[str, int], config: JobConfig, ctx: WorkerContext,
+             prefix: str = "val") -> dict[str, Any]:
+    """Loss, accuracy and macro precision/recall/F1 per task, reduced across workers.
+
+    Keys are ``{prefix}.{metric}`` for the main task ``label`` and ``{prefix}.{task}.{metric}`` for others.
+    """
+    model.eval()
+    amp = autocast_dtype(config.train.precision, ctx.device)
+    acc = {t: ClassificationMetrics(n) for t, n in tasks.items()}
+    sums = torch.zeros(3, device=ctx.device)  # loss * rows, rows, bad rows
+    for batch in batches:
+        batch = to_device(batch, ctx.device)
+        with torch.autocast(ctx.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(batch).logits
+        valid = batch["valid"]
+        n_valid = valid.sum()
+        sums += torch.stack([task_losses(logits, batch, 0.0) * n_valid, n_valid, (~valid).sum()]).float()
+        for t in tasks:
+            acc[t].update(logits[t][valid].float().cpu(), batch[t][valid].cpu())
+    sums = ctx.all_reduce(sums)
+    out: dict[str, Any] = {f"{prefix}.loss": (sums[0] / sums[1].clamp(min=1)).item(),
+                           f"{prefix}.rows": sums[1].item(), f"{prefix}.bad_records": sums[2].item()}
+    for t, m in acc.items():
+        scores = metrics_from_confusion(ctx.all_reduce(m.confusion.to(ctx.device)).cpu())
+        key = prefix if t == "label" else f"{prefix}.{t}"
+        for name in ("accuracy", "precision", "recall", "f1"):
+            out[f"{key}.{name}"] = float(scores[name])
+        out[f"{key}.confusion"] = scores["confusion"]
+    return out
+
+
+def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value > best + min_delta if mode == "max" else value < best - min_delta
+
+
+def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
+    """Train ``config`` on this worker until ``train.epochs`` or early stopping; report every epoch.
+
+    Returns the final :class:`TrainState` (history of every epoch's metrics, best epoch).
+    """
+    info: DatasetInfo = read_dataset_info(config.data.path)
+    seed_everything(config.train.seed + ctx.rank)
+    tasks = job_tasks(info.tasks)
+    tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
+    model = build_job_model(config, tasks, tokenizer)
+    model = ctx.prepare_model(model)
+    optimizer = make_optimizer(config.train.optimizer, model)
+    rows_per_worker = info.splits["train"].rows // ctx.world_size
+    steps_per_epoch = max(1, math.ceil(math.ceil(rows_per_worker / config.train.batch_size) / config.train.grad_accum_steps))
+    scheduler = make_scheduler(optimizer, config.train.lr_schedule, steps_per_epoch * config.train.epochs)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=autocast_dtype(config.train.precision, ctx.device) == torch.float16)
+
+    state = TrainState()
+    resume_from = ctx.latest_checkpoint()
+    if resume_from:
+        state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        ctx.progress({"type": "resumed", "epoch": state.epoch, "path": resume_from})
+
+    writer = _summary_writer(ctx, purge_step=state.epoch + 1)
+    metric, mode = config.train.metric, config.train.mode
+    patience = config.train.early_stopping.patience
+    for epoch in range(state.epoch + 1, config.train.epochs + 1):
+        if patience is not None and state.epochs_without_improvement >= patience:
+            break  # resumed a run that had already stopped early
+        ctx.progress({"type": "epoch_start", "epoch": epoch, "epochs": config.train.epochs})
+        metrics: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        metrics |= train_epoch(model, ctx.train_batches(epoch), optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                               config=config, ctx=ctx, state=state, epoch=epoch, expected_rows=info.splits["train"].rows)
+        metrics |= evaluate(model, ctx.val_batches(epoch), tasks=tasks, config=config, ctx=ctx)
+
+        if improved(metrics[metric], state.best_value, mode, config.train.early_stopping.min_delta):
+            state.best_value, state.best_epoch, state.epochs_without_improvement = metrics[metric], epoch, 0
+        else:
+            state.epochs_without_improvement += 1
+        state.epoch = epoch
+        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        scalars["best_epoch"] = float(state.best_epoch)
+        state.history.append(scalars)
+
+        scratch = tempfile.mkdtemp(prefix="mmray-ckpt-") if ctx.rank == 0 else None
+        ckpt = None
+        if scratch is not None:  # one copy of the checkpoint, from rank 0 (Ray merges multi-rank folders)
+            ckpt = save_checkpoint(os.path.join(scratch, f"checkpoint_epoch_{epoch:04d}"), model=model,
+                                   optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state, config=config)
+        ctx.report(scalars, ckpt)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if writer is not None:
+            for k, v in scalars.items():
+                if k != "epoch":
+                    writer.add_scalar(k.replace(".", "/", 1), v, epoch)
+            writer.flush()
+        ctx.progress({"type": "epoch_end", "epoch": epoch, "epochs": config.train.epochs, "metrics": scalars,
+                      "metric": metric})
+        if patience is not None and state.epochs_without_improvement >= patience:
+            ctx.progress({"type": "early_stop", "epoch": epoch, "best_epoch": state.best_epoch})
+            break
+    if writer is not None:
+        writer.close()
+    return state
+
+
+def _summary_writer(ctx: WorkerContext, purge_step: int):
+    """Rank 0's TensorBoard writer under ``<run_dir>/tensorboard``; purge_step drops points a restart will redo."""
+    if ctx.rank != 0:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(os.path.join(ctx.run_dir, "tensorboard"), purge_step=purge_step)

@@ -1,0 +1,79 @@
+"""Progress a person can follow: a live bar within an epoch and one line per epoch.
+
+On a terminal the bar redraws in place; elsewhere (CI logs, files) only parseable
+``key=value`` lines are printed, one per epoch.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+SHOWN = ("train.loss", "val.loss", "val.accuracy", "val.f1", "train.samples_per_s")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class ProgressPrinter:
+    """Renders loop events (``epoch_start``, ``step``, ``epoch_end``, ``early_stop``, ``resumed``)."""
+
+    def __init__(self, stream: TextIO | None = None, tty: bool | None = None, width: int = 24):
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.width = width
+        self._epoch_started = time.perf_counter()
+        self._epoch_seconds: list[float] = []
+        self._bar_shown = False
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        getattr(self, f"_on_{event['type']}", lambda e: None)(event)
+
+    def _on_resumed(self, e: dict[str, Any]) -> None:
+        self._line(f"resuming after epoch {e['epoch']} from {e['path']}")
+
+    def _on_epoch_start(self, e: dict[str, Any]) -> None:
+        self._epoch_started = time.perf_counter()
+
+    def _on_step(self, e: dict[str, Any]) -> None:
+        if not self.tty:
+            return
+        total = max(1, e["rows_total"])
+        done = min(1.0, e["rows"] / total)
+        rate = e["rows"] / max(1e-9, time.perf_counter() - self._epoch_started)
+        filled = int(done * self.width)
+        bar = "#" * filled + "." * (self.width - filled)
+        self.stream.write(f"\r  epoch {e['epoch']} [{bar}] {e['rows']:,}/{total:,} rows  loss {e['loss']:.4f}  "
+                          f"{rate:,.0f} rows/s ")
+        self.stream.flush()
+        self._bar_shown = True
+
+    def _on_epoch_end(self, e: dict[str, Any]) -> None:
+        m, epoch, epochs = e["metrics"], e["epoch"], e["epochs"]
+        self._epoch_seconds.append(time.perf_counter() - self._epoch_started)
+        recent = self._epoch_seconds[-3:]
+        eta = sum(recent) / len(recent) * (epochs - epoch)
+        best = m.get("best_epoch") == epoch
+        if self.tty:
+            parts = [f"epoch {epoch}/{epochs}"] + [f"{k} {m[k]:.4g}" for k in SHOWN if k in m]
+            parts.append(f"ETA {_duration(eta)}")
+            self._line("  ".join(parts) + ("  * best" if best else ""))
+        else:
+            parts = [f"epoch={epoch}/{epochs}"] + [f"{k}={m[k]:.6g}" for k in SHOWN if k in m]
+            parts += [f"bad_records={int(m.get('train.bad_records', 0) + m.get('val.bad_records', 0))}",
+                      f"eta_s={eta:.0f}", f"best={int(best)}"]
+            self._line("mmray " + " ".join(parts))
+
+    def _on_early_stop(self, e: dict[str, Any]) -> None:
+        self._line(f"early stopping after epoch {e['epoch']}: no improvement since epoch {e['best_epoch']}")
+
+    def _line(self, text: str) -> None:
+        if self._bar_shown:
+            self.stream.write("\r\033[K")
+            self._bar_shown = False
+        self.stream.write(text + "\n")
+        self.stream.flush()

@@ -1,0 +1,167 @@
+"""The thin Ray layer around the loop: Ray Data in, ``TorchTrainer`` workers, progress out, export at the end."""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from mmray.config import JobConfig
+from mmray.runtime import ensure_ray
+from mmray.train.loop import train_loop
+
+
+class RayWorkerContext:
+    """:class:`~mmray.train.context.WorkerContext` for a Ray Train worker."""
+
+    def __init__(self, config: JobConfig, run_dir: str, relay: Any):
+        import ray.train
+        import ray.train.torch
+        from ray.data import DataContext
+
+        # Split coordinators and streaming executors inside workers would each draw progress bars.
+        DataContext.get_current().enable_progress_bars = False
+        tc = ray.train.get_context()
+        self.rank, self.world_size = tc.get_world_rank(), tc.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.run_dir = run_dir
+        self._config, self._relay = config, relay
+
+    def _batches(self, split: str, train: bool):
+        import ray.train
+
+        bs = self._config.train.batch_size
+        return ray.train.get_dataset_shard(split).iter_torch_batches(
+            batch_size=bs,
+            prefetch_batches=self._config.data.prefetch_batches,
+            local_shuffle_buffer_size=4 * bs if train else None,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def train_batches(self, epoch: int):
+        return self._batches("train", train=True)
+
+    def val_batches(self, epoch: int):
+        return self._batches("val", train=False)
+
+    def prepare_model(self, model):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return t
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+        return t
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        name = os.path.basename(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+    def latest_checkpoint(self) -> str | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        return checkpoint.to_directory() if checkpoint is not None else None
+
+    def progress(self, event: dict[str, Any]) -> None:
+        if self.rank == 0 and self._relay is not None:
+            self._relay.push.remote(event)
+
+
+def _train_worker(loop_config: dict[str, Any]) -> None:
+    config = JobConfig.model_validate(loop_config["config"])
+    train_loop(config, RayWorkerContext(config, loop_config["run_dir"], loop_config["relay"]))
+
+
+def _progress_relay():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressRelay:
+        """Holds rank 0's progress events until the driver collects them."""
+
+        def __init__(self):
+            self.events: list[dict[str, Any]] = []
+
+        def push(self, event: dict[str, Any]) -> None:
+            self.events.append(event)
+
+        def drain(self) -> list[dict[str, Any]]:
+            events, self.events = self.events, []
+            return events
+
+    return ProgressRelay.remote()
+
+
+@dataclass
+class FitOutcome:
+    run_dir: str
+    best_checkpoint: str | None
+    best_metrics: dict[str, Any] | None
+    error: BaseException | None
+
+
+def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]], None] | None = None) -> FitOutcome:
+    """Run the job on Ray Train; returns where the best checkpoint is (by ``train.metric``)."""
+    ray = ensure_ray()
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from mmray.data.dataset_dir import read_dataset_info
+    from mmray.data.pipeline import build_dataset
+
+    info = read_dataset_info(config.data.path)
+    datasets = {
+        "train": build_dataset(config.data, info, "train", train=True, seed=config.train.seed),
+        "val": build_dataset(config.data, info, "val", train=False, seed=config.train.seed),
+    }
+    relay = _progress_relay() if on_event else None
+    s = config.scaling
+    resources = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
+    storage, name = os.path.split(os.path.abspath(run_dir))
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"config": config.model_dump(mode="json"), "run_dir": run_dir, "relay": relay},
+        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                               resources_per_worker=resources,
+                                               placement_strategy=s.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.checkpoint.num_to_keep,
+                checkpoint_score_attribute=config.train.metric,
+                checkpoint_score_order=config.train.mode),
+            failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+        ),
+        datasets=datasets,
+    )
+    stop = threading.Event()
+    poller = None
+    if relay is not None:
+        def poll() -> None:
+            while not stop.wait(0.5):
+                for event in ray.get(relay.drain.remote()):
+                    on_event(event)
+            for event in ray.get(relay.drain.remote()):
+                on_event(event)
+        poller = threading.Thread(target=poll, name="mmray-progress", daemon=True)
+        poller.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        if poller is not None:
+            poller.join(timeout=5)
+    best = result.get_best_checkpoint(metric=config.train.metric, mode=config.train.mode) if result.metrics else None
+    best_metrics = None
+    if best is not None:
+        best_metrics = next((m for c, m in result.best_checkpoints if c.path == best.path), None)
+    return FitOutcome(run_dir, best.path if best else None, best_metrics, result.error)

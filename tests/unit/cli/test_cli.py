@@ -1,0 +1,53 @@
+"""The command line: exit codes, messages, and that a bad config starts nothing."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmray.cli.main import build_parser, main
+
+REPO = Path(__file__).resolve().parents[3]
+QUICKSTART = str(REPO / "jobs" / "quickstart.yaml")
+
+
+def test_bad_fusion_exits_2_naming_the_key_and_choices_and_never_starts_ray():
+    code = (
+        "import sys\nfrom mmray.cli.main import main\n"
+        f"rc = main(['train', {QUICKSTART!r}, '--set', 'model.fusion.name=nope'])\n"
+        "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY')\nsys.exit(rc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "model.fusion.name: 'nope' is not a fusion; choose one of concat" in proc.stderr
+    assert "NO_RAY" in proc.stdout
+
+
+def test_missing_job_file_exits_2(capsys):
+    assert main(["validate", "no/such/job.yaml"]) == 2
+    assert "no/such/job.yaml: no such file" in capsys.readouterr().err
+
+
+def test_render_config_prints_every_default(capsys):
+    assert main(["render-config", QUICKSTART, "--set", "train.optimizer.lr=0.02"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.02" in out and "label_smoothing: 0.0" in out
+
+
+def test_ls_lists_every_registered_component(capsys):
+    from mmray.models.encoders import ENCODERS
+    from mmray.models.fusion import FUSIONS
+
+    assert main(["ls"]) == 0
+    out = capsys.readouterr().out
+    for name in ENCODERS.names() + FUSIONS.names():
+        assert name in out
+
+
+@pytest.mark.parametrize("verb", ["data synth", "data inspect", "validate", "render-config", "ls", "train",
+                                  "evaluate", "predict"])
+def test_every_verb_has_help_with_an_example(verb, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([*verb.split(), "--help"])
+    assert e.value.code == 0
+    assert "example:\n  mmray " in capsys.readouterr().out
