@@ -11,6 +11,8 @@ def quiet_ray_logs() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # "Starting execution of Dataset ..." per epoch
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")  # inherited by Ray's workers
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
@@ -29,9 +31,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None):
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
-        kwargs = dict(logging_level=logging.WARNING, include_dashboard=False if not address else None,
-                      configure_logging=True, log_to_driver=True)
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        # The dashboard stays on: Ray Train's placement-group cleaner polls the state API it serves.
+        kwargs = dict(logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
         if address:
             ray.init(address=address, **kwargs)
         else:

@@ -1,69 +1,81 @@
 """The Ray Data pipeline: Parquet shards -> decoded numpy batches, streamed (the only Ray file in mmray.data).
 
-``read_parquet`` and the decode ``map_batches`` fuse into one task per block, so each shard is read
-and decoded by one task with no object-store hop in between; blocks stream through the object store
-and nothing materialises the split.
+Shape of the pipeline: one tiny block per Parquet **row group** (``from_items`` of
+``(path, row group)``), then a single ``map_batches`` that reads that row group and decodes it with
+:class:`~mmray.data.decode.Preprocessor`, yielding ``data.decode_batch_size``-row batches. So every
+task reads and decodes about 256 rows (the synth/prepare row-group size) with no object-store hop
+between reading and decoding; blocks stream through the object store and nothing materialises the
+split.
+
+Why not ``ray.data.read_parquet(files).map_batches(...)``: measured on 2 cores (benchmarks/RESULTS.md)
+it ran at about half the speed. In Ray 2.60 it plans a ``ListFiles`` step (~1-2 s per epoch), packs
+whole files into as few read tasks as there are CPUs (unbalanced: 741 vs 3,247 rows), and does not
+fuse the decode into the read, so encoded bytes take an extra trip through the object store.
 """
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Iterator
 
 import ray
 
 from mmray.config.schema import DataConfig
 from mmray.data.dataset_dir import DatasetInfo
 from mmray.data.decode import Preprocessor
-
+from mmray.data.reader import read_row_group, row_group_units, table_columns
 
 # Ray reuses worker processes across tasks: build each Preprocessor (and its tokenizer) once per process.
 _PREPROCESSORS: dict[str, Preprocessor] = {}
 
 
-class _Decode:
-    """A picklable function for ``map_batches``: decodes with the process's cached :class:`Preprocessor`."""
+class _ReadDecode:
+    """``map_batches`` UDF: reads the row groups named in its input batch and yields decoded batches."""
 
     def __init__(self, data: DataConfig, info: DatasetInfo, train: bool, seed: int):
         self.data, self.info, self.train, self.seed = data, info, train, seed
         self.key = json.dumps([data.model_dump(mode="json"), info.path, info.to_json(), train, seed], sort_keys=True)
 
-    def decode(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def _preprocessor(self) -> Preprocessor:
         pre = _PREPROCESSORS.get(self.key)
         if pre is None:
             if len(_PREPROCESSORS) >= 8:  # bounded: a long-lived worker may serve many jobs
                 _PREPROCESSORS.clear()
             pre = _PREPROCESSORS[self.key] = Preprocessor(self.data, self.info, train=self.train, seed=self.seed)
-        return pre(batch)
+        return pre
+
+    def __call__(self, units: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        pre, step = self._preprocessor(), self.data.decode_batch_size
+        for path, group in zip(units["path"], units["row_group"]):
+            table = read_row_group(str(path), int(group), self.data, self.info)
+            for start in range(0, table.num_rows, step):
+                yield pre(table_columns(table.slice(start, step)))
 
 
 def build_dataset(data: DataConfig, info: DatasetInfo, split: str, *, train: bool, seed: int = 0) -> "ray.data.Dataset":
-    """A lazy ``ray.data.Dataset`` of decoded batches of ``split``.
+    """A lazy ``ray.data.Dataset`` of decoded rows of ``split``.
 
     Args:
         data: the job's ``data`` section; ``decode_batch_size`` rows are decoded per call.
         info: the dataset.
         split: ``"train"``, ``"val"`` or ``"test"``.
-        train: augment images (with ``data.image.augment``) and randomise the block order.
-        seed: seeds the block order and the augmentation.
+        train: augment images (with ``data.image.augment``) and randomise the row-group order.
+        seed: seeds the row-group order and the augmentation.
 
     Returns:
         A dataset whose rows follow the batch format of :mod:`mmray.data.decode` (no ``id``);
-        iterate it with ``iter_torch_batches``.
+        iterate it with ``iter_torch_batches`` (or pass it to a TorchTrainer).
 
     Raises:
-        UserError: unknown split, or a modality not in the dataset (checked here, before any task runs).
+        UserError: unknown split, or a modality not in the dataset / no tokenizer (checked here on
+            the driver, before any task runs).
     """
-    Preprocessor(data, info, train=train, seed=seed)  # fail fast on the driver: bad modality, missing tokenizer
-    columns = ["id", *[t for t in info.tasks], *data.modalities]
-    ds = ray.data.read_parquet(info.split_files(split), columns=columns, file_extensions=None)
+    Preprocessor(data, info, train=train, seed=seed)  # fail fast on the driver with a clear message
+    units = [{"path": p, "row_group": g} for p, g in row_group_units(info, split)]
+    ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
     if train:
         ds = ds.randomize_block_order(seed=seed)
-    return ds.map_batches(
-        _Decode(data, info, train, seed).decode,
-        batch_format="numpy",
-        batch_size=data.decode_batch_size,
-        zero_copy_batch=True,
-    )
+    # batch_size=1: one row group per call, so tasks stay small and balanced however shards are sized.
+    return ds.map_batches(_ReadDecode(data, info, train, seed), batch_size=1, batch_format="numpy")
 
 
 def configure_data_context(cpu_limit: float | None = None, object_store_limit: int | None = None) -> None:

@@ -62,27 +62,51 @@ def iter_batches(
     pre = preprocessor or Preprocessor(data, info, train=train, seed=int(rng.integers(2**31)))
     window = max(4 * batch_size, MIN_SHUFFLE_WINDOW) if shuffle else batch_size
     for table in _batches(_chunks(data, info, split, shuffle, rng), batch_size, window, rng if shuffle else None):
-        columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+        columns = table_columns(table)
         out = {k: torch.from_numpy(v) for k, v in pre(columns).items()}
         if with_ids:
             out["id"] = [str(i) for i in columns["id"]]
         yield out
 
 
+def row_group_units(info: DatasetInfo, split: str) -> list[tuple[str, int]]:
+    """``(shard path, row group index)`` for every row group of ``split``: the unit of parallel reading.
+
+    Reads only the Parquet footers.
+    """
+    units = []
+    for f in info.split_files(split):
+        fs, inner = resolve_fs(f)
+        with fs.open_input_file(inner) as fh:
+            units += [(f, g) for g in range(pq.ParquetFile(fh).num_row_groups)]
+    return units
+
+
+def read_row_group(path: str, group: int, data: DataConfig, info: DatasetInfo) -> pa.Table:
+    """One row group of a shard, only the columns decoding needs (id, label columns, configured modalities)."""
+    fs, inner = resolve_fs(path)
+    with fs.open_input_file(inner) as fh:
+        pf = pq.ParquetFile(fh)
+        wanted = {"id", *data.modalities, *info.tasks}
+        return pf.read_row_group(int(group), columns=[c for c in pf.schema_arrow.names if c in wanted])
+
+
+def table_columns(table: pa.Table) -> dict[str, np.ndarray]:
+    """Arrow table -> column name -> numpy array (binary/string columns as object arrays, None for null)."""
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
 def _chunks(
     data: DataConfig, info: DatasetInfo, split: str, shuffle: bool, rng: np.random.Generator
 ) -> Iterator[pa.Table]:
-    """Row groups of the split's shards (only the columns decoding needs), in file order or shuffled."""
-    files = info.split_files(split)
-    order = rng.permutation(len(files)) if shuffle else range(len(files))
-    for fi in order:
-        fs, inner = resolve_fs(files[fi])
-        pf = pq.ParquetFile(fs.open_input_file(inner))
-        wanted = {"id", *data.modalities, *info.tasks}
-        columns = [c for c in pf.schema_arrow.names if c in wanted]
-        groups = rng.permutation(pf.num_row_groups) if shuffle else range(pf.num_row_groups)
-        for g in groups:
-            yield pf.read_row_group(int(g), columns=columns)
+    """Row groups of the split's shards, in file order or shuffled (files, then groups within a file)."""
+    units = row_group_units(info, split)
+    if shuffle:
+        files = list(dict.fromkeys(f for f, _ in units))
+        groups = {f: [g for ff, g in units if ff == f] for f in files}
+        units = [(files[i], g) for i in rng.permutation(len(files)) for g in rng.permutation(groups[files[i]])]
+    for path, group in units:
+        yield read_row_group(path, group, data, info)
 
 
 def _batches(chunks: Iterator[pa.Table], batch_size: int, window: int, rng: np.random.Generator | None):

@@ -23,6 +23,7 @@ class RayWorkerContext:
 
         # Split coordinators and streaming executors inside workers would each draw progress bars.
         DataContext.get_current().enable_progress_bars = False
+        _silence_report_log()
         tc = ray.train.get_context()
         self.rank, self.world_size = tc.get_world_rank(), tc.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -74,6 +75,16 @@ class RayWorkerContext:
     def progress(self, event: dict[str, Any]) -> None:
         if self.rank == 0 and self._relay is not None:
             self._relay.push.remote(event)
+
+
+def _silence_report_log() -> None:
+    """Ray Train logs every report (the whole metrics dict, per rank) at INFO under a logger named by its
+    file path, outside ``ray.train``'s level control; mmray prints its own epoch line instead."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
@@ -140,6 +151,7 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
                 checkpoint_score_attribute=config.train.metric,
                 checkpoint_score_order=config.train.mode),
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
     )

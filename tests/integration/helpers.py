@@ -1,0 +1,42 @@
+"""Shared pieces of the integration tests: a small fast job and a corrupted dataset."""
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+
+from mmray.config import JobConfig, validate_job
+
+# Small encoders: the built-in task is learnable in a few epochs on 2 CPU cores.
+SMALL_MODEL = {
+    "encoders": {
+        "image": {"name": "cnn", "channels": [16, 32, 64], "dim": 64},
+        "text": {"name": "transformer", "dim": 64, "layers": 1, "heads": 4, "ff_dim": 128},
+        "audio": {"name": "mel_cnn", "n_mels": 32, "channels": [16, 32, 64], "dim": 64},
+    },
+    "fusion": {"name": "concat", "hidden_dim": 128},
+}
+
+# The best any single modality can do on the built-in data (image: shape known, pitch a coin flip).
+BEST_SINGLE_MODALITY_CEILING = 0.5
+
+
+def small_job(data_path: str, *, name: str = "it", modalities=("audio", "image", "text"), epochs: int = 6,
+              workers: int = 2, batch_size: int = 16, **train) -> JobConfig:
+    return validate_job({
+        "name": name,
+        "data": {"path": data_path, "modalities": list(modalities)},
+        "model": SMALL_MODEL,
+        "train": {"epochs": epochs, "batch_size": batch_size, "optimizer": {"lr": 3e-3},
+                  "early_stopping": {"patience": None}, **train},
+        "scaling": {"num_workers": workers, "cpus_per_worker": 0.5},
+    })
+
+
+def corrupt_image(shard: str, row: int = 0) -> str:
+    """Replace one row's PNG bytes with garbage in place; returns that row's id."""
+    table = pq.read_table(shard)
+    images = table.column("image").to_pylist()
+    images[row] = b"\x89PNG not really"
+    table = table.set_column(table.schema.get_field_index("image"), "image",
+                             __import__("pyarrow").array(images, type=table.schema.field("image").type))
+    pq.write_table(table, shard)
+    return table.column("id")[row].as_py()
