@@ -22,7 +22,7 @@ install: $(STAMP)
 
 quickstart: $(STAMP)
 	$(BIN)/mmray data synth --out $(DATA) --rows 3000 --shards 4 --seed 0
-	$(BIN)/mmray train jobs/quickstart.yaml --storage $(STORAGE) --name quickstart
+	$(BIN)/mmray train jobs/quickstart.yaml --storage $(STORAGE)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --timeout=900 tests

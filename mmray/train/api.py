@@ -33,6 +33,15 @@ class RunResult:
         return f"tensorboard --logdir {self.run_dir}"
 
 
+def absolute_paths(config: JobConfig) -> JobConfig:
+    """Relative local paths are relative to where the user ran mmray; Ray workers run elsewhere."""
+    def fix(path: str) -> str:
+        return path if "://" in path else os.path.abspath(path)
+
+    data = config.data.model_copy(update={"path": fix(config.data.path)})
+    return config.model_copy(update={"data": data, "storage": fix(config.storage)})
+
+
 def check_dataset(config: JobConfig) -> DatasetInfo:
     """The dataset exists and has what the job asks for. Raises :class:`UserError` before anything starts."""
     info = read_dataset_info(config.data.path)
@@ -61,7 +70,7 @@ def resolve_run_dir(storage: str, name: str, *, explicit_name: bool) -> tuple[st
         if not os.path.exists(run_dir):
             return run_dir, False
         if not os.path.isdir(os.path.join(run_dir, EXPORT_DIR)):
-            return run_dir, True
+            return run_dir, any(d.startswith("checkpoint_") for d in os.listdir(run_dir))
         if explicit_name:
             raise UserError(f"--name {name}: run {run_dir} already finished; choose another name")
         n += 1
@@ -81,6 +90,7 @@ def train(
         UserError: bad dataset or run name (nothing started).
         RuntimeError: training failed; the run folder keeps its checkpoints for a resume.
     """
+    config = absolute_paths(config)
     info = check_dataset(config)
     run_dir, resumed = resolve_run_dir(storage or config.storage, name or config.name, explicit_name=name is not None)
     from mmray.train.finalize import export_checkpoint

@@ -1,4 +1,4 @@
-"""Shared pieces of the integration tests: a small fast job and a corrupted dataset."""
+"""Shared test pieces: a small job that learns the built-in data fast, and a way to corrupt a record."""
 from __future__ import annotations
 
 import pyarrow.parquet as pq
