@@ -12,9 +12,18 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from mmray.config import load_job
+    import os
 
-    config = load_job(args.job, args.overrides)
+    from mmray.config import load_job
+    from mmray.train.api import absolute_paths, check_dataset
+
+    config = absolute_paths(load_job(args.job, args.overrides))
     print(f"{args.job}: ok (job {config.name!r}, fusion {config.model.fusion.name}, "
           f"modalities {', '.join(config.data.modalities)})")
+    if "://" in config.data.path or os.path.exists(config.data.path):
+        info = check_dataset(config)  # UserError (exit 2) if it lacks what the job needs
+        rows = ", ".join(f"{split} {s.rows}" for split, s in info.splits.items())
+        print(f"dataset {config.data.path}: ok ({rows} rows, {len(info.class_names)} classes)")
+    else:
+        print(f"dataset {config.data.path}: not found yet (make it with `mmray data synth` or `mmray data prepare`)")
     return 0
