@@ -115,6 +115,8 @@ def format_errors(err: ValidationError, raw: Mapping[str, Any]) -> list[str]:
             msg = e["msg"].removeprefix("Value error, ")
             if msg.startswith(f"{key}:"):
                 problems.append(msg)
+            elif msg.startswith(repr(e["input"])):
+                problems.append(f"{key}: {msg}")
             else:
                 problems.append(f"{key}: {e['input']!r}: {msg}" if key else msg)
     return problems

@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps: search-space YAML, Ray Tune + Optuna, leaderboard, HParams and the best export."""

@@ -1,0 +1,46 @@
+"""The loop's context inside a Tune trial that trains in-process (one worker, no TorchTrainer start-up)."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from mmray.config import JobConfig
+from mmray.data.dataset_dir import read_dataset_info
+from mmray.data.reader import iter_batches
+from mmray.train.context import LocalContext
+
+
+class TuneTrialContext(LocalContext):
+    """Reads Parquet shards directly in the trial process; reports and checkpoints through Ray Tune."""
+
+    def __init__(self, config: JobConfig, run_dir: str):
+        info = read_dataset_info(config.data.path)
+        bs, seed = config.train.batch_size, config.train.seed
+
+        def train_batches(epoch: int):
+            return iter_batches(config.data, info, "train", batch_size=bs, train=True, seed=seed, epoch=epoch)
+
+        def val_batches(epoch: int):
+            return iter_batches(config.data, info, "val", batch_size=bs, train=False, seed=seed, epoch=epoch)
+
+        super().__init__(run_dir, train_batches, val_batches)
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        from ray import tune
+
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        self.history.append(dict(metrics))
+        tune.report(dict(metrics), checkpoint=checkpoint)
+
+    def latest_checkpoint(self) -> str | None:
+        from ray import tune
+
+        checkpoint = tune.get_checkpoint()
+        return checkpoint.to_directory() if checkpoint is not None else None
+
+    def progress(self, event: dict[str, Any]) -> None:
+        pass  # Tune's own trial table is the progress display during a sweep
+
+
+def trial_dir(experiment_dir: str, trial_id: str) -> str:
+    return os.path.join(experiment_dir, "trials", trial_id)

@@ -1,0 +1,143 @@
+"""After a sweep: the leaderboard (ranked by each trial's best epoch), HParams for TensorBoard, and ``best/``."""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mmray.config import validate_job
+from mmray.config.loader import apply_overrides
+from mmray.train.checkpoint import STATE
+from mmray.tune.context import trial_dir
+
+LEADERBOARD, BEST_DIR = "leaderboard.csv", "best"
+SHOWN = ("val.accuracy", "val.f1", "val.loss", "test.accuracy")
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    params: dict[str, Any]
+    status: str  # completed | stopped (early: scheduler or patience) | error | pending
+    epochs_run: int
+    best_epoch: int | None
+    best: dict[str, float]  # the best epoch's metrics
+    best_checkpoint: str | None
+    error: str | None = None
+
+
+@dataclass
+class SweepSummary:
+    experiment_dir: str
+    metric: str
+    mode: str
+    trials: list[TrialRecord]
+    best_dir: str | None
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def best_trial(self) -> TrialRecord | None:
+        return self.trials[0] if self.trials and self.trials[0].best_epoch is not None else None
+
+    @property
+    def tensorboard_command(self) -> str:
+        return f"tensorboard --logdir {self.experiment_dir}"
+
+
+def _history(checkpoint) -> list[dict[str, float]]:
+    """A trial's full per-epoch history, kept in its latest checkpoint (it survives restarts)."""
+    if checkpoint is None:
+        return []
+    with checkpoint.as_directory() as d:
+        blob = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=False)
+    return blob["train_state"]["history"]
+
+
+def _record(result, setup, metric: str, mode: str) -> TrialRecord:
+    params = dict(result.config or {})
+    metrics = result.metrics or {}
+    trial_id = metrics.get("trial_id") or os.path.basename(result.path).split("_")[-1]
+    history = _history(result.checkpoint)
+    epochs = validate_job(apply_overrides(setup.job_raw, params.items())).train.epochs
+    sign = 1 if mode == "max" else -1
+    best = max(history, key=lambda m: sign * m[metric]) if history else {}
+    best_ckpt = result.get_best_checkpoint(metric=metric, mode=mode) if history else None
+    epochs_run = len(history)
+    status = "error" if result.error else "completed" if epochs_run >= epochs else "stopped" if history else "pending"
+    return TrialRecord(trial_id, params, status, epochs_run, int(best["epoch"]) if best else None, best,
+                       best_ckpt.path if best_ckpt else None, str(result.error) if result.error else None)
+
+
+def write_leaderboard(path: str, trials: list[TrialRecord], param_keys: list[str]) -> None:
+    metric_keys = sorted({k for t in trials for k in t.best if k.startswith(("val.", "train.loss"))
+                          and not k.endswith(("confusion", ".rows"))})
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["rank", "trial_id", "status", *param_keys, "best_epoch", "epochs_run", *metric_keys])
+        for rank, t in enumerate(trials, 1):
+            w.writerow([rank, t.trial_id, t.status, *(t.params.get(k, "") for k in param_keys),
+                        t.best_epoch or "", t.epochs_run, *(t.best.get(k, "") for k in metric_keys)])
+
+
+def write_hparams(experiment_dir: str, trial: TrialRecord, metric: str) -> None:
+    """HParams plugin data in the trial's TensorBoard folder: its parameters and its best-epoch metrics."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    if not trial.best:
+        return
+    params = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in trial.params.items()}
+    best = {f"best/{k}": float(trial.best[k]) for k in ("val.accuracy", "val.f1", "val.loss") if k in trial.best}
+    writer = SummaryWriter(os.path.join(trial_dir(experiment_dir, trial.trial_id), "tensorboard"))
+    for summary in hparams(params, best):
+        writer.file_writer.add_summary(summary)
+    for k, v in best.items():
+        writer.add_scalar(k, v, trial.best_epoch)
+    writer.close()
+
+
+def finish(setup, results) -> SweepSummary:
+    """Rank trials by their best epoch, write ``leaderboard.csv``, HParams and the best trial's export."""
+    from mmray.data.dataset_dir import read_dataset_info
+    from mmray.train.finalize import export_checkpoint
+
+    space, exp = setup.space, setup.experiment_dir
+    metric, mode = space.metric, space.resolved_mode
+    trials = [_record(r, setup, metric, mode) for r in results]
+    sign = 1 if mode == "max" else -1
+    trials.sort(key=lambda t: (t.best_epoch is None, -sign * t.best.get(metric, 0.0)))
+    param_keys = [k for k, _ in space.ordered_parameters()]
+    write_leaderboard(os.path.join(exp, LEADERBOARD), trials, param_keys)
+    for t in trials:
+        write_hparams(exp, t, metric)
+    summary = SweepSummary(exp, metric, mode, trials, None)
+    winner = summary.best_trial
+    if winner is not None and winner.best_checkpoint:
+        config = validate_job(apply_overrides(setup.job_raw, winner.params.items()))
+        info = read_dataset_info(config.data.path)
+        summary.best_dir = os.path.join(exp, BEST_DIR)
+        summary.best_metrics = export_checkpoint(config, info, winner.best_checkpoint, summary.best_dir)
+    return summary
+
+
+def format_summary(summary: SweepSummary) -> str:
+    lines = [f"experiment:  {summary.experiment_dir}",
+             f"trials:      {len(summary.trials)} ("
+             + ", ".join(f"{s} {sum(t.status == s for t in summary.trials)}"
+                         for s in ("completed", "stopped", "error", "pending")
+                         if any(t.status == s for t in summary.trials)) + ")"]
+    w = summary.best_trial
+    if w is not None:
+        lines.append(f"best trial:  {w.trial_id}  epoch {w.best_epoch}  {summary.metric} {w.best[summary.metric]:.4f}")
+        for k, v in w.params.items():
+            lines.append(f"  {k} = {v}")
+        m = summary.best_metrics
+        if "test.accuracy" in m:
+            lines.append(f"best model:  test accuracy {m['test.accuracy']:.4f}  test F1 {m['test.f1']:.4f}")
+        lines.append(f"export:      {summary.best_dir}")
+    lines.append(f"leaderboard: {os.path.join(summary.experiment_dir, LEADERBOARD)}")
+    lines.append(f"tensorboard: {summary.tensorboard_command}")
+    return "\n".join(lines)

@@ -1,0 +1,239 @@
+"""Search-space YAML: dotted job keys -> distributions, conditionals, checked against the job schema.
+
+```yaml
+metric: val.accuracy
+num_samples: 12
+search: {name: optuna_tpe}
+scheduler: {name: asha, grace_period: 1}
+parameters:
+  model.fusion.name: {choice: [concat, gated, low_rank_tensor]}
+  model.fusion.rank: {int: [2, 16], when: {model.fusion.name: low_rank_tensor}}
+  train.optimizer.lr: {loguniform: [1.0e-4, 3.0e-2]}
+```
+Every parameter is checked against the job schema before anything starts: its lowest and highest
+value (or each choice) is applied to the job, with its ``when`` conditions, and validated.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional, Union
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from mmray.config.errors import ConfigError, UserError
+from mmray.config.loader import apply_overrides, format_errors, read_yaml, validate_job
+from mmray.config.schema import METRICS
+from mmray.registry import StrictModel
+from mmray.tune.algorithms import SCHEDULERS, SEARCHERS
+
+Scalar = Union[bool, int, float, str, None]
+
+
+_FIELD = {"loguniform": "loguniform", "uniform": "uniform", "int": "int_", "choice": "choice", "value": "value"}
+
+
+class ParamSpec(StrictModel):
+    """One parameter: exactly one of ``loguniform``, ``uniform``, ``int``, ``choice``, ``value``."""
+
+    loguniform: Optional[tuple[float, float]] = None
+    uniform: Optional[tuple[float, float]] = None
+    int_: Optional[tuple[int, int]] = Field(None, alias="int")
+    choice: Optional[list[Any]] = Field(None, min_length=1)
+    value: Any = None
+    log: bool = Field(False, description="with int: sample on a log scale")
+    when: dict[str, Union[Scalar, list[Scalar]]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fixed_value(cls, raw: Any) -> Any:
+        # a bare value (`train.epochs: 4`) is a fixed parameter
+        return raw if isinstance(raw, dict) else {"value": raw}
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "ParamSpec":
+        kinds = [k for k in ("loguniform", "uniform", "int", "choice") if getattr(self, _FIELD[k]) is not None]
+        if len(kinds) + (self.value is not None) != 1:
+            raise ValueError("give exactly one of loguniform, uniform, int, choice or a fixed value")
+        for k in ("loguniform", "uniform", "int"):
+            bounds = getattr(self, _FIELD[k])
+            if bounds is not None and not bounds[0] < bounds[1]:
+                raise ValueError(f"{k}: low must be below high, got {list(bounds)}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform: bounds must be positive, got {list(self.loguniform)}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("loguniform", "uniform", "int", "choice", "value") if getattr(self, _FIELD[k]) is not None)
+
+    def probe_values(self) -> list[Any]:
+        """Values that together exercise the schema's limits: both bounds, or every choice."""
+        if self.choice is not None:
+            return list(self.choice)
+        if self.value is not None:
+            return [self.value]
+        bounds = self.loguniform or self.uniform or self.int_
+        return list(bounds)
+
+    def admits(self, value: Any) -> bool:
+        if self.choice is not None:
+            return value in self.choice
+        if self.value is not None:
+            return value == self.value
+        lo, hi = self.loguniform or self.uniform or self.int_
+        return isinstance(value, (int, float)) and lo <= value <= hi
+
+    def suggest(self, trial, name: str) -> Any:
+        """Draw from an Optuna trial (define-by-run)."""
+        if self.loguniform is not None:
+            return trial.suggest_float(name, *self.loguniform, log=True)
+        if self.uniform is not None:
+            return trial.suggest_float(name, *self.uniform)
+        if self.int_ is not None:
+            return trial.suggest_int(name, *self.int_, log=self.log)
+        if self.choice is not None:
+            return trial.suggest_categorical(name, self.choice)
+        return self.value
+
+
+def _registered(registry):
+    def check(name: str) -> str:
+        try:
+            registry.entry(name)
+        except KeyError as e:  # UnknownComponentError: its message lists the valid names
+            raise ValueError(str(e)) from None
+        return name
+    return check
+
+
+class SearchConfig(StrictModel):
+    name: str = Field("optuna_tpe", description="a registered searcher (`mmray ls`)")
+    seed: int = 0
+    n_startup_trials: int = Field(4, ge=0, description="optuna_tpe: random trials before TPE models the space")
+
+    _name = field_validator("name")(lambda v: _registered(SEARCHERS)(v))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _algorithm_alias(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "algorithm" in raw and "name" not in raw:
+            raw = {**raw, "name": raw["algorithm"]}
+            del raw["algorithm"]
+        return raw
+
+
+class SchedulerConfig(StrictModel):
+    name: str = Field("asha", description="a registered scheduler (`mmray ls`)")
+    grace_period: int = Field(1, ge=1, description="epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1, description="asha: keep the top 1/reduction_factor at each rung")
+
+    _name = field_validator("name")(lambda v: _registered(SCHEDULERS)(v))
+
+
+class SpaceConfig(StrictModel):
+    metric: Literal[tuple(METRICS)] = "val.accuracy"  # type: ignore[valid-type]
+    mode: Optional[Literal["max", "min"]] = Field(None, description="default: the metric's natural direction")
+    num_samples: int = Field(8, ge=1)
+    max_concurrent_trials: Optional[int] = Field(None, ge=1, description="default: from the cluster's CPUs/GPUs")
+    max_failures: int = Field(1, ge=0, description="retries of a failed trial (from its checkpoint)")
+    search: SearchConfig = SearchConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    parameters: dict[str, ParamSpec] = Field(min_length=1)
+
+    @property
+    def resolved_mode(self) -> str:
+        return self.mode or METRICS[self.metric]
+
+    def ordered_parameters(self) -> list[tuple[str, ParamSpec]]:
+        """Parameters with every ``when`` key before the parameters that depend on it."""
+        done: list[str] = []
+        pending = dict(self.parameters)
+        while pending:
+            ready = [k for k, p in pending.items() if all(c in done for c in p.when)]
+            if not ready:
+                raise ConfigError([f"parameters: circular `when` conditions among {sorted(pending)}"])
+            for k in ready:
+                done.append(k)
+                del pending[k]
+        return [(k, self.parameters[k]) for k in done]
+
+    def active(self, key: str, values: dict[str, Any]) -> bool:
+        """Whether ``key``'s ``when`` conditions hold for the values drawn so far."""
+        for cond_key, wanted in self.parameters[key].when.items():
+            allowed = wanted if isinstance(wanted, list) else [wanted]
+            if cond_key not in values or values[cond_key] not in allowed:
+                return False
+        return True
+
+    def sample(self, trial) -> dict[str, Any]:
+        """Define-by-run: draw only the active parameters of this trial; returns ``{dotted key: value}``."""
+        values: dict[str, Any] = {}
+        for key, spec in self.ordered_parameters():
+            if self.active(key, values):
+                values[key] = spec.suggest(trial, key)
+        return values
+
+
+def _parse(raw: dict[str, Any], source: str | None) -> SpaceConfig:
+    try:
+        return SpaceConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, raw), source) from None
+
+
+def check_against_job(space: SpaceConfig, job_raw: dict[str, Any], source: str | None = None) -> None:
+    """Every parameter value the space can produce yields a valid job. Raises :class:`ConfigError`."""
+    problems: list[str] = []
+    broken: set[str] = set()
+    for key, spec in space.parameters.items():
+        for cond, wanted in spec.when.items():
+            if cond not in space.parameters:
+                problems.append(f"parameters.{key}.when.{cond}: not a parameter of this space")
+                broken.add(key)
+                continue
+            for w in wanted if isinstance(wanted, list) else [wanted]:
+                if not space.parameters[cond].admits(w):
+                    problems.append(f"parameters.{key}.when.{cond}: {w!r} is never drawn by {cond}")
+                    broken.add(key)
+    if problems:  # unknown condition keys would make the ordering below fail
+        if any("not a parameter" in p for p in problems):
+            raise ConfigError(problems, source)
+    for key, spec in space.ordered_parameters():
+        if key in broken:
+            continue
+        conditions = []
+        for cond, wanted in spec.when.items():
+            conditions.append((cond, wanted[0] if isinstance(wanted, list) else wanted))
+        for candidate in spec.probe_values():
+            try:
+                validate_job(apply_overrides(job_raw, [*conditions, (key, candidate)]))
+            except ConfigError as e:
+                for p in e.problems:
+                    problems.append(f"parameters.{key}: {candidate!r} -> {p}")
+    if problems:
+        raise ConfigError(sorted(set(problems), key=problems.index), source)
+
+
+def load_space(path: str, job_raw: dict[str, Any], *, num_samples: int | None = None) -> SpaceConfig:
+    """Read, validate and check a space YAML against the (already valid) raw job config."""
+    raw = read_yaml(path)
+    if num_samples is not None:
+        if num_samples < 1:
+            raise UserError(f"--num-samples: must be at least 1, got {num_samples}")
+        raw["num_samples"] = num_samples
+    space = _parse(raw, path)
+    check_against_job(space, job_raw, path)
+    return space
+
+
+def grid_size(space: SpaceConfig) -> float:
+    """How many distinct configurations the space has (inf when any parameter is continuous)."""
+    n = 1.0
+    for _, spec in space.parameters.items():
+        if spec.choice is not None:
+            n *= len(spec.choice)
+        elif spec.int_ is not None:
+            n *= spec.int_[1] - spec.int_[0] + 1
+        elif spec.value is None:
+            return math.inf
+    return n
