@@ -79,18 +79,18 @@ def build_dataset(data: DataConfig, info: DatasetInfo, split: str, *, train: boo
 
 
 def configure_data_context(
-    cpu_limit: float | None = None, object_store_limit: int | None = None, *, fast_start: bool = True
+    cpu_limit: float | None = None, object_store_limit: int | None = None, *, fast_start: bool = False
 ) -> None:
     """Quiet and bounded Ray Data for the current process (driver or Train worker).
 
     Args:
         cpu_limit: CPUs Ray Data may use for its tasks (None = all free CPUs); leave some for training.
         object_store_limit: bytes of object store Ray Data may fill with blocks in flight (None = Ray's default).
-        fast_start: drop Ray Data's ``ResourceBudget`` backpressure policy, keeping ``ConcurrencyCap`` and
-            ``DownstreamCapacity``. Measured on 2 cores (benchmarks/RESULTS.md): with it, every epoch
-            ran a single decode task for its first ~1 s (the budget is split with the not-yet-drained
-            input operator), costing ~35 % of throughput; without it both CPUs decode at once and peak
-            memory while streaming a dataset 3x the object store stayed bounded.
+        fast_start: drop Ray Data's ``ResourceBudget`` backpressure policy (keeping ``ConcurrencyCap``
+            and ``DownstreamCapacity``). With it, each epoch runs a single decode task for its first
+            ~1 s while the budget is shared with the not-yet-drained input operator. On a busy 2-core
+            box dropping it gave ~1.5x; on a quiet one no gain (benchmarks/RESULTS.md), so it is off
+            by default and Ray's own memory backpressure stays in charge.
     """
     from ray.data import DataContext, ExecutionResources
 

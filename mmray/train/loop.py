@@ -224,6 +224,11 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
         scalars["best_epoch"] = float(state.best_epoch)
         state.history.append(scalars)
 
+        if writer is not None:  # before report: a scheduler may stop the trial inside report, for good
+            for k, v in scalars.items():
+                if k != "epoch":
+                    writer.add_scalar(k.replace(".", "/", 1), v, epoch)
+            writer.flush()
         scratch = tempfile.mkdtemp(prefix="mmray-ckpt-") if ctx.rank == 0 else None
         ckpt = None
         if scratch is not None:  # one copy of the checkpoint, from rank 0 (Ray merges multi-rank folders)
@@ -232,11 +237,6 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
         ctx.report(scalars, ckpt)
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-        if writer is not None:
-            for k, v in scalars.items():
-                if k != "epoch":
-                    writer.add_scalar(k.replace(".", "/", 1), v, epoch)
-            writer.flush()
         ctx.progress({"type": "epoch_end", "epoch": epoch, "epochs": config.train.epochs, "metrics": scalars,
                       "metric": metric})
         if patience is not None and state.epochs_without_improvement >= patience:

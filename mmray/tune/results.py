@@ -71,6 +71,42 @@ def _record(result, setup, metric: str, mode: str) -> TrialRecord:
                        best_ckpt.path if best_ckpt else None, str(result.error) if result.error else None)
 
 
+def prune_checkpoints(result, keep_best: int, metric: str, mode: str) -> None:
+    """Keep a finished trial's ``keep_best`` best checkpoints and its latest; delete the rest."""
+    import shutil
+
+    ranked = sorted(result.best_checkpoints, key=lambda cm: cm[1].get(metric, float("nan")),
+                    reverse=(mode == "max"))
+    keep = {c.path for c, _ in ranked[:keep_best]}
+    if result.checkpoint is not None:
+        keep.add(result.checkpoint.path)
+    for c, _ in ranked[keep_best:]:
+        if c.path not in keep and os.path.isdir(c.path):
+            shutil.rmtree(c.path, ignore_errors=True)
+
+
+def store_study(path: str, name: str, space, trials: list[TrialRecord]) -> None:
+    """Write the sweep as an Optuna study (SQLite) for ``optuna-dashboard`` and importance analysis.
+
+    Each trial's objective is its best epoch's metric, the same number the leaderboard ranks by.
+    """
+    import optuna
+
+    if os.path.exists(path):
+        os.remove(path)  # rewritten whole: a resumed sweep re-stores every trial
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{path}",
+                                direction="maximize" if space.resolved_mode == "max" else "minimize")
+    for t in trials:
+        dists = {k: space.parameters[k].distribution() for k in t.params
+                 if k in space.parameters and space.parameters[k].distribution() is not None}
+        params = {k: t.params[k] for k in dists}
+        done = t.best_epoch is not None and t.status != "error"
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions=dists, value=float(t.best[space.metric]) if done else None,
+            state=optuna.trial.TrialState.COMPLETE if done else optuna.trial.TrialState.FAIL,
+            user_attrs={"trial_id": t.trial_id, "status": t.status, "best_epoch": t.best_epoch or 0}))
+
+
 def write_leaderboard(path: str, trials: list[TrialRecord], param_keys: list[str]) -> None:
     metric_keys = sorted({k for t in trials for k in t.best if k.startswith(("val.", "train.loss"))
                           and not k.endswith(("confusion", ".rows"))})
@@ -107,10 +143,15 @@ def finish(setup, results) -> SweepSummary:
     space, exp = setup.space, setup.experiment_dir
     metric, mode = space.metric, space.resolved_mode
     trials = [_record(r, setup, metric, mode) for r in results]
+    keep = validate_job(setup.job_raw).checkpoint.num_to_keep
+    for r, t in zip(results, trials):
+        if t.status in ("completed", "stopped"):
+            prune_checkpoints(r, keep, metric, mode)
     sign = 1 if mode == "max" else -1
     trials.sort(key=lambda t: (t.best_epoch is None, -sign * t.best.get(metric, 0.0)))
     param_keys = [k for k, _ in space.ordered_parameters()]
     write_leaderboard(os.path.join(exp, LEADERBOARD), trials, param_keys)
+    store_study(os.path.join(exp, "optuna.db"), os.path.basename(exp), space, trials)
     for t in trials:
         write_hparams(exp, t, metric)
     summary = SweepSummary(exp, metric, mode, trials, None)

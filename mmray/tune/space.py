@@ -83,6 +83,20 @@ class ParamSpec(StrictModel):
         lo, hi = self.loguniform or self.uniform or self.int_
         return isinstance(value, (int, float)) and lo <= value <= hi
 
+    def distribution(self):
+        """The Optuna distribution this parameter is drawn from (None for a fixed value)."""
+        import optuna.distributions as d
+
+        if self.loguniform is not None:
+            return d.FloatDistribution(*self.loguniform, log=True)
+        if self.uniform is not None:
+            return d.FloatDistribution(*self.uniform)
+        if self.int_ is not None:
+            return d.IntDistribution(*self.int_, log=self.log)
+        if self.choice is not None:
+            return d.CategoricalDistribution(self.choice)
+        return None
+
     def suggest(self, trial, name: str) -> Any:
         """Draw from an Optuna trial (define-by-run)."""
         if self.loguniform is not None:

@@ -95,7 +95,6 @@ def concurrency(space: SpaceConfig) -> int:
 
 
 def _tuner(setup: SweepSetup, *, restore: bool):
-    import optuna
     from ray import tune
     from ray.tune import CLIReporter
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -111,10 +110,11 @@ def _tuner(setup: SweepSetup, *, restore: bool):
     if restore:
         return tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True, resume_errored=True)
     metric, mode = space.metric, space.resolved_mode
-    storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.join(exp, STUDY_FILE)}")
+    # The searcher's study lives in memory and is snapshotted with Tune's experiment state, so a resumed
+    # sweep's searcher agrees with Tune about which trials finished; results.finish() stores the study.
     searcher = OptunaSearch(space=space.sample, metric=metric, mode=mode,
                             sampler=SEARCHERS.entry(space.search.name).builder(space.search),
-                            storage=storage, study_name=os.path.basename(exp))
+                            study_name=os.path.basename(exp))
     scheduler = SCHEDULERS.entry(space.scheduler.name).builder(space.scheduler, metric=metric, mode=mode,
                                                                max_t=max_epochs(setup))
     return tune.Tuner(
@@ -123,8 +123,9 @@ def _tuner(setup: SweepSetup, *, restore: bool):
                                     max_concurrent_trials=concurrency(space)),
         run_config=tune.RunConfig(
             name=os.path.basename(exp), storage_path=os.path.dirname(exp),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep,
-                                                    checkpoint_score_attribute=metric,
+            # Every checkpoint is kept while the sweep runs: pruning by score can delete the one a
+            # killed sweep's last snapshot points at, and the trial could not resume. finish() prunes.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None, checkpoint_score_attribute=metric,
                                                     checkpoint_score_order=mode),
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
             # result.json/progress.csv per trial; no Tune TensorBoard logger: mmray writes its own, per trial

@@ -53,3 +53,12 @@ def test_bad_split_and_batch_size_are_user_errors(data_cfg, tiny_info):
         next(iter_batches(data_cfg, tiny_info, "dev", batch_size=4, train=False))
     with pytest.raises(UserError, match="batch_size"):
         next(iter_batches(data_cfg, tiny_info, "val", batch_size=0, train=False))
+
+
+def test_local_data_path_never_imports_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, mmray.data, mmray.data.reader, mmray.data.decode, mmray.data.synth, mmray.data.inspect; "
+            "sys.exit('ray' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,0 +1,278 @@
+"""Ingest benchmark: mmray's Ray Data pipeline vs a torch DataLoader on the same shards and decode work.
+
+Run with:
+
+    .venv/bin/python benchmarks/ingest.py                      # 5,000 synth rows in a temp dir
+    .venv/bin/python benchmarks/ingest.py --data data/synth    # an existing dataset directory
+    .venv/bin/python benchmarks/ingest.py --sweep              # also try other pipeline settings
+    .venv/bin/python benchmarks/ingest.py --memory-rows 10000  # + peak memory streaming > object store
+
+Both sides read the train split's Parquet shards and decode every row with the same
+:class:`mmray.data.decode.Preprocessor` (``train=False``, so no random augmentation). Each side runs
+one warm-up epoch, then ``--epochs`` timed epochs; the consumer only counts rows. The DataLoader
+uses ``num_workers=os.cpu_count()`` persistent workers over an IterableDataset that splits the
+shards' row groups among workers. The DataLoader runs first, before Ray starts, so forked workers
+never inherit Ray's threads.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+
+from mmray.config.schema import DataConfig  # noqa: E402
+from mmray.data.dataset_dir import DatasetInfo, read_dataset_info  # noqa: E402
+from mmray.data.decode import Preprocessor  # noqa: E402
+from mmray.data.reader import read_row_group, row_group_units, table_columns  # noqa: E402
+from mmray.data.synth import synth  # noqa: E402
+
+SPLIT = "train"
+
+
+# ------------------------------------------------------------------------------ DataLoader side
+class ShardStream(torch.utils.data.IterableDataset):
+    """Decoded batches of a split; each DataLoader worker takes every W-th row group of the shards."""
+
+    def __init__(self, data: DataConfig, info: DatasetInfo, batch_size: int):
+        self.data, self.info, self.batch_size = data, info, batch_size
+        self.units = row_group_units(info, SPLIT)
+        self._pre = None
+
+    def __iter__(self):
+        w = torch.utils.data.get_worker_info()
+        wid, nw = (w.id, w.num_workers) if w else (0, 1)
+        if self._pre is None:  # once per worker process (persistent workers)
+            self._pre = Preprocessor(self.data, self.info, train=False)
+        for path, group in self.units[wid::nw]:
+            table = read_row_group(path, group, self.data, self.info)
+            for start in range(0, table.num_rows, self.batch_size):
+                decoded = self._pre(table_columns(table.slice(start, self.batch_size)))
+                yield {k: torch.from_numpy(v) for k, v in decoded.items()}
+
+
+def make_dataloader(data, info, batch_size, workers):
+    return torch.utils.data.DataLoader(
+        ShardStream(data, info, batch_size), batch_size=None, num_workers=workers, persistent_workers=workers > 0
+    )
+
+
+# ------------------------------------------------------------------------------ Ray side
+def ray_epoch(data, info, batch_size, reader="mmray"):
+    """One epoch's iterator: mmray's pipeline, or (reader="read_parquet") Ray's own Parquet reader + the same decode."""
+    from mmray.data.pipeline import build_dataset
+
+    if reader == "read_parquet":
+        import ray
+
+        from mmray.data.pipeline import _ReadDecode
+
+        pre = _ReadDecode(data, info, False, 0)
+        ds = ray.data.read_parquet(info.split_files(SPLIT)).map_batches(
+            lambda b: pre._preprocessor()(b), batch_format="numpy", batch_size=data.decode_batch_size
+        )
+    else:
+        ds = build_dataset(data, info, SPLIT, train=False)
+    return ds.iter_torch_batches(batch_size=batch_size)
+
+
+def rows_per_s(batches) -> float:
+    t0, rows = time.perf_counter(), 0
+    for batch in batches:
+        rows += len(batch["label"])
+    return rows / (time.perf_counter() - t0)
+
+
+def start_ray(num_cpus, object_store_memory=None, cpu_limit=None, fast_start=False):
+    import ray
+
+    from mmray.data.pipeline import configure_data_context
+
+    ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+    configure_data_context(cpu_limit=cpu_limit, fast_start=fast_start)
+
+
+# ------------------------------------------------------------------------------ memory
+def _tree_memory(root: int) -> tuple[int, int]:
+    """(sum of RSS, sum of PSS) in bytes over ``root`` and its descendants, read from /proc (Linux)."""
+    parents = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parents[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, frontier = {root}, [root]
+    while frontier:
+        kids = [p for p, pp in parents.items() if pp in frontier and p not in tree]
+        tree.update(kids)
+        frontier = kids
+    rss = pss = 0
+    for pid in tree:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1]) * 1024
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return rss, pss
+
+
+class PeakMemory:
+    """Samples the summed RSS and PSS of this process and all its descendants (Ray's raylet, workers...).
+
+    RSS counts shared pages (the object store's shared memory) once per process that maps them;
+    PSS splits them among those processes, so PSS is the tree's real footprint.
+    """
+
+    def __init__(self, interval=0.25):
+        self.interval, self.peak_rss, self.peak_pss = interval, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            rss, pss = _tree_memory(os.getpid())
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def bench_memory(rows, args, tmp, fast_start):
+    import ray
+
+    path = os.path.join(tmp, f"mem-{rows}")
+    if not os.path.exists(os.path.join(path, "dataset.json")):
+        synth(path, rows=rows, shards=8, seed=0)
+    info = read_dataset_info(path)
+    data = DataConfig(path=path, decode_batch_size=args.decode_batch_size)
+    on_disk = sum(os.path.getsize(f) for f in info.split_files(SPLIT))
+    store = 100 * 2**20
+    start_ray(args.num_cpus, object_store_memory=store, fast_start=fast_start)
+    from mmray.data.pipeline import build_dataset
+
+    baseline = _tree_memory(os.getpid())[1]
+    with PeakMemory() as mem:
+        t0, n, decoded = time.perf_counter(), 0, 0
+        for _ in range(2):
+            for b in build_dataset(data, info, SPLIT, train=True).iter_torch_batches(batch_size=args.batch_size):
+                n += len(b["label"])
+                time.sleep(args.consumer_delay)  # a training step: lets the producer run ahead
+                decoded += sum(v.numel() * v.element_size() for v in b.values())
+        secs = time.perf_counter() - t0
+    ray.shutdown()
+    return {
+        "fast_start": fast_start, "consumer_delay_s": args.consumer_delay, "rows_streamed": n, "epochs": 2, "split_rows": info.split_rows(SPLIT), "shard_bytes": on_disk,
+        "decoded_bytes_per_epoch": decoded // 2, "object_store_bytes": store, "seconds": secs,
+        "peak_rss_tree": mem.peak_rss, "peak_pss_tree": mem.peak_pss, "tree_pss_before": baseline,
+    }
+
+
+# ------------------------------------------------------------------------------ main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", help="dataset directory; default: synth --rows ROWS into a temp dir")
+    ap.add_argument("--rows", type=int, default=5000)
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up epoch")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--decode-batch-size", type=int, default=DataConfig.model_fields["decode_batch_size"].default)
+    ap.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="ray.init(num_cpus=...)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader num_workers")
+    ap.add_argument("--sweep", action="store_true", help="also time other Ray settings (decode batch, num_cpus)")
+    ap.add_argument("--memory-rows", type=int, default=0, help="rows of the larger-than-object-store dataset")
+    ap.add_argument("--consumer-delay", type=float, default=0.02, help="seconds per batch in the memory run")
+    ap.add_argument("--json", help="write all numbers to this file")
+    args = ap.parse_args(argv)
+
+    tmp = tempfile.mkdtemp(prefix="mmray-ingest-")
+    path = args.data
+    if path is None:
+        path = os.path.join(tmp, "synth")
+        t0 = time.perf_counter()
+        synth(path, rows=args.rows, shards=args.shards, seed=0)
+        print(f"synth: {args.rows} rows, {args.shards} shards/split in {time.perf_counter() - t0:.1f} s -> {path}")
+    info = read_dataset_info(path)
+    data = DataConfig(path=path, decode_batch_size=args.decode_batch_size)
+    print(f"machine: {os.cpu_count()} CPUs; split {SPLIT}: {info.split_rows(SPLIT)} rows in "
+          f"{len(info.split_files(SPLIT))} shards; batch {args.batch_size}; {args.epochs} timed epochs after 1 warm-up")
+    results = {"cpus": os.cpu_count(), "rows": info.split_rows(SPLIT), "batch_size": args.batch_size}
+
+    # The DataLoader's persistent workers fork before Ray starts (no Ray threads in forked children);
+    # then DataLoader and Ray epochs alternate, so both see the same background load.
+    loader = make_dataloader(data, info, args.batch_size, args.workers)
+    dl_warm = rows_per_s(loader)
+    print(f"torch DataLoader(num_workers={args.workers}) warm-up: {dl_warm:,.0f} rows/s")
+    import ray
+
+    base = ("mmray", args.num_cpus, args.decode_batch_size, False)
+    variants = [base]
+    if args.sweep:
+        variants += [("mmray", args.num_cpus, args.decode_batch_size, True)]  # without ResourceBudget backpressure
+        variants += [("read_parquet", args.num_cpus, args.decode_batch_size, False)]  # Ray's reader, defaults
+        variants += [("mmray", args.num_cpus, b, False) for b in (32, 64, 1024) if b != args.decode_batch_size]
+        variants += [("mmray", 2 * args.num_cpus, args.decode_batch_size, False)]
+    results["runs"] = []
+    for reader, num_cpus, dbs, fast_start in variants:
+        start_ray(num_cpus, fast_start=fast_start)
+        d = data.model_copy(update={"decode_batch_size": dbs})
+        ray_warm = rows_per_s(ray_epoch(d, info, args.batch_size, reader))
+        dl, rr = [], []
+        for _ in range(args.epochs):
+            dl.append(rows_per_s(loader))
+            rr.append(rows_per_s(ray_epoch(d, info, args.batch_size, reader)))
+        ray.shutdown()
+        dl_mean, ray_mean = sum(dl) / len(dl), sum(rr) / len(rr)
+        print(f"[{reader}, ray num_cpus={num_cpus}, decode_batch_size={dbs}, fast_start={fast_start}] ray warm-up {ray_warm:,.0f} rows/s; "
+              f"timed ray {_fmt(rr)} vs DataLoader {_fmt(dl)} -> {ray_mean:,.0f} vs {dl_mean:,.0f} rows/s "
+              f"= {ray_mean / dl_mean:.2f}x")
+        results["runs"].append({"reader": reader, "num_cpus": num_cpus, "decode_batch_size": dbs, "fast_start": fast_start,
+                                "ray_warmup": ray_warm, "ray": rr, "dataloader": dl, "ratio": ray_mean / dl_mean})
+    del loader
+
+    if args.memory_rows:
+        results["memory"] = []
+        for fast_start in (True, False):
+            m = bench_memory(args.memory_rows, args, tmp, fast_start)
+            mb = 2**20
+            print(f"memory (fast_start={fast_start}): streamed {m['rows_streamed']} rows ({m['epochs']} epochs of "
+                  f"{m['split_rows']}; shards {m['shard_bytes'] / mb:.0f} MB, decoded {m['decoded_bytes_per_epoch'] / mb:.0f}"
+                  f" MB/epoch) through a {m['object_store_bytes'] / mb:.0f} MB object store, consumer "
+                  f"{args.consumer_delay * 1000:.0f} ms/batch, in {m['seconds']:.1f} s; peak process-tree RSS "
+                  f"{m['peak_rss_tree'] / mb:.0f} MB, PSS {m['peak_pss_tree'] / mb:.0f} MB (PSS before streaming "
+                  f"{m['tree_pss_before'] / mb:.0f} MB)")
+            results["memory"].append(m)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def _fmt(rates):
+    return ", ".join(f"{r:,.0f}" for r in rates)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""``mmray tune`` on a real local Ray: ASHA stops trials, ranking by best epoch, best/ export, HParams, resume."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+
+from mmray.data.synth import synth
+
+from helpers import small_job
+
+pytestmark = pytest.mark.slow
+EPOCHS = 4
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune")
+    data = str(root / "synth")
+    synth(data, rows=400, shards=2, seed=4)
+    job = root / "job.yaml"
+    job.write_text(yaml.safe_dump(small_job(data, name="sweep", epochs=EPOCHS, workers=1, batch_size=32)
+                                  .model_dump(mode="json")))
+    space = root / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "metric": "val.accuracy", "num_samples": 6,
+        "search": {"name": "optuna_tpe", "n_startup_trials": 3, "seed": 0},
+        "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+        "parameters": {"train.optimizer.lr": {"loguniform": [1e-4, 1e-2]},
+                       "model.fusion.dropout": {"uniform": [0.0, 0.4]}},
+    }))
+    return str(job), str(space), root
+
+
+def tune_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mmray.cli.main", "tune", *args]
+
+
+@pytest.fixture(scope="module")
+def sweep(files):
+    job, space, root = files
+    proc = subprocess.run(tune_cmd(job, "--space", space, "--storage", str(root / "runs"), "--name", "exp"),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return str(root / "runs" / "exp"), proc.stdout
+
+
+def leaderboard(exp: str) -> list[dict]:
+    with open(os.path.join(exp, "leaderboard.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_asha_stops_some_trials_early(sweep):
+    rows = leaderboard(sweep[0])
+    assert len(rows) == 6
+    assert any(r["status"] == "stopped" and int(r["epochs_run"]) < EPOCHS for r in rows)
+    assert any(r["status"] == "completed" and int(r["epochs_run"]) == EPOCHS for r in rows)
+
+
+def test_leaderboard_ranks_by_each_trials_best_epoch(sweep):
+    rows = leaderboard(sweep[0])
+    best = [float(r["val.accuracy"]) for r in rows]
+    assert best == sorted(best, reverse=True)
+    assert [int(r["rank"]) for r in rows] == list(range(1, 7))
+    assert all(1 <= int(r["best_epoch"]) <= int(r["epochs_run"]) for r in rows)
+
+
+def test_best_export_is_the_winners_best_epoch_and_predicts(sweep):
+    import mmray
+    from mmray.data.dataset_dir import read_dataset_info
+    from mmray.export.evaluate import evaluate
+
+    exp, stdout = sweep
+    winner = leaderboard(exp)[0]
+    metrics = yaml.safe_load(open(os.path.join(exp, "best", "metrics.json")))
+    assert metrics["epoch"] == int(winner["best_epoch"])
+    assert metrics["val.accuracy"] == pytest.approx(float(winner["val.accuracy"]), abs=0.02)  # same rows, 1 worker
+    model = mmray.load_model(os.path.join(exp, "best"))
+    assert model.config.train.optimizer.lr == pytest.approx(float(winner["train.optimizer.lr"]))
+    data = model.config.data.path
+    assert evaluate(os.path.join(exp, "best"), data, split="test")["accuracy"] == pytest.approx(metrics["test.accuracy"])
+    assert read_dataset_info(data).class_names == tuple(model.class_names)
+    assert f"best trial:  {winner['trial_id']}" in stdout and "tensorboard --logdir" in stdout
+
+
+def test_every_trial_has_scalars_and_hparams_in_tensorboard(sweep):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    exp = sweep[0]
+    for row in leaderboard(exp):
+        acc = EventAccumulator(os.path.join(exp, "trials", row["trial_id"], "tensorboard"))
+        acc.Reload()
+        assert "val/accuracy" in acc.Tags()["scalars"]
+        assert "best/val.accuracy" in acc.Tags()["scalars"]
+        assert "hparams" in acc.PluginTagToContent("hparams") or acc.PluginTagToContent("hparams")
+
+
+def test_optuna_study_is_stored_in_the_experiment(sweep):
+    exp = sweep[0]
+    study = optuna.load_study(study_name="exp", storage=f"sqlite:///{os.path.join(exp, 'optuna.db')}")
+    assert len(study.trials) == 6
+
+
+def terminated_in_snapshot(exp: str) -> set[str]:
+    """Trial ids Tune's last experiment snapshot records as finished."""
+    import glob
+    import json
+
+    ids = set()
+    for path in glob.glob(os.path.join(exp, "experiment_state-*.json")):
+        try:
+            for trial_json, _ in json.load(open(path))["trial_data"]:
+                trial = json.loads(trial_json)
+                if trial["status"] == "TERMINATED":
+                    ids.add(trial["trial_id"])
+        except (ValueError, KeyError, OSError):
+            pass  # being written
+    return ids
+
+
+def last_checkpoint_index(exp: str, trial_id: str) -> int:
+    import glob
+
+    found = glob.glob(os.path.join(exp, f"*_{trial_id}_*", "checkpoint_*"))
+    return max(int(p.rsplit("_", 1)[1]) for p in found)
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_trials(files):
+    job, space, root = files
+    storage = str(root / "resume-runs")
+    exp = os.path.join(storage, "exp")
+    first = subprocess.Popen(tune_cmd(job, "--space", space, "--storage", storage, "--name", "exp"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while len(terminated_in_snapshot(exp)) < 2:
+        assert first.poll() is None, "the sweep ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    finished = {t: last_checkpoint_index(exp, t) for t in terminated_in_snapshot(exp)}
+    assert not os.path.exists(os.path.join(exp, "leaderboard.csv"))
+
+    second = subprocess.run(tune_cmd("--resume", exp), capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    rows = leaderboard(exp)
+    assert len(rows) == 6 and len({r["trial_id"] for r in rows}) == 6  # the searcher's count and history kept
+    assert all(r["status"] in ("completed", "stopped") for r in rows)
+    for trial_id, index in finished.items():  # finished trials trained no further epoch
+        assert last_checkpoint_index(exp, trial_id) == index
+    study = optuna.load_study(study_name="exp", storage=f"sqlite:///{os.path.join(exp, 'optuna.db')}")
+    assert len(study.trials) == 6
+    assert os.path.isfile(os.path.join(exp, "best", "model.safetensors"))
