@@ -74,6 +74,10 @@ class DataConfig(StrictModel):
     audio: AudioPreprocess = AudioPreprocess()
     prefetch_batches: int = Field(2, ge=0)
     decode_batch_size: int = Field(64, ge=1, description="rows per Ray Data decode task (64 measured best, see benchmarks)")
+    decode_cpus: float = Field(
+        0.5, gt=0, description="CPUs each Ray Data decode task reserves; fractional, so decoding still fits "
+        "beside train workers and a sweep trial's driver on a small cluster"
+    )
 
     @field_validator("modalities")
     @classmethod

@@ -75,7 +75,8 @@ def build_dataset(data: DataConfig, info: DatasetInfo, split: str, *, train: boo
     if train:
         ds = ds.randomize_block_order(seed=seed)
     # batch_size=1: one row group per call, so tasks stay small and balanced however shards are sized.
-    return ds.map_batches(_ReadDecode(data, info, train, seed), batch_size=1, batch_format="numpy")
+    return ds.map_batches(_ReadDecode(data, info, train, seed), batch_size=1, batch_format="numpy",
+                          num_cpus=data.decode_cpus)
 
 
 def configure_data_context(

@@ -120,8 +120,12 @@ class FitOutcome:
     error: BaseException | None
 
 
-def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]], None] | None = None) -> FitOutcome:
-    """Run the job on Ray Train; returns where the best checkpoint is (by ``train.metric``)."""
+def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]], None] | None = None,
+        callbacks: list | None = None) -> FitOutcome:
+    """Run the job on Ray Train; returns where the best checkpoint is (by ``train.metric``).
+
+    ``callbacks`` are Ray Train ``UserCallback``s (a sweep passes Tune's report callback).
+    """
     ray = ensure_ray()
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -152,6 +156,7 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
                 checkpoint_score_order=config.train.mode),
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks or [],
         ),
         datasets=datasets,
     )

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,28 +48,42 @@ class SweepSummary:
         return f"tensorboard --logdir {self.experiment_dir}"
 
 
-def _history(checkpoint) -> list[dict[str, float]]:
+def _history(path: str | None) -> list[dict[str, float]]:
     """A trial's full per-epoch history, kept in its latest checkpoint (it survives restarts)."""
-    if checkpoint is None:
+    if path is None:
         return []
-    with checkpoint.as_directory() as d:
-        blob = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=False)
+    blob = torch.load(os.path.join(path, STATE), map_location="cpu", weights_only=False)
     return blob["train_state"]["history"]
+
+
+def _train_run_checkpoints(run_dir: str) -> dict[int, str]:
+    """epoch -> folder of the checkpoints a distributed trial's own TorchTrainer run kept."""
+    if not os.path.isdir(run_dir):
+        return {}
+    return {int(d.rsplit("_", 1)[1]): os.path.join(run_dir, d) for d in os.listdir(run_dir)
+            if d.startswith("checkpoint_epoch_")}
 
 
 def _record(result, setup, metric: str, mode: str) -> TrialRecord:
     params = dict(result.config or {})
     metrics = result.metrics or {}
-    trial_id = metrics.get("trial_id") or os.path.basename(result.path).split("_")[-1]
-    history = _history(result.checkpoint)
-    epochs = validate_job(apply_overrides(setup.job_raw, params.items())).train.epochs
+    trial_id = metrics.get("trial_id") or re.search(r"_run_trial_([0-9a-f]+)_", os.path.basename(result.path)).group(1)
     sign = 1 if mode == "max" else -1
+    if result.checkpoint is not None:  # in-process trial: checkpoints are Tune's
+        history = _history(result.checkpoint.path)
+        best_ckpt = result.get_best_checkpoint(metric=metric, mode=mode)
+        best_path = best_ckpt.path if best_ckpt else None
+    else:  # distributed trial: checkpoints are its TorchTrainer run's (Tune only sees their paths)
+        kept = _train_run_checkpoints(trial_dir(setup.experiment_dir, trial_id))
+        history = _history(kept[max(kept)]) if kept else []
+        ranked = sorted((m for m in history if int(m["epoch"]) in kept), key=lambda m: -sign * m[metric])
+        best_path = kept[int(ranked[0]["epoch"])] if ranked else None
+    epochs = validate_job(apply_overrides(setup.job_raw, params.items())).train.epochs
     best = max(history, key=lambda m: sign * m[metric]) if history else {}
-    best_ckpt = result.get_best_checkpoint(metric=metric, mode=mode) if history else None
     epochs_run = len(history)
     status = "error" if result.error else "completed" if epochs_run >= epochs else "stopped" if history else "pending"
     return TrialRecord(trial_id, params, status, epochs_run, int(best["epoch"]) if best else None, best,
-                       best_ckpt.path if best_ckpt else None, str(result.error) if result.error else None)
+                       best_path, str(result.error) if result.error else None)
 
 
 def prune_checkpoints(result, keep_best: int, metric: str, mode: str) -> None:
@@ -145,7 +160,7 @@ def finish(setup, results) -> SweepSummary:
     trials = [_record(r, setup, metric, mode) for r in results]
     keep = validate_job(setup.job_raw).checkpoint.num_to_keep
     for r, t in zip(results, trials):
-        if t.status in ("completed", "stopped"):
+        if t.status in ("completed", "stopped") and r.checkpoint is not None:
             prune_checkpoints(r, keep, metric, mode)
     sign = 1 if mode == "max" else -1
     trials.sort(key=lambda t: (t.best_epoch is None, -sign * t.best.get(metric, 0.0)))

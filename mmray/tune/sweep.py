@@ -24,7 +24,8 @@ from mmray.tune.algorithms import SCHEDULERS, SEARCHERS
 from mmray.tune.space import SpaceConfig, check_against_job
 
 JOB_FILE, SPACE_FILE, STUDY_FILE = "job.yaml", "space.yaml", "optuna.db"
-CPUS_PER_TRIAL = 1.0
+CPUS_PER_TRIAL = 1.0  # an in-process trial: decode and train in one process
+DATA_CPUS = 0.5  # kept free per distributed trial for its Ray Data decoding
 
 
 def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_dir: str) -> None:
@@ -37,9 +38,42 @@ def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_di
 
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # one INFO line per checkpoint
     config = validate_job(apply_overrides(job_raw, params.items()))
-    torch.set_num_threads(max(1, int(CPUS_PER_TRIAL)))  # concurrent trials share the cores
     run_dir = trial_dir(experiment_dir, tune.get_context().get_trial_id())
+    if distributed(config):
+        # N workers (or GPUs): this function is only a driver; its TorchTrainer run is named after the
+        # trial, so a restarted trial continues from that run's checkpoints.
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from mmray.train.trainer import fit
+
+        outcome = fit(config, run_dir=run_dir, callbacks=[TuneReportCallback()])
+        if outcome.error is not None:
+            raise outcome.error
+        return
+    torch.set_num_threads(max(1, int(CPUS_PER_TRIAL)))  # concurrent trials share the cores
     train_loop(config, TuneTrialContext(config, run_dir))
+
+
+def distributed(config) -> bool:
+    """Whether trials need a TorchTrainer (several workers or a GPU) rather than the in-process loop."""
+    return config.scaling.num_workers > 1 or config.scaling.use_gpu
+
+
+def trial_resources(config) -> dict[str, float]:
+    """What one trial reserves. A distributed trial's driver takes almost nothing (its workers reserve their
+    own CPUs/GPUs); taking a whole CPU there would starve its own trainer on a small cluster."""
+    if distributed(config):
+        return {"CPU": 0.01}
+    return {"CPU": CPUS_PER_TRIAL}
+
+
+def trial_footprint(config) -> dict[str, float]:
+    """Everything one running trial occupies: driver, workers, and room for Ray Data to decode."""
+    if not distributed(config):
+        return {"CPU": CPUS_PER_TRIAL}
+    s = config.scaling
+    cpus = s.num_workers * s.cpus_per_worker + DATA_CPUS
+    return {"CPU": cpus, **({"GPU": s.num_workers * s.gpus_per_worker} if s.use_gpu else {})}
 
 
 @dataclass
@@ -85,12 +119,13 @@ def max_epochs(setup: SweepSetup) -> int:
     return int(max(spec.probe_values()))
 
 
-def concurrency(space: SpaceConfig) -> int:
-    """Trials at once: what the cluster's CPUs hold at one CPU per in-process trial, capped by the space."""
+def concurrency(space: SpaceConfig, config) -> int:
+    """Trials at once: as many as the cluster's CPUs/GPUs hold (see :func:`trial_footprint`), capped by the space."""
     import ray
 
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    fit = max(1, math.floor(cpus / CPUS_PER_TRIAL))
+    cluster = ray.cluster_resources()
+    fit = min(math.floor(cluster.get(k, 0.0) / v) for k, v in trial_footprint(config).items() if v > 0)
+    fit = max(1, fit)
     return min(fit, space.max_concurrent_trials or fit, space.num_samples)
 
 
@@ -102,11 +137,12 @@ def _tuner(setup: SweepSetup, *, restore: bool):
 
     space, exp = setup.space, setup.experiment_dir
     config = validate_job(setup.job_raw)
-    if config.scaling.num_workers != 1 or config.scaling.use_gpu:
-        raise UserError("scaling.num_workers: sweeps currently run each trial as one in-process CPU worker; "
-                        "set scaling.num_workers: 1 and scaling.use_gpu: false in the job")
+    scaling_swept = sorted(k for k in space.parameters if k.startswith("scaling."))
+    if scaling_swept:
+        raise UserError(f"parameters.{scaling_swept[0]}: trial resources come from the job's scaling section "
+                        f"and cannot be swept; set it in the job")
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, job_raw=setup.job_raw, experiment_dir=exp), {"CPU": CPUS_PER_TRIAL})
+        tune.with_parameters(_run_trial, job_raw=setup.job_raw, experiment_dir=exp), trial_resources(config))
     if restore:
         return tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True, resume_errored=True)
     metric, mode = space.metric, space.resolved_mode
@@ -120,7 +156,7 @@ def _tuner(setup: SweepSetup, *, restore: bool):
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=space.num_samples,
-                                    max_concurrent_trials=concurrency(space)),
+                                    max_concurrent_trials=concurrency(space, config)),
         run_config=tune.RunConfig(
             name=os.path.basename(exp), storage_path=os.path.dirname(exp),
             # Every checkpoint is kept while the sweep runs: pruning by score can delete the one a

@@ -19,7 +19,10 @@ def test_bad_fusion_exits_2_naming_the_key_and_choices_and_never_starts_ray():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "model.fusion.name: 'nope' is not a fusion; choose one of concat" in proc.stderr
+    assert "model.fusion.name: 'nope' is not a fusion; choose one of " in proc.stderr
+    from mmray.models.fusion import FUSIONS
+
+    assert ", ".join(FUSIONS.names()) in proc.stderr
     assert "NO_RAY" in proc.stdout
 
 

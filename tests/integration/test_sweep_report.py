@@ -1,0 +1,86 @@
+"""``mmray report`` on a real (tiny) sweep: plots, the leaderboard, and the winner vs a single-modality control arm."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from PIL import Image
+
+from mmray.data.synth import synth
+
+from helpers import small_job
+
+pytestmark = pytest.mark.slow
+SPACE = {
+    "metric": "val.accuracy", "num_samples": 4,
+    # all four trials drawn at random (seeded); ASHA stops nothing before epoch 2
+    "search": {"name": "optuna_tpe", "n_startup_trials": 4, "seed": 0},
+    "scheduler": {"name": "asha", "grace_period": 2},
+    "parameters": {"data.modalities": {"choice": [["audio", "image", "text"], ["image"]]},
+                   "train.optimizer.lr": {"loguniform": [1e-3, 1e-2]}},
+}
+
+
+def mmray(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mmray.cli.main", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    data = str(root / "synth")
+    synth(data, rows=300, shards=1, seed=4)
+    job, space = root / "job.yaml", root / "space.yaml"
+    job.write_text(yaml.safe_dump(small_job(data, name="rep", epochs=2, workers=1, batch_size=32)
+                                  .model_dump(mode="json")))
+    space.write_text(yaml.safe_dump(SPACE))
+    checked = mmray("validate", str(job))
+    assert checked.returncode == 0, checked.stderr
+    proc = mmray("tune", str(job), "--space", str(space), "--storage", str(root / "runs"), "--name", "exp")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return str(root / "runs" / "exp")
+
+
+@pytest.fixture(scope="module")
+def report(experiment):
+    proc = mmray("report", experiment)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(os.path.join(experiment, "report", "summary.md")) as f:
+        return proc.stdout, f.read()
+
+
+def test_the_space_with_modality_choices_validates(experiment):
+    from mmray.config.loader import read_yaml
+    from mmray.tune.space import load_space
+
+    load_space(os.path.join(experiment, "space.yaml"), read_yaml(os.path.join(experiment, "job.yaml")))
+
+
+def test_plots_are_valid_pngs_referenced_by_the_summary(experiment, report):
+    _, summary = report
+    for name in ("history.png", "importance.png", "parallel.png", "control_arms.png"):
+        path = os.path.join(experiment, "report", name)
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 150
+        assert f"]({name})" in summary
+    assert not os.path.exists(os.path.join(experiment, "report", "fusions.png"))
+    assert "does not vary `model.fusion.name`" in summary
+
+
+def test_summary_compares_the_winner_with_the_best_single_modality_trial(report):
+    stdout, summary = report
+    assert "## Control arms" in summary and "best single-modality trial" in summary
+    assert "95% CI" in summary and ("excludes 0" in summary or "not distinguishable" in summary)
+    assert "best concat trial: skipped; the winner is itself a concat trial" in summary
+    assert "winner vs best single-modality trial" in stdout and "95% CI [" in stdout
+
+
+def test_summary_has_the_leaderboard_winner_and_commands(experiment, report):
+    _, summary = report
+    assert "## Leaderboard (top 10)" in summary and summary.count("| completed |") + summary.count("| stopped |") == 4
+    assert "| train.optimizer.lr |" in summary  # the winner's parameters
+    assert f"tensorboard --logdir {experiment}" in summary
+    assert f"optuna-dashboard sqlite:///{os.path.join(experiment, 'optuna.db')}" in summary
