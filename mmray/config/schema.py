@@ -6,7 +6,8 @@ selectable by name and its own keys are checked.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+import os
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
@@ -147,11 +148,27 @@ class TrainConfig(StrictModel):
         "auto", description="auto = bf16 autocast on CUDA when supported, fp32 on CPU"
     )
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    modality_dropout: float = Field(
+        0.0, ge=0, lt=1, description="chance of hiding each modality of a training row (never all of a row's)"
+    )
+    task_weights: dict[str, float] = Field(
+        default_factory=dict, description="loss weight per task (label, label_<task>); unlisted tasks weigh 1"
+    )
     seed: int = 0
     metric: Literal[tuple(METRICS)] = Field("val.accuracy", description="ranks checkpoints and drives early stopping")  # type: ignore[valid-type]
     optimizer: OptimizerConfig = OptimizerConfig()
     lr_schedule: LRScheduleConfig = LRScheduleConfig()
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+
+    @field_validator("task_weights")
+    @classmethod
+    def _task_names(cls, v: dict[str, float]) -> dict[str, float]:
+        for task, weight in v.items():
+            if task != "label" and not task.startswith("label_"):
+                raise ValueError(f"{task!r} is not a task; tasks are 'label' and 'label_<name>' columns")
+            if weight < 0:
+                raise ValueError(f"{task}: weight must be >= 0, got {weight}")
+        return v
 
     @property
     def mode(self) -> str:
@@ -173,6 +190,61 @@ class CheckpointConfig(StrictModel):
     num_to_keep: int = Field(2, ge=1, description="best checkpoints kept by train.metric (the latest is kept too)")
 
 
+def _part(node: Any, key: str) -> Any:
+    """``node[key]`` of a raw mapping or an already-built config section; None when absent."""
+    if isinstance(node, dict):
+        return node.get(key)
+    return getattr(node, key, None)
+
+
+def _same_source(a: str, b: str) -> bool:
+    """Whether two tokenizer / model references name the same thing (local paths compared resolved)."""
+    from mmray.models.encoders.base import looks_local
+
+    def norm(p: str) -> str:
+        return os.path.realpath(os.path.expanduser(p)) if looks_local(p) else p.rstrip("/")
+
+    return norm(a) == norm(b)
+
+
+def _wire_hf_tokenizer(raw: Any) -> Any:
+    """``hf_text`` tokenises with its own tokenizer: ``data.text.tokenizer`` unset -> the encoder's ``path``.
+
+    Raises:
+        ValueError: both are set and name different things (the ids would not match the model's embeddings).
+    """
+    if not isinstance(raw, dict):
+        return raw
+    text_encoder = _part(_part(_part(raw, "model"), "encoders"), "text")
+    data = _part(raw, "data")
+    path = _part(text_encoder, "path")
+    if _part(text_encoder, "name") != "hf_text" or not isinstance(path, str) or data is None:
+        return raw
+    modalities = _part(data, "modalities")
+    if modalities is not None and not isinstance(modalities, str) and "text" not in modalities:
+        return raw  # the text encoder is not built
+    tokenizer = _part(_part(data, "text"), "tokenizer")
+    if tokenizer is not None:
+        if isinstance(tokenizer, str) and not _same_source(tokenizer, path):
+            raise ValueError(
+                f"data.text.tokenizer: {tokenizer!r} differs from model.encoders.text.path: {path!r}; hf_text "
+                "needs its own tokenizer: remove data.text.tokenizer (it defaults to the model's) or make them equal"
+            )
+        return raw
+    if isinstance(data, DataConfig):
+        return {**raw, "data": data.model_copy(update={"text": data.text.model_copy(update={"tokenizer": path})})}
+    if not isinstance(data, dict):
+        return raw  # not a mapping: field validation reports it
+    text = data.get("text")
+    if isinstance(text, TextPreprocess):
+        text = text.model_copy(update={"tokenizer": path})
+    elif text is None or isinstance(text, dict):
+        text = {**(text or {}), "tokenizer": path}
+    else:
+        return raw  # not a mapping: field validation reports it
+    return {**raw, "data": {**data, "text": text}}
+
+
 class JobConfig(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     storage: str = Field("runs", description="local path or pyarrow URI (s3://, gs://) for runs")
@@ -181,6 +253,8 @@ class JobConfig(StrictModel):
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+
+    _hf_tokenizer = model_validator(mode="before")(_wire_hf_tokenizer)
 
     @model_validator(mode="after")
     def _gpu_precision(self) -> "JobConfig":

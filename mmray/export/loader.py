@@ -182,7 +182,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Predicto
     dev = torch.device(device)
 
     # The same builder training uses, so the parameter names match the saved ones exactly.
-    model = build_job_model(config, job_tasks(labels), tokenizer)
+    model = build_job_model(config, job_tasks(labels), tokenizer, pretrained=False)
     try:
         state = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError) as e:

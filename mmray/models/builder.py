@@ -13,8 +13,13 @@ def job_tasks(class_names: dict[str, list[str]]) -> dict[str, int]:
     return {t: len(class_names[t]) for t in sorted(class_names, key=lambda t: (t != "label", t))}
 
 
-def build_job_model(config: "JobConfig", tasks: dict[str, int], tokenizer: Any | None = None) -> "MultimodalModel":
+def build_job_model(
+    config: "JobConfig", tasks: dict[str, int], tokenizer: Any | None = None, *, pretrained: bool = True
+) -> "MultimodalModel":
     """The model for ``config`` with one head per task; ``tokenizer`` sizes the text embedding.
+
+    ``pretrained=False`` skips reading pretrained encoder weights (``resnet*.weights``, ``hf_*`` weights) when a
+    checkpoint or export overwrites every weight next anyway (``hf_*`` still read ``config.json`` from ``path``).
 
     Raises:
         UserError: text is among the modalities but no tokenizer was given.
@@ -29,5 +34,6 @@ def build_job_model(config: "JobConfig", tasks: dict[str, int], tokenizer: Any |
         config.data,
         vocab_size=tokenizer.vocab_size if tokenizer is not None else 0,
         pad_token_id=tokenizer.pad_id if tokenizer is not None else 0,
+        pretrained=pretrained,
     )
     return build_model(config.model, modalities=config.data.modalities, tasks=tasks, ctx=ctx)

@@ -37,6 +37,7 @@ class MultimodalModel(nn.Module):
 
     ``forward(batch)`` reads each modality's inputs and its ``<modality>_present`` bool ``[B]`` mask (all
     True when the key is absent); the fusion ignores a modality in the rows where it is not present.
+    A fusion with ``uses_sequences = True`` also gets the encoders' per-token outputs.
     """
 
     def __init__(self, encoders: dict[str, nn.Module], fusion: nn.Module, heads: dict[str, nn.Module]):
@@ -51,8 +52,12 @@ class MultimodalModel(nn.Module):
         return tuple(self.heads)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
-        embeddings = {m: self.encoders[m](batch).pooled for m in self.modalities}
-        fused = self.fusion(embeddings, self.present_masks(batch, embeddings))
+        encoded = {m: self.encoders[m](batch) for m in self.modalities}
+        embeddings = {m: e.pooled for m, e in encoded.items()}
+        sequences = None
+        if getattr(self.fusion, "uses_sequences", False):
+            sequences = {m: (e.sequence, e.sequence_mask) for m, e in encoded.items() if e.sequence is not None}
+        fused = self.fusion(embeddings, self.present_masks(batch, embeddings), sequences=sequences)
         return ModelOutput({t: head(fused) for t, head in self.heads.items()}, embeddings, fused)
 
     def present_masks(

@@ -38,8 +38,17 @@ def absolute_paths(config: JobConfig) -> JobConfig:
     def fix(path: str) -> str:
         return path if "://" in path else os.path.abspath(path)
 
-    data = config.data.model_copy(update={"path": fix(config.data.path)})
-    return config.model_copy(update={"data": data, "storage": fix(config.storage)})
+    from mmray.models.encoders.base import looks_local
+
+    tokenizer = config.data.text.tokenizer
+    text = config.data.text
+    if tokenizer is not None and looks_local(tokenizer):
+        text = text.model_copy(update={"tokenizer": os.path.abspath(os.path.expanduser(tokenizer))})
+    data = config.data.model_copy(update={"path": fix(config.data.path), "text": text})
+    encoders = config.model.encoders.model_copy(update={
+        m: getattr(config.model.encoders, m).absolute_paths() for m in type(config.model.encoders).model_fields})
+    model = config.model.model_copy(update={"encoders": encoders})
+    return config.model_copy(update={"data": data, "model": model, "storage": fix(config.storage)})
 
 
 def check_dataset(config: JobConfig) -> DatasetInfo:

@@ -39,7 +39,7 @@ def export_checkpoint(config: JobConfig, info: DatasetInfo, checkpoint_dir: str,
     """Load ``checkpoint_dir``, measure it on val and test, and write the export folder; returns its metrics."""
     tasks = job_tasks(info.tasks)
     tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
-    model = build_job_model(config, tasks, tokenizer)
+    model = build_job_model(config, tasks, tokenizer, pretrained=False)
     load_weights(checkpoint_dir, model)
     epoch = checkpoint_epoch(checkpoint_dir)
     metrics = {"epoch": epoch, **evaluate_splits(model, config, info, tasks)}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 import os
 import random
 import shutil
@@ -24,7 +25,7 @@ from mmray.config.schema import LRScheduleConfig, OptimizerConfig
 from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
 from mmray.data.tokenizer import TextTokenizer
 from mmray.models.builder import build_job_model, job_tasks
-from mmray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from mmray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint, unwrap
 from mmray.train.context import WorkerContext
 from mmray.train.metrics import ClassificationMetrics, metrics_from_confusion
 
@@ -37,30 +38,96 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
+@dataclass
+class ParamGroup:
+    """Parameters that share a learning-rate multiplier and a frozen-until epoch."""
+
+    name: str
+    params: list
+    lr_mult: float = 1.0
+    frozen_epochs: int = 0  # trained from this epoch on (0 = from the start)
+
+
+def param_groups(model: nn.Module, config: JobConfig) -> list[ParamGroup]:
+    """One group per encoder (its ``lr_mult``, ``freeze``, ``unfreeze_after_epochs``) and one for the rest.
+
+    An encoder frozen for the whole run gets ``requires_grad=False`` (no backward through it at all);
+    one frozen for some epochs keeps its gradients and gets a zero learning rate until then.
+    """
+    inner = unwrap(model)
+    groups, seen = [], set()
+    for modality, encoder in getattr(inner, "encoders", {}).items():
+        cfg = getattr(config.model.encoders, modality)
+        params = list(encoder.parameters())
+        seen |= {id(p) for p in params}
+        if cfg.freeze and cfg.unfreeze_after_epochs is None:
+            for p in params:
+                p.requires_grad_(False)
+            continue
+        groups.append(ParamGroup(f"encoders.{modality}", params, cfg.lr_mult,
+                                 cfg.unfreeze_after_epochs if cfg.freeze else 0))
+    groups.append(ParamGroup("fusion_and_heads", [p for p in inner.parameters() if id(p) not in seen]))
+    return groups
+
+
+def frozen_encoders(config: JobConfig, epoch: int) -> list[str]:
+    """Modalities whose encoder does not train in ``epoch`` (1-based); they run in eval mode."""
+    out = []
+    for modality in config.data.modalities:
+        cfg = getattr(config.model.encoders, modality)
+        if cfg.freeze and (cfg.unfreeze_after_epochs is None or epoch <= cfg.unfreeze_after_epochs):
+            out.append(modality)
+    return out
+
+
+def make_optimizer(cfg: OptimizerConfig, groups: list[ParamGroup]) -> torch.optim.Optimizer:
     # No weight decay on biases and norm weights (1-D tensors): decaying them only hurts.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    torch_groups = []
+    for g in groups:
+        trainable = [p for p in g.params if p.requires_grad]
+        for decay in (True, False):
+            ps = [p for p in trainable if (p.ndim > 1) == decay]
+            if ps:
+                torch_groups.append({"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0,
+                                     "lr": cfg.lr * g.lr_mult, "name": g.name})
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.SGD(torch_groups, lr=cfg.lr, momentum=cfg.momentum)
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return cls(groups, lr=cfg.lr, betas=cfg.betas)
+    return cls(torch_groups, lr=cfg.lr, betas=cfg.betas)
 
 
-def make_scheduler(optimizer, cfg: LRScheduleConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(optimizer, cfg: LRScheduleConfig, total_steps: int, *, groups: list[ParamGroup] | None = None,
+                   steps_per_epoch: int = 1) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up then cosine/linear/constant, per optimizer group; a group of an encoder that is still
+    frozen (``unfreeze_after_epochs``) has factor 0 until its epoch comes."""
     warmup = int(cfg.warmup_ratio * total_steps)
 
-    def factor(step: int) -> float:
+    def shape(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         if cfg.name == "constant":
             return 1.0
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.name == "cosine" else 1 - progress
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+        curve = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.name == "cosine" else 1 - progress
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * curve
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    frozen_until = {g.name: g.frozen_epochs * steps_per_epoch for g in groups or []}
+
+    def for_group(name: str):
+        return lambda step: 0.0 if step < frozen_until.get(name, 0) else shape(step)
+
+    # base lrs already carry each group's lr_mult; the factor is the shared schedule
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [for_group(g.get("name", "")) for g in optimizer.param_groups])
+
+
+def drop_modalities(batch: dict[str, Any], modalities: tuple[str, ...], p: float) -> None:
+    """Hide each present modality of each row with probability ``p``, in place, never all of a row's."""
+    present = torch.stack([batch[f"{m}_present"] for m in modalities], dim=1)  # [B, M]
+    keep = present & (torch.rand(present.shape, device=present.device) >= p)
+    lost_all = present.any(dim=1) & ~keep.any(dim=1)
+    keep[lost_all] = present[lost_all]  # a row keeps what it had rather than nothing
+    for i, m in enumerate(modalities):
+        batch[f"{m}_present"] = keep[:, i]
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -76,20 +143,25 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def task_losses(logits: dict[str, torch.Tensor], batch: dict[str, Any], label_smoothing: float) -> torch.Tensor:
-    """Mean cross-entropy over valid rows, summed over tasks. Invalid (undecodable) rows weigh zero,
-    so every worker still runs forward/backward on every batch and DDP stays in step."""
+def task_losses(logits: dict[str, torch.Tensor], batch: dict[str, Any], label_smoothing: float,
+                weights: dict[str, float] | None = None) -> torch.Tensor:
+    """Mean cross-entropy over valid rows, weighted-summed over tasks (``train.task_weights``; unlisted
+    tasks weigh 1). Invalid (undecodable) rows weigh zero, so every worker still runs forward/backward
+    on every batch and DDP stays in step."""
     valid = batch["valid"].float()
     total = logits[next(iter(logits))].new_zeros(())
     for task, task_logits in logits.items():
         per_row = F.cross_entropy(task_logits.float(), batch[task], label_smoothing=label_smoothing, reduction="none")
-        total = total + (per_row * valid).sum() / valid.sum().clamp(min=1)
+        weight = (weights or {}).get(task, 1.0)
+        total = total + weight * (per_row * valid).sum() / valid.sum().clamp(min=1)
     return total
 
 
 def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, config: JobConfig, ctx: WorkerContext,
                 state: TrainState, epoch: int, expected_rows: int) -> dict[str, float]:
     model.train()
+    for modality in frozen_encoders(config, epoch):  # fixed features: no dropout, no batch-norm updates
+        unwrap(model).encoders[modality].eval()
     accum, amp = config.train.grad_accum_steps, autocast_dtype(config.train.precision, ctx.device)
     loss_sum = torch.zeros((), device=ctx.device)
     rows = torch.zeros((), device=ctx.device)
@@ -98,12 +170,14 @@ def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, confi
     pending = 0  # micro-batches whose gradients are not yet applied
     for batch in batches:
         batch = to_device(batch, ctx.device)
+        if config.train.modality_dropout > 0:
+            drop_modalities(batch, config.data.modalities, config.train.modality_dropout)
         pending += 1
         sync = pending == accum
         # Skip DDP's gradient all-reduce on micro-batches that only accumulate.
         no_sync = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
         with no_sync, torch.autocast(ctx.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = task_losses(model(batch).logits, batch, config.train.label_smoothing)
+            loss = task_losses(model(batch).logits, batch, config.train.label_smoothing, config.train.task_weights)
             scaler.scale(loss / accum).backward()
         if sync:
             _optimizer_step(model, optimizer, scheduler, scaler, config)
@@ -190,11 +264,13 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
     tasks = job_tasks(info.tasks)
     tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
     model = build_job_model(config, tasks, tokenizer)
+    groups = param_groups(model, config)  # before DDP: it must not register permanently frozen weights
     model = ctx.prepare_model(model)
-    optimizer = make_optimizer(config.train.optimizer, model)
+    optimizer = make_optimizer(config.train.optimizer, groups)
     rows_per_worker = info.splits["train"].rows // ctx.world_size
     steps_per_epoch = max(1, math.ceil(math.ceil(rows_per_worker / config.train.batch_size) / config.train.grad_accum_steps))
-    scheduler = make_scheduler(optimizer, config.train.lr_schedule, steps_per_epoch * config.train.epochs)
+    scheduler = make_scheduler(optimizer, config.train.lr_schedule, steps_per_epoch * config.train.epochs,
+                               groups=groups, steps_per_epoch=steps_per_epoch)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=autocast_dtype(config.train.precision, ctx.device) == torch.float16)
 
     state = TrainState()
@@ -210,7 +286,7 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
         if patience is not None and state.epochs_without_improvement >= patience:
             break  # resumed a run that had already stopped early
         ctx.progress({"type": "epoch_start", "epoch": epoch, "epochs": config.train.epochs})
-        metrics: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        metrics: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[-1]["lr"]}
         metrics |= train_epoch(model, ctx.train_batches(epoch), optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                config=config, ctx=ctx, state=state, epoch=epoch, expected_rows=info.splits["train"].rows)
         metrics |= evaluate(model, ctx.val_batches(epoch), tasks=tasks, config=config, ctx=ctx)

@@ -148,7 +148,7 @@ def predict_test(checkpoint_dir: str, *, batch_size: int = 256) -> SplitPredicti
     if "test" not in info.splits or info.split_rows("test") == 0:
         raise UserError(f"{config.data.path}: no test rows to compare models on")
     tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
-    model = build_job_model(config, job_tasks(info.tasks), tokenizer)
+    model = build_job_model(config, job_tasks(info.tasks), tokenizer, pretrained=False)
     load_weights(checkpoint_dir, model)
     model.eval()
     data = config.data.model_copy(update={"on_bad_record": "skip"})

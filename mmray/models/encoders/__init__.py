@@ -8,7 +8,7 @@ from mmray.registry import Registry
 
 ENCODERS: Registry = Registry("encoder")
 
-from mmray.models.encoders import audio, image, text  # noqa: E402,F401  (registers the built-ins)
-from mmray.models.encoders.base import BuildContext, EncoderOutput  # noqa: E402
+from mmray.models.encoders import audio, hf, image, text  # noqa: E402,F401  (registers the built-ins)
+from mmray.models.encoders.base import BuildContext, EncoderConfig, EncoderOutput  # noqa: E402
 
-__all__ = ["ENCODERS", "BuildContext", "EncoderOutput"]
+__all__ = ["ENCODERS", "BuildContext", "EncoderConfig", "EncoderOutput"]

@@ -10,11 +10,10 @@ from torch import nn
 
 from mmray.config.errors import UserError
 from mmray.models.encoders import ENCODERS
-from mmray.models.encoders.base import BuildContext, EncoderOutput, conv_block
-from mmray.registry import ComponentConfig
+from mmray.models.encoders.base import BuildContext, EncoderConfig, EncoderOutput, conv_block
 
 
-class MelCNNConfig(ComponentConfig):
+class MelCNNConfig(EncoderConfig):
     """Log-mel spectrogram (torchaudio, computed on the model's device) + a small 2-D CNN."""
 
     name: Literal["mel_cnn"] = "mel_cnn"

@@ -1,6 +1,6 @@
 """Text encoders over token ids from the dataset's tokenizer.
 
-Both read ``batch["input_ids"]`` int64 ``[B, L]`` and ``batch["attention_mask"]`` int64 ``[B, L]`` (1 = real
+All read ``batch["input_ids"]`` int64 ``[B, L]`` and ``batch["attention_mask"]`` int64 ``[B, L]`` (1 = real
 token, right-padded) and return ``pooled [B, D]`` (mean over real tokens), ``sequence [B, L, D]`` and
 ``sequence_mask = attention_mask.bool()``. A row with no real token (missing text) pools to zeros.
 """
@@ -15,11 +15,10 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from mmray.config.errors import UserError
 from mmray.models.encoders import ENCODERS
-from mmray.models.encoders.base import BuildContext, EncoderOutput, masked_mean
-from mmray.registry import ComponentConfig
+from mmray.models.encoders.base import BuildContext, EncoderConfig, EncoderOutput, masked_mean
 
 
-class TransformerTextConfig(ComponentConfig):
+class TransformerTextConfig(EncoderConfig):
     """Token embedding + learned positions + a small Transformer encoder, mean-pooled over real tokens."""
 
     name: Literal["transformer"] = "transformer"
@@ -36,23 +35,49 @@ class TransformerTextConfig(ComponentConfig):
         return self
 
 
-class GRUTextConfig(ComponentConfig):
-    """Token embedding + a (bi)GRU; pooled output is the masked mean of its states."""
+class RecurrentTextConfig(EncoderConfig):
+    """Keys shared by the recurrent text encoders (``gru``, ``lstm``)."""
 
-    name: Literal["gru"] = "gru"
+    name: Literal["gru", "lstm"]
     dim: int = Field(128, gt=0)
     layers: int = Field(1, ge=1)
     bidirectional: bool = True
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
 
 
-def _token_embedding(ctx: BuildContext, dim: int) -> nn.Embedding:
-    """The token table; raises UserError when the context has no usable vocabulary."""
+class GRUTextConfig(RecurrentTextConfig):
+    """Token embedding + a (bi)GRU; pooled output is the masked mean of its states."""
+
+    name: Literal["gru"] = "gru"
+
+
+class LSTMTextConfig(RecurrentTextConfig):
+    """Token embedding + a (bi)LSTM; pooled output is the masked mean of its states."""
+
+    name: Literal["lstm"] = "lstm"
+
+
+class EmbeddingBagTextConfig(EncoderConfig):
+    """Bag of words: mean of token embeddings (nn.EmbeddingBag) -> linear; fastest text baseline, ignores order."""
+
+    name: Literal["embedding_bag"] = "embedding_bag"
+    embed_dim: int = Field(128, gt=0, description="width of the token embedding table")
+    dim: int = Field(128, gt=0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+def _check_vocabulary(ctx: BuildContext) -> None:
+    """Raise UserError when the context has no usable vocabulary."""
     if ctx.vocab_size < 1 or not 0 <= ctx.pad_token_id < ctx.vocab_size:
         raise UserError(
             f"text encoder needs a tokenizer: vocab_size={ctx.vocab_size}, pad_token_id={ctx.pad_token_id} "
             "(pass them to BuildContext.from_config)"
         )
+
+
+def _token_embedding(ctx: BuildContext, dim: int) -> nn.Embedding:
+    """The token table; raises UserError when the context has no usable vocabulary."""
+    _check_vocabulary(ctx)
     return nn.Embedding(ctx.vocab_size, dim, padding_idx=ctx.pad_token_id)
 
 
@@ -101,24 +126,63 @@ class TransformerTextEncoder(nn.Module):
         return EncoderOutput(masked_mean(h, mask), h, mask)
 
 
+@ENCODERS.register("embedding_bag", config=EmbeddingBagTextConfig, modality="text")
+class EmbeddingBagTextEncoder(nn.Module):
+    """Bag-of-words text encoder: ``nn.EmbeddingBag`` mean over real tokens, then a linear layer to ``dim``.
+
+    ``pooled [B, D]`` never materialises per-token features (one fused gather-and-mean); ``sequence [B, L, D]``
+    is the projected embedding of each token, for attention-style fusions.
+
+    Raises:
+        UserError: at build time without a vocabulary; in ``forward`` if ``L > ctx.max_text_length``.
+    """
+
+    def __init__(self, config: EmbeddingBagTextConfig, ctx: BuildContext):
+        super().__init__()
+        _check_vocabulary(ctx)
+        # Padding is excluded by per-sample weights from the mask, not padding_idx: ids under the mask are arbitrary.
+        self.bag = nn.EmbeddingBag(ctx.vocab_size, config.embed_dim, mode="sum")
+        self.proj = nn.Linear(config.embed_dim, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.max_length = ctx.max_text_length
+        self.output_dim = config.dim
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> EncoderOutput:
+        ids, mask = _text_inputs(batch, self.max_length)
+        counts = mask.sum(dim=1, keepdim=True)
+        weights = mask.to(self.bag.weight.dtype) / counts.clamp(min=1)  # sum mode + 1/count weights = masked mean
+        bag = self.bag(ids, per_sample_weights=weights)  # [B, E]
+        # A row without tokens pools to zeros, not to the projection's bias (that is how missing text is encoded).
+        pooled = self.proj(bag) * (counts > 0).to(bag.dtype)
+        seq = self.proj(nn.functional.embedding(ids, self.bag.weight))  # [B, L, D]
+        return EncoderOutput(self.dropout(pooled), self.dropout(seq), mask)
+
+
 @ENCODERS.register("gru", config=GRUTextConfig, modality="text")
-class GRUTextEncoder(nn.Module):
-    """GRU text encoder over packed (right-padded) sequences, projected to ``dim`` and mean-pooled.
+@ENCODERS.register("lstm", config=LSTMTextConfig, modality="text")
+class RecurrentTextEncoder(nn.Module):
+    """GRU or LSTM text encoder over packed (right-padded) sequences, projected to ``dim`` and mean-pooled.
+
+    The cell follows ``config.name``; its parameters sit under that name (``gru.*`` / ``lstm.*``).
 
     Raises:
         UserError: at build time without a vocabulary; in ``forward`` if ``L > ctx.max_text_length`` or the
             attention mask is not right-padded (packing assumes real tokens come first).
     """
 
-    def __init__(self, config: GRUTextConfig, ctx: BuildContext):
+    CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
+
+    def __init__(self, config: RecurrentTextConfig, ctx: BuildContext):
         super().__init__()
         self.embed = _token_embedding(ctx, config.dim)
         self.dropout = nn.Dropout(config.dropout)
-        self.gru = nn.GRU(
+        self.cell = config.name
+        rnn = self.CELLS[config.name](
             config.dim, config.dim, num_layers=config.layers, batch_first=True,
             bidirectional=config.bidirectional,
             dropout=config.dropout if config.layers > 1 else 0.0,  # torch applies it between layers only
         )
+        self.add_module(self.cell, rnn)  # keeps the "gru.*" state-dict keys of earlier checkpoints
         self.proj = nn.Linear(config.dim * (2 if config.bidirectional else 1), config.dim)
         self.max_length = ctx.max_text_length
         self.output_dim = config.dim
@@ -128,12 +192,16 @@ class GRUTextEncoder(nn.Module):
         lengths = mask.sum(dim=1)
         positions = torch.arange(ids.shape[1], device=ids.device)
         if not torch.equal(mask, positions < lengths[:, None]):
-            raise UserError("GRU text encoder needs right-padded text (attention_mask = 1s then 0s)")
+            raise UserError(f"{self.cell.upper()} text encoder needs right-padded text (attention_mask = 1s then 0s)")
         # Packing needs length >= 1; an empty row runs over one pad token and is masked out of the pool.
         # pack_padded_sequence wants lengths on the CPU: one small host sync per batch.
         packed = pack_padded_sequence(
             self.dropout(self.embed(ids)), lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
         )
-        states, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=ids.shape[1])
+        output = getattr(self, self.cell)(packed)[0]
+        states, _ = pad_packed_sequence(output, batch_first=True, total_length=ids.shape[1])
         seq = self.proj(states)  # [B, L, D]
         return EncoderOutput(self.dropout(masked_mean(seq, mask)), seq, mask)
+
+
+GRUTextEncoder = RecurrentTextEncoder  # the name earlier code imported

@@ -40,7 +40,8 @@ class ConcatFusion(nn.Module):
         self.mlp = nn.Sequential(*mlp)
         self.output_dim = width
 
-    def forward(self, embeddings: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, embeddings: dict[str, torch.Tensor], present: dict[str, torch.Tensor],
+                sequences=None) -> torch.Tensor:
         # where(), not multiply: a missing row's embedding must not leak in, even as NaN * 0.
         parts = [torch.where(present[m][:, None], embeddings[m], 0.0) for m in self.modalities]
         return self.mlp(torch.cat(parts, dim=-1))

@@ -1,5 +1,12 @@
-"""Small, seeded building blocks for the model tests: a data context, configs shrunk to test size, batches."""
+"""Small, seeded building blocks for the model tests: a data context, configs shrunk to test size, batches.
+
+Pretrained-model encoders (``hf_*``) get tiny random-weight models, saved once per session with
+``save_pretrained`` exactly like real ones and loaded back by path (nothing is downloaded).
+"""
 from __future__ import annotations
+
+import string
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,18 +23,57 @@ SMALL = {
 }
 
 
-def small(entry, **overrides):
-    """The registered component's config with :data:`SMALL` sizes (and ``overrides``) applied."""
+# Words of the tiny tokenizer's vocabulary (with the specials and a-z: more ids than VOCAB, so any test id embeds).
+TINY_WORDS = "the a an is of and red blue green big small circle square triangle sound high low tone picture".split()
+
+
+def save_tiny_bert(folder: Path) -> str:
+    """A 1-layer, 32-wide random BERT and its WordPiece tokenizer, saved as a Hugging Face model folder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase, *TINY_WORDS]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=37, max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+def save_tiny_wav2vec2(folder: Path, sample_rate: int = SAMPLE_RATE) -> str:
+    """A 1-layer, 32-wide random wav2vec2 (2 conv layers, 10x downsampling) + its feature extractor config."""
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+        conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2), num_feat_extract_layers=2,
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, layerdrop=0.0,
+        mask_time_prob=0.0, mask_feature_prob=0.0,
+    )
+    Wav2Vec2Model(config).save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(sampling_rate=sample_rate, do_normalize=True).save_pretrained(folder)
+    return str(folder)
+
+
+def small(entry, *, required: dict[str, dict] | None = None, **overrides):
+    """The registered component's config with :data:`SMALL` sizes (and ``overrides``) applied.
+
+    ``required`` maps a component name to the keys it cannot do without (``path`` of the ``hf_*`` encoders).
+    """
     fields = entry.config.model_fields
-    values = {k: v for k, v in {**SMALL, **overrides}.items() if k in fields}
+    values = {k: v for k, v in {**SMALL, **(required or {}).get(entry.name, {}), **overrides}.items() if k in fields}
     return entry.config(**values)
 
 
-def small_model_config(fusion: str = "concat", text: str = "transformer", **fusion_overrides) -> ModelConfig:
+def small_model_config(fusion: str = "concat", text: str = "transformer", *, required: dict[str, dict] | None = None,
+                       **fusion_overrides) -> ModelConfig:
     return ModelConfig(
         encoders={
             "image": small(ENCODERS.entry("cnn")),
-            "text": small(ENCODERS.entry(text)),
+            "text": small(ENCODERS.entry(text), required=required),
             "audio": small(ENCODERS.entry("mel_cnn")),
         },
         fusion=small(FUSIONS.entry(fusion), **fusion_overrides),
@@ -73,13 +119,22 @@ def ctx() -> BuildContext:
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> dict[str, str]:
+    """Folders of tiny random Hugging Face models: ``{"hf_text": tiny BERT, "hf_audio": tiny wav2vec2 at 8 kHz}``."""
+    root = tmp_path_factory.mktemp("hf")
+    return {"hf_text": save_tiny_bert(root / "bert"), "hf_audio": save_tiny_wav2vec2(root / "wav2vec2")}
+
+
 @pytest.fixture
-def tiny():
+def tiny(tiny_hf):
     """Factories shared by the test files (fixtures, so no test imports another test module)."""
+    required = {name: {"path": path} for name, path in tiny_hf.items()}
 
     class Tiny:
-        small = staticmethod(small)
-        model_config = staticmethod(small_model_config)
+        small = staticmethod(lambda entry, **kw: small(entry, required=required, **kw))
+        model_config = staticmethod(lambda *a, **kw: small_model_config(*a, required=required, **kw))
+        hf = tiny_hf
         batch = staticmethod(make_batch)
         blank = staticmethod(blank)
         keys = KEYS

@@ -10,7 +10,7 @@ import torch
 from mmray.config.schema import LRScheduleConfig
 from mmray.data.synth import synth
 from mmray.train.local import train_local
-from mmray.train.loop import make_scheduler, task_losses
+from mmray.train.loop import drop_modalities, make_scheduler, task_losses
 from mmray.train.progress import ProgressPrinter
 
 from helpers import small_job
@@ -64,7 +64,7 @@ class _Linear(torch.nn.Module):
 def _one_epoch(batch_size: int, accum: int, tiny: str) -> torch.Tensor:
     from mmray.train.checkpoint import TrainState
     from mmray.train.context import LocalContext
-    from mmray.train.loop import make_optimizer, train_epoch
+    from mmray.train.loop import make_optimizer, param_groups, train_epoch
 
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 4, generator=gen), torch.randint(0, 3, (16,), generator=gen)
@@ -74,7 +74,7 @@ def _one_epoch(batch_size: int, accum: int, tiny: str) -> torch.Tensor:
                        optimizer={"name": "sgd", "lr": 0.5, "momentum": 0.0, "weight_decay": 0.0},
                        lr_schedule={"name": "constant", "warmup_ratio": 0.0})
     model = _Linear()
-    opt = make_optimizer(config.train.optimizer, model)
+    opt = make_optimizer(config.train.optimizer, param_groups(model, config))
     sched = make_scheduler(opt, config.train.lr_schedule, 10)
     ctx = LocalContext("", lambda e: (), lambda e: ())
     train_epoch(model, batches, optimizer=opt, scheduler=sched, scaler=torch.amp.GradScaler("cpu", enabled=False),
@@ -138,9 +138,112 @@ def test_progress_on_a_terminal_draws_a_bar_then_an_epoch_line():
     assert text.rstrip().endswith("* best") and "epoch 1/3" in text and "ETA" in text
 
 
+def _encoder_weights(run_dir: str, epoch: int, prefix: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(run_dir, f"checkpoint_epoch_{epoch:04d}", "model.safetensors"))
+    return {k: v for k, v in weights.items() if k.startswith(prefix) and "running" not in k and "num_batches" not in k}
+
+
+def test_frozen_encoder_does_not_change_while_the_rest_trains(tiny, tmp_path):
+    from mmray.models.builder import build_job_model, job_tasks
+    from mmray.data.dataset_dir import read_dataset_info
+    from mmray.data.tokenizer import TextTokenizer
+
+    config = small_job(tiny, epochs=1, workers=1, batch_size=32)
+    frozen = config.model.encoders.image.model_copy(update={"freeze": True})
+    config = config.model_copy(update={"model": config.model.model_copy(
+        update={"encoders": config.model.encoders.model_copy(update={"image": frozen})})})
+    info = read_dataset_info(tiny)
+    torch.manual_seed(config.train.seed)
+    initial = build_job_model(config, job_tasks(info.tasks), TextTokenizer.load(config.data.text, info)).state_dict()
+    train_local(config, str(tmp_path / "run"))
+    after_image = _encoder_weights(str(tmp_path / "run"), 1, "encoders.image.")
+    after_audio = _encoder_weights(str(tmp_path / "run"), 1, "encoders.audio.")
+    assert all(torch.equal(v, initial[k]) for k, v in after_image.items())  # frozen: unchanged, BN stats too
+    assert any(not torch.equal(v, initial[k]) for k, v in after_audio.items())
+
+
+def test_encoder_unfreezes_after_its_epochs(tiny, tmp_path):
+    config = small_job(tiny, epochs=2, workers=1, batch_size=32)
+    text = config.model.encoders.text.model_copy(update={"freeze": True, "unfreeze_after_epochs": 1, "lr_mult": 2.0})
+    config = config.model_copy(update={"model": config.model.model_copy(
+        update={"encoders": config.model.encoders.model_copy(update={"text": text})})})
+    run_dir = str(tmp_path / "run")
+    train_local(config, run_dir)
+    first, second = (_encoder_weights(run_dir, e, "encoders.text.") for e in (1, 2))
+    torch.manual_seed(0)
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # trained in epoch 2
+
+
+def test_lr_mult_and_frozen_epochs_shape_each_groups_learning_rate():
+    from mmray.train.loop import ParamGroup, make_optimizer
+
+    enc, head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    groups = [ParamGroup("encoders.text", list(enc.parameters()), lr_mult=0.1, frozen_epochs=1),
+              ParamGroup("fusion_and_heads", list(head.parameters()))]
+    from mmray.config.schema import OptimizerConfig
+
+    opt = make_optimizer(OptimizerConfig(lr=1.0), groups)
+    sched = make_scheduler(opt, LRScheduleConfig(name="constant", warmup_ratio=0.0), 20, groups=groups,
+                           steps_per_epoch=5)
+    lrs = {g["name"]: [] for g in opt.param_groups}
+    for _ in range(10):
+        for name in lrs:  # weight and bias groups of a component share one schedule: read the first
+            lrs[name].append(next(g["lr"] for g in opt.param_groups if g["name"] == name))
+        opt.step()
+        sched.step()
+    assert lrs["encoders.text"][:5] == [0.0] * 5 and lrs["encoders.text"][5:] == pytest.approx([0.1] * 5)
+    assert lrs["fusion_and_heads"] == pytest.approx([1.0] * 10)
+
+
+def test_modality_dropout_hides_modalities_but_never_a_whole_row():
+    torch.manual_seed(0)
+    n = 4000
+    batch = {"audio_present": torch.ones(n, dtype=torch.bool), "image_present": torch.ones(n, dtype=torch.bool),
+             "text_present": torch.rand(n) > 0.5}
+    text_before = batch["text_present"].clone()
+    drop_modalities(batch, ("audio", "image", "text"), 0.3)
+    present = torch.stack([batch[f"{m}_present"] for m in ("audio", "image", "text")], 1)
+    assert present.any(dim=1).all()
+    assert not (batch["text_present"] & ~text_before).any()  # a missing modality never reappears
+    assert 0.6 < batch["audio_present"].float().mean() < 0.8
+
+
+def test_task_weights_scale_each_tasks_loss():
+    logits = {"label": torch.tensor([[2.0, 0.0]]), "label_color": torch.tensor([[0.0, 2.0]])}
+    batch = {"label": torch.tensor([1]), "label_color": torch.tensor([1]), "valid": torch.tensor([True])}
+    only_main = task_losses({"label": logits["label"]}, batch, 0.0)
+    assert task_losses(logits, batch, 0.0, {"label_color": 0.0}) == pytest.approx(only_main.item())
+    assert task_losses(logits, batch, 0.0, {"label": 2.0, "label_color": 0.0}) == pytest.approx(2 * only_main.item())
+
+
 @pytest.mark.gpu
 def test_bf16_autocast_trains_on_cuda(tiny, tmp_path):
     config = small_job(tiny, epochs=2, workers=1, batch_size=32)
     config = config.model_copy(update={"scaling": config.scaling.model_copy(update={"use_gpu": True})})
     state, _ = train_local(config, str(tmp_path / "gpu"), device="cuda")
     assert state.history[-1]["train.loss"] < state.history[0]["train.loss"] * 1.5
+
+
+def test_a_dataset_with_many_missing_modalities_trains_and_evaluates(tmp_path):
+    import pyarrow.parquet as pq
+
+    from mmray.data.dataset_dir import read_dataset_info
+    from mmray.export.evaluate import evaluate
+    from mmray.train.finalize import export_checkpoint
+
+    data = str(tmp_path / "gappy")
+    info = synth(data, rows=240, shards=1, seed=6, missing_fraction=0.15)
+    table = pq.read_table(info.split_files("train"))
+    missing_any = sum(any(table.column(m)[i].as_py() is None for m in ("audio", "image", "text"))
+                      for i in range(table.num_rows))
+    assert missing_any / table.num_rows > 0.3
+
+    config = small_job(data, epochs=2, workers=1, batch_size=32, modality_dropout=0.2)
+    state, ctx = train_local(config, str(tmp_path / "run"))
+    assert all(m["train.bad_records"] == 0 for m in state.history)
+    metrics = export_checkpoint(config, read_dataset_info(data), ctx.checkpoints[-1], str(tmp_path / "export"))
+    result = evaluate(str(tmp_path / "export"), data, split="test")
+    assert result["skipped"] == 0 and result["rows"] == info.split_rows("test")
+    assert result["accuracy"] == pytest.approx(metrics["test.accuracy"])
