@@ -164,6 +164,8 @@ class SpaceConfig(StrictModel):
         pending = dict(self.parameters)
         while pending:
             ready = [k for k, p in pending.items() if all(c in done for c in p.when)]
+            # a component's name first: setting it resets that component's other keys
+            ready.sort(key=lambda k: not k.endswith(".name"))
             if not ready:
                 raise ConfigError([f"parameters: circular `when` conditions among {sorted(pending)}"])
             for k in ready:

@@ -111,3 +111,17 @@ def test_space_round_trips_through_the_experiment_folder(tmp_path):
     space = SpaceConfig.model_validate(CONDITIONAL)
     dumped = yaml.safe_load(yaml.safe_dump(space.model_dump(mode="json", by_alias=True, exclude_none=True)))
     assert SpaceConfig.model_validate(dumped) == space
+
+
+def test_a_components_name_is_applied_before_its_other_keys():
+    from mmray.config.loader import apply_overrides
+    from mmray.config import validate_job
+
+    space = SpaceConfig.model_validate({"parameters": {
+        "model.fusion.hidden_dim": {"choice": [64]},
+        "model.fusion.name": {"choice": ["gated"]},
+    }})
+    order = [k for k, _ in space.ordered_parameters()]
+    assert order == ["model.fusion.name", "model.fusion.hidden_dim"]
+    config = validate_job(apply_overrides(JOB, [(k, s.choice[0]) for k, s in space.ordered_parameters()]))
+    assert config.model.fusion.name == "gated" and config.model.fusion.hidden_dim == 64
