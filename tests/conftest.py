@@ -6,6 +6,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# In-process training in tests uses one intra-op thread: with two, any other busy process on a 2-core
+# machine (Ray workers, decoders) makes OpenMP threads wait on each other, measured 25x slower.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
