@@ -11,12 +11,8 @@ from mmray.train.context import LocalContext
 from mmray.train.loop import train_loop
 
 
-def train_local(config: JobConfig, run_dir: str, *, device: str = "cpu",
-                on_event: Callable[[dict[str, Any]], None] | None = None) -> tuple[TrainState, LocalContext]:
-    """Train ``config`` in-process; checkpoints land in ``run_dir/checkpoint_epoch_NNNN``.
-
-    Returns the final train state and the context (its ``history`` and ``checkpoints``).
-    """
+def split_readers(config: JobConfig):
+    """``(train_batches, val_batches)``: ``epoch -> batches`` read straight from the dataset's shards."""
     info = read_dataset_info(config.data.path)
     bs, seed = config.train.batch_size, config.train.seed
 
@@ -26,5 +22,14 @@ def train_local(config: JobConfig, run_dir: str, *, device: str = "cpu",
     def val_batches(epoch: int):
         return iter_batches(config.data, info, "val", batch_size=bs, train=False, seed=seed, epoch=epoch)
 
-    ctx = LocalContext(run_dir, train_batches, val_batches, device=device, on_progress=on_event)
+    return train_batches, val_batches
+
+
+def train_local(config: JobConfig, run_dir: str, *, device: str = "cpu",
+                on_event: Callable[[dict[str, Any]], None] | None = None) -> tuple[TrainState, LocalContext]:
+    """Train ``config`` in-process; checkpoints land in ``run_dir/checkpoint_epoch_NNNN``.
+
+    Returns the final train state and the context (its ``history`` and ``checkpoints``).
+    """
+    ctx = LocalContext(run_dir, *split_readers(config), device=device, on_progress=on_event)
     return train_loop(config, ctx), ctx

@@ -5,25 +5,15 @@ import os
 from typing import Any
 
 from mmray.config import JobConfig
-from mmray.data.dataset_dir import read_dataset_info
-from mmray.data.reader import iter_batches
 from mmray.train.context import LocalContext
+from mmray.train.local import split_readers
 
 
 class TuneTrialContext(LocalContext):
     """Reads Parquet shards directly in the trial process; reports and checkpoints through Ray Tune."""
 
     def __init__(self, config: JobConfig, run_dir: str):
-        info = read_dataset_info(config.data.path)
-        bs, seed = config.train.batch_size, config.train.seed
-
-        def train_batches(epoch: int):
-            return iter_batches(config.data, info, "train", batch_size=bs, train=True, seed=seed, epoch=epoch)
-
-        def val_batches(epoch: int):
-            return iter_batches(config.data, info, "val", batch_size=bs, train=False, seed=seed, epoch=epoch)
-
-        super().__init__(run_dir, train_batches, val_batches)
+        super().__init__(run_dir, *split_readers(config))
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         from ray import tune
