@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from mmray.models.fusion import FUSIONS
-from mmray.models.fusion.base import masked_softmax, zero_missing
+from mmray.models.fusion.base import masked_softmax, mlp, zero_missing
 from mmray.registry import ComponentConfig
 
 
@@ -56,11 +56,7 @@ class AttentionFusion(nn.Module):
         # still useless early on (a CNN not yet trained) is switched off for good.
         nn.init.normal_(self.score[-1].weight, std=0.02)  # not 0: U must get gradients too
         self.scale = h ** -0.5
-        mlp: list[nn.Module] = []
-        for _ in range(config.layers):
-            mlp += [nn.Linear(h, h), nn.GELU(), nn.Dropout(config.dropout)]
-        self.mlp = nn.Sequential(*mlp)
-        self.output_dim = h
+        self.mlp, self.output_dim = mlp(h, h, config.layers, config.dropout)
 
     def _projected(self, embeddings, present) -> tuple[torch.Tensor, torch.Tensor]:
         """``h [B, M, hidden_dim]`` and the presence mask ``[B, M]``; a missing row's ``h`` gets weight 0."""

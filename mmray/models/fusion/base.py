@@ -1,7 +1,18 @@
-"""Helpers every fusion shares: zero-filling missing modalities and a softmax over present ones only."""
+"""Helpers every fusion shares: zero-filling missing modalities, a softmax over present ones only, MLP stacks."""
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+
+def mlp(width: int, hidden: int, layers: int, dropout: float, act: type[nn.Module] = nn.GELU) -> tuple[nn.Sequential, int]:
+    """``layers`` x (Linear -> act -> Dropout) from ``width`` to ``hidden``; returns it and its output width
+    (``width`` itself when ``layers`` is 0: an identity)."""
+    blocks: list[nn.Module] = []
+    for _ in range(layers):
+        blocks += [nn.Linear(width, hidden), act(), nn.Dropout(dropout)]
+        width = hidden
+    return nn.Sequential(*blocks), width
 
 
 def zero_missing(x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from pydantic import Field
 from torch import nn
 
 from mmray.models.fusion import FUSIONS
+from mmray.models.fusion.base import mlp, zero_missing
 from mmray.registry import ComponentConfig
 
 
@@ -32,16 +33,9 @@ class ConcatFusion(nn.Module):
     def __init__(self, config: ConcatConfig, input_dims: dict[str, int]):
         super().__init__()
         self.modalities = sorted(input_dims)
-        width = sum(input_dims.values())
-        mlp: list[nn.Module] = []
-        for _ in range(config.layers):
-            mlp += [nn.Linear(width, config.hidden_dim), nn.GELU(), nn.Dropout(config.dropout)]
-            width = config.hidden_dim
-        self.mlp = nn.Sequential(*mlp)
-        self.output_dim = width
+        self.mlp, self.output_dim = mlp(sum(input_dims.values()), config.hidden_dim, config.layers, config.dropout)
 
     def forward(self, embeddings: dict[str, torch.Tensor], present: dict[str, torch.Tensor],
                 sequences=None) -> torch.Tensor:
-        # where(), not multiply: a missing row's embedding must not leak in, even as NaN * 0.
-        parts = [torch.where(present[m][:, None], embeddings[m], 0.0) for m in self.modalities]
+        parts = [zero_missing(embeddings[m], present[m]) for m in self.modalities]
         return self.mlp(torch.cat(parts, dim=-1))

@@ -8,7 +8,7 @@ from pydantic import Field
 from torch import nn
 
 from mmray.models.fusion import FUSIONS
-from mmray.models.fusion.base import zero_missing
+from mmray.models.fusion.base import mlp, zero_missing
 from mmray.registry import ComponentConfig
 
 
@@ -53,12 +53,7 @@ class TensorFusion(nn.Module):
         self.modalities = sorted(input_dims)
         self.proj = nn.ModuleDict({m: nn.Linear(input_dims[m], config.dim) for m in self.modalities})
         width = (config.dim + 1) ** len(self.modalities)
-        mlp: list[nn.Module] = []
-        for _ in range(config.layers):
-            mlp += [nn.Linear(width, config.hidden_dim), nn.ReLU(), nn.Dropout(config.dropout)]
-            width = config.hidden_dim
-        self.mlp = nn.Sequential(*mlp)
-        self.output_dim = width
+        self.mlp, self.output_dim = mlp(width, config.hidden_dim, config.layers, config.dropout, act=nn.ReLU)
 
     def forward(self, embeddings: dict[str, torch.Tensor], present: dict[str, torch.Tensor],
                 sequences=None) -> torch.Tensor:
