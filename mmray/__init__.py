@@ -8,8 +8,7 @@ Public names resolve lazily, so ``import mmray`` stays light and never starts or
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mmray._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -25,7 +24,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mmray' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -5,8 +5,7 @@ schema (which is assembled from the component registries) is still being built.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mmray._lazy import lazy_exports
 
 _EXPORTS = {
     "ConfigError": "mmray.config.errors",
@@ -23,7 +22,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mmray.config' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

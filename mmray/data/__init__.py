@@ -9,33 +9,28 @@ Names are imported lazily so that ``import mmray.data`` stays cheap and never im
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mmray._lazy import lazy_exports
 
 _EXPORTS = {
-    "DatasetInfo": "dataset_dir",
-    "SplitInfo": "dataset_dir",
-    "ShardWriter": "dataset_dir",
-    "read_dataset_info": "dataset_dir",
-    "write_dataset_info": "dataset_dir",
-    "shard_schema": "dataset_dir",
-    "synth": "synth",
-    "TextTokenizer": "tokenizer",
-    "Preprocessor": "decode",
-    "BadRecordError": "decode",
-    "decode_image": "decode",
-    "decode_audio": "decode",
-    "iter_batches": "reader",
-    "inspect_dataset": "inspect",
-    "build_dataset": "pipeline",
-    "configure_data_context": "pipeline",
+    "DatasetInfo": ".dataset_dir",
+    "SplitInfo": ".dataset_dir",
+    "ShardWriter": ".dataset_dir",
+    "read_dataset_info": ".dataset_dir",
+    "write_dataset_info": ".dataset_dir",
+    "shard_schema": ".dataset_dir",
+    "synth": ".synth",
+    "TextTokenizer": ".tokenizer",
+    "Preprocessor": ".decode",
+    "BadRecordError": ".decode",
+    "decode_image": ".decode",
+    "decode_audio": ".decode",
+    "iter_batches": ".reader",
+    "inspect_dataset": ".inspect",
+    "build_dataset": ".pipeline",
+    "configure_data_context": ".pipeline",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mmray.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"mmray.data.{module}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
