@@ -116,7 +116,6 @@ def _progress_relay():
 class FitOutcome:
     run_dir: str
     best_checkpoint: str | None
-    best_metrics: dict[str, Any] | None
     error: BaseException | None
 
 
@@ -178,7 +177,4 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
         if poller is not None:
             poller.join(timeout=5)
     best = result.get_best_checkpoint(metric=config.train.metric, mode=config.train.mode) if result.metrics else None
-    best_metrics = None
-    if best is not None:
-        best_metrics = next((m for c, m in result.best_checkpoints if c.path == best.path), None)
-    return FitOutcome(run_dir, best.path if best else None, best_metrics, result.error)
+    return FitOutcome(run_dir, best.path if best else None, result.error)
