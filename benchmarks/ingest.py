@@ -99,7 +99,7 @@ def start_ray(num_cpus, object_store_memory=None, cpu_limit=None, fast_start=Fal
 
     from mmray.data.pipeline import configure_data_context
 
-    ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False,
+    ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
     configure_data_context(cpu_limit=cpu_limit, fast_start=fast_start)
 

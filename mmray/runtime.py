@@ -36,6 +36,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None):
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+            # "local": never join a cluster some other `ray start` left running on this host
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
     DataContext.get_current().enable_progress_bars = False
     return ray

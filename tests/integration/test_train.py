@@ -32,7 +32,7 @@ def dataset(tmp_path_factory):
 def run(dataset, tmp_path_factory):
     from mmray.train.api import train
 
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
     events: list[dict] = []
     storage = str(tmp_path_factory.mktemp("runs"))
     try:
