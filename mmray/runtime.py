@@ -6,15 +6,23 @@ import os
 import warnings
 
 
+# Inherited by the Ray processes a local driver starts; a job submitted to a cluster passes them in its
+# runtime env instead (the cluster's processes were started by someone else).
+QUIET_ENV = {
+    "RAY_DEDUP_LOGS": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_DATA_LOG_LEVEL": "WARNING",  # "Starting execution of Dataset ..." per epoch
+    "PYTHONWARNINGS": "ignore::DeprecationWarning",
+    "RAY_TRAIN_ENABLE_STATE_TRACKING": "0",
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+}
+
+
 def quiet_ray_logs() -> None:
     """Keep Ray's own chatter (progress bars, info logs, deprecation notices) out of the user's terminal."""
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # "Starting execution of Dataset ..." per epoch
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")  # inherited by Ray's workers
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray")

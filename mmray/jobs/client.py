@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import urllib.error
 import urllib.request
@@ -92,6 +93,7 @@ def connect(address: str | None = None, *, insecure: bool = False) -> Cluster:
         ClusterUnreachable: nothing answers at the address.
         UserError: the cluster wants a token and there is none; or it is remote and open without ``insecure``.
     """
+    logging.getLogger("ray").setLevel(logging.WARNING)  # packaging / websocket INFO lines are not for users
     raw, source = default_address(address)
     url = resolve_url(raw)
     needs_token = probe_auth(url)
@@ -105,6 +107,7 @@ def connect(address: str | None = None, *, insecure: bool = False) -> Cluster:
                         f"{CVE_NOTE}. Turn on token auth on the cluster (RAY_AUTH_MODE=token when starting "
                         f"it), or reach it through an SSH tunnel on 127.0.0.1, or pass --insecure if this "
                         f"network is private and you accept the risk")
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     with _only_this_address(url):
@@ -112,4 +115,8 @@ def connect(address: str | None = None, *, insecure: bool = False) -> Cluster:
             client = JobSubmissionClient(url, headers=token.headers if token else None)
         except ConnectionError as e:
             raise ClusterUnreachable(f"cannot reach the Ray Jobs API at {url} ({e}); {START_HINT}") from None
+        except AuthenticationError:
+            raise UserError(f"the Ray cluster at {url} rejected the token from {token.source if token else '-'}; "
+                            f"use that cluster's token (on the head node: `ray get-auth-token`) in "
+                            f"RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH") from None
     return Cluster(client, url, token, address_given=source != "the local cluster's default")

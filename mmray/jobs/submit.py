@@ -114,8 +114,10 @@ def prepare(args: Sequence[str], *, working_dir: str | None = None, env: dict[st
     command = entrypoint(args)
     working_dir = os.path.abspath(working_dir or os.getcwd())
     warnings = check_command(args, working_dir)
+    from mmray.runtime import QUIET_ENV
+
     runtime_env = {"working_dir": working_dir, "excludes": list(EXCLUDES),
-                   "env_vars": {"PYTHONUNBUFFERED": "1", **(env or {})}}
+                   "env_vars": {**QUIET_ENV, "PYTHONUNBUFFERED": "1", **(env or {})}}
     return JobSpec(command, runtime_env, args[0], warnings)
 
 

@@ -1,0 +1,117 @@
+"""A real 2-node Ray cluster on this host for tests: token auth on, private temp dir and ports, and a
+teardown that stops only the processes it started (by their process group), never `ray stop`."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node_ports(worker_base: int) -> list[str]:
+    return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+            "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
+            "--min-worker-port", str(worker_base), "--max-worker-port", str(worker_base + 199)]
+
+
+class LocalCluster:
+    """``ray start --head`` on 127.0.0.1 plus ``ray start --address`` for a second node, both with
+    ``RAY_AUTH_MODE=token`` and a fresh token in a private file (``RAY_AUTH_TOKEN_PATH``)."""
+
+    def __init__(self, head_cpus: int = 2, node_cpus: int = 1, extra_env: dict[str, str] | None = None):
+        self.root = tempfile.mkdtemp(prefix="mmrc-", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
+        self.token_path = os.path.join(self.root, "auth_token")
+        with open(self.token_path, "w") as f:
+            f.write(secrets.token_hex(32))
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.gcs = f"127.0.0.1:{self.gcs_port}"
+        self.url = f"http://127.0.0.1:{self.dashboard_port}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        self.env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path,
+                         "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{os.path.dirname(sys.executable)}:"
+                         f"{os.environ.get('PATH', '')}", **(extra_env or {})})
+        self.head_cpus, self.node_cpus = head_cpus, node_cpus
+        self.procs: list[subprocess.Popen] = []
+
+    @property
+    def headers(self) -> dict[str, str]:
+        with open(self.token_path) as f:
+            return {"Authorization": f"Bearer {f.read().strip()}"}
+
+    def _start(self, args: list[str], log: str) -> None:
+        out = open(os.path.join(self.root, log), "w")
+        # --block keeps every Ray process of the node in this process group: teardown kills the group
+        self.procs.append(subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args],
+                                           env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                           start_new_session=True))
+
+    def start(self, timeout: float = 120) -> "LocalCluster":
+        base = 20000 + secrets.randbelow(40) * 1000
+        self._start(["--head", "--node-ip-address=127.0.0.1", "--port", str(self.gcs_port),
+                     "--dashboard-host=127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+                     "--ray-client-server-port", str(free_port()), "--num-cpus", str(self.head_cpus),
+                     "--temp-dir", os.path.join(self.root, "head"), *_node_ports(base)], "head.log")
+        self.wait_nodes(1, timeout)
+        self._start(["--address", self.gcs, "--node-ip-address=127.0.0.1", "--num-cpus", str(self.node_cpus),
+                     "--resources", json.dumps({"node2": 1}), "--temp-dir", os.path.join(self.root, "node2"),
+                     *_node_ports(base + 500)], "node2.log")
+        self.wait_nodes(2, timeout)
+        return self
+
+    def get(self, path: str) -> dict:
+        req = urllib.request.Request(f"{self.url}{path}", headers=self.headers)
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    def alive_nodes(self) -> list[dict]:
+        """From Ray's state API (``/api/v0/nodes``)."""
+        nodes = self.get("/api/v0/nodes?limit=100")["data"]["result"]["result"]
+        return [n for n in nodes if n["state"] == "ALIVE"]
+
+    def actors(self, class_name: str) -> list[dict]:
+        """Every actor of ``class_name``, dead or alive, from Ray's state API (``/api/v0/actors``)."""
+        q = f"/api/v0/actors?limit=1000&detail=1&filter_keys=class_name&filter_predicates=%3D&filter_values={class_name}"
+        return self.get(q)["data"]["result"]["result"]
+
+    def wait_nodes(self, n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            for p in self.procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"ray start exited {p.returncode}; see {self.root}/*.log")
+            try:
+                if len(self.alive_nodes()) >= n:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{n} Ray nodes not up after {timeout} s; see {self.root}")
+            time.sleep(1)
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(p.pid, sig)  # the group this test started, and nothing else
+                except ProcessLookupError:
+                    break
+                try:
+                    p.wait(timeout=10)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
