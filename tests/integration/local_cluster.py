@@ -103,15 +103,30 @@ class LocalCluster:
                 raise TimeoutError(f"{n} Ray nodes not up after {timeout} s; see {self.root}")
             time.sleep(1)
 
-    def stop(self) -> None:
-        for p in reversed(self.procs):
-            for sig in (signal.SIGTERM, signal.SIGKILL):
+    def stop(self, grace: float = 5) -> None:
+        """SIGTERM, then SIGKILL, to the process groups this cluster started (each ``ray start --block``
+        and every Ray process it spawned), and nothing else."""
+        groups = [p.pid for p in self.procs]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pgid in groups:
                 try:
-                    os.killpg(p.pid, sig)  # the group this test started, and nothing else
+                    os.killpg(pgid, sig)
                 except ProcessLookupError:
-                    break
-                try:
-                    p.wait(timeout=10)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+                    pass
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and any(_group_alive(g) for g in groups):
+                for p in self.procs:
+                    p.poll()  # reap the leaders
+                time.sleep(0.2)
+        for p in self.procs:
+            p.wait(timeout=10)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
