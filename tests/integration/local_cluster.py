@@ -16,17 +16,23 @@ import urllib.request
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free right now (all held open while choosing, so none is picked twice)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
-def _node_ports(worker_base: int) -> list[str]:
-    return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-            "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
-            "--min-worker-port", str(worker_base), "--max-worker-port", str(worker_base + 199)]
+def _node_ports(ports: list[int], worker_base: int) -> list[str]:
+    flags = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")
+    return [x for flag, port in zip(flags, ports) for x in (flag, str(port))] + [
+        "--min-worker-port", str(worker_base), "--max-worker-port", str(worker_base + 199)]
 
 
 class LocalCluster:
@@ -38,7 +44,9 @@ class LocalCluster:
         self.token_path = os.path.join(self.root, "auth_token")
         with open(self.token_path, "w") as f:
             f.write(secrets.token_hex(32))
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        # every port this cluster uses, chosen together; workers get a range below the ephemeral ports
+        self._ports = free_ports(15)
+        self.gcs_port, self.dashboard_port = self._ports[:2]
         self.gcs = f"127.0.0.1:{self.gcs_port}"
         self.url = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -61,16 +69,21 @@ class LocalCluster:
                                            start_new_session=True))
 
     def start(self, timeout: float = 120) -> "LocalCluster":
-        base = 20000 + secrets.randbelow(40) * 1000
-        self._start(["--head", "--node-ip-address=127.0.0.1", "--port", str(self.gcs_port),
-                     "--dashboard-host=127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-                     "--ray-client-server-port", str(free_port()), "--num-cpus", str(self.head_cpus),
-                     "--temp-dir", os.path.join(self.root, "head"), *_node_ports(base)], "head.log")
-        self.wait_nodes(1, timeout)
-        self._start(["--address", self.gcs, "--node-ip-address=127.0.0.1", "--num-cpus", str(self.node_cpus),
-                     "--resources", json.dumps({"node2": 1}), "--temp-dir", os.path.join(self.root, "node2"),
-                     *_node_ports(base + 500)], "node2.log")
-        self.wait_nodes(2, timeout)
+        base = 20000 + secrets.randbelow(25) * 400
+        try:
+            self._start(["--head", "--node-ip-address=127.0.0.1", "--port", str(self.gcs_port),
+                         "--dashboard-host=127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+                         "--ray-client-server-port", str(self._ports[2]), "--num-cpus", str(self.head_cpus),
+                         "--temp-dir", os.path.join(self.root, "head"), *_node_ports(self._ports[3:9], base)],
+                        "head.log")
+            self.wait_nodes(1, timeout)
+            self._start(["--address", self.gcs, "--node-ip-address=127.0.0.1", "--num-cpus", str(self.node_cpus),
+                         "--resources", json.dumps({"node2": 1}), "--temp-dir", os.path.join(self.root, "node2"),
+                         *_node_ports(self._ports[9:15], base + 200)], "node2.log")
+            self.wait_nodes(2, timeout)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def get(self, path: str) -> dict:

@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 import re
-import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
 
 ray = pytest.importorskip("ray")
+tomllib = pytest.importorskip("tomllib")
 
 CLUSTER = Path(__file__).resolve().parents[3] / "cluster"
 PYPROJECT = CLUSTER.parent / "pyproject.toml"
-PY_TAG = f"py{sys.version_info.major}{sys.version_info.minor}"
+# Ray's tags: <ray version>-py3XX[-cpu|-gpu]; a Python mmray supports (requires-python >= 3.10)
+PY_TAG = r"py3(1\d|[2-9]\d)"
 
 
 def _docs(name: str) -> list[dict]:
@@ -31,9 +31,9 @@ def _containers(pod_template: dict) -> list[dict]:
 def _check_image(image: str) -> None:
     repo, tag = image.rsplit(":", 1)
     if repo.startswith("rayproject/"):
-        assert tag.startswith(f"{ray.__version__}-{PY_TAG}"), image
+        assert re.fullmatch(rf"{re.escape(ray.__version__)}-{PY_TAG}(-cpu|-gpu)?", tag), image
     else:  # our image built FROM Ray's (cluster/Dockerfile): its tag names the Ray inside
-        assert f"ray{ray.__version__}-{PY_TAG}" in tag, image
+        assert re.search(rf"-ray{re.escape(ray.__version__)}-{PY_TAG}-gpu$", tag), image
 
 
 def test_installed_ray_is_the_one_pyproject_pins():
