@@ -69,3 +69,13 @@ def test_cli_bad_verb_exits_2_without_a_cluster(capsys, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")  # nothing there: must not be reached
     assert main(["submit", "--", "predict", "x"]) == 2
     assert "submit runs `mmray train` or `mmray tune`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", ["submit", "jobs", "jobs list", "jobs status", "jobs logs", "jobs stop"])
+def test_submit_and_jobs_help_ends_with_an_example(verb, capsys):
+    from mmray.cli.main import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([*verb.split(), "--help"])
+    assert e.value.code == 0
+    assert "example:\n  mmray " in capsys.readouterr().out
