@@ -11,7 +11,7 @@ from mmray.config.errors import UserError
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 # verb modules, each with register(subparsers) -> None; imported lazily so `mmray --help` is fast
-VERBS = ("data", "validate", "render_config", "ls", "train", "tune", "report", "evaluate", "predict")
+VERBS = ("data", "validate", "render_config", "ls", "train", "tune", "report", "evaluate", "predict", "export")
 
 
 class _Parser(argparse.ArgumentParser):
