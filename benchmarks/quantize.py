@@ -6,8 +6,11 @@ Copies MODEL_DIR into --work, writes its int8, fp16 and bf16 copies there with t
 - size: bytes of model.safetensors and of the export folder;
 - accuracy on the split, and the share of rows predicted like the original;
 - CPU latency per sample of `Predictor.predict_batch` (decoding excluded) at batch 1 and batch --batch,
-  median of --rounds rounds; the models alternate inside each round so that every ratio compares
+  median of --rounds rounds, in this thread's CPU time by default (--clock cpu, with one torch
+  thread: the latency on an idle core, steady while other jobs share the machine); the models alternate inside each round so that every ratio compares
   measurements taken under the same background load;
+- an int8 copy with every linear layer on the int8 kernel (`min_kernel_elements=0`), next to the
+  default that keeps layers under 512 x 512 weights in float32 compute;
 - for the record, half-precision *compute* on CPU (the original's weights and inputs cast to bf16 /
   fp16, and bf16 autocast), which is why fp16/bf16 exports are widened to float32 at load.
 
@@ -63,6 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=0.5, help="minimum time per latency measurement")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                    help="cpu: this thread's CPU time (steady on a busy machine; needs --threads 1); wall: elapsed")
     ap.add_argument("--layers", action="store_true", help="also time single linear layers, float32 vs int8")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -77,6 +82,9 @@ def main(argv=None) -> int:
         res = quantize_export(work / "export", mode)
         dirs[mode] = Path(res["out"])
         print(f"{mode}: written in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+    # the default int8 keeps narrow linear layers off the int8 kernel; this copy puts all of them on it
+    res = quantize_export(work / "export", "int8", out=work / "export-int8-all-kernels", min_kernel_elements=0)
+    dirs["int8, all linears on int8 kernels"] = Path(res["out"])
     models = {name: load_model(d) for name, d in dirs.items()}
 
     # Decode the split once; every model predicts the same tensors.
@@ -98,18 +106,20 @@ def main(argv=None) -> int:
             print(f"{label}: fails on CPU: {type(e).__name__}: {e}", file=sys.stderr)
 
     timed = {**models, **extra}
+    # torch runs on this thread alone (--threads 1), so its CPU time is the latency on an idle core
+    clock = time.thread_time if args.clock == "cpu" and args.threads == 1 else time.perf_counter
     lat: dict[str, dict[int, list[float]]] = {n: {1: [], args.batch: []} for n in timed}
     for r in range(args.rounds):
         for name, m in timed.items():
             for n in (1, args.batch):
-                lat[name][n].append(latency_ms(m, _rows(sample, n), min_seconds=args.seconds))
+                lat[name][n].append(latency_ms(m, _rows(sample, n), min_seconds=args.seconds, clock=clock))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
 
     med = {n: {b: statistics.median(v) for b, v in d.items()} for n, d in lat.items()}
     base_w = (dirs["original"] / "model.safetensors").stat().st_size
     base = med["original"]
     print(f"\nsplit {args.split}: {len(labels)} rows; torch {torch.__version__}, {args.threads} thread(s), "
-          f"median of {args.rounds} rounds\n")
+          f"median of {args.rounds} rounds, {'thread CPU' if clock is time.thread_time else 'wall-clock'} time\n")
     print(f"| model | model.safetensors | vs original | export folder | accuracy | same prediction as original "
           f"| ms/sample batch 1 | speed-up | ms/sample batch {args.batch} | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -125,11 +135,11 @@ def main(argv=None) -> int:
         print(f"| {name} | {size} | {acc:.4f} | {same:.1%} | {m[1]:.3f} | {base[1] / m[1]:.2f}x "
               f"| {m[args.batch]:.3f} | {base[args.batch] / m[args.batch]:.2f}x |")
     if args.layers:
-        _layers(args)
+        _layers(args, clock)
     return 0
 
 
-def _layers(args) -> None:
+def _layers(args, clock) -> None:
     """One linear layer, float32 vs the int8 module `load_model` builds: where int8 compute pays off."""
     from mmray.export.quantize import _replace_linear, quantize_weight_int8
 
@@ -147,18 +157,18 @@ def _layers(args) -> None:
             with torch.inference_mode():
                 for _ in range(args.rounds):
                     for key, mod in (("fp", fp), ("q", holder.fc)):
-                        times[key].append(_us_per_call(mod, x, args.seconds / 5))
+                        times[key].append(_us_per_call(mod, x, args.seconds / 5, clock))
             f, i = statistics.median(times["fp"]), statistics.median(times["q"])
             print(f"| {d_in} x {d_out} | {b} | {f:.1f} | {i:.1f} | {f / i:.2f}x |")
 
 
-def _us_per_call(mod, x, seconds: float) -> float:
+def _us_per_call(mod, x, seconds: float, clock) -> float:
     mod(x)
-    n, start = 0, time.perf_counter()
-    while n < 20 or time.perf_counter() - start < seconds:
+    n, start = 0, clock()
+    while n < 20 or clock() - start < seconds:
         mod(x)
         n += 1
-    return (time.perf_counter() - start) / n * 1e6
+    return (clock() - start) / n * 1e6
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ def run(args) -> int:
 
     res = quantize_export(args.model_dir, args.quantize, out=args.out)
     before, after = res["source_weights_bytes"], res["weights_bytes"]
-    what = f"{res['linear_layers']} linear layers in int8" if res["mode"] == "int8" else f"weights in {res['mode']}"
+    what = (f"{res['linear_layers']} linear layers on int8 kernels, {res['int8_weights']} more weight tensors "
+            "stored in int8" if res["mode"] == "int8" else f"weights in {res['mode']}")
     print(f"wrote {res['out']} ({what})")
     print(f"model.safetensors: {before / 1e6:.3f} MB -> {after / 1e6:.3f} MB ({after / before:.2f}x)")
     print(f"compare it with the original: mmray evaluate {res['out']} --data DATASET_DIR")

@@ -5,22 +5,23 @@ reads the result like any export; ``mmray evaluate`` on it adds :func:`compare_w
 
 How each mode is stored and run (the folder stays safetensors + config, never a pickled module):
 
-- ``int8``: every ``nn.Linear`` is dynamically quantised. Its weight is stored as ``NAME.weight``
-  (``int8 [out, in]``, symmetric per output channel) with ``NAME.weight_scale`` (``float32 [out]``);
-  at load the layer becomes ``torch.ao.nn.quantized.dynamic.Linear`` (int8 weights, activations
-  quantised per batch at run time, int8 matmul on CPU). The other weight tensors of at least
-  :data:`MIN_WEIGHT_ONLY_ELEMENTS` elements (convolution kernels, embedding tables, attention
-  projections) are stored the same way but widened to float32 at load ("weight-only": smaller
-  files, float compute). Biases and norm parameters stay float32. Where the build of torch has no
-  quantised engine the linear layers are widened too (same files, float compute).
+- ``int8``: every ``nn.Linear`` of at least :data:`MIN_INT8_KERNEL_ELEMENTS` weights is dynamically
+  quantised. Its weight is stored as ``NAME.weight`` (``int8 [out, in]``, symmetric per output
+  channel) with ``NAME.weight_scale`` (``float32 [out]``); at load the layer becomes
+  ``torch.ao.nn.quantized.dynamic.Linear`` (int8 weights, activations quantised per batch at run
+  time, int8 matmul on CPU). The other weight tensors of at least :data:`MIN_WEIGHT_ONLY_ELEMENTS`
+  elements (smaller linear layers, convolution kernels, embedding tables, attention projections) are
+  stored the same way but widened to float32 at load ("weight-only": smaller files, float compute).
+  Biases and norm parameters stay float32. Where the build of torch has no quantised engine the
+  linear layers are widened too (same files, float compute).
 - ``fp16`` / ``bf16``: every floating tensor is stored in half precision and widened to float32 at
   load. On CPU, half-precision compute is slower than float32 for these models (see
   ``benchmarks/RESULTS.md``), so these modes save disk and download size, not latency.
 
 The folder records its mode in ``quantization.json`` (and in the safetensors metadata):
-``{"mode", "source", "source_weights_bytes", "source_metrics", "linear_layers", "int8_weights",
-"versions"}``. Every other file of the
-source export (config, labels, tokenizer, metrics, versions, anything else it carries) is copied.
+``{"mode", "source", "source_weights_bytes", "source_metrics", "linear_layers" (int8 kernels),
+"int8_weights" (weight-only), "versions"}``. Every other file of the source export (config, labels,
+tokenizer, metrics, versions, anything else it carries) is copied.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -48,6 +49,10 @@ SCALE_SUFFIX = "_scale"  # int8 tensor KEY is stored with its per-row float32 sc
 # Other weight tensors (convolution kernels, embedding tables, attention projections) this large or
 # larger are stored as int8 too and widened to float32 at load: smaller files, float compute.
 MIN_WEIGHT_ONLY_ELEMENTS = 1024
+# Linear layers run torch's int8 kernel from this many weights (512 x 512) up. Below it the kernel's
+# per-call cost (quantising the activations) made it slower than float32 at batch 1 on CPU
+# (benchmarks/RESULTS.md); such layers are stored in int8 and widened at load like the rest.
+MIN_INT8_KERNEL_ELEMENTS = 512 * 512
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Outputs of `mmray evaluate` describe the source model, not the copy: never carried over.
 _NOT_COPIED = (WEIGHTS_FILE, QUANTIZATION_FILE, "eval-*.json", "confusion-*.png", "compare-*.json")
@@ -90,10 +95,10 @@ def check_export_dir(path: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------ compressing
-def quantizable_linears(model: nn.Module) -> list[str]:
-    """Names of the plain ``nn.Linear`` modules (subclasses such as attention's ``out_proj`` are
-    called through their weight tensor, not their forward, so they stay float)."""
-    return [name for name, m in model.named_modules() if type(m) is nn.Linear]
+def quantizable_linears(model: nn.Module, min_elements: int = 0) -> list[str]:
+    """Names of the plain ``nn.Linear`` modules with at least ``min_elements`` weights (subclasses such
+    as attention's ``out_proj`` are called through their weight tensor, not their forward)."""
+    return [name for name, m in model.named_modules() if type(m) is nn.Linear and m.weight.numel() >= min_elements]
 
 
 def quantize_weight_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +123,8 @@ def _per_row(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return scale.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def compress_state(model: nn.Module, mode: str) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+def compress_state(model: nn.Module, mode: str, min_kernel_elements: int = MIN_INT8_KERNEL_ELEMENTS,
+                   ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
     """The tensors to store for ``model`` in ``mode``, the linear layers that run in int8, and the
     other state keys stored as int8 but computed in float32 (both lists empty for fp16 / bf16).
 
@@ -130,7 +136,7 @@ def compress_state(model: nn.Module, mode: str) -> tuple[dict[str, torch.Tensor]
     if mode in HALF_DTYPES:
         dtype = HALF_DTYPES[mode]
         return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, [], []
-    linears = quantizable_linears(model)
+    linears = quantizable_linears(model, min_kernel_elements)
     linear_weights = {f"{name}.weight" for name in linears}
     weight_only = [k for k, v in state.items() if k not in linear_weights and v.is_floating_point()
                    and v.dim() >= 2 and v.numel() >= MIN_WEIGHT_ONLY_ELEMENTS]
@@ -153,16 +159,20 @@ def folder_bytes(path: str | Path) -> int:
                if f.is_file() and not (f.parent == root and any(f.match(p) for p in added)))
 
 
-def quantize_export(model_dir: str | Path, mode: str, out: str | Path | None = None) -> dict[str, Any]:
+def quantize_export(model_dir: str | Path, mode: str, out: str | Path | None = None,
+                    min_kernel_elements: int = MIN_INT8_KERNEL_ELEMENTS) -> dict[str, Any]:
     """Write a compressed copy of the export at ``model_dir``.
 
     Args:
         model_dir: a full-precision model export folder.
         mode: ``int8``, ``fp16`` or ``bf16`` (see the module docstring).
         out: the new folder; default the sibling ``<model_dir>-<mode>``. An earlier export there is replaced.
+        min_kernel_elements: ``int8`` only: linear layers with fewer weights are stored int8 but run in
+            float32 (0 = every linear layer runs the int8 kernel).
 
     Returns:
-        ``{"out", "mode", "linear_layers", "source_weights_bytes", "weights_bytes"}``.
+        ``{"out", "mode", "linear_layers", "int8_weights", "source_weights_bytes", "weights_bytes"}``
+        (the two counts: layers on int8 kernels, other tensors stored in int8).
 
     Raises:
         UserError: an unknown mode, ``model_dir`` is not an export or is already compressed, or
@@ -179,7 +189,7 @@ def quantize_export(model_dir: str | Path, mode: str, out: str | Path | None = N
         raise UserError(f"--out {dest}: is the source export itself; choose another folder")
 
     predictor = load_model(src)
-    state, linears, weight_only = compress_state(predictor.model, mode)
+    state, linears, weight_only = compress_state(predictor.model, mode, min_kernel_elements)
     source_metrics = _read_json(src / "metrics.json")
     spec = {
         "mode": mode,
@@ -205,6 +215,7 @@ def quantize_export(model_dir: str | Path, mode: str, out: str | Path | None = N
         "out": str(dest),
         "mode": mode,
         "linear_layers": len(linears),
+        "int8_weights": len(weight_only),
         "source_weights_bytes": spec["source_weights_bytes"],
         "weights_bytes": (dest / WEIGHTS_FILE).stat().st_size,
     }
@@ -313,15 +324,20 @@ def _disable_transformer_fast_path(model: nn.Module, quantized: set[str]) -> Non
 
 
 # ------------------------------------------------------------------ measuring
-def latency_ms(predictor: Any, batch: Mapping[str, Any], min_seconds: float = 0.5, min_repeats: int = 5) -> float:
-    """Milliseconds per sample of ``predictor.predict_batch(batch)`` (after one warm-up call)."""
+def latency_ms(predictor: Any, batch: Mapping[str, Any], min_seconds: float = 0.5, min_repeats: int = 5,
+               clock: Callable[[], float] = time.perf_counter) -> float:
+    """Milliseconds per sample of ``predictor.predict_batch(batch)`` (after one warm-up call).
+
+    ``clock`` is wall-clock time by default; ``time.thread_time`` measures this thread's CPU time,
+    which on a busy machine (with one torch thread) is the latency the call would have on an idle core.
+    """
     rows = len(batch["label"])
     predictor.predict_batch(batch)
-    n, start = 0, time.perf_counter()
-    while n < min_repeats or time.perf_counter() - start < min_seconds:
+    n, start = 0, clock()
+    while n < min_repeats or clock() - start < min_seconds:
         predictor.predict_batch(batch)
         n += 1
-    return (time.perf_counter() - start) / n / rows * 1000.0
+    return (clock() - start) / n / rows * 1000.0
 
 
 def _rows(batch: Mapping[str, Any], n: int) -> dict[str, Any]:

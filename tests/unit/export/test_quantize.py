@@ -15,8 +15,8 @@ from mmray.config import UserError
 from mmray.data.reader import iter_batches
 from mmray.export import load_model
 from mmray.export.quantize import (
-    compare_with_source, default_out, dequantize_int8, format_comparison, quantize_export,
-    quantize_weight_int8, read_quantization,
+    compare_with_source, compress_state, default_out, dequantize_int8, format_comparison, load_compressed_state,
+    quantize_export, quantize_weight_int8, read_quantization,
 )
 
 
@@ -44,7 +44,7 @@ def test_int8_round_trip_is_within_half_a_step_per_row():
 
 @pytest.mark.parametrize("mode,tolerance", [("int8", 0.05), ("fp16", 2e-3), ("bf16", 2e-2)])
 def test_each_mode_predicts_like_the_original_and_records_itself(exported, source, mode, tolerance):
-    res = quantize_export(source, mode)
+    res = quantize_export(source, mode, min_kernel_elements=0)  # the tiny model's layers on int8 kernels too
     out = default_out(source, mode)
     assert res["out"] == str(out) and out.name == f"export-{mode}"
     spec = read_quantization(out)
@@ -72,7 +72,7 @@ def test_each_mode_predicts_like_the_original_and_records_itself(exported, sourc
 
 def test_int8_transformer_text_encoder_matches_float_on_raw_inputs(source):
     """The text encoder's feed-forward layers run in int8 (the fused transformer kernel cannot)."""
-    quantize_export(source, "int8")
+    quantize_export(source, "int8", min_kernel_elements=0)
     original, compressed = load_model(source), load_model(default_out(source, "int8"))
     texts = ["a faint hum", "a red square", None]
     a = [r["probabilities"] for r in original.predict(texts=texts)]
@@ -82,7 +82,7 @@ def test_int8_transformer_text_encoder_matches_float_on_raw_inputs(source):
 
 
 def test_compressed_export_loads_and_predicts_without_ray(source):
-    quantize_export(source, "int8")
+    quantize_export(source, "int8", min_kernel_elements=0)
     code = (
         "import sys, mmray\n"
         f"p = mmray.load_model({str(default_out(source, 'int8'))!r})\n"
@@ -92,6 +92,24 @@ def test_compressed_export_loads_and_predicts_without_ray(source):
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_only_wide_linear_layers_run_int8_kernels_by_default():
+    model = torch.nn.Sequential(torch.nn.Linear(600, 600), torch.nn.ReLU(), torch.nn.Linear(600, 16),
+                                torch.nn.Linear(16, 2))
+    state, kernels, weight_only = compress_state(model, "int8")
+    assert kernels == ["0"] and weight_only == ["2.weight"]  # 16 x 2 is too small to be worth storing in int8
+    assert state["0.weight"].dtype == state["2.weight"].dtype == torch.int8
+    assert state["3.weight"].dtype == torch.float32 and state["0.bias"].dtype == torch.float32
+    model.eval()
+    rebuilt = torch.nn.Sequential(torch.nn.Linear(600, 600), torch.nn.ReLU(), torch.nn.Linear(600, 16),
+                                  torch.nn.Linear(16, 2))
+    load_compressed_state(rebuilt, state, {"mode": "int8", "linear_layers": kernels, "int8_weights": weight_only})
+    assert type(rebuilt[0]).__module__.startswith("torch.ao.nn.quantized")
+    assert type(rebuilt[2]) is torch.nn.Linear
+    x = torch.randn(4, 600)
+    with torch.inference_mode():
+        assert (rebuilt(x) - model(x)).abs().max() < 0.05
 
 
 def test_bad_requests_are_user_errors(source, tmp_path):
@@ -173,7 +191,7 @@ def test_int8_keeps_a_trained_models_accuracy_and_shrinks_it(tmp_path):
     best = next(c for c in ctx.checkpoints if c.endswith(f"{state.best_epoch:04d}"))
     export_checkpoint(config, read_dataset_info(config.data.path), best, str(tmp_path / "export"))
 
-    quantize_export(tmp_path / "export", "int8")
+    quantize_export(tmp_path / "export", "int8", min_kernel_elements=0)
     result = compare_with_source(tmp_path / "export-int8", tmp_path / "data", split="test")
     original, int8 = result["original"], result["compressed"]
     assert original["accuracy"] > 0.33, result  # learned: chance is 1/6
