@@ -7,15 +7,15 @@ Copies MODEL_DIR into --work, writes its int8, fp16 and bf16 copies there with t
 - accuracy on the split, and the share of rows predicted like the original;
 - CPU latency per sample of `Predictor.predict_batch` (decoding excluded) at batch 1 and batch --batch,
   median of --rounds rounds, in this thread's CPU time by default (--clock cpu, with one torch
-  thread: the latency on an idle core, steady while other jobs share the machine); the models alternate inside each round so that every ratio compares
-  measurements taken under the same background load;
+  thread: the latency on an idle core, steady while other jobs share the machine); the models
+  alternate inside each round so that every ratio compares measurements taken under the same load;
 - an int8 copy with every linear layer on the int8 kernel (`min_kernel_elements=0`), next to the
   default that keeps layers under 512 x 512 weights in float32 compute;
 - for the record, half-precision *compute* on CPU (the original's weights and inputs cast to bf16 /
   fp16, and bf16 autocast), which is why fp16/bf16 exports are widened to float32 at load.
 
 Run (after `make quickstart`):
-    .venv/bin/python benchmarks/quantize.py --model runs/quickstart/export --data data/synth
+    .venv/bin/python benchmarks/quantize.py --model runs/quickstart/export --data data/synth --rounds 7 --layers
 """
 from __future__ import annotations
 

@@ -452,7 +452,8 @@ def format_comparison(result: Mapping[str, Any]) -> str:
         ("f1", num(orig.get("f1"), ".4f"), num(comp.get("f1"), ".4f")),
         ("weights on disk", mb(orig.get("weights_bytes")), mb(comp.get("weights_bytes"))),
         ("export folder", mb(orig.get("folder_bytes")), mb(comp.get("folder_bytes"))),
-        ("ms/sample, batch 1", num(orig.get("ms_per_sample_batch1"), ".3f"), num(comp.get("ms_per_sample_batch1"), ".3f")),
+        ("ms/sample, batch 1", num(orig.get("ms_per_sample_batch1"), ".3f"),
+         num(comp.get("ms_per_sample_batch1"), ".3f")),
         (f"ms/sample, batch {b}", num(orig.get("ms_per_sample_batched"), ".3f"),
          num(comp.get("ms_per_sample_batched"), ".3f")),
     ]
