@@ -12,7 +12,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 # verb modules, each with register(subparsers) -> None; imported lazily so `mmray --help` is fast
 VERBS = ("data", "validate", "render_config", "ls", "train", "tune", "report", "evaluate", "predict",
-         "submit", "jobs")
+         "export", "submit", "jobs")
 
 
 class _Parser(argparse.ArgumentParser):

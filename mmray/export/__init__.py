@@ -4,9 +4,10 @@ Never imports Ray: an export is used at inference time on machines without a clu
 """
 from mmray.export.evaluate import evaluate, format_evaluation, plot_confusion, predict_dataset
 from mmray.export.loader import Predictor, load_model
+from mmray.export.quantize import compare_with_source, quantize_export
 from mmray.export.writer import collect_versions, export_files, write_export
 
 __all__ = [
-    "Predictor", "collect_versions", "evaluate", "export_files", "format_evaluation", "load_model",
-    "plot_confusion", "predict_dataset", "write_export",
+    "Predictor", "collect_versions", "compare_with_source", "evaluate", "export_files", "format_evaluation",
+    "load_model", "plot_confusion", "predict_dataset", "quantize_export", "write_export",
 ]

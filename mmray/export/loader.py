@@ -170,6 +170,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Predicto
             match the model the config describes.
     """
     from mmray.data.decode import Preprocessor
+    from mmray.export.quantize import load_compressed_state, read_quantization
     from mmray.models.builder import build_job_model, job_tasks
 
     root = Path(path)
@@ -187,8 +188,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Predicto
         state = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError) as e:
         raise UserError(f"{weights_path}: not a readable safetensors file: {e}") from None
+    compressed = read_quantization(root)  # int8 / fp16 / bf16 copies written by `mmray export`
+    if compressed is not None and compressed["mode"] == "int8" and dev.type != "cpu":
+        raise UserError(f"{root}: an int8 export runs on CPU only; load it with device='cpu'")
     try:
-        model.load_state_dict(state, strict=True)
+        if compressed is None:
+            model.load_state_dict(state, strict=True)
+        else:
+            load_compressed_state(model, state, compressed)
     except RuntimeError as e:
         raise UserError(f"{weights_path}: weights do not match the model in {root / CONFIG_FILE}: {e}") from None
     model.to(dev).eval()

@@ -48,7 +48,7 @@ def test_ls_lists_every_registered_component(capsys):
 
 
 @pytest.mark.parametrize("verb", ["data synth", "data inspect", "validate", "render-config", "ls", "train",
-                                  "evaluate", "predict"])
+                                  "evaluate", "predict", "export"])
 def test_every_verb_has_help_with_an_example(verb, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([*verb.split(), "--help"])
