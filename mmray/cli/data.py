@@ -66,7 +66,8 @@ def _register_prepare(verbs) -> None:
                    help="any rejected row or missing modality is an error (exit 2) naming the first rows; "
                         "nothing is written")
     p.add_argument("--workers", type=int, default=0,
-                   help="processes decoding media (default 0 = one per CPU for 2,000+ rows; 1 = no pool)")
+                   help="processes decoding media (default 0 = automatic: one per CPU, at most 8, for 2,000+ rows "
+                        "on 4+ CPUs; 1 = all in this process)")
     p.add_argument("--shard-mb", type=int, default=256, help="start a new shard after this many MB (default 256)")
 
 

@@ -57,7 +57,11 @@ IMAGE_CHECK_SIZE = 32  # decoding at a small size still reads every byte of the 
 AUDIO_CHECK_SECONDS = 3600.0  # read the whole recording (up to an hour), as a long crop would
 CHUNK_ROWS = 64  # rows per worker task
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-AUTO_PARALLEL_ROWS = 2000  # below this, worker start-up costs more than it saves (see benchmarks/RESULTS.md)
+# The pool costs ~1.5x the CPU per row of the serial path (file bytes travel back to this process), so it
+# pays only with spare cores and enough rows (benchmarks/RESULTS.md, "data prepare").
+AUTO_PARALLEL_ROWS = 2000
+AUTO_PARALLEL_MIN_CPUS = 4
+AUTO_MAX_WORKERS = 8
 STRICT_SHOWN = 10
 
 
@@ -259,8 +263,8 @@ def prepare(
         label_type: ``auto`` | ``int`` | ``str`` for every label column (see :class:`LabelMap`).
         val_fraction, test_fraction: the hash split's fractions (ignored with a split column).
         strict: any problem at all raises :class:`UserError` naming the first rows; nothing is written.
-        workers: worker processes for the media checks; 0 = automatic (one per CPU for large
-            manifests, none for small ones), 1 = all in this process.
+        workers: worker processes for the media checks; 0 = automatic (one per CPU, at most 8,
+            for 2,000+ rows on 4+ CPUs; otherwise none), 1 = all in this process.
         shard_mb: start a new shard after this many MB of row data.
         command: the command line recorded in ``dataset.json``.
         progress: called as ``progress(rows_done, rows_total, kept, rejected)`` while it works.
@@ -277,7 +281,7 @@ def prepare(
         labels[task] = LabelMap.fit(col, manifest.columns[col], label_type)
     out = os.path.abspath(out)
     replaced = _check_out(out)
-    n_workers = workers or (os.cpu_count() or 1 if manifest.num_rows >= AUTO_PARALLEL_ROWS else 1)
+    n_workers = workers or _auto_workers(manifest.num_rows)
 
     staging = f"{out}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -306,6 +310,13 @@ def prepare(
         split_source=f"from column {cols.split!r}" if cols.split else
         f"by id hash, val {val_fraction:g} / test {test_fraction:g}",
     )
+
+
+def _auto_workers(rows: int) -> int:
+    cpus = os.cpu_count() or 1
+    if rows < AUTO_PARALLEL_ROWS or cpus < AUTO_PARALLEL_MIN_CPUS:
+        return 1
+    return min(cpus, AUTO_MAX_WORKERS)
 
 
 def _check_options(out: str, label_type: str, val_fraction: float, test_fraction: float,

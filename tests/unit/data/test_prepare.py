@@ -231,3 +231,16 @@ def test_training_on_a_prepared_folder_learns(tmp_path):
     config = small_job(report.info.path, epochs=3, workers=1, batch_size=16)
     state, _ = train_local(config, str(tmp_path / "run"))
     assert state.best_value > 0.75, state.history
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere():
+    from mmray.data.prepare import PrepareProgress
+
+    tty, log = io.StringIO(), io.StringIO()
+    bar, lines = PrepareProgress(tty, tty=True), PrepareProgress(log, tty=False, every_s=0.0)
+    for done in (64, 128, 200):
+        bar(done, 200, done - 3, 3)
+        lines(done, 200, done - 3, 3)
+    assert "prepare" in tty.getvalue() and "200/200" in tty.getvalue() and "\r" in tty.getvalue()
+    assert log.getvalue().splitlines()[-1].startswith("mmray prepare rows=200/200 kept=197 rejected=3 rows_per_s=")
+    assert "\r" not in log.getvalue()
