@@ -19,6 +19,7 @@ _EXPORTS = {
     "write_dataset_info": ".dataset_dir",
     "shard_schema": ".dataset_dir",
     "synth": ".synth",
+    "prepare": ".prepare",
     "TextTokenizer": ".tokenizer",
     "Preprocessor": ".decode",
     "BadRecordError": ".decode",
