@@ -25,6 +25,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -159,7 +160,8 @@ def check_media(folder: str, cells: list[dict[str, Any]]) -> list[dict[str, tupl
             data, reason, detail = _read_file(folder, cell)
             if data is not None:
                 check = _check_image if modality == "image" else _check_audio
-                done[modality] = check(data)
+                value, fmt, reason, why = check(data)
+                done[modality] = (value, fmt, reason, f"{detail}: {why}" if why else detail if reason else "")
             else:
                 done[modality] = (None, None, reason, detail)
         out.append(done)
@@ -184,6 +186,11 @@ def _read_file(folder: str, cell: Any) -> tuple[bytes | None, str, str]:
     return data, "", path
 
 
+def _error(e: Exception) -> str:
+    """A decoder's error for a person: no object addresses (PIL names the BytesIO it was given)."""
+    return f"{type(e).__name__}: " + re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
+
+
 def _check_image(data: bytes) -> tuple:
     from PIL import Image
 
@@ -194,7 +201,7 @@ def _check_image(data: bytes) -> tuple:
             fmt = img.format or "?"
         image_pixels(data, IMAGE_CHECK_SIZE)  # the training decoder: forces a full decode
     except Exception as e:  # any decoder error means "not a readable image"
-        return None, None, "cannot decode image", f"{type(e).__name__}: {e}"
+        return None, None, "cannot decode image", _error(e)
     if fmt in KEPT_IMAGE_FORMATS:
         return data, KEPT_IMAGE_FORMATS[fmt], None, ""
     with Image.open(io.BytesIO(data)) as img:  # a format the contract does not store: re-encode losslessly
@@ -215,9 +222,9 @@ def _check_audio(data: bytes) -> tuple:
     except ValueError as e:
         if "no samples" in str(e):
             return None, None, "audio has no samples", ""
-        return None, None, "cannot decode audio", f"{type(e).__name__}: {e}"
+        return None, None, "cannot decode audio", _error(e)
     except Exception as e:  # any decoder error means "not readable audio"
-        return None, None, "cannot decode audio", f"{type(e).__name__}: {e}"
+        return None, None, "cannot decode audio", _error(e)
     if fmt in KEPT_AUDIO_FORMATS:
         return data, KEPT_AUDIO_FORMATS[fmt], None, ""
     wave, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
