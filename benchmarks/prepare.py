@@ -4,6 +4,7 @@ Run with:
 
     .venv/bin/python benchmarks/prepare.py                    # 3,000 rows, 256 px JPEG + 1 s WAV + caption
     .venv/bin/python benchmarks/prepare.py --rows 20000 --ray # bigger, and the media stage on Ray Data too
+    .venv/bin/python benchmarks/prepare.py --image-format png --audio-format flac   # costlier decodes
 
 Makes a folder of real files (the built-in dataset's pictures upscaled to ``--image-size`` and saved
 as JPEG, its 16 kHz WAV tones, its captions) and a CSV manifest, then times, alternating so each
@@ -34,6 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mmray.data.manifest import ColumnMap  # noqa: E402
@@ -41,7 +43,7 @@ from mmray.data.prepare import CHUNK_ROWS, _map_media, check_media, prepare  # n
 from mmray.data.synth import CLASS_NAMES, PITCHES, SHAPES, _audio, _image, _text  # noqa: E402
 
 
-def make_files(root: str, rows: int, image_size: int) -> str:
+def make_files(root: str, rows: int, image_size: int, image_format: str = "jpg", audio_format: str = "wav") -> str:
     media = os.path.join(root, "media")
     os.makedirs(media, exist_ok=True)
     with open(os.path.join(root, "manifest.csv"), "w", newline="") as f:
@@ -52,10 +54,16 @@ def make_files(root: str, rows: int, image_size: int) -> str:
             label = int(rng.integers(len(CLASS_NAMES)))
             shape, pitch = SHAPES[label // 2], PITCHES[label % 2]
             img = Image.open(io.BytesIO(_image(rng, shape))).resize((image_size, image_size), Image.BILINEAR)
-            img.save(os.path.join(media, f"{i}.jpg"), quality=90)
-            with open(os.path.join(media, f"{i}.wav"), "wb") as out:
-                out.write(_audio(rng, pitch))
-            w.writerow([f"r{i}", f"media/{i}.jpg", f"media/{i}.wav", _text(rng, shape, pitch), CLASS_NAMES[label]])
+            img.save(os.path.join(media, f"{i}.{image_format}"), **({"quality": 90} if image_format == "jpg" else {}))
+            wav = _audio(rng, pitch)
+            if audio_format == "flac":
+                data, rate = sf.read(io.BytesIO(wav), dtype="int16")
+                sf.write(os.path.join(media, f"{i}.flac"), data, rate, format="FLAC")
+            else:
+                with open(os.path.join(media, f"{i}.wav"), "wb") as out:
+                    out.write(wav)
+            w.writerow([f"r{i}", f"media/{i}.{image_format}", f"media/{i}.{audio_format}", _text(rng, shape, pitch),
+                         CLASS_NAMES[label]])
     return os.path.join(root, "manifest.csv")
 
 
@@ -74,8 +82,9 @@ def end_to_end(manifest: str, root: str, workers: int) -> tuple[float, float]:
     return report.rows_in / report.seconds, 1000 * cpu / report.rows_in
 
 
-def media_chunks(root: str, rows: int) -> list[list[tuple[int, dict]]]:
-    items = [(i + 1, {"_cells": {"image": f"media/{i}.jpg", "audio": f"media/{i}.wav"}}) for i in range(rows)]
+def media_chunks(rows: int, image_format: str, audio_format: str) -> list[list[tuple[int, dict]]]:
+    items = [(i + 1, {"_cells": {"image": f"media/{i}.{image_format}", "audio": f"media/{i}.{audio_format}"}})
+             for i in range(rows)]
     return [items[i : i + CHUNK_ROWS] for i in range(0, rows, CHUNK_ROWS)]
 
 
@@ -96,7 +105,9 @@ def stage_ray(root: str, chunks, workers: int) -> float:
     def check(batch):
         cells = [{"image": i, "audio": a} for i, a in zip(batch["image"], batch["audio"])]
         res = check_media(root, cells)
-        return {"row": batch["row"], "ok": np.array([r["image"][0] is not None for r in res])}
+        image, audio = np.empty(len(res), dtype=object), np.empty(len(res), dtype=object)
+        image[:], audio[:] = [r["image"][0] for r in res], [r["audio"][0] for r in res]
+        return {"row": batch["row"], "image": image, "audio": audio}  # the bytes travel back, as in the pool
 
     t = time.perf_counter()
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(chunks))).map_batches(check, batch_size=CHUNK_ROWS)
@@ -108,6 +119,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=3000)
     p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-format", choices=("jpg", "png"), default="jpg")
+    p.add_argument("--audio-format", choices=("wav", "flac"), default="wav")
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--ray", action="store_true", help="also time the media stage on Ray Data")
@@ -115,8 +128,8 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="mmray-prepare-bench-")
     try:
         t = time.perf_counter()
-        manifest = make_files(root, args.rows, args.image_size)
-        print(f"made {args.rows} rows of {args.image_size}px JPEG + 1 s WAV + caption in {time.perf_counter() - t:.0f} s; "
+        manifest = make_files(root, args.rows, args.image_size, args.image_format, args.audio_format)
+        print(f"made {args.rows} rows of {args.image_size}px {args.image_format} + 1 s {args.audio_format} + caption in {time.perf_counter() - t:.0f} s; "
               f"{os.cpu_count()} CPUs, pool of {args.workers}")
         end_to_end(manifest, root, 1)  # warm-up: imports, page cache
         serial, pool = [], []
@@ -129,7 +142,7 @@ def main() -> None:
               f"pool/serial {q_cpu / s_cpu:.2f}x (the pool's overhead; wall speed-up needs idle cores)")
         print(f"load average during the runs: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         if args.ray:
-            chunks = media_chunks(root, args.rows)
+            chunks = media_chunks(args.rows, args.image_format, args.audio_format)
             stage_ray(root, chunks, args.workers)  # warm-up: Ray start, workers
             res = {"serial": [], "pool": [], "ray": []}
             for _ in range(args.rounds):

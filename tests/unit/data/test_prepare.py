@@ -244,3 +244,15 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere():
     assert "prepare" in tty.getvalue() and "200/200" in tty.getvalue() and "\r" in tty.getvalue()
     assert log.getvalue().splitlines()[-1].startswith("mmray prepare rows=200/200 kept=197 rejected=3 rows_per_s=")
     assert "\r" not in log.getvalue()
+
+
+def test_text_only_jsonl_with_a_broken_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    lines = [json.dumps({"id": f"t{i}", "text": f"note {i}", "label": i % 2}) for i in range(6)]
+    lines.insert(2, "{oops")
+    path.write_text("\n".join(lines) + "\n")
+    report = prepare(str(path), str(tmp_path / "ds"), workers=1)
+    assert (report.rows_in, report.kept, report.rejected) == (7, 6, 1)
+    assert report.rejected_by_reason == {"row: unreadable row": 1}
+    assert _decisions(report.info)[0]["row"] == 3 and report.info.modalities == ("text",)
+    assert os.path.isfile(os.path.join(report.info.path, "tokenizer", "tokenizer.json"))
