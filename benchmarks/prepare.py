@@ -67,19 +67,20 @@ def make_files(root: str, rows: int, image_size: int, image_format: str = "jpg",
     return os.path.join(root, "manifest.csv")
 
 
-def _cpu_s() -> float:
+def _cpu_s() -> np.ndarray:
+    """CPU seconds of (this process, its finished child processes)."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    return np.array([own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime])
 
 
-def end_to_end(manifest: str, root: str, workers: int) -> tuple[float, float]:
-    """``(rows/s wall, CPU ms per row over this process and its finished workers)``."""
+def end_to_end(manifest: str, root: str, workers: int) -> tuple[float, float, float]:
+    """``(rows/s wall, CPU ms per row in all processes, CPU ms per row in this process)``."""
     out = os.path.join(root, f"ds-{workers}")
     cpu = _cpu_s()
     report = prepare(manifest, out, workers=workers, columns=ColumnMap())
-    cpu = _cpu_s() - cpu
+    cpu = 1000 * (_cpu_s() - cpu) / report.rows_in
     shutil.rmtree(out)
-    return report.rows_in / report.seconds, 1000 * cpu / report.rows_in
+    return report.rows_in / report.seconds, float(cpu.sum()), float(cpu[0])
 
 
 def media_chunks(rows: int, image_format: str, audio_format: str) -> list[list[tuple[int, dict]]]:
@@ -136,10 +137,12 @@ def main() -> None:
         for _ in range(args.rounds):
             serial.append(end_to_end(manifest, root, 1))
             pool.append(end_to_end(manifest, root, args.workers))
-        (s, s_cpu), (q, q_cpu) = np.mean(serial, axis=0), np.mean(pool, axis=0)
+        (s, s_cpu, _), (q, q_cpu, q_parent) = np.mean(serial, axis=0), np.mean(pool, axis=0)
         print(f"end to end   serial {s:8.0f} rows/s   pool({args.workers}) {q:8.0f} rows/s   pool/serial {q / s:.2f}x")
         print(f"CPU per row  serial {s_cpu:8.2f} ms       pool({args.workers}) {q_cpu:8.2f} ms       "
               f"pool/serial {q_cpu / s_cpu:.2f}x (the pool's overhead; wall speed-up needs idle cores)")
+        print(f"pool: {q_parent:.2f} ms per row in this process (manifest, writer), {q_cpu - q_parent:.2f} ms in the "
+              f"workers: with idle cores the speed-up is bounded by {s_cpu / q_parent:.1f}x")
         print(f"load average during the runs: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         if args.ray:
             chunks = media_chunks(args.rows, args.image_format, args.audio_format)
