@@ -256,3 +256,6 @@ def test_text_only_jsonl_with_a_broken_line(tmp_path):
     assert report.rejected_by_reason == {"row: unreadable row": 1}
     assert _decisions(report.info)[0]["row"] == 3 and report.info.modalities == ("text",)
     assert os.path.isfile(os.path.join(report.info.path, "tokenizer", "tokenizer.json"))
+    again = prepare(str(path), str(tmp_path / "ds"), workers=1)  # an earlier dataset is replaced whole
+    assert again.replaced and "replaced the old dataset" in again.summary()
+    assert sorted(os.listdir(tmp_path)) == ["ds", "m.jsonl"]
