@@ -2,7 +2,8 @@
 
 Modules: ``dataset_dir`` (dataset.json + shard writer), ``synth`` (the built-in dataset),
 ``tokenizer`` (TextTokenizer), ``decode`` (Preprocessor: raw rows -> model batches), ``reader``
-(in-process batches, no Ray), ``pipeline`` (Ray Data; the only module here that imports Ray),
+(in-process batches, no Ray), ``manifest`` and ``prepare`` (``mmray data prepare``: a user's
+manifest -> a dataset directory), ``pipeline`` (Ray Data; the only module here that imports Ray),
 ``inspect`` (the ``mmray data inspect`` report).
 
 Names are imported lazily so that ``import mmray.data`` stays cheap and never imports Ray.
@@ -19,6 +20,7 @@ _EXPORTS = {
     "write_dataset_info": ".dataset_dir",
     "shard_schema": ".dataset_dir",
     "synth": ".synth",
+    "prepare": ".prepare",
     "TextTokenizer": ".tokenizer",
     "Preprocessor": ".decode",
     "BadRecordError": ".decode",

@@ -40,6 +40,13 @@ def inspect_dataset(path: str) -> str:
     lines.append(f"rejected rows: {rej.get('rows', 0)}")
     for reason, count in sorted((rej.get("by_reason") or {}).items(), key=lambda kv: -kv[1]):
         lines.append(f"  {count:>8}  {reason}")
+    if "rows_in" in rej:  # made by `data prepare`
+        lines.append(f"rows in the manifest: {rej['rows_in']}, kept: {rej.get('kept')}, "
+                     f"kept with a missing modality: {rej.get('partly_missing', 0)}")
+        for reason, count in sorted((rej.get("missing_by_reason") or {}).items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {count:>8}  {reason}")
+        if rej.get("rows") or rej.get("partly_missing"):
+            lines.append(f"  every decision, row by row: {info.path}/{rej.get('file', 'rejected.jsonl')}")
     lines.append("")
     lines.append("sample rows:")
     lines += _samples(info)
