@@ -111,5 +111,6 @@ def train(
     if outcome.best_checkpoint is None:
         raise RuntimeError(f"training reported no checkpoint; see the logs under {run_dir}")
     export_dir = os.path.join(run_dir, EXPORT_DIR)
-    metrics = export_checkpoint(config, info, outcome.best_checkpoint, export_dir)
+    metrics = export_checkpoint(config, info, outcome.best_checkpoint, export_dir,
+                                tensorboard_dir=os.path.join(run_dir, "tensorboard"))
     return RunResult(run_dir, export_dir, metrics, resumed)
