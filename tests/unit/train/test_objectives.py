@@ -185,7 +185,7 @@ def test_adversarial_perturbation_has_the_epsilon_norm_and_increases_the_loss(da
 
 
 def test_training_with_adversarial_perturbations_still_learns(data, tmp_path):
-    config = small_job(data, epochs=4, workers=1, batch_size=16, adversarial={"method": "fgsm", "epsilon": 0.05})
+    config = small_job(data, epochs=3, workers=1, batch_size=32, adversarial={"method": "fgsm", "epsilon": 0.05})
     state, _ = train_local(config, str(tmp_path / "run"))
     first, last = state.history[0], state.history[-1]
     assert last["train.adversarial_loss"] < first["train.adversarial_loss"]
