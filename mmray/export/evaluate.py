@@ -173,7 +173,7 @@ def format_evaluation(result: dict[str, Any]) -> str:
     lines = [
         f"split {result['split']}: {result['rows']} rows evaluated, {result['skipped']} skipped (undecodable)",
         "",
-        f"{'metric':<10} " + " ".join(f"{t:>{max(7, len(t))}}" for t in tasks),
+        f"{'metric':<10} " + (" ".join(f"{t:>{max(7, len(t))}}" for t in tasks) if len(tasks) > 1 else f"{'value':>7}"),
     ]
     for key in ("accuracy", "precision", "recall", "f1"):
         lines.append(f"{key:<10} " + " ".join(f"{m[key]:>{max(7, len(t))}.4f}" for t, m in tasks.items()))
