@@ -129,6 +129,11 @@ def test_evaluate_reports_each_modality_removed_and_alone(exported, model_dir):
     text = format_evaluation(result)
     assert "without image" in text and "only text" in text and "all: audio+image+text" in text
 
+    from mmray.cli.main import main
+
+    assert main(["evaluate", str(model_dir), "--data", str(exported.data_dir), "--no-diagnostics"]) == 0
+    assert json.loads((model_dir / "eval-test.json").read_text())["diagnostics"] == {}
+
 
 def test_evaluate_reports_metrics_per_task_of_a_multi_task_model(exported, tools, tmp_path):
     import pyarrow as pa
