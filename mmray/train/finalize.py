@@ -24,6 +24,31 @@ def checkpoint_epoch(checkpoint_dir: str) -> int:
     return int(blob["train_state"]["epoch"])
 
 
+def supervised_best(config: JobConfig, best_checkpoint: str) -> str:
+    """``best_checkpoint`` unless it is a contrastive pre-training epoch (untrained heads), which Ray may rank
+    first when no later epoch scored better; then the best kept checkpoint of a supervised epoch.
+
+    The run's latest checkpoint is always kept and always supervised (pre-training ends before train.epochs),
+    and its history holds every epoch's metrics.
+    """
+    pretrain = config.train.contrastive.pretrain_epochs
+    if checkpoint_epoch(best_checkpoint) > pretrain:
+        return best_checkpoint
+    root = os.path.dirname(best_checkpoint)
+    kept = {checkpoint_epoch(path): path for path in
+            (os.path.join(root, d) for d in os.listdir(root) if d.startswith("checkpoint_epoch_"))}
+    kept = {epoch: path for epoch, path in kept.items() if epoch > pretrain}
+    if not kept:
+        return best_checkpoint
+    history = torch.load(os.path.join(kept[max(kept)], STATE), map_location="cpu", weights_only=False)[
+        "train_state"]["history"]
+    sign = 1.0 if config.train.mode == "max" else -1.0
+    scored = [m for m in history if int(m["epoch"]) in kept and config.train.metric in m]
+    if not scored:
+        return kept[max(kept)]
+    return kept[int(max(scored, key=lambda m: sign * m[config.train.metric])["epoch"])]
+
+
 def evaluate_splits(model, config: JobConfig, info: DatasetInfo, tasks: dict[str, int], splits=("val", "test")):
     """``{split}.{metric}`` for each split present in the dataset, with the same code the loop uses, plus the
     modality diagnostics ``{split}.diagnostics.{without_<m>|only_<m>}.{accuracy|f1}``."""

@@ -190,3 +190,17 @@ def test_training_with_adversarial_perturbations_still_learns(data, tmp_path):
     first, last = state.history[0], state.history[-1]
     assert last["train.adversarial_loss"] < first["train.adversarial_loss"]
     assert max(m["val.accuracy"] for m in state.history) > 1 / 6 + 0.15  # 6 classes: chance is 0.17
+
+
+def test_a_pretraining_epoch_ranked_best_is_never_exported(data, tmp_path):
+    from mmray.train.finalize import supervised_best
+
+    config = small_job(data, epochs=4, workers=1, contrastive={"pretrain_epochs": 2})
+    accuracy = {1: 0.30, 2: 0.50, 3: 0.20, 4: 0.25}  # pre-training epoch 2 scored best (by chance)
+    history = [{"epoch": float(e), "val.accuracy": a} for e, a in accuracy.items()]
+    for epoch in (2, 3, 4):  # what Ray kept: the 2 best and the latest
+        path = tmp_path / f"checkpoint_epoch_{epoch:04d}"
+        path.mkdir()
+        torch.save({"train_state": {"epoch": epoch, "history": history[:epoch]}}, path / "state.pt")
+    assert supervised_best(config, str(tmp_path / "checkpoint_epoch_0002")) == str(tmp_path / "checkpoint_epoch_0004")
+    assert supervised_best(config, str(tmp_path / "checkpoint_epoch_0003")) == str(tmp_path / "checkpoint_epoch_0003")
