@@ -10,12 +10,14 @@ def register(sub) -> None:
     p.add_argument("model_dir", metavar="MODEL_DIR")
     p.add_argument("--data", required=True, metavar="DIR", help="dataset directory")
     p.add_argument("--split", default="test", help="train, val or test (default: test)")
+    p.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
+                   help="skip the table of accuracy with each modality removed / alone (one extra pass per row)")
 
 
 def run(args) -> int:
     from mmray.export.evaluate import evaluate, format_evaluation
 
-    result = evaluate(args.model_dir, args.data, split=args.split)
+    result = evaluate(args.model_dir, args.data, split=args.split, diagnostics=args.diagnostics)
     print(format_evaluation(result))
     from mmray.export.quantize import compare_with_source, format_comparison, read_quantization
 

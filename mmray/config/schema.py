@@ -139,8 +139,49 @@ class EarlyStoppingConfig(StrictModel):
     min_delta: float = Field(0.0, ge=0)
 
 
+class ContrastiveConfig(StrictModel):
+    """CLIP-style InfoNCE between every pair of modalities, over the rows where both are present.
+
+    An auxiliary loss (``weight``) and/or a pre-training phase (``pretrain_epochs``); both 0 = off.
+    """
+
+    weight: float = Field(
+        0.0, ge=0, description="weight of the contrastive loss added to the supervised loss; 0 = not added"
+    )
+    pretrain_epochs: int = Field(
+        0, ge=0, description="the first N of train.epochs train the encoders on the contrastive loss alone "
+        "(fusion and heads frozen); they are not candidates for the best epoch or early stopping",
+    )
+    temperature: float = Field(0.07, gt=0, description="initial softmax temperature (CLIP: 0.07)")
+    learn_temperature: bool = Field(True, description="learn the temperature (as CLIP's log logit scale)")
+    max_logit_scale: float = Field(
+        100.0, gt=1, description="the learned 1/temperature is clamped to at most this (CLIP: 100)"
+    )
+    projection_dim: Optional[int] = Field(
+        None, gt=0, description="project each modality to this width (linear) before comparing; null = no "
+        "projection when every encoder has the same output width, else the smallest width",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0 or self.pretrain_epochs > 0
+
+
+class AdversarialConfig(StrictModel):
+    """Adversarial training on the modality embeddings (encoder outputs, before fusion)."""
+
+    method: Literal["none", "fgsm", "pgd"] = Field(
+        "none", description="none; fgsm = one step of size epsilon along the loss gradient's sign; pgd = "
+        "`steps` signed steps of `step_size`, projected to the epsilon L-inf ball",
+    )
+    epsilon: float = Field(0.05, gt=0, description="L-inf bound of the perturbation, in embedding units")
+    steps: int = Field(3, ge=1, description="pgd only: gradient-sign steps")
+    step_size: Optional[float] = Field(None, gt=0, description="pgd only: per-step size; null = 2.5 * epsilon / steps")
+    weight: float = Field(1.0, ge=0, description="the loss on the perturbed embeddings is added with this weight")
+
+
 class TrainConfig(StrictModel):
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, description="every epoch run, contrastive pre-training epochs included")
     batch_size: int = Field(64, ge=1, description="per worker")
     grad_accum_steps: int = Field(1, ge=1)
     grad_clip: Optional[float] = Field(1.0, gt=0)
@@ -154,6 +195,8 @@ class TrainConfig(StrictModel):
     task_weights: dict[str, float] = Field(
         default_factory=dict, description="loss weight per task (label, label_<task>); unlisted tasks weigh 1"
     )
+    contrastive: ContrastiveConfig = ContrastiveConfig()
+    adversarial: AdversarialConfig = AdversarialConfig()
     seed: int = 0
     metric: Literal[tuple(METRICS)] = Field("val.accuracy", description="ranks checkpoints and drives early stopping")  # type: ignore[valid-type]
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -173,6 +216,15 @@ class TrainConfig(StrictModel):
     @property
     def mode(self) -> str:
         return METRICS[self.metric]
+
+    @model_validator(mode="after")
+    def _pretrain_leaves_supervised_epochs(self) -> "TrainConfig":
+        if self.contrastive.pretrain_epochs >= self.epochs:
+            raise ValueError(
+                f"train.contrastive.pretrain_epochs: {self.contrastive.pretrain_epochs} must be less than "
+                f"train.epochs ({self.epochs}): pre-training epochs count within train.epochs"
+            )
+        return self
 
 
 class ScalingConfig(StrictModel):
@@ -255,6 +307,15 @@ class JobConfig(StrictModel):
     checkpoint: CheckpointConfig = CheckpointConfig()
 
     _hf_tokenizer = model_validator(mode="before")(_wire_hf_tokenizer)
+
+    @model_validator(mode="after")
+    def _contrastive_needs_pairs(self) -> "JobConfig":
+        if self.train.contrastive.enabled and len(self.data.modalities) < 2:
+            raise ValueError(
+                f"train.contrastive: aligns pairs of modalities but data.modalities is {list(self.data.modalities)}; "
+                "use two or more modalities or set train.contrastive.weight and pretrain_epochs to 0"
+            )
+        return self
 
     @model_validator(mode="after")
     def _gpu_precision(self) -> "JobConfig":

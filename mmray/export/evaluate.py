@@ -15,7 +15,6 @@ import numpy as np
 
 from mmray.config import UserError
 from mmray.export.loader import Predictor, load_model
-from mmray.train.metrics import ClassificationMetrics
 
 log = logging.getLogger("mmray.export")
 
@@ -53,8 +52,42 @@ def _batches(predictor: Predictor, data_dir: str | Path, split: str, batch_size:
     )
 
 
+SCORES = ("accuracy", "precision", "recall", "f1", "confusion")
+
+
+def measure(predictor: Predictor, batches, split: str, *, diagnostics: bool = True) -> dict[str, Any]:
+    """The training loop's own evaluation (:func:`mmray.train.loop.evaluate`) of a loaded model on decoded batches.
+
+    Returns:
+        ``{"rows", "skipped", "loss", "accuracy", "precision", "recall", "f1", "confusion", "tasks",
+        "diagnostics"}``: the main task's scores at the top level; ``tasks`` maps every other task
+        (``label_<name>``) to its scores and class names; ``diagnostics`` maps ``without_<m>`` / ``only_<m>``
+        to the main task's ``accuracy`` and ``f1`` with those modalities masked as missing (empty for a
+        one-modality model, or without ``diagnostics``).
+    """
+    from mmray.models.builder import job_tasks
+    from mmray.train.context import LocalContext
+    from mmray.train.loop import evaluate as evaluate_batches
+
+    ctx = LocalContext("", lambda e: (), lambda e: (), device=predictor.device)
+    m = evaluate_batches(predictor.model, batches, tasks=job_tasks(predictor.labels), config=predictor.config,
+                         ctx=ctx, prefix=split, diagnostics=diagnostics)
+    out: dict[str, Any] = {"rows": int(m[f"{split}.rows"]), "skipped": int(m[f"{split}.bad_records"]),
+                           "loss": m[f"{split}.loss"], **{k: m[f"{split}.{k}"] for k in SCORES}}
+    out["tasks"] = {t: {**{k: m[f"{split}.{t}.{k}"] for k in SCORES}, "class_names": list(names)}
+                    for t, names in predictor.labels.items() if t != "label"}
+    prefix = f"{split}.diagnostics."
+    out["diagnostics"] = {}
+    for key, value in m.items():
+        if key.startswith(prefix):
+            variant, metric = key[len(prefix):].rsplit(".", 1)
+            out["diagnostics"].setdefault(variant, {})[metric] = value
+    return out
+
+
 def evaluate(
-    model_dir: str | Path, data_dir: str | Path, split: str = "test", batch_size: int = 256
+    model_dir: str | Path, data_dir: str | Path, split: str = "test", batch_size: int = 256,
+    diagnostics: bool = True,
 ) -> dict[str, Any]:
     """Metrics of the export at ``model_dir`` on one split of a dataset directory.
 
@@ -65,29 +98,24 @@ def evaluate(
         data_dir: a dataset directory with the same classes.
         split: ``train``, ``val`` or ``test``.
         batch_size: rows decoded and predicted at a time.
+        diagnostics: also score the main task with each modality masked as missing, and with all but one.
 
     Returns:
-        ``{"split", "model_dir", "data_dir", "rows", "skipped", "accuracy", "precision", "recall",
-        "f1", "confusion", "class_names"}``: ``rows`` counts evaluated rows, ``skipped`` the records
-        that could not be decoded; macro averages over classes; ``confusion`` rows = true class.
+        ``{"split", "model_dir", "data_dir", "rows", "skipped", "loss", "accuracy", "precision", "recall",
+        "f1", "confusion", "class_names", "tasks", "diagnostics"}``: ``rows`` counts evaluated rows,
+        ``skipped`` the records that could not be decoded; macro averages over classes; ``confusion``
+        rows = true class; ``tasks`` and ``diagnostics`` as in :func:`measure`.
 
     Raises:
         UserError: a missing or mismatched export or dataset, or an unknown split.
     """
     predictor = load_model(model_dir)
-    metrics = ClassificationMetrics(len(predictor.class_names))
-    skipped = 0
-    for batch in _batches(predictor, data_dir, split, batch_size):
-        valid = batch["valid"].bool()
-        skipped += int((~valid).sum())
-        if valid.any():
-            metrics.update(predictor.predict_batch(batch)[valid], batch["label"][valid])
+    measured = measure(predictor, _batches(predictor, data_dir, split, batch_size), split, diagnostics=diagnostics)
     result = {
         "split": split,
         "model_dir": str(model_dir),
         "data_dir": str(data_dir),
-        **metrics.compute(),
-        "skipped": skipped,
+        **measured,
         "class_names": list(predictor.class_names),
     }
     if result["rows"] == 0:
@@ -138,15 +166,18 @@ def plot_confusion(confusion: list[list[int]], class_names: list[str], path: str
 
 
 def format_evaluation(result: dict[str, Any]) -> str:
-    """A terminal summary of :func:`evaluate`'s result: a metrics table and the confusion matrix."""
+    """A terminal summary of :func:`evaluate`'s result: a metrics table (a column per task), the modality
+    diagnostics and the main task's confusion matrix."""
     names = [_short(n) for n in result["class_names"]]
+    tasks = {"label": result, **result.get("tasks", {})}
     lines = [
         f"split {result['split']}: {result['rows']} rows evaluated, {result['skipped']} skipped (undecodable)",
         "",
-        f"{'metric':<10} {'value':>7}",
+        f"{'metric':<10} " + (" ".join(f"{t:>{max(7, len(t))}}" for t in tasks) if len(tasks) > 1 else f"{'value':>7}"),
     ]
     for key in ("accuracy", "precision", "recall", "f1"):
-        lines.append(f"{key:<10} {result[key]:>7.4f}")
+        lines.append(f"{key:<10} " + " ".join(f"{m[key]:>{max(7, len(t))}.4f}" for t, m in tasks.items()))
+    lines += format_diagnostics(result)
     lines += ["", "confusion matrix (rows = true, columns = predicted)"]
     conf = result["confusion"]
     width = max([len(n) for n in names] + [len(str(v)) for row in conf for v in row] + [4])
@@ -154,6 +185,25 @@ def format_evaluation(result: dict[str, Any]) -> str:
     for name, row in zip(names, conf):
         lines.append(f"{name:<{width}}  " + " ".join(f"{v:>{width}}" for v in row))
     return "\n".join(lines)
+
+
+def format_diagnostics(result: dict[str, Any]) -> list[str]:
+    """Lines of the modality table: the main task's accuracy / macro-F1 with all modalities, each one removed
+    (masked as missing) and each one alone; no lines when there is nothing to remove."""
+    diag = result.get("diagnostics") or {}
+    if not diag:
+        return []
+    mods = sorted(k[len("without_"):] for k in diag if k.startswith("without_"))
+    lines = ["", "modalities (main task; a removed modality is masked as missing in every row)",
+             f"{'inputs':<24} {'accuracy':>8} {'f1':>7} {'vs all':>7}",
+             f"{'all: ' + '+'.join(mods):<24} {result['accuracy']:>8.4f} {result['f1']:>7.4f} {'':>7}"]
+    for kind, label in (("without", "without {}"), ("only", "only {}")):
+        for m in mods:
+            d = diag.get(f"{kind}_{m}")
+            if d is not None:
+                lines.append(f"{label.format(m):<24} {d['accuracy']:>8.4f} {d['f1']:>7.4f} "
+                             f"{d['accuracy'] - result['accuracy']:>+7.4f}")
+    return lines
 
 
 def _short(name: str, limit: int = 12) -> str:

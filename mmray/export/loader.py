@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from mmray.config import JobConfig, UserError, from_yaml_text
-from mmray.export.writer import CONFIG_FILE, LABELS_FILE, TOKENIZER_DIR, WEIGHTS_FILE
+from mmray.export.writer import CONFIG_FILE, ENCODERS_DIR, LABELS_FILE, TOKENIZER_DIR, WEIGHTS_FILE, hf_encoders
 
 
 def _require(path: Path, what: str) -> Path:
@@ -41,8 +41,16 @@ def read_labels(export_dir: Path) -> dict[str, list[str]]:
 
 
 def read_config(export_dir: Path) -> JobConfig:
+    """The export's job config, with each Hugging Face encoder's ``path`` pointed at the architecture files the
+    export carries (``encoders/<modality>/``), so loading never needs the original model folder."""
     path = _require(export_dir / CONFIG_FILE, "resolved job config")
-    return from_yaml_text(path.read_text(), source=str(path))
+    config = from_yaml_text(path.read_text(), source=str(path))
+    local = {m: enc.model_copy(update={"path": str(export_dir / ENCODERS_DIR / m)})
+             for m, enc in hf_encoders(config).items() if (export_dir / ENCODERS_DIR / m / "config.json").is_file()}
+    if not local:  # an export written before it carried them still reads the original folder
+        return config
+    encoders = config.model.encoders.model_copy(update=local)
+    return config.model_copy(update={"model": config.model.model_copy(update={"encoders": encoders})})
 
 
 class Predictor:

@@ -6,6 +6,8 @@ Layout (the product contract)::
     OUT/config.yaml         the resolved job config (every default written out)
     OUT/labels.json         {"label": [class names], "label_<task>": [...]}  index = label id
     OUT/tokenizer/          the text tokenizer's files (only when text is a modality)
+    OUT/encoders/<modality>/  for Hugging Face encoders (hf_text, hf_audio): the model's config.json (and
+                            preprocessor_config.json), so the architecture is rebuilt from the export alone
     OUT/metrics.json        {"epoch": N, ...the metrics passed in (validation / test)}
     OUT/versions.json       {"mmray", "torch", "ray", "python", "git_commit"}
 """
@@ -32,14 +34,40 @@ LABELS_FILE = "labels.json"
 TOKENIZER_DIR = "tokenizer"
 METRICS_FILE = "metrics.json"
 VERSIONS_FILE = "versions.json"
+ENCODERS_DIR = "encoders"
+HF_ENCODERS = ("hf_text", "hf_audio")
 
 
-def export_files(modalities: tuple[str, ...]) -> list[str]:
-    """The names an export holds at its top level for a model over ``modalities`` (sorted)."""
+def export_files(modalities: tuple[str, ...], config: JobConfig | None = None) -> list[str]:
+    """The names an export holds at its top level for a model over ``modalities`` (sorted); with ``config``,
+    ``encoders`` too when it has a Hugging Face encoder."""
     names = [WEIGHTS_FILE, CONFIG_FILE, LABELS_FILE, METRICS_FILE, VERSIONS_FILE]
     if "text" in modalities:
         names.append(TOKENIZER_DIR)
+    if config is not None and hf_encoders(config):
+        names.append(ENCODERS_DIR)
     return sorted(names)
+
+
+def hf_encoders(config: JobConfig) -> dict[str, Any]:
+    """modality -> encoder config, for the job's Hugging Face encoders (their architecture lives in files)."""
+    return {m: enc for m in config.data.modalities
+            if (enc := getattr(config.model.encoders, m)).name in HF_ENCODERS}
+
+
+def save_hf_architecture(config: JobConfig, out: Path) -> None:
+    """Save each Hugging Face encoder's ``config.json`` (and feature extractor config, if it has one) under
+    ``out/encoders/<modality>/``: with them an export rebuilds the architecture without the original folder
+    (the weights come from ``model.safetensors``; a text model's tokenizer is in ``tokenizer/``)."""
+    from mmray.models.encoders.hf import _feature_extractor, _load
+
+    for modality, enc in hf_encoders(config).items():
+        dest = out / ENCODERS_DIR / modality
+        dest.mkdir(parents=True)
+        _load("AutoConfig", enc.path, f"model.encoders.{modality}.path").save_pretrained(str(dest))
+        fe = _feature_extractor(enc.path) if enc.name == "hf_audio" else None
+        if fe is not None:
+            fe.save_pretrained(str(dest))
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -172,6 +200,7 @@ def write_export(
         if "text" in config.data.modalities:
             (tmp / TOKENIZER_DIR).mkdir()
             tokenizer.save(str(tmp / TOKENIZER_DIR))
+        save_hf_architecture(config, tmp)
         _write_json(tmp / METRICS_FILE, {**dict(metrics), "epoch": epoch})
         _write_json(tmp / VERSIONS_FILE, collect_versions())
         _replace_dir(tmp, out)

@@ -18,6 +18,8 @@ def build_job_model(
 ) -> "MultimodalModel":
     """The model for ``config`` with one head per task; ``tokenizer`` sizes the text embedding.
 
+    With ``train.contrastive`` on, the model also holds the contrastive projections and temperature.
+
     ``pretrained=False`` skips reading pretrained encoder weights (``resnet*.weights``, ``hf_*`` weights) when a
     checkpoint or export overwrites every weight next anyway (``hf_*`` still read ``config.json`` from ``path``).
 
@@ -36,4 +38,12 @@ def build_job_model(
         pad_token_id=tokenizer.pad_id if tokenizer is not None else 0,
         pretrained=pretrained,
     )
-    return build_model(config.model, modalities=config.data.modalities, tasks=tasks, ctx=ctx)
+    model = build_model(config.model, modalities=config.data.modalities, tasks=tasks, ctx=ctx)
+    c = config.train.contrastive
+    if c.enabled:  # part of the model, so checkpoints, DDP and the optimizer carry it like any other weight
+        from mmray.models.contrastive import ContrastiveHead
+
+        model.contrastive = ContrastiveHead(
+            {m: e.output_dim for m, e in model.encoders.items()}, projection_dim=c.projection_dim,
+            temperature=c.temperature, learn_temperature=c.learn_temperature, max_logit_scale=c.max_logit_scale)
+    return model

@@ -25,11 +25,13 @@ class ModelOutput:
         logits: task -> ``[B, C_task]`` unnormalised class scores.
         embeddings: modality -> ``[B, D_m]`` pooled encoder output (before missing rows are zeroed).
         fused: ``[B, F]`` the fusion output the heads read (``F`` = ``fusion.output_dim``).
+        sequences: what a sequence fusion read (modality -> ``([B, T, D_m], [B, T] bool)``), else ``None``.
     """
 
     logits: dict[str, torch.Tensor]
     embeddings: dict[str, torch.Tensor]
     fused: torch.Tensor
+    sequences: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class MultimodalModel(nn.Module):
@@ -38,6 +40,8 @@ class MultimodalModel(nn.Module):
     ``forward(batch)`` reads each modality's inputs and its ``<modality>_present`` bool ``[B]`` mask (all
     True when the key is absent); the fusion ignores a modality in the rows where it is not present.
     A fusion with ``uses_sequences = True`` also gets the encoders' per-token outputs.
+    ``contrastive`` is a :class:`~mmray.models.contrastive.ContrastiveHead` when the job trains with the
+    contrastive objective (its projections and temperature are saved with the weights), else ``None``.
     """
 
     def __init__(self, encoders: dict[str, nn.Module], fusion: nn.Module, heads: dict[str, nn.Module]):
@@ -46,6 +50,7 @@ class MultimodalModel(nn.Module):
         self.encoders = nn.ModuleDict(encoders)
         self.fusion = fusion
         self.heads = nn.ModuleDict(heads)
+        self.contrastive: nn.Module | None = None
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -57,8 +62,13 @@ class MultimodalModel(nn.Module):
         sequences = None
         if getattr(self.fusion, "uses_sequences", False):
             sequences = {m: (e.sequence, e.sequence_mask) for m, e in encoded.items() if e.sequence is not None}
+        return self.fuse(batch, embeddings, sequences)
+
+    def fuse(self, batch: dict[str, torch.Tensor], embeddings: dict[str, torch.Tensor],
+             sequences: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> ModelOutput:
+        """Fusion and heads on given modality embeddings (``[B, D_m]`` each): the second half of ``forward``."""
         fused = self.fusion(embeddings, self.present_masks(batch, embeddings), sequences=sequences)
-        return ModelOutput({t: head(fused) for t, head in self.heads.items()}, embeddings, fused)
+        return ModelOutput({t: head(fused) for t, head in self.heads.items()}, embeddings, fused, sequences)
 
     def present_masks(
         self, batch: dict[str, torch.Tensor], embeddings: dict[str, torch.Tensor]

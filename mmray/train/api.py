@@ -102,7 +102,7 @@ def train(
     config = absolute_paths(config)
     info = check_dataset(config)
     run_dir, resumed = resolve_run_dir(storage or config.storage, name or config.name, explicit_name=name is not None)
-    from mmray.train.finalize import export_checkpoint
+    from mmray.train.finalize import export_checkpoint, supervised_best
     from mmray.train.trainer import fit
 
     outcome = fit(config, run_dir=run_dir, on_event=on_event)
@@ -111,5 +111,6 @@ def train(
     if outcome.best_checkpoint is None:
         raise RuntimeError(f"training reported no checkpoint; see the logs under {run_dir}")
     export_dir = os.path.join(run_dir, EXPORT_DIR)
-    metrics = export_checkpoint(config, info, outcome.best_checkpoint, export_dir)
+    metrics = export_checkpoint(config, info, supervised_best(config, outcome.best_checkpoint), export_dir,
+                                tensorboard_dir=os.path.join(run_dir, "tensorboard"))
     return RunResult(run_dir, export_dir, metrics, resumed)

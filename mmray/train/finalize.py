@@ -24,19 +24,63 @@ def checkpoint_epoch(checkpoint_dir: str) -> int:
     return int(blob["train_state"]["epoch"])
 
 
+def supervised_best(config: JobConfig, best_checkpoint: str) -> str:
+    """``best_checkpoint`` unless it is a contrastive pre-training epoch (untrained heads), which Ray may rank
+    first when no later epoch scored better; then the best kept checkpoint of a supervised epoch.
+
+    The run's latest checkpoint is always kept and always supervised (pre-training ends before train.epochs),
+    and its history holds every epoch's metrics.
+    """
+    pretrain = config.train.contrastive.pretrain_epochs
+    if checkpoint_epoch(best_checkpoint) > pretrain:
+        return best_checkpoint
+    root = os.path.dirname(best_checkpoint)
+    kept = {checkpoint_epoch(path): path for path in
+            (os.path.join(root, d) for d in os.listdir(root) if d.startswith("checkpoint_epoch_"))}
+    kept = {epoch: path for epoch, path in kept.items() if epoch > pretrain}
+    if not kept:
+        return best_checkpoint
+    history = torch.load(os.path.join(kept[max(kept)], STATE), map_location="cpu", weights_only=False)[
+        "train_state"]["history"]
+    sign = 1.0 if config.train.mode == "max" else -1.0
+    scored = [m for m in history if int(m["epoch"]) in kept and config.train.metric in m]
+    if not scored:
+        return kept[max(kept)]
+    return kept[int(max(scored, key=lambda m: sign * m[config.train.metric])["epoch"])]
+
+
 def evaluate_splits(model, config: JobConfig, info: DatasetInfo, tasks: dict[str, int], splits=("val", "test")):
-    """``{split}.{metric}`` for each split present in the dataset, with the same code the loop uses."""
+    """``{split}.{metric}`` for each split present in the dataset, with the same code the loop uses, plus the
+    modality diagnostics ``{split}.diagnostics.{without_<m>|only_<m>}.{accuracy|f1}``."""
     ctx = LocalContext(run_dir="", train_batches=lambda e: (), val_batches=lambda e: ())
     metrics: dict[str, Any] = {}
     for split in splits:
         if split in info.splits and info.split_rows(split) > 0:
             batches = iter_batches(config.data, info, split, batch_size=EVAL_BATCH_SIZE, train=False)
-            metrics |= evaluate(model, batches, tasks=tasks, config=config, ctx=ctx, prefix=split)
+            metrics |= evaluate(model, batches, tasks=tasks, config=config, ctx=ctx, prefix=split, diagnostics=True)
     return metrics
 
 
-def export_checkpoint(config: JobConfig, info: DatasetInfo, checkpoint_dir: str, export_dir: str) -> dict[str, Any]:
-    """Load ``checkpoint_dir``, measure it on val and test, and write the export folder; returns its metrics."""
+def write_diagnostics(tensorboard_dir: str, metrics: dict[str, Any], epoch: int, split: str = "val") -> None:
+    """The exported epoch's modality diagnostics on ``split`` as TensorBoard scalars at step ``epoch``:
+    ``diagnostics/without_<m>/accuracy``, ``diagnostics/only_<m>/f1``, ... (nothing for one modality)."""
+    prefix = f"{split}.diagnostics."
+    found = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+    if not found:
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(tensorboard_dir) as writer:
+        for key, value in sorted(found.items()):
+            writer.add_scalar("diagnostics/" + key.replace(".", "/"), value, epoch)
+
+
+def export_checkpoint(config: JobConfig, info: DatasetInfo, checkpoint_dir: str, export_dir: str,
+                      tensorboard_dir: str | None = None) -> dict[str, Any]:
+    """Load ``checkpoint_dir``, measure it on val and test, and write the export folder; returns its metrics.
+
+    With ``tensorboard_dir``, the validation modality diagnostics also go there (:func:`write_diagnostics`).
+    """
     tasks = job_tasks(info.tasks)
     tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
     model = build_job_model(config, tasks, tokenizer, pretrained=False)
@@ -44,4 +88,6 @@ def export_checkpoint(config: JobConfig, info: DatasetInfo, checkpoint_dir: str,
     epoch = checkpoint_epoch(checkpoint_dir)
     metrics = {"epoch": epoch, **evaluate_splits(model, config, info, tasks)}
     write_export(export_dir, model, config, info, tokenizer, metrics, epoch=epoch)
+    if tensorboard_dir is not None:
+        write_diagnostics(tensorboard_dir, metrics, epoch)
     return metrics

@@ -28,6 +28,7 @@ from mmray.models.builder import build_job_model, job_tasks
 from mmray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint, unwrap
 from mmray.train.context import WorkerContext
 from mmray.train.metrics import ClassificationMetrics, metrics_from_confusion
+from mmray.train.objectives import in_pretraining, step_losses
 
 PROGRESS_EVERY_S = 1.0
 
@@ -52,7 +53,9 @@ def param_groups(model: nn.Module, config: JobConfig) -> list[ParamGroup]:
     """One group per encoder (its ``lr_mult``, ``freeze``, ``unfreeze_after_epochs``) and one for the rest.
 
     An encoder frozen for the whole run gets ``requires_grad=False`` (no backward through it at all);
-    one frozen for some epochs keeps its gradients and gets a zero learning rate until then.
+    one frozen for some epochs keeps its gradients and gets a zero learning rate until then. With contrastive
+    pre-training the fusion and heads are frozen that way for ``train.contrastive.pretrain_epochs``, and the
+    contrastive projections form a group of their own.
     """
     inner = unwrap(model)
     groups, seen = [], set()
@@ -66,7 +69,13 @@ def param_groups(model: nn.Module, config: JobConfig) -> list[ParamGroup]:
             continue
         groups.append(ParamGroup(f"encoders.{modality}", params, cfg.lr_mult,
                                  cfg.unfreeze_after_epochs if cfg.freeze else 0))
-    groups.append(ParamGroup("fusion_and_heads", [p for p in inner.parameters() if id(p) not in seen]))
+    contrastive = getattr(inner, "contrastive", None)
+    if contrastive is not None:
+        params = list(contrastive.parameters())
+        seen |= {id(p) for p in params}
+        groups.append(ParamGroup("contrastive", params))
+    groups.append(ParamGroup("fusion_and_heads", [p for p in inner.parameters() if id(p) not in seen],
+                             frozen_epochs=config.train.contrastive.pretrain_epochs))
     return groups
 
 
@@ -164,6 +173,8 @@ def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, confi
         unwrap(model).encoders[modality].eval()
     accum, amp = config.train.grad_accum_steps, autocast_dtype(config.train.precision, ctx.device)
     loss_sum = torch.zeros((), device=ctx.device)
+    # contrastive / adversarial loss * rows; the same keys on every rank (the all-reduce below must match)
+    extra_sums = {name: torch.zeros((), device=ctx.device) for name in _extra_losses(config, epoch)}
     rows = torch.zeros((), device=ctx.device)
     bad = torch.zeros((), device=ctx.device)
     start = last_progress = time.perf_counter()
@@ -177,14 +188,18 @@ def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, confi
         # Skip DDP's gradient all-reduce on micro-batches that only accumulate.
         no_sync = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
         with no_sync, torch.autocast(ctx.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = task_losses(model(batch).logits, batch, config.train.label_smoothing, config.train.task_weights)
-            scaler.scale(loss / accum).backward()
+            parts = step_losses(model, model(batch), batch, lambda logits: task_losses(
+                logits, batch, config.train.label_smoothing, config.train.task_weights), config, epoch)
+            scaler.scale(parts["total"] / accum).backward()
+            loss = parts["supervised"]
         if sync:
             _optimizer_step(model, optimizer, scheduler, scaler, config)
             state.global_step += 1
             pending = 0
         n_valid = batch["valid"].sum()
         loss_sum += loss.detach() * n_valid
+        for name in extra_sums:
+            extra_sums[name] += parts[name].detach().float() * n_valid
         rows += n_valid
         bad += (~batch["valid"]).sum()
         if ctx.rank == 0 and time.perf_counter() - last_progress > PROGRESS_EVERY_S:
@@ -199,11 +214,23 @@ def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, confi
         _optimizer_step(model, optimizer, scheduler, scaler, config)
         state.global_step += 1
     elapsed = time.perf_counter() - start
-    totals = ctx.all_reduce(torch.stack([loss_sum, rows, bad]).float())
+    extras = sorted(extra_sums)
+    totals = ctx.all_reduce(torch.stack([loss_sum, rows, bad, *[extra_sums[k] for k in extras]]).float())
     seconds = ctx.all_reduce(torch.tensor([elapsed], device=ctx.device)).item() / ctx.world_size
-    return {"train.loss": (totals[0] / totals[1].clamp(min=1)).item(), "train.rows": totals[1].item(),
-            "train.bad_records": totals[2].item(), "train.samples_per_s": totals[1].item() / max(seconds, 1e-9),
-            "train.epoch_s": seconds}
+    out = {"train.loss": (totals[0] / totals[1].clamp(min=1)).item(), "train.rows": totals[1].item(),
+           "train.bad_records": totals[2].item(), "train.samples_per_s": totals[1].item() / max(seconds, 1e-9),
+           "train.epoch_s": seconds}
+    for i, name in enumerate(extras):  # train.contrastive_loss, train.adversarial_loss
+        out[f"train.{name}_loss"] = (totals[3 + i] / totals[1].clamp(min=1)).item()
+    return out
+
+
+def _extra_losses(config: JobConfig, epoch: int) -> list[str]:
+    """The auxiliary losses a step of ``epoch`` computes (see :func:`mmray.train.objectives.step_losses`)."""
+    names = ["contrastive"] if config.train.contrastive.enabled else []
+    if config.train.adversarial.method != "none" and not in_pretraining(config, epoch):
+        names.append("adversarial")
+    return names
 
 
 def _optimizer_step(model, optimizer, scheduler, scaler, config: JobConfig) -> None:
@@ -216,16 +243,43 @@ def _optimizer_step(model, optimizer, scheduler, scaler, config: JobConfig) -> N
     scheduler.step()
 
 
+def modality_ablations(modalities: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """``{"without_<m>": (m,), "only_<m>": (every other modality,)}``: what each diagnostic hides.
+
+    Empty for a single modality (there is nothing to remove).
+    """
+    mods = tuple(sorted(modalities))
+    if len(mods) < 2:
+        return {}
+    out = {f"without_{m}": (m,) for m in mods}
+    out |= {f"only_{m}": tuple(o for o in mods if o != m) for m in mods}
+    return out
+
+
+def hide_modalities(batch: dict[str, Any], hidden: Iterable[str]) -> dict[str, Any]:
+    """A shallow copy of ``batch`` in which ``hidden`` modalities are missing in every row (``<m>_present`` False)."""
+    out = dict(batch)
+    for m in hidden:
+        key = f"{m}_present"
+        like = batch.get(key, batch["valid"])
+        out[key] = torch.zeros_like(like, dtype=torch.bool)
+    return out
+
+
 @torch.inference_mode()
 def evaluate(model, batches: Iterable, *, tasks: dict[str, int], config: JobConfig, ctx: WorkerContext,
-             prefix: str = "val") -> dict[str, Any]:
+             prefix: str = "val", diagnostics: bool = False) -> dict[str, Any]:
     """Loss, accuracy and macro precision/recall/F1 per task, reduced across workers.
 
     Keys are ``{prefix}.{metric}`` for the main task ``label`` and ``{prefix}.{task}.{metric}`` for others.
+    With ``diagnostics`` the main task is also scored with modalities masked as missing
+    (:func:`modality_ablations`): ``{prefix}.diagnostics.{without_<m>|only_<m>}.{accuracy|f1}``.
     """
     model.eval()
     amp = autocast_dtype(config.train.precision, ctx.device)
     acc = {t: ClassificationMetrics(n) for t, n in tasks.items()}
+    ablations = modality_ablations(config.data.modalities) if diagnostics else {}
+    ablated = {name: ClassificationMetrics(tasks["label"]) for name in ablations}
     sums = torch.zeros(3, device=ctx.device)  # loss * rows, rows, bad rows
     for batch in batches:
         batch = to_device(batch, ctx.device)
@@ -236,6 +290,10 @@ def evaluate(model, batches: Iterable, *, tasks: dict[str, int], config: JobConf
         sums += torch.stack([task_losses(logits, batch, 0.0) * n_valid, n_valid, (~valid).sum()]).float()
         for t in tasks:
             acc[t].update(logits[t][valid].float().cpu(), batch[t][valid].cpu())
+        for name, hidden in ablations.items():
+            with torch.autocast(ctx.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                masked = model(hide_modalities(batch, hidden)).logits["label"]
+            ablated[name].update(masked[valid].float().cpu(), batch["label"][valid].cpu())
     sums = ctx.all_reduce(sums)
     out: dict[str, Any] = {f"{prefix}.loss": (sums[0] / sums[1].clamp(min=1)).item(),
                            f"{prefix}.rows": sums[1].item(), f"{prefix}.bad_records": sums[2].item()}
@@ -245,6 +303,10 @@ def evaluate(model, batches: Iterable, *, tasks: dict[str, int], config: JobConf
         for name in ("accuracy", "precision", "recall", "f1"):
             out[f"{key}.{name}"] = float(scores[name])
         out[f"{key}.confusion"] = scores["confusion"]
+    for name, m in ablated.items():
+        scores = metrics_from_confusion(ctx.all_reduce(m.confusion.to(ctx.device)).cpu())
+        out[f"{prefix}.diagnostics.{name}.accuracy"] = float(scores["accuracy"])
+        out[f"{prefix}.diagnostics.{name}.f1"] = float(scores["f1"])
     return out
 
 
@@ -285,19 +347,25 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
     for epoch in range(state.epoch + 1, config.train.epochs + 1):
         if patience is not None and state.epochs_without_improvement >= patience:
             break  # resumed a run that had already stopped early
-        ctx.progress({"type": "epoch_start", "epoch": epoch, "epochs": config.train.epochs})
+        pretraining = in_pretraining(config, epoch)
+        phase = "contrastive pretraining" if pretraining else "supervised"
+        ctx.progress({"type": "epoch_start", "epoch": epoch, "epochs": config.train.epochs, "phase": phase})
         metrics: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[-1]["lr"]}
+        if config.train.contrastive.pretrain_epochs:  # TensorBoard: train/contrastive_pretraining 1, then 0
+            metrics["train.contrastive_pretraining"] = float(pretraining)
         metrics |= train_epoch(model, ctx.train_batches(epoch), optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                config=config, ctx=ctx, state=state, epoch=epoch, expected_rows=info.splits["train"].rows)
         metrics |= evaluate(model, ctx.val_batches(epoch), tasks=tasks, config=config, ctx=ctx)
 
-        if improved(metrics[metric], state.best_value, mode, config.train.early_stopping.min_delta):
+        if pretraining:
+            pass  # untrained heads: not a candidate for the best epoch, and no early-stopping patience spent
+        elif improved(metrics[metric], state.best_value, mode, config.train.early_stopping.min_delta):
             state.best_value, state.best_epoch, state.epochs_without_improvement = metrics[metric], epoch, 0
         else:
             state.epochs_without_improvement += 1
         state.epoch = epoch
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        scalars["best_epoch"] = float(state.best_epoch)
+        scalars["best_epoch"] = float(state.best_epoch or 0)  # 0 while pre-training: no candidate yet
         state.history.append(scalars)
 
         if writer is not None:  # before report: a scheduler may stop the trial inside report, for good
@@ -314,7 +382,7 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
         ctx.progress({"type": "epoch_end", "epoch": epoch, "epochs": config.train.epochs, "metrics": scalars,
-                      "metric": metric})
+                      "metric": metric, "phase": phase})
         if patience is not None and state.epochs_without_improvement >= patience:
             ctx.progress({"type": "early_stop", "epoch": epoch, "best_epoch": state.best_epoch})
             break

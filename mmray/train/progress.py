@@ -9,7 +9,9 @@ import sys
 import time
 from typing import Any, TextIO
 
-SHOWN = ("train.loss", "val.loss", "val.accuracy", "val.f1", "train.samples_per_s")
+SHOWN = ("train.loss", "train.contrastive_loss", "train.adversarial_loss", "val.loss", "val.accuracy", "val.f1",
+         "train.samples_per_s")
+PRETRAINING = "contrastive pretraining"  # the loop's ``phase`` of a pre-training epoch
 
 
 def _duration(seconds: float) -> str:
@@ -58,12 +60,15 @@ class ProgressPrinter:
         recent = self._epoch_seconds[-3:]
         eta = sum(recent) / len(recent) * (epochs - epoch)
         best = m.get("best_epoch") == epoch
+        pretraining = e.get("phase") == PRETRAINING
         if self.tty:
-            parts = [f"epoch {epoch}/{epochs}"] + [f"{k} {m[k]:.4g}" for k in SHOWN if k in m]
+            parts = [f"epoch {epoch}/{epochs}" + (f" ({PRETRAINING})" if pretraining else "")]
+            parts += [f"{k} {m[k]:.4g}" for k in SHOWN if k in m]
             parts.append(f"ETA {_duration(eta)}")
             self._line("  ".join(parts) + ("  * best" if best else ""))
         else:
-            parts = [f"epoch={epoch}/{epochs}"] + [f"{k}={m[k]:.6g}" for k in SHOWN if k in m]
+            parts = [f"epoch={epoch}/{epochs}"] + (["phase=pretrain"] if pretraining else [])
+            parts += [f"{k}={m[k]:.6g}" for k in SHOWN if k in m]
             parts += [f"bad_records={int(m.get('train.bad_records', 0) + m.get('val.bad_records', 0))}",
                       f"eta_s={eta:.0f}", f"best={int(best)}"]
             self._line("mmray " + " ".join(parts))

@@ -99,3 +99,64 @@ def test_format_evaluation_shows_metrics_and_named_confusion():
     assert "cat" in text and "dog" in text and "a-very-long…" in text
     matrix = [line.split()[1:] for line in text.splitlines()[-3:]]
     assert matrix == [["2", "1", "0"], ["0", "1", "1"], ["1", "0", "2"]]
+
+
+def _hand_accuracy(predictor, batches, task="label", hide=()):
+    import torch
+
+    from mmray.train.loop import hide_modalities
+
+    correct = total = 0
+    for batch in batches:
+        valid = batch["valid"].bool()
+        with torch.inference_mode():
+            logits = predictor.model(hide_modalities(batch, hide)).logits[task]
+        correct += int((logits.argmax(1)[valid] == batch[task][valid]).sum())
+        total += int(valid.sum())
+    return correct / total
+
+
+def test_evaluate_reports_each_modality_removed_and_alone(exported, model_dir):
+    result = evaluate(model_dir, exported.data_dir, split="test")
+    assert set(result["diagnostics"]) == {f"{k}_{m}" for k in ("without", "only") for m in ("audio", "image", "text")}
+    p = load_model(model_dir)
+
+    def batches():
+        return iter_batches(exported.config.data, exported.info, "test", batch_size=16, train=False)
+    assert result["diagnostics"]["without_image"]["accuracy"] == pytest.approx(_hand_accuracy(p, batches(), hide=("image",)))
+    assert result["diagnostics"]["only_text"]["accuracy"] == pytest.approx(
+        _hand_accuracy(p, batches(), hide=("audio", "image")))
+    text = format_evaluation(result)
+    assert "without image" in text and "only text" in text and "all: audio+image+text" in text
+
+    from mmray.cli.main import main
+
+    assert main(["evaluate", str(model_dir), "--data", str(exported.data_dir), "--no-diagnostics"]) == 0
+    assert json.loads((model_dir / "eval-test.json").read_text())["diagnostics"] == {}
+
+
+def test_evaluate_reports_metrics_per_task_of_a_multi_task_model(exported, tools, tmp_path):
+    import pyarrow as pa
+
+    from mmray.data.dataset_dir import read_dataset_info
+
+    data = tmp_path / "data"
+    shutil.copytree(exported.data_dir, data)
+    for split in ("train", "val", "test"):  # a second task: the parity of the main label
+        for shard in read_dataset_info(str(data)).split_files(split):
+            table = pq.read_table(shard)
+            parity = pa.array([v % 2 for v in table.column("label").to_pylist()], type=pa.int64())
+            pq.write_table(table.append_column("label_parity", parity), shard)
+    doc = json.loads((data / "dataset.json").read_text())
+    doc["tasks"] = {"label": doc.get("class_names") or list(exported.info.class_names), "label_parity": ["even", "odd"]}
+    (data / "dataset.json").write_text(json.dumps(doc))
+    info = read_dataset_info(str(data))
+    assert set(info.tasks) == {"label", "label_parity"}
+    out = tools.build_and_export(tmp_path, tools.config(data), info, tmp_path / "export")
+    result = evaluate(out.export_dir, data, split="test")
+    parity = result["tasks"]["label_parity"]
+    assert parity["class_names"] == ["even", "odd"]
+    batches = iter_batches(out.config.data, info, "test", batch_size=16, train=False)
+    assert parity["accuracy"] == pytest.approx(_hand_accuracy(load_model(out.export_dir), batches, "label_parity"))
+    header = format_evaluation(result).splitlines()[2]
+    assert header.split() == ["metric", "label", "label_parity"]

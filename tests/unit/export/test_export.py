@@ -168,3 +168,49 @@ def test_wrapped_model_exports_plain_keys(exported, tmp_path):
     write_export(out, Wrapper(exported.model), exported.config, exported.info, exported.tokenizer, {})
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert set(f.keys()) == set(exported.model.state_dict())
+
+
+def test_hugging_face_encoders_predict_from_the_export_alone(exported, tmp_path):
+    """An export of hf_text + hf_audio encoders carries their architecture: deleting the source folders
+    afterwards still loads and predicts the same."""
+    import string
+
+    from transformers import (BertConfig, BertModel, BertTokenizerFast, Wav2Vec2Config, Wav2Vec2FeatureExtractor,
+                              Wav2Vec2Model)
+
+    from mmray.config import validate_job
+    from mmray.data.tokenizer import TextTokenizer
+    from mmray.export.writer import export_files
+    from mmray.models.builder import build_job_model, job_tasks
+
+    bert, w2v = tmp_path / "src" / "bert", tmp_path / "src" / "w2v"
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase, "the", "a", "tone", "sound"]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(bert)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=20, max_position_embeddings=32)).save_pretrained(bert)
+    Wav2Vec2Model(Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20,
+                                 conv_dim=(8, 8), conv_kernel=(10, 3), conv_stride=(5, 2), num_feat_extract_layers=2,
+                                 num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)).save_pretrained(w2v)
+    Wav2Vec2FeatureExtractor(sampling_rate=4000, do_normalize=True).save_pretrained(w2v)
+
+    base = exported.config.model_dump(mode="json")
+    config = validate_job({**base, "data": {**base["data"], "text": {"max_length": 8}},
+                           "model": {**base["model"], "encoders": {
+                               **base["model"]["encoders"],
+                               "text": {"name": "hf_text", "path": str(bert), "dim": 8},
+                               "audio": {"name": "hf_audio", "path": str(w2v), "dim": 8}}}})
+    tokenizer = TextTokenizer.load(config.data.text, exported.info)
+    model = build_job_model(config, job_tasks(exported.info.tasks), tokenizer).eval()
+    out = tmp_path / "export"
+    write_export(out, model, config, exported.info, tokenizer, {}, epoch=1)
+    assert sorted(p.name for p in out.iterdir()) == export_files(config.data.modalities, config)
+    assert (out / "encoders" / "audio" / "preprocessor_config.json").is_file()
+
+    batch = next(iter_batches(config.data, exported.info, "test", batch_size=64, train=False))  # BERT's ids
+    shutil.rmtree(tmp_path / "src")
+    with torch.inference_mode():
+        expected = torch.softmax(model(batch).logits["label"], dim=-1)
+    p = load_model(out)
+    assert torch.allclose(p.predict_batch(batch), expected, atol=1e-6)
+    assert p.config.model.encoders.text.path == str(out / "encoders" / "text")

@@ -93,10 +93,13 @@ def test_absent_present_keys_mean_all_present(ctx, tiny):
     torch.testing.assert_close(model(bare).fused, model(batch).fused)
 
 
-@pytest.mark.parametrize("text", TEXT_NAMES)
-def test_tiny_model_overfits_a_fixed_batch(text, ctx, tiny):
-    torch.manual_seed(0)
-    model = build(ctx, tiny, text=text, tasks={"label": 4}).train()
+# Every fusion (with the default text encoder) and every text encoder (with concat): each component once.
+OVERFIT_CASES = [(f, "transformer") for f in FUSION_NAMES] + [("concat", t) for t in TEXT_NAMES if t != "transformer"]
+
+
+@pytest.mark.parametrize("fusion,text", OVERFIT_CASES, ids=[f"{f}-{t}" for f, t in OVERFIT_CASES])
+def test_tiny_model_overfits_a_fixed_batch(fusion, text, ctx, tiny):
+    model = build(ctx, tiny, fusion, text=text, tasks={"label": 4}).train()
     batch = tiny.batch(16, seed=1, num_classes=4)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
@@ -106,7 +109,7 @@ def test_tiny_model_overfits_a_fixed_batch(text, ctx, tiny):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.1 * losses[0], f"{text}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    assert losses[-1] < 0.1 * losses[0], f"{fusion}/{text}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 
 def test_deterministic_under_manual_seed(ctx, tiny):

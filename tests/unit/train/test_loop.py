@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import pytest
@@ -243,7 +244,22 @@ def test_a_dataset_with_many_missing_modalities_trains_and_evaluates(tmp_path):
     config = small_job(data, epochs=2, workers=1, batch_size=32, modality_dropout=0.2)
     state, ctx = train_local(config, str(tmp_path / "run"))
     assert all(m["train.bad_records"] == 0 for m in state.history)
-    metrics = export_checkpoint(config, read_dataset_info(data), ctx.checkpoints[-1], str(tmp_path / "export"))
+    tb = str(tmp_path / "run" / "tensorboard")
+    metrics = export_checkpoint(config, read_dataset_info(data), ctx.checkpoints[-1], str(tmp_path / "export"),
+                                tensorboard_dir=tb)
     result = evaluate(str(tmp_path / "export"), data, split="test")
     assert result["skipped"] == 0 and result["rows"] == info.split_rows("test")
     assert result["accuracy"] == pytest.approx(metrics["test.accuracy"])
+    # modality diagnostics: the same numbers from `mmray evaluate`, metrics.json and (val) TensorBoard
+    saved = json.loads((tmp_path / "export" / "metrics.json").read_text())
+    for variant in ("without_audio", "only_image"):
+        assert result["diagnostics"][variant]["accuracy"] == pytest.approx(saved[f"test.diagnostics.{variant}.accuracy"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = {}
+    for name in os.listdir(tb):
+        acc = EventAccumulator(os.path.join(tb, name))
+        acc.Reload()
+        tags |= {t: acc.Scalars(t)[-1].value for t in acc.Tags()["scalars"] if t.startswith("diagnostics/")}
+    assert len(tags) == 12  # without_/only_ x 3 modalities x accuracy, f1
+    assert tags["diagnostics/only_audio/accuracy"] == pytest.approx(saved["val.diagnostics.only_audio.accuracy"])
