@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from mmray import storage as store
 from mmray.config import JobConfig
 from mmray.data.dataset_dir import DatasetInfo
 from mmray.data.reader import iter_batches
@@ -36,12 +37,16 @@ def evaluate_splits(model, config: JobConfig, info: DatasetInfo, tasks: dict[str
 
 
 def export_checkpoint(config: JobConfig, info: DatasetInfo, checkpoint_dir: str, export_dir: str) -> dict[str, Any]:
-    """Load ``checkpoint_dir``, measure it on val and test, and write the export folder; returns its metrics."""
+    """Load ``checkpoint_dir``, measure it on val and test, and write the export folder; returns its metrics.
+
+    Either folder may be a local path or a URI.
+    """
     tasks = job_tasks(info.tasks)
     tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
     model = build_job_model(config, tasks, tokenizer, pretrained=False)
-    load_weights(checkpoint_dir, model)
-    epoch = checkpoint_epoch(checkpoint_dir)
+    with store.local_copy(checkpoint_dir) as local:
+        load_weights(local, model)
+        epoch = checkpoint_epoch(local)
     metrics = {"epoch": epoch, **evaluate_splits(model, config, info, tasks)}
     write_export(export_dir, model, config, info, tokenizer, metrics, epoch=epoch)
     return metrics
