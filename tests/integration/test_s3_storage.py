@@ -15,7 +15,7 @@ from mmray import storage
 from mmray.data.synth import synth
 
 from helpers import small_job
-from s3_server import s3_bucket  # noqa: F401  (fixture)
+from storage_fixtures import s3_bucket  # noqa: F401  (fixture)
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 
 import pytest
 
 from mmray import storage
 from mmray.config.errors import UserError
 
-from s3_server import s3_bucket  # noqa: F401  (fixture)
+from storage_fixtures import read_only_dir, s3_bucket  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -79,23 +78,6 @@ def test_writable_storage_passes_the_check(root):
 def test_missing_bucket_fails_at_start_naming_the_flag(s3_bucket):
     with pytest.raises(UserError, match=r"--storage: cannot write to s3://no-such-bucket-mmray/runs"):
         storage.check_writable("s3://no-such-bucket-mmray/runs", min_free_bytes=1)
-
-
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A folder nobody can write to, root included (chmod, plus the immutable flag when running as root)."""
-    path = tmp_path / "ro"
-    path.mkdir()
-    path.chmod(0o555)
-    immutable = False
-    if os.geteuid() == 0:  # root ignores permission bits
-        immutable = shutil.which("chattr") and subprocess.run(["chattr", "+i", str(path)]).returncode == 0
-        if not immutable:
-            pytest.skip("running as root without chattr: cannot make a folder read-only")
-    yield str(path)
-    if immutable:
-        subprocess.run(["chattr", "-i", str(path)])
-    path.chmod(0o755)
 
 
 def test_read_only_storage_fails_at_start(read_only_dir):

@@ -1,12 +1,13 @@
-"""A real S3 API on loopback for tests: the ``moto`` server, started and stopped by a fixture.
+"""Storage for tests: a real S3 API on loopback (the ``moto`` server) and a folder nobody can write to.
 
-Import the fixture into a test module (``from s3_server import s3_bucket``). It points the usual AWS
-environment variables at the server for the test's process and every process started after it
-(Ray workers included), creates an empty bucket and yields ``s3://<bucket>``.
+Import a fixture into a test module (``from storage_fixtures import s3_bucket``). ``s3_bucket`` points
+the usual AWS environment variables at the server for the test's process and every process started
+after it (Ray workers included), creates an empty bucket and yields ``s3://<bucket>``.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -57,3 +58,20 @@ def s3_bucket():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nobody can write to, root included (chmod, plus the immutable flag when running as root)."""
+    path = tmp_path / "ro"
+    path.mkdir()
+    path.chmod(0o555)
+    immutable = False
+    if os.geteuid() == 0:  # root ignores permission bits
+        immutable = shutil.which("chattr") is not None and subprocess.run(["chattr", "+i", str(path)]).returncode == 0
+        if not immutable:
+            pytest.skip("running as root without chattr: cannot make a folder read-only")
+    yield str(path)
+    if immutable:
+        subprocess.run(["chattr", "-i", str(path)])
+    path.chmod(0o755)
