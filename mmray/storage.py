@@ -80,6 +80,14 @@ def _from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
         raise UserError(f"{uri}: cannot open this location: {e}") from None
 
 
+def to_uri(fs: pafs.FileSystem, inner: str) -> str:
+    """The path or URI naming ``inner`` on ``fs`` (Ray hands out checkpoints as a filesystem and a path in it)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return inner
+    scheme = "gs" if fs.type_name == "gcs" else fs.type_name
+    return f"{scheme}://{inner}"
+
+
 def join(base: str, *parts: str) -> str:
     """``base/part/...`` for a local path or a URI (always ``/`` inside URIs)."""
     return posixpath.join(str(base), *parts) if is_uri(base) else os.path.join(base, *parts)
