@@ -173,12 +173,9 @@ def remove(path: str) -> None:
 def upload(local: str, target: str) -> None:
     """Copy a local file or folder (recursively) to ``target`` (local path or URI), overwriting files there."""
     fs, inner = resolve(target)
-    if os.path.isdir(local):
-        fs.create_dir(inner, recursive=True)
-        pafs.copy_files(local, inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    else:
-        fs.create_dir(posixpath.dirname(inner) if is_uri(target) else os.path.dirname(inner), recursive=True)
-        pafs.copy_files(local, inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    folder = inner if os.path.isdir(local) else (posixpath if is_uri(target) else os.path).dirname(inner)
+    fs.create_dir(folder, recursive=True)
+    pafs.copy_files(local, inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
 def download(source: str, local: str) -> str:
