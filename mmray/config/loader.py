@@ -95,6 +95,10 @@ def _kind_at(key: str) -> str:
     return "component"
 
 
+# Keys that moved: a job file still using the old one is told where it went.
+MOVED_KEYS = {"scaling.max_failures": "train.max_failures"}
+
+
 def format_errors(err: ValidationError, raw: Mapping[str, Any]) -> list[str]:
     problems = []
     for e in err.errors(include_url=False):
@@ -105,6 +109,8 @@ def format_errors(err: ValidationError, raw: Mapping[str, Any]) -> list[str]:
             problems.append(f"{key}.name: {ctx.get('tag')!r} is not a {_kind_at(key)}; choose one of {choices}")
         elif e["type"] == "union_tag_not_found":
             problems.append(f"{key}.name: missing; every {_kind_at(key)} section names its component")
+        elif e["type"] == "extra_forbidden" and key in MOVED_KEYS:
+            problems.append(f"{key}: moved to {MOVED_KEYS[key]}; set {MOVED_KEYS[key]}: {e['input']!r} instead")
         elif e["type"] == "extra_forbidden":
             problems.append(f"{key}: unknown key (value {e['input']!r}); check the spelling against `mmray render-config`")
         elif e["type"] == "missing":

@@ -198,6 +198,10 @@ class TrainConfig(StrictModel):
     contrastive: ContrastiveConfig = ContrastiveConfig()
     adversarial: AdversarialConfig = AdversarialConfig()
     seed: int = 0
+    max_failures: int = Field(
+        0, ge=-1, description="times a lost or crashed worker group is restarted from the last checkpoint "
+        "(Ray Train's FailureConfig); -1 = without limit"
+    )
     metric: Literal[tuple(METRICS)] = Field("val.accuracy", description="ranks checkpoints and drives early stopping")  # type: ignore[valid-type]
     optimizer: OptimizerConfig = OptimizerConfig()
     lr_schedule: LRScheduleConfig = LRScheduleConfig()
@@ -235,7 +239,6 @@ class ScalingConfig(StrictModel):
     )
     gpus_per_worker: float = Field(1.0, gt=0, description="with use_gpu; fractions share a GPU")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = forever")
 
 
 class CheckpointConfig(StrictModel):

@@ -17,14 +17,13 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from mmray import storage
 from mmray.config.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -55,25 +54,9 @@ def shard_schema(modalities: Iterable[str], tasks: Iterable[str] = ("label",)) -
 
 
 # ------------------------------------------------------------------------------ filesystem
-def resolve_fs(path: str) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path inside it)`` for a local path or a pyarrow URI."""
-    if "://" in path:
-        try:
-            return pafs.FileSystem.from_uri(path)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise UserError(f"{path}: cannot open this location: {e}") from None
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
-def _join(base: str, rel: str) -> str:
-    return posixpath.join(base, rel) if "://" in base else os.path.join(base, rel)
-
-
-def read_text(path: str) -> str:
-    """Whole text file at a local path or URI."""
-    fs, inner = resolve_fs(path)
-    with fs.open_input_stream(inner) as f:
-        return f.read().decode("utf-8")
+resolve_fs = storage.resolve  # (filesystem, path inside it) for a local path or a URI
+_join = storage.join
+read_text = storage.read_text
 
 
 # ------------------------------------------------------------------------------ dataset.json
@@ -168,19 +151,17 @@ def read_dataset_info(path: str) -> DatasetInfo:
     Raises:
         UserError: the directory or ``dataset.json`` is missing, not JSON, or lacks required keys.
     """
-    fs, inner = resolve_fs(path)
-    meta = _join(inner, "dataset.json") if "://" not in path else posixpath.join(inner, "dataset.json")
-    if fs.get_file_info(meta).type != pafs.FileType.File:
+    meta = storage.join(path, "dataset.json")
+    if not storage.is_file(meta):
         raise UserError(
             f"{path}: not a dataset directory (no dataset.json); make one with `mmray data synth --out {path}` "
             "or `mmray data prepare`"
         )
     try:
-        with fs.open_input_stream(meta) as f:
-            doc = json.loads(f.read().decode("utf-8"))
+        doc = json.loads(storage.read_text(meta))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}/dataset.json: not valid JSON: {e}") from None
-    return _parse(path if "://" in path else os.path.abspath(path), doc)
+    return _parse(storage.normalize(path), doc)
 
 
 def _parse(path: str, doc: Any) -> DatasetInfo:
@@ -227,16 +208,8 @@ def _parse(path: str, doc: Any) -> DatasetInfo:
 def write_dataset_info(info: DatasetInfo) -> str:
     """Write ``info.path/dataset.json`` (atomically for local paths); returns its path."""
     text = json.dumps(info.to_json(), indent=2) + "\n"
-    fs, inner = resolve_fs(info.path)
-    meta = posixpath.join(inner, "dataset.json") if "://" in info.path else os.path.join(inner, "dataset.json")
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = meta + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, meta)
-    else:
-        with fs.open_output_stream(meta) as f:
-            f.write(text.encode("utf-8"))
+    meta = storage.join(info.path, "dataset.json")
+    storage.write_text(meta, text)
     return meta
 
 

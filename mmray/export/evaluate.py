@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from mmray.config import UserError
+from mmray.storage import StagedDir, local_output
 from mmray.export.loader import Predictor, load_model
 
 log = logging.getLogger("mmray.export")
@@ -94,8 +95,8 @@ def evaluate(
     Writes ``eval-<split>.json`` (the returned dict) and ``confusion-<split>.png`` into ``model_dir``.
 
     Args:
-        model_dir: a model export folder.
-        data_dir: a dataset directory with the same classes.
+        model_dir: a model export folder (local path or URI).
+        data_dir: a dataset directory with the same classes (local path or URI).
         split: ``train``, ``val`` or ``test``.
         batch_size: rows decoded and predicted at a time.
         diagnostics: also score the main task with each modality masked as missing, and with all but one.
@@ -120,10 +121,12 @@ def evaluate(
     }
     if result["rows"] == 0:
         log.warning("split %r of %s has no decodable rows; every metric is 0", split, data_dir)
-    out = Path(model_dir)
-    (out / f"eval-{split}.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot_confusion(result["confusion"], result["class_names"], out / f"confusion-{split}.png",
+    out = StagedDir(str(model_dir))  # a URI export gets its files uploaded
+    with open(out.path(f"eval-{split}.json"), "w") as f:
+        f.write(json.dumps(result, indent=2) + "\n")
+    plot_confusion(result["confusion"], result["class_names"], out.path(f"confusion-{split}.png"),
                    title=f"{split}: accuracy {result['accuracy']:.3f} ({result['rows']} rows)")
+    out.close()
     return result
 
 
@@ -226,14 +229,18 @@ def predict_dataset(
         UserError: a missing or mismatched export or dataset, an unknown split, or an unwritable ``out_file``.
     """
     predictor = load_model(model_dir)
-    out = Path(out_file)
+    with local_output(str(out_file)) as local:
+        return _write_predictions(predictor, data_dir, split, str(out_file), Path(local), batch_size)
+
+
+def _write_predictions(predictor: Predictor, data_dir, split: str, name: str, out: Path, batch_size: int) -> int:
     as_csv = out.suffix.lower() == ".csv"
     fields = ("id", "label", "class_name", "probability")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         f = out.open("w", newline="" if as_csv else None)
     except OSError as e:
-        raise UserError(f"--out {out}: cannot write: {e}") from None
+        raise UserError(f"--out {name}: cannot write: {e}") from None
     n = 0
     with f:
         writer = csv.DictWriter(f, fieldnames=fields) if as_csv else None

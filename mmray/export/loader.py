@@ -167,7 +167,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Predicto
     """Load an export folder written by :func:`mmray.export.write_export`. Needs no Ray.
 
     Args:
-        path: the export folder.
+        path: the export folder: a local path or a URI (``s3://``, ``gs://``; downloaded first).
         device: where to put the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
 
     Returns:
@@ -177,6 +177,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Predicto
         UserError: the folder or one of its files is missing or unreadable, or the weights do not
             match the model the config describes.
     """
+    from mmray import storage
+
+    if storage.is_uri(str(path)):  # everything is read into memory, so the download can go right after
+        if not storage.is_dir(str(path)):
+            raise UserError(f"{path}: no such model export folder")
+        with storage.local_copy(str(path)) as local:
+            return load_model(local, device)
     from mmray.data.decode import Preprocessor
     from mmray.export.quantize import load_compressed_state, read_quantization
     from mmray.models.builder import build_job_model, job_tasks

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import save_file
 
+from mmray import storage as store
 from mmray.config import JobConfig, UserError, to_yaml
 
 WEIGHTS_FILE = "model.safetensors"
@@ -165,14 +166,14 @@ def write_export(
     tokenizer: Any,
     metrics: Mapping[str, Any],
     epoch: int | None = None,
-) -> Path:
+) -> Path | str:
     """Write ``model`` as an export folder that :func:`mmray.export.load_model` reads back with no Ray.
 
     The folder is assembled next to ``out_dir`` and moved into place at the end, so a reader never
     sees half an export; an earlier export at ``out_dir`` is replaced.
 
     Args:
-        out_dir: the export folder (local path).
+        out_dir: the export folder: a local path, or a URI (``s3://...``) that it is uploaded to.
         model: the trained ``MultimodalModel`` (a DDP or compiled wrapper is unwrapped); any device.
         config: the resolved job config the model was built from.
         info: the training dataset's ``DatasetInfo`` (class names and task names).
@@ -181,11 +182,13 @@ def write_export(
         epoch: the epoch the weights come from (``None`` when unknown).
 
     Returns:
-        ``out_dir`` as a :class:`~pathlib.Path`.
+        ``out_dir`` as a :class:`~pathlib.Path` (a URI is returned as given).
 
     Raises:
         UserError: ``out_dir`` holds something that is not an export, or a text model has no tokenizer.
     """
+    if store.is_uri(str(out_dir)):
+        return _write_remote(str(out_dir), model, config, info, tokenizer, metrics, epoch)
     out = Path(out_dir)
     model = unwrap_model(model)
     if "text" in config.data.modalities and tokenizer is None:
@@ -208,3 +211,15 @@ def write_export(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _write_remote(uri: str, model, config, info, tokenizer, metrics, epoch) -> str:
+    """Assemble the export locally, then replace whatever export was at ``uri`` with it."""
+    existing = store.listdir(uri)
+    if existing and WEIGHTS_FILE not in existing:
+        raise UserError(f"{uri}: exists, is not empty and is not a model export; choose another folder")
+    with tempfile.TemporaryDirectory(prefix="mmray-export-") as tmp:
+        local = write_export(os.path.join(tmp, "export"), model, config, info, tokenizer, metrics, epoch)
+        store.remove(uri)
+        store.upload(str(local), uri)
+    return uri

@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from mmray import storage as store
 from mmray.config import JobConfig
 from mmray.config.errors import UserError
 from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
@@ -21,12 +22,14 @@ class RunResult:
         export_dir: the model export of the best epoch.
         metrics: the export's metrics (``epoch``, ``val.*``, ``test.*``).
         resumed: whether an interrupted run of the same name was continued.
+        already_finished: the named run had finished before; nothing was trained.
     """
 
     run_dir: str
     export_dir: str
     metrics: dict[str, Any]
     resumed: bool
+    already_finished: bool = False
 
     @property
     def tensorboard_command(self) -> str:
@@ -35,20 +38,17 @@ class RunResult:
 
 def absolute_paths(config: JobConfig) -> JobConfig:
     """Relative local paths are relative to where the user ran mmray; Ray workers run elsewhere."""
-    def fix(path: str) -> str:
-        return path if "://" in path else os.path.abspath(path)
-
     from mmray.models.encoders.base import looks_local
 
     tokenizer = config.data.text.tokenizer
     text = config.data.text
     if tokenizer is not None and looks_local(tokenizer):
         text = text.model_copy(update={"tokenizer": os.path.abspath(os.path.expanduser(tokenizer))})
-    data = config.data.model_copy(update={"path": fix(config.data.path), "text": text})
+    data = config.data.model_copy(update={"path": store.normalize(config.data.path), "text": text})
     encoders = config.model.encoders.model_copy(update={
         m: getattr(config.model.encoders, m).absolute_paths() for m in type(config.model.encoders).model_fields})
     model = config.model.model_copy(update={"encoders": encoders})
-    return config.model_copy(update={"data": data, "model": model, "storage": fix(config.storage)})
+    return config.model_copy(update={"data": data, "model": model, "storage": store.normalize(config.storage)})
 
 
 def check_dataset(config: JobConfig) -> DatasetInfo:
@@ -66,24 +66,39 @@ def check_dataset(config: JobConfig) -> DatasetInfo:
     return info
 
 
-def resolve_run_dir(storage: str, name: str, *, explicit_name: bool) -> tuple[str, bool]:
-    """``(run_dir, resumed)``. An unfinished run of the same name is resumed from its checkpoints.
+def resolve_run_dir(storage: str, name: str, *, explicit_name: bool) -> tuple[str, str]:
+    """``(run_dir, state)`` with state ``new``, ``resume`` (an unfinished run with checkpoints) or
+    ``finished`` (only with ``explicit_name``: that run already has its export).
 
-    A finished run is never overwritten: with a name given explicitly that is an error, otherwise
-    the next free ``NAME-2``, ``NAME-3``... is used.
+    A finished run is never overwritten: without an explicit name the next free ``NAME-2``,
+    ``NAME-3``... is used.
     """
-    storage = os.path.abspath(storage)
+    root = store.normalize(storage)
     candidate, n = name, 1
     while True:
-        run_dir = os.path.join(storage, candidate)
-        if not os.path.exists(run_dir):
-            return run_dir, False
-        if not os.path.isdir(os.path.join(run_dir, EXPORT_DIR)):
-            return run_dir, any(d.startswith("checkpoint_") for d in os.listdir(run_dir))
+        run_dir = store.join(root, candidate)
+        entries = store.listdir(run_dir)
+        if EXPORT_DIR not in entries:
+            return run_dir, "resume" if any(d.startswith("checkpoint_") for d in entries) else "new"
         if explicit_name:
-            raise UserError(f"--name {name}: run {run_dir} already finished; choose another name")
+            return run_dir, "finished"
         n += 1
         candidate = f"{name}-{n}"
+
+
+def finished_run(run_dir: str) -> RunResult:
+    """The result of a run that already finished, read back from its export's ``metrics.json``."""
+    import json
+
+    from mmray.export.writer import METRICS_FILE
+
+    export_dir = store.join(run_dir, EXPORT_DIR)
+    try:
+        metrics = json.loads(store.read_text(store.join(export_dir, METRICS_FILE)))
+    except (OSError, ValueError) as e:
+        raise UserError(f"--name: run {run_dir} has an export folder without a readable {METRICS_FILE} ({e}); "
+                        f"choose another name") from None
+    return RunResult(run_dir, export_dir, metrics, resumed=False, already_finished=True)
 
 
 def train(
@@ -96,12 +111,16 @@ def train(
     """Train ``config`` on Ray (a local cluster unless ``RAY_ADDRESS`` is set) and export the best epoch.
 
     Raises:
-        UserError: bad dataset or run name (nothing started).
+        UserError: bad dataset, or storage that cannot be written or is nearly full (nothing started).
         RuntimeError: training failed; the run folder keeps its checkpoints for a resume.
     """
     config = absolute_paths(config)
     info = check_dataset(config)
-    run_dir, resumed = resolve_run_dir(storage or config.storage, name or config.name, explicit_name=name is not None)
+    root = store.normalize(storage or config.storage)
+    store.check_writable(root, what="--storage" if storage else "storage")  # before Ray starts, not after an epoch
+    run_dir, state = resolve_run_dir(root, name or config.name, explicit_name=name is not None)
+    if state == "finished":
+        return finished_run(run_dir)
     from mmray.train.finalize import export_checkpoint, supervised_best
     from mmray.train.trainer import fit
 
@@ -110,7 +129,7 @@ def train(
         raise RuntimeError(f"training failed: {outcome.error}") from outcome.error
     if outcome.best_checkpoint is None:
         raise RuntimeError(f"training reported no checkpoint; see the logs under {run_dir}")
-    export_dir = os.path.join(run_dir, EXPORT_DIR)
+    export_dir = store.join(run_dir, EXPORT_DIR)
     metrics = export_checkpoint(config, info, supervised_best(config, outcome.best_checkpoint), export_dir,
-                                tensorboard_dir=os.path.join(run_dir, "tensorboard"))
-    return RunResult(run_dir, export_dir, metrics, resumed)
+                                tensorboard_dir=store.join(run_dir, "tensorboard"))
+    return RunResult(run_dir, export_dir, metrics, state == "resume")

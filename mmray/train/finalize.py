@@ -1,11 +1,11 @@
 """After training: evaluate the best checkpoint on val and test, and write the model export. No Ray."""
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
+from mmray import storage as store
 from mmray.config import JobConfig
 from mmray.data.dataset_dir import DatasetInfo
 from mmray.data.reader import iter_batches
@@ -19,9 +19,14 @@ from mmray.train.loop import evaluate
 EVAL_BATCH_SIZE = 256
 
 
+def _train_state(checkpoint_dir: str) -> dict[str, Any]:
+    """The loop's train state saved in a checkpoint folder (a local path or a URI)."""
+    with store.local_copy(store.join(checkpoint_dir, STATE)) as local:
+        return torch.load(local, map_location="cpu", weights_only=False)["train_state"]
+
+
 def checkpoint_epoch(checkpoint_dir: str) -> int:
-    blob = torch.load(os.path.join(checkpoint_dir, STATE), map_location="cpu", weights_only=False)
-    return int(blob["train_state"]["epoch"])
+    return int(_train_state(checkpoint_dir)["epoch"])
 
 
 def supervised_best(config: JobConfig, best_checkpoint: str) -> str:
@@ -29,19 +34,18 @@ def supervised_best(config: JobConfig, best_checkpoint: str) -> str:
     first when no later epoch scored better; then the best kept checkpoint of a supervised epoch.
 
     The run's latest checkpoint is always kept and always supervised (pre-training ends before train.epochs),
-    and its history holds every epoch's metrics.
+    and its history holds every epoch's metrics. Paths may be local or URIs.
     """
     pretrain = config.train.contrastive.pretrain_epochs
-    if checkpoint_epoch(best_checkpoint) > pretrain:
+    if pretrain == 0 or checkpoint_epoch(best_checkpoint) > pretrain:
         return best_checkpoint
-    root = os.path.dirname(best_checkpoint)
+    root = store.split(best_checkpoint)[0]
     kept = {checkpoint_epoch(path): path for path in
-            (os.path.join(root, d) for d in os.listdir(root) if d.startswith("checkpoint_epoch_"))}
+            (store.join(root, d) for d in store.listdir(root) if d.startswith("checkpoint_epoch_"))}
     kept = {epoch: path for epoch, path in kept.items() if epoch > pretrain}
     if not kept:
         return best_checkpoint
-    history = torch.load(os.path.join(kept[max(kept)], STATE), map_location="cpu", weights_only=False)[
-        "train_state"]["history"]
+    history = _train_state(kept[max(kept)])["history"]
     sign = 1.0 if config.train.mode == "max" else -1.0
     scored = [m for m in history if int(m["epoch"]) in kept and config.train.metric in m]
     if not scored:
@@ -63,29 +67,37 @@ def evaluate_splits(model, config: JobConfig, info: DatasetInfo, tasks: dict[str
 
 def write_diagnostics(tensorboard_dir: str, metrics: dict[str, Any], epoch: int, split: str = "val") -> None:
     """The exported epoch's modality diagnostics on ``split`` as TensorBoard scalars at step ``epoch``:
-    ``diagnostics/without_<m>/accuracy``, ``diagnostics/only_<m>/f1``, ... (nothing for one modality)."""
+    ``diagnostics/without_<m>/accuracy``, ``diagnostics/only_<m>/f1``, ... (nothing for one modality).
+
+    ``tensorboard_dir`` may be a local path or a URI."""
     prefix = f"{split}.diagnostics."
     found = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
     if not found:
         return
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(tensorboard_dir) as writer:
-        for key, value in sorted(found.items()):
-            writer.add_scalar("diagnostics/" + key.replace(".", "/"), value, epoch)
+    stage = store.StagedDir(tensorboard_dir)
+    try:
+        with SummaryWriter(stage.local) as writer:
+            for key, value in sorted(found.items()):
+                writer.add_scalar("diagnostics/" + key.replace(".", "/"), value, epoch)
+    finally:
+        stage.close()
 
 
 def export_checkpoint(config: JobConfig, info: DatasetInfo, checkpoint_dir: str, export_dir: str,
                       tensorboard_dir: str | None = None) -> dict[str, Any]:
     """Load ``checkpoint_dir``, measure it on val and test, and write the export folder; returns its metrics.
 
-    With ``tensorboard_dir``, the validation modality diagnostics also go there (:func:`write_diagnostics`).
+    Either folder may be a local path or a URI. With ``tensorboard_dir``, the validation modality
+    diagnostics also go there (:func:`write_diagnostics`).
     """
     tasks = job_tasks(info.tasks)
     tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
     model = build_job_model(config, tasks, tokenizer, pretrained=False)
-    load_weights(checkpoint_dir, model)
-    epoch = checkpoint_epoch(checkpoint_dir)
+    with store.local_copy(checkpoint_dir) as local:
+        load_weights(local, model)
+        epoch = checkpoint_epoch(local)
     metrics = {"epoch": epoch, **evaluate_splits(model, config, info, tasks)}
     write_export(export_dir, model, config, info, tokenizer, metrics, epoch=epoch)
     if tensorboard_dir is not None:

@@ -29,6 +29,7 @@ from mmray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint,
 from mmray.train.context import WorkerContext
 from mmray.train.metrics import ClassificationMetrics, metrics_from_confusion
 from mmray.train.objectives import in_pretraining, step_losses
+from mmray.train.outputs import EpochOutputs
 
 PROGRESS_EVERY_S = 1.0
 
@@ -341,7 +342,7 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
         state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         ctx.progress({"type": "resumed", "epoch": state.epoch, "path": resume_from})
 
-    writer = _summary_writer(ctx, purge_step=state.epoch + 1)
+    outputs = EpochOutputs(ctx.run_dir, first_epoch=state.epoch + 1) if ctx.rank == 0 else None
     metric, mode = config.train.metric, config.train.mode
     patience = config.train.early_stopping.patience
     for epoch in range(state.epoch + 1, config.train.epochs + 1):
@@ -368,11 +369,8 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
         scalars["best_epoch"] = float(state.best_epoch or 0)  # 0 while pre-training: no candidate yet
         state.history.append(scalars)
 
-        if writer is not None:  # before report: a scheduler may stop the trial inside report, for good
-            for k, v in scalars.items():
-                if k != "epoch":
-                    writer.add_scalar(k.replace(".", "/", 1), v, epoch)
-            writer.flush()
+        if outputs is not None:  # before report: a scheduler may stop the trial inside report, for good
+            outputs.write(epoch, scalars, state.history)
         scratch = tempfile.mkdtemp(prefix="mmray-ckpt-") if ctx.rank == 0 else None
         ckpt = None
         if scratch is not None:  # one copy of the checkpoint, from rank 0 (Ray merges multi-rank folders)
@@ -386,15 +384,7 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
         if patience is not None and state.epochs_without_improvement >= patience:
             ctx.progress({"type": "early_stop", "epoch": epoch, "best_epoch": state.best_epoch})
             break
-    if writer is not None:
-        writer.close()
+    if outputs is not None:
+        outputs.close()
     return state
 
-
-def _summary_writer(ctx: WorkerContext, purge_step: int):
-    """Rank 0's TensorBoard writer under ``<run_dir>/tensorboard``; purge_step drops points a restart will redo."""
-    if ctx.rank != 0:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(os.path.join(ctx.run_dir, "tensorboard"), purge_step=purge_step)

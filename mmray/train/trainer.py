@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import torch
 
+from mmray import storage as store
 from mmray.config import JobConfig
 from mmray.runtime import ensure_ray
 from mmray.train.loop import train_loop
@@ -115,7 +116,7 @@ def _progress_relay():
 @dataclass
 class FitOutcome:
     run_dir: str
-    best_checkpoint: str | None
+    best_checkpoint: str | None  # local path or URI of the best checkpoint folder
     error: BaseException | None
 
 
@@ -140,7 +141,8 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     relay = _progress_relay() if on_event else None
     s = config.scaling
     resources = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
-    storage, name = os.path.split(os.path.abspath(run_dir))
+    run_dir = store.normalize(run_dir)
+    storage, name = store.split(run_dir)  # a local folder or a URI: Ray Train writes to either
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "run_dir": run_dir, "relay": relay},
@@ -153,7 +155,7 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
                 num_to_keep=config.checkpoint.num_to_keep,
                 checkpoint_score_attribute=config.train.metric,
                 checkpoint_score_order=config.train.mode),
-            failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=callbacks or [],
         ),
@@ -177,4 +179,6 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
         if poller is not None:
             poller.join(timeout=5)
     best = result.get_best_checkpoint(metric=config.train.metric, mode=config.train.mode) if result.metrics else None
-    return FitOutcome(run_dir, best.path if best else None, result.error)
+    # Ray's checkpoint path is inside its filesystem (no scheme): name it under run_dir instead
+    best_path = store.join(run_dir, os.path.basename(best.path.rstrip("/"))) if best else None
+    return FitOutcome(run_dir, best_path, result.error)

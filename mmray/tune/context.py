@@ -1,9 +1,9 @@
 """The loop's context inside a Tune trial that trains in-process (one worker, no TorchTrainer start-up)."""
 from __future__ import annotations
 
-import os
 from typing import Any
 
+from mmray import storage as store
 from mmray.config import JobConfig
 from mmray.train.context import LocalContext
 from mmray.train.local import split_readers
@@ -33,4 +33,4 @@ class TuneTrialContext(LocalContext):
 
 
 def trial_dir(experiment_dir: str, trial_id: str) -> str:
-    return os.path.join(experiment_dir, "trials", trial_id)
+    return store.join(experiment_dir, "trials", trial_id)

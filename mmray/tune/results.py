@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from mmray import storage as store
 from mmray.config import validate_job
 from mmray.config.loader import apply_overrides
 from mmray.train.checkpoint import STATE
@@ -52,15 +53,14 @@ def _history(path: str | None) -> list[dict[str, float]]:
     """A trial's full per-epoch history, kept in its latest checkpoint (it survives restarts)."""
     if path is None:
         return []
-    blob = torch.load(os.path.join(path, STATE), map_location="cpu", weights_only=False)
+    with store.local_copy(store.join(path, STATE)) as local:
+        blob = torch.load(local, map_location="cpu", weights_only=False)
     return blob["train_state"]["history"]
 
 
 def _train_run_checkpoints(run_dir: str) -> dict[int, str]:
     """epoch -> folder of the checkpoints a distributed trial's own TorchTrainer run kept."""
-    if not os.path.isdir(run_dir):
-        return {}
-    return {int(d.rsplit("_", 1)[1]): os.path.join(run_dir, d) for d in os.listdir(run_dir)
+    return {int(d.rsplit("_", 1)[1]): store.join(run_dir, d) for d in store.listdir(run_dir)
             if d.startswith("checkpoint_epoch_")}
 
 
@@ -70,9 +70,9 @@ def _record(result, setup, metric: str, mode: str) -> TrialRecord:
     trial_id = metrics.get("trial_id") or re.search(r"_run_trial_([0-9a-f]+)_", os.path.basename(result.path)).group(1)
     sign = 1 if mode == "max" else -1
     if result.checkpoint is not None:  # in-process trial: checkpoints are Tune's
-        history = _history(result.checkpoint.path)
+        history = _history(_location(result.checkpoint))
         best_ckpt = result.get_best_checkpoint(metric=metric, mode=mode)
-        best_path = best_ckpt.path if best_ckpt else None
+        best_path = _location(best_ckpt) if best_ckpt else None
     else:  # distributed trial: checkpoints are its TorchTrainer run's (Tune only sees their paths)
         kept = _train_run_checkpoints(trial_dir(setup.experiment_dir, trial_id))
         history = _history(kept[max(kept)]) if kept else []
@@ -86,18 +86,21 @@ def _record(result, setup, metric: str, mode: str) -> TrialRecord:
                        best_path, str(result.error) if result.error else None)
 
 
+def _location(checkpoint) -> str:
+    """A Tune checkpoint's folder as a local path or a URI (Ray gives the path inside its filesystem)."""
+    return store.to_uri(checkpoint.filesystem, checkpoint.path)
+
+
 def prune_checkpoints(result, keep_best: int, metric: str, mode: str) -> None:
     """Keep a finished trial's ``keep_best`` best checkpoints and its latest; delete the rest."""
-    import shutil
-
     ranked = sorted(result.best_checkpoints, key=lambda cm: cm[1].get(metric, float("nan")),
                     reverse=(mode == "max"))
     keep = {c.path for c, _ in ranked[:keep_best]}
     if result.checkpoint is not None:
         keep.add(result.checkpoint.path)
     for c, _ in ranked[keep_best:]:
-        if c.path not in keep and os.path.isdir(c.path):
-            shutil.rmtree(c.path, ignore_errors=True)
+        if c.path not in keep:
+            store.remove(_location(c))
 
 
 def store_study(path: str, name: str, space, trials: list[TrialRecord]) -> None:
@@ -165,16 +168,18 @@ def finish(setup, results) -> SweepSummary:
     sign = 1 if mode == "max" else -1
     trials.sort(key=lambda t: (t.best_epoch is None, -sign * t.best.get(metric, 0.0)))
     param_keys = [k for k, _ in space.ordered_parameters()]
-    write_leaderboard(os.path.join(exp, LEADERBOARD), trials, param_keys)
-    store_study(os.path.join(exp, "optuna.db"), os.path.basename(exp), space, trials)
+    staged = store.StagedDir(exp)  # written locally, uploaded when exp is a URI
+    write_leaderboard(staged.path(LEADERBOARD), trials, param_keys)
+    store_study(staged.path("optuna.db"), store.split(exp)[1], space, trials)
     for t in trials:
-        write_hparams(exp, t, metric)
+        write_hparams(staged.local, t, metric)
+    staged.close()
     summary = SweepSummary(exp, metric, mode, trials, None)
     winner = summary.best_trial
     if winner is not None and winner.best_checkpoint:
         config = validate_job(apply_overrides(setup.job_raw, winner.params.items()))
         info = read_dataset_info(config.data.path)
-        summary.best_dir = os.path.join(exp, BEST_DIR)
+        summary.best_dir = store.join(exp, BEST_DIR)
         summary.best_metrics = export_checkpoint(config, info, winner.best_checkpoint, summary.best_dir)
     return summary
 
@@ -194,6 +199,6 @@ def format_summary(summary: SweepSummary) -> str:
         if "test.accuracy" in m:
             lines.append(f"best model:  test accuracy {m['test.accuracy']:.4f}  test F1 {m['test.f1']:.4f}")
         lines.append(f"export:      {summary.best_dir}")
-    lines.append(f"leaderboard: {os.path.join(summary.experiment_dir, LEADERBOARD)}")
+    lines.append(f"leaderboard: {store.join(summary.experiment_dir, LEADERBOARD)}")
     lines.append(f"tensorboard: {summary.tensorboard_command}")
     return "\n".join(lines)

@@ -17,9 +17,10 @@ from typing import Any
 
 import yaml
 
+from mmray import storage as store
 from mmray.config import validate_job
 from mmray.config.errors import UserError
-from mmray.config.loader import apply_overrides, read_yaml
+from mmray.config.loader import apply_overrides
 from mmray.tune.algorithms import SCHEDULERS, SEARCHERS
 from mmray.tune.space import SpaceConfig, check_against_job
 
@@ -90,24 +91,24 @@ def prepare(job_raw: dict[str, Any], space: SpaceConfig, *, name: str, storage: 
     config = absolute_paths(validate_job(job_raw))
     check_dataset(config)
     job_raw = apply_overrides(job_raw, [("data.path", config.data.path)])
-    experiment_dir = os.path.join(os.path.abspath(storage), name)
-    if os.path.exists(os.path.join(experiment_dir, JOB_FILE)):
+    store.check_writable(storage)  # before Ray starts
+    experiment_dir = store.join(store.normalize(storage), name)
+    if store.exists(store.join(experiment_dir, JOB_FILE)):
         raise UserError(f"experiment {experiment_dir} exists; continue it with `mmray tune --resume {experiment_dir}` "
                         f"or choose another --name")
-    os.makedirs(experiment_dir, exist_ok=True)
-    with open(os.path.join(experiment_dir, JOB_FILE), "w") as f:
-        yaml.safe_dump(job_raw, f, sort_keys=False)
-    with open(os.path.join(experiment_dir, SPACE_FILE), "w") as f:
-        yaml.safe_dump(space.model_dump(mode="json", by_alias=True, exclude_none=True), f, sort_keys=False)
+    store.makedirs(experiment_dir)
+    store.write_text(store.join(experiment_dir, JOB_FILE), yaml.safe_dump(job_raw, sort_keys=False))
+    space_doc = space.model_dump(mode="json", by_alias=True, exclude_none=True)
+    store.write_text(store.join(experiment_dir, SPACE_FILE), yaml.safe_dump(space_doc, sort_keys=False))
     return SweepSetup(experiment_dir, job_raw, space)
 
 
 def load_setup(experiment_dir: str) -> SweepSetup:
-    experiment_dir = os.path.abspath(experiment_dir)
-    if not os.path.isfile(os.path.join(experiment_dir, JOB_FILE)):
+    experiment_dir = store.normalize(experiment_dir)
+    if not store.is_file(store.join(experiment_dir, JOB_FILE)):
         raise UserError(f"{experiment_dir}: not an mmray experiment (no {JOB_FILE})")
-    job_raw = read_yaml(os.path.join(experiment_dir, JOB_FILE))
-    space = SpaceConfig.model_validate(read_yaml(os.path.join(experiment_dir, SPACE_FILE)))
+    job_raw = yaml.safe_load(store.read_text(store.join(experiment_dir, JOB_FILE)))
+    space = SpaceConfig.model_validate(yaml.safe_load(store.read_text(store.join(experiment_dir, SPACE_FILE))))
     check_against_job(space, job_raw)
     return SweepSetup(experiment_dir, job_raw, space)
 
@@ -150,7 +151,7 @@ def _tuner(setup: SweepSetup, *, restore: bool):
     # sweep's searcher agrees with Tune about which trials finished; results.finish() stores the study.
     searcher = OptunaSearch(space=space.sample, metric=metric, mode=mode,
                             sampler=SEARCHERS.entry(space.search.name).builder(space.search),
-                            study_name=os.path.basename(exp))
+                            study_name=store.split(exp)[1])
     scheduler = SCHEDULERS.entry(space.scheduler.name).builder(space.scheduler, metric=metric, mode=mode,
                                                                max_t=max_epochs(setup))
     return tune.Tuner(
@@ -158,7 +159,7 @@ def _tuner(setup: SweepSetup, *, restore: bool):
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=space.num_samples,
                                     max_concurrent_trials=concurrency(space, config)),
         run_config=tune.RunConfig(
-            name=os.path.basename(exp), storage_path=os.path.dirname(exp),
+            name=store.split(exp)[1], storage_path=store.split(exp)[0],  # a folder or a URI
             # Every checkpoint is kept while the sweep runs: pruning by score can delete the one a
             # killed sweep's last snapshot points at, and the trial could not resume. finish() prunes.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None, checkpoint_score_attribute=metric,

@@ -1,6 +1,7 @@
 """A training run killed mid-way (SIGKILL of the whole process group) resumes from its last checkpoint."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -64,3 +65,11 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     acc = EventAccumulator(os.path.join(run_dir, "tensorboard"))
     acc.Reload()
     assert sorted(e.step for e in acc.Scalars("val/accuracy")) == list(range(1, EPOCHS + 1))
+    history = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [int(m["epoch"]) for m in history] == list(range(1, EPOCHS + 1))
+
+    # Third time: the run is finished. Nothing trains (no Ray start-up); the message points to the export.
+    third = subprocess.run(mmray_train(str(job), storage), capture_output=True, text=True, env=env, timeout=120)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert f"run {run_dir} already finished; nothing was trained. Its export is {run_dir}/export" in third.stdout
+    assert "mmray epoch=" not in third.stdout

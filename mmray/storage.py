@@ -1,0 +1,297 @@
+"""Storage paths: a local (or shared) folder, or any URI pyarrow can write (``s3://``, ``gs://``, ``file://``).
+
+Runs, sweeps, exports and datasets all live at such a path. Everything in mmray that reads or
+writes one goes through these helpers instead of ``os.path``; files mmray itself produces (TensorBoard
+events, per-epoch metrics, exports, leaderboards) are written to a local staging folder and uploaded
+(:class:`StagedDir`, :func:`local_output`), because most object stores cannot append to a file.
+
+Credentials and endpoints come from the usual environment of each filesystem (for S3:
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL`` /
+``AWS_ENDPOINT_URL_S3``; for GCS: ``GOOGLE_APPLICATION_CREDENTIALS``). Ray workers on a local cluster
+inherit the driver's environment; on a remote cluster set them in the cluster's environment.
+No Ray here: export loading and the data reader use this module too.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import shutil
+import tempfile
+import threading
+from typing import Iterator
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from mmray.config.errors import UserError
+
+# Free space a local storage folder (and the local staging folder) must have before a run starts:
+# a few checkpoints and an export of a mid-sized model, with room to spare.
+MIN_FREE_BYTES = 1 << 30
+
+_BUCKET_SCHEMES = ("s3", "gs", "gcs")  # URIs whose path inside the filesystem is "bucket/key"
+_FILESYSTEMS: dict[str, pafs.FileSystem] = {}
+_LOCK = threading.Lock()
+
+
+def is_uri(path: str) -> bool:
+    """Whether ``path`` names a remote filesystem (``file://`` counts as local)."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def normalize(path: str) -> str:
+    """A local path made absolute (``~`` expanded, ``file://`` dropped); a URI without trailing slashes."""
+    path = str(path)
+    if path.startswith("file://"):
+        path = urlsplit(path).path
+    if is_uri(path):
+        return path.rstrip("/")
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path inside it)`` for a local path or a URI.
+
+    One filesystem object per bucket and process is reused (S3 resolves a bucket's region once).
+
+    Raises:
+        UserError: the URI's scheme is not supported or its filesystem cannot be opened.
+    """
+    path = normalize(path)
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), path
+    parts = urlsplit(path)
+    if parts.scheme not in _BUCKET_SCHEMES:
+        return _from_uri(path)
+    key = f"{parts.scheme}://{parts.netloc}" + (f"?{parts.query}" if parts.query else "")
+    with _LOCK:
+        fs = _FILESYSTEMS.get(key)
+        if fs is None:
+            fs = _FILESYSTEMS[key] = _from_uri(key)[0]
+    return fs, (parts.netloc + parts.path).rstrip("/")
+
+
+def _from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+        raise UserError(f"{uri}: cannot open this location: {e}") from None
+
+
+def to_uri(fs: pafs.FileSystem, inner: str) -> str:
+    """The path or URI naming ``inner`` on ``fs`` (Ray hands out checkpoints as a filesystem and a path in it)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return inner
+    scheme = "gs" if fs.type_name == "gcs" else fs.type_name
+    return f"{scheme}://{inner}"
+
+
+def join(base: str, *parts: str) -> str:
+    """``base/part/...`` for a local path or a URI (always ``/`` inside URIs)."""
+    return posixpath.join(str(base), *parts) if is_uri(base) else os.path.join(base, *parts)
+
+
+def split(path: str) -> tuple[str, str]:
+    """``(parent, name)`` of a normalized path or URI: ``s3://b/runs/x`` -> ``("s3://b/runs", "x")``."""
+    path = normalize(path)
+    if is_uri(path):
+        parent, _, name = path.rpartition("/")
+        return parent, name
+    return os.path.split(path)
+
+
+def _info(path: str) -> pafs.FileInfo:
+    fs, inner = resolve(path)
+    return fs.get_file_info(inner)
+
+
+def exists(path: str) -> bool:
+    return _info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(path: str) -> bool:
+    return _info(path).type == pafs.FileType.Directory
+
+
+def is_file(path: str) -> bool:
+    return _info(path).type == pafs.FileType.File
+
+
+def listdir(path: str) -> list[str]:
+    """Names directly inside folder ``path`` (sorted); empty when it does not exist."""
+    fs, inner = resolve(path)
+    infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+    return sorted(i.base_name for i in infos)
+
+
+def makedirs(path: str) -> None:
+    """Create folder ``path`` and its parents (a no-op on object stores, where folders are implicit)."""
+    fs, inner = resolve(path)
+    fs.create_dir(inner, recursive=True)
+
+
+def read_bytes(path: str) -> bytes:
+    fs, inner = resolve(path)
+    with fs.open_input_stream(inner) as f:
+        return f.read()
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file (parents created); local files are replaced atomically."""
+    fs, inner = resolve(path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(inner), exist_ok=True)
+        tmp = f"{inner}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, inner)
+        return
+    with fs.open_output_stream(inner) as f:
+        f.write(data)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def remove(path: str) -> None:
+    """Delete a file or a whole folder; a missing path is fine."""
+    fs, inner = resolve(path)
+    info = fs.get_file_info(inner)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(inner)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(inner)
+
+
+def upload(local: str, target: str) -> None:
+    """Copy a local file or folder (recursively) to ``target`` (local path or URI), overwriting files there."""
+    fs, inner = resolve(target)
+    folder = inner if os.path.isdir(local) else (posixpath if is_uri(target) else os.path).dirname(inner)
+    fs.create_dir(folder, recursive=True)
+    pafs.copy_files(local, inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def download(source: str, local: str) -> str:
+    """Copy a file or folder at ``source`` (local path or URI) to the local path ``local``; returns ``local``.
+
+    Raises:
+        UserError: ``source`` does not exist.
+    """
+    fs, inner = resolve(source)
+    kind = fs.get_file_info(inner).type
+    if kind == pafs.FileType.NotFound:
+        raise UserError(f"{source}: not found")
+    if kind == pafs.FileType.Directory:
+        os.makedirs(local, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+    pafs.copy_files(inner, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local
+
+
+@contextlib.contextmanager
+def local_copy(path: str) -> Iterator[str]:
+    """A local path holding the file or folder ``path``: itself when local, else a temporary download."""
+    if not is_uri(path):
+        yield normalize(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="mmray-download-") as tmp:
+        yield download(path, os.path.join(tmp, split(path)[1] or "data"))
+
+
+@contextlib.contextmanager
+def local_output(path: str) -> Iterator[str]:
+    """A local file path to write ``path`` to: itself when local, else a temporary file uploaded on success."""
+    if not is_uri(path):
+        yield normalize(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="mmray-upload-") as tmp:
+        local = os.path.join(tmp, split(path)[1])
+        yield local
+        upload(local, path)
+
+
+class StagedDir:
+    """Write files under :attr:`local`, then :meth:`sync` them to ``target`` (a local path or a URI).
+
+    For a local target, :attr:`local` is the target itself and syncing does nothing. For a URI it is
+    a private temporary folder; :meth:`sync` uploads the files that changed since the last sync
+    (object stores cannot append, so a grown file is uploaded whole), and :meth:`close` syncs one last
+    time and deletes the temporary folder.
+    """
+
+    def __init__(self, target: str):
+        self.target = normalize(target)
+        self.remote = is_uri(self.target)
+        self.local = tempfile.mkdtemp(prefix="mmray-stage-") if self.remote else self.target
+        self._sent: dict[str, tuple[int, int]] = {}
+
+    def path(self, *parts: str) -> str:
+        """A local path under the staging folder (parents created)."""
+        p = os.path.join(self.local, *parts)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        return p
+
+    def sync(self) -> None:
+        if not self.remote:
+            return
+        fs, inner = resolve(self.target)
+        for root, _, files in os.walk(self.local):
+            for name in files:
+                local = os.path.join(root, name)
+                st = os.stat(local)
+                stamp = (st.st_size, st.st_mtime_ns)
+                if self._sent.get(local) == stamp:
+                    continue
+                rel = os.path.relpath(local, self.local).replace(os.sep, "/")
+                dest = posixpath.join(inner, rel)
+                fs.create_dir(posixpath.dirname(dest), recursive=True)
+                with open(local, "rb") as src, fs.open_output_stream(dest) as out:
+                    shutil.copyfileobj(src, out, length=1 << 20)
+                self._sent[local] = stamp
+
+    def close(self) -> None:
+        if self.remote:
+            self.sync()
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
+def check_writable(path: str, *, what: str = "--storage", min_free_bytes: int = MIN_FREE_BYTES) -> None:
+    """Fail before anything starts when ``path`` cannot be written or its disk is (nearly) full.
+
+    Creates the folder if needed and writes and deletes a small probe file there (for a URI: an
+    object, which also checks the bucket and the credentials). A local folder, and the local temporary
+    folder every run stages checkpoints in, must have ``min_free_bytes`` free.
+
+    Raises:
+        UserError: naming ``what`` (the flag or key the path came from), the path and the reason.
+    """
+    target = normalize(path)
+    probe = join(target, f".mmray-write-test-{os.getpid()}")
+    try:
+        makedirs(target)
+        write_bytes(probe, b"ok")
+        remove(probe)
+    except UserError:
+        raise
+    except (OSError, pa.ArrowException) as e:
+        raise UserError(f"{what}: cannot write to {target}: {e}; choose a writable location") from None
+    local_dirs = [("the local temporary folder", tempfile.gettempdir())]
+    if not is_uri(target):
+        local_dirs.insert(0, (target, target))
+    for label, folder in local_dirs:
+        free = shutil.disk_usage(folder).free
+        if free < min_free_bytes:
+            raise UserError(f"{what}: {label} has only {_gib(free)} free (at least {_gib(min_free_bytes)} needed "
+                            f"for checkpoints and the export); free some space or choose another location")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
