@@ -155,6 +155,10 @@ class TrainConfig(StrictModel):
         default_factory=dict, description="loss weight per task (label, label_<task>); unlisted tasks weigh 1"
     )
     seed: int = 0
+    embedding_cache: Literal["auto", "off"] = Field(
+        "auto", description="auto = train from cached encoder outputs when every encoder is frozen for the whole "
+        "run and no augmentation touches its inputs (built once per dataset; see README); off = always run encoders",
+    )
     metric: Literal[tuple(METRICS)] = Field("val.accuracy", description="ranks checkpoints and drives early stopping")  # type: ignore[valid-type]
     optimizer: OptimizerConfig = OptimizerConfig()
     lr_schedule: LRScheduleConfig = LRScheduleConfig()
