@@ -377,9 +377,12 @@ def _run_ray(units: list[dict], kwargs: dict) -> None:
     res = ray.cluster_resources()
     gpus = int(res.get("GPU", 0))
     actors = gpus if gpus else max(1, min(int(res.get("CPU", 1)), len(units)))
+    # The encoders go through the object store once, by reference (a ref in a list is not resolved by Ray).
+    kwargs = {**kwargs, "encoders": [ray.put(kwargs["encoders"])], "threads": None if gpus else 1}
     ds = ray.data.from_items(units, override_num_blocks=len(units))
-    ds = ds.map_batches(_EncodeUnits, fn_constructor_kwargs={**kwargs, "threads": None if gpus else 1}, batch_size=1, batch_format="numpy",
-                        concurrency=actors, num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0)
+    ds = ds.map_batches(_EncodeUnits, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=actors),
+                        num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0)
     ds.materialize()
 
 
@@ -393,6 +396,10 @@ class _EncodeUnits:
         from mmray.config import JobConfig
         from mmray.data.decode import Preprocessor
 
+        if isinstance(encoders, list):  # [ObjectRef] from the Ray runner
+            import ray
+
+            encoders = ray.get(encoders[0])
         config = JobConfig.model_validate(config_json)
         self.data = config.data.model_copy(update={"modalities": tuple(sorted(encoders))})
         self.info, self.staging, self.sequences = info, staging, sequences
@@ -572,3 +579,29 @@ def list_caches(path: str) -> list[dict]:
                     "rows": {s: v["rows"] for s, v in m["splits"].items()}, "sequences": m["sequences"],
                     "built": m["built"], "stale": m["key"]["dataset"] != fp})
     return out
+
+
+# ---------------------------------------------------------------------------------------------- sweeps
+SHARING_BREAKERS = ("model.encoders.", "data.", "train.seed", "train.embedding_cache")
+
+
+def shared_plan(config, info: DatasetInfo, swept: dict[str, list]) -> CachePlan:
+    """Build the cache every trial of a sweep reads, before any trial starts.
+
+    Args:
+        config: the sweep's base job.
+        swept: swept dotted key -> the values it may take (``model.fusion.name``'s decide whether sequences
+            are stored: if any choice reads them, the shared cache holds them).
+
+    A swept key that changes the encoders' outputs (an encoder's config, preprocessing, ``train.seed``)
+    means each trial would need its own cache: none is built and trials run their encoders.
+    """
+    reason = unusable_reason(config)
+    if reason is not None:
+        return CachePlan(False, reason)
+    breaking = sorted(k for k in swept if k.startswith(SHARING_BREAKERS))
+    if breaking:
+        return CachePlan(False, f"parameters.{breaking[0]} is swept: it changes the encoders' outputs from trial to "
+                                "trial, so trials run their encoders")
+    fusions = list(swept.get("model.fusion.name") or []) + [config.model.fusion.name]
+    return plan(config, info, build=True, sequences=any(fusion_needs_sequences(f) for f in fusions))
