@@ -261,7 +261,10 @@ def plan(config, info: DatasetInfo, *, build: bool, sequences: bool | None = Non
     if not build:
         return CachePlan(False, f"no cache built for {', '.join(missing)} with this key (a sweep builds it before "
                                 "its trials when no swept parameter changes encoders, preprocessing or train.seed)")
-    seconds = build_entries(config, info, missing, sequences=seq, runner=runner)
+    try:
+        seconds = build_entries(config, info, missing, sequences=seq, runner=runner)
+    except OSError as e:  # e.g. a read-only dataset folder: train through the encoders instead
+        return CachePlan(False, f"cannot write the cache under {cache_root(info)}: {e}")
     entries, missing = find_entries(config, info, sequences=seq)
     if missing:
         raise RuntimeError(f"embedding cache build left {missing} missing under {cache_root(info)}")
