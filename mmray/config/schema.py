@@ -202,6 +202,10 @@ class TrainConfig(StrictModel):
         0, ge=-1, description="times a lost or crashed worker group is restarted from the last checkpoint "
         "(Ray Train's FailureConfig); -1 = without limit"
     )
+    embedding_cache: Literal["auto", "off"] = Field(
+        "auto", description="auto = train from cached encoder outputs when every encoder is frozen for the whole "
+        "run and no augmentation touches its inputs (built once per dataset; see README); off = always run encoders",
+    )
     metric: Literal[tuple(METRICS)] = Field("val.accuracy", description="ranks checkpoints and drives early stopping")  # type: ignore[valid-type]
     optimizer: OptimizerConfig = OptimizerConfig()
     lr_schedule: LRScheduleConfig = LRScheduleConfig()

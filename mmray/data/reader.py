@@ -102,11 +102,19 @@ def _chunks(
     """Row groups of the split's shards, in file order or shuffled (files, then groups within a file)."""
     units = row_group_units(info, split)
     if shuffle:
-        files = list(dict.fromkeys(f for f, _ in units))
-        groups = {f: [g for ff, g in units if ff == f] for f in files}
-        units = [(files[i], g) for i in rng.permutation(len(files)) for g in rng.permutation(groups[files[i]])]
+        units = shuffled_units(units, rng)
     for path, group in units:
         yield read_row_group(path, group, data, info)
+
+
+def shuffled_units(units: list[tuple[str, int]], rng: np.random.Generator) -> list[tuple[str, int]]:
+    """``(file, row group)`` units shuffled as the reader does: files, then groups within a file.
+
+    The embedding cache replays this order on its own parts, so cached training sees the same batches.
+    """
+    files = list(dict.fromkeys(f for f, _ in units))
+    groups = {f: [g for ff, g in units if ff == f] for f in files}
+    return [(files[i], g) for i in rng.permutation(len(files)) for g in rng.permutation(groups[files[i]])]
 
 
 def _batches(chunks: Iterator[pa.Table], batch_size: int, window: int, rng: np.random.Generator | None):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from mmray.config.errors import UserError
+from mmray.models.cached import cached_output
 from mmray.models.encoders import ENCODERS, BuildContext
 from mmray.models.fusion import FUSIONS
 
@@ -39,7 +40,9 @@ class MultimodalModel(nn.Module):
 
     ``forward(batch)`` reads each modality's inputs and its ``<modality>_present`` bool ``[B]`` mask (all
     True when the key is absent); the fusion ignores a modality in the rows where it is not present.
-    A fusion with ``uses_sequences = True`` also gets the encoders' per-token outputs.
+    A fusion with ``uses_sequences = True`` also gets the encoders' per-token outputs. A batch read from the
+    embedding cache carries ``<modality>.pooled`` (and sequences) instead of raw inputs: those encoders are
+    skipped (see :mod:`mmray.models.cached`).
     ``contrastive`` is a :class:`~mmray.models.contrastive.ContrastiveHead` when the job trains with the
     contrastive objective (its projections and temperature are saved with the weights), else ``None``.
     """
@@ -57,7 +60,7 @@ class MultimodalModel(nn.Module):
         return tuple(self.heads)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
-        encoded = {m: self.encoders[m](batch) for m in self.modalities}
+        encoded = {m: self._encode(m, batch) for m in self.modalities}
         embeddings = {m: e.pooled for m, e in encoded.items()}
         sequences = None
         if getattr(self.fusion, "uses_sequences", False):
@@ -69,6 +72,11 @@ class MultimodalModel(nn.Module):
         """Fusion and heads on given modality embeddings (``[B, D_m]`` each): the second half of ``forward``."""
         fused = self.fusion(embeddings, self.present_masks(batch, embeddings), sequences=sequences)
         return ModelOutput({t: head(fused) for t, head in self.heads.items()}, embeddings, fused, sequences)
+
+    def _encode(self, modality: str, batch: dict[str, torch.Tensor]):
+        uses_sequences = getattr(self.fusion, "uses_sequences", False)
+        cached = cached_output(batch, modality, needs_sequence=uses_sequences)
+        return cached if cached is not None else self.encoders[modality](batch)
 
     def present_masks(
         self, batch: dict[str, torch.Tensor], embeddings: dict[str, torch.Tensor]

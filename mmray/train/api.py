@@ -121,10 +121,14 @@ def train(
     run_dir, state = resolve_run_dir(root, name or config.name, explicit_name=name is not None)
     if state == "finished":
         return finished_run(run_dir)
+    from mmray.data.cache import plan
     from mmray.train.finalize import export_checkpoint, supervised_best
     from mmray.train.trainer import fit
 
-    outcome = fit(config, run_dir=run_dir, on_event=on_event)
+    # Built once per dataset and key (a lock makes concurrent runs wait for one build); refused with a
+    # reason when an encoder trains or augmentation changes a frozen encoder's inputs.
+    cache = plan(config, info, build=True)
+    outcome = fit(config, run_dir=run_dir, on_event=on_event, cache=cache)
     if outcome.error is not None:
         raise RuntimeError(f"training failed: {outcome.error}") from outcome.error
     if outcome.best_checkpoint is None:

@@ -51,6 +51,7 @@ class LocalContext:
 
     rank = 0
     world_size = 1
+    cached_encoders: dict[str, str] | None = None  # embedding cache: modality -> weights hash its batches came from
 
     def __init__(
         self,

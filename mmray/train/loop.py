@@ -25,6 +25,7 @@ from mmray.config.schema import LRScheduleConfig, OptimizerConfig
 from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
 from mmray.data.tokenizer import TextTokenizer
 from mmray.models.builder import build_job_model, job_tasks
+from mmray.models.cached import check_cached_encoders
 from mmray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint, unwrap
 from mmray.train.context import WorkerContext
 from mmray.train.metrics import ClassificationMetrics, metrics_from_confusion
@@ -327,6 +328,8 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
     tasks = job_tasks(info.tasks)
     tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
     model = build_job_model(config, tasks, tokenizer)
+    if ctx.rank == 0:  # embedding cache: the batches carry encoder outputs, which must come from these weights
+        check_cached_encoders(model, getattr(ctx, "cached_encoders", None))
     groups = param_groups(model, config)  # before DDP: it must not register permanently frozen weights
     model = ctx.prepare_model(model)
     optimizer = make_optimizer(config.train.optimizer, groups)

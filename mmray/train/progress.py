@@ -73,6 +73,9 @@ class ProgressPrinter:
                       f"eta_s={eta:.0f}", f"best={int(best)}"]
             self._line("mmray " + " ".join(parts))
 
+    def _on_embedding_cache(self, e: dict[str, Any]) -> None:
+        self._line(e["line"])
+
     def _on_early_stop(self, e: dict[str, Any]) -> None:
         self._line(f"early stopping after epoch {e['epoch']}: no improvement since epoch {e['best_epoch']}")
 

@@ -90,7 +90,9 @@ def _silence_report_log() -> None:
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
     config = JobConfig.model_validate(loop_config["config"])
-    train_loop(config, RayWorkerContext(config, loop_config["run_dir"], loop_config["relay"]))
+    ctx = RayWorkerContext(config, loop_config["run_dir"], loop_config["relay"])
+    ctx.cached_encoders = loop_config.get("cached_encoders")  # embedding cache: weights its batches came from
+    train_loop(config, ctx)
 
 
 def _progress_relay():
@@ -121,10 +123,11 @@ class FitOutcome:
 
 
 def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]], None] | None = None,
-        callbacks: list | None = None) -> FitOutcome:
+        callbacks: list | None = None, cache=None) -> FitOutcome:
     """Run the job on Ray Train; returns where the best checkpoint is (by ``train.metric``).
 
-    ``callbacks`` are Ray Train ``UserCallback``s (a sweep passes Tune's report callback).
+    ``callbacks`` are Ray Train ``UserCallback``s (a sweep passes Tune's report callback). ``cache`` is the
+    :class:`~mmray.data.cache.CachePlan` to train from; None looks one up (never builds: sweeps build first).
     """
     ray = ensure_ray()
     import ray.train
@@ -134,10 +137,19 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     from mmray.data.pipeline import build_dataset
 
     info = read_dataset_info(config.data.path)
-    datasets = {
-        "train": build_dataset(config.data, info, "train", train=True, seed=config.train.seed),
-        "val": build_dataset(config.data, info, "val", train=False, seed=config.train.seed),
-    }
+    cache = _embedding_cache(config, info, cache, on_event)
+    if cache.used:
+        from mmray.data.cache import build_cached_dataset
+
+        datasets = {
+            "train": build_cached_dataset(cache.entries, "train", train=True, seed=config.train.seed),
+            "val": build_cached_dataset(cache.entries, "val", train=False),
+        }
+    else:
+        datasets = {
+            "train": build_dataset(config.data, info, "train", train=True, seed=config.train.seed),
+            "val": build_dataset(config.data, info, "val", train=False, seed=config.train.seed),
+        }
     relay = _progress_relay() if on_event else None
     s = config.scaling
     resources = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
@@ -145,7 +157,8 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     storage, name = store.split(run_dir)  # a local folder or a URI: Ray Train writes to either
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "run_dir": run_dir, "relay": relay},
+        train_loop_config={"config": config.model_dump(mode="json"), "run_dir": run_dir, "relay": relay,
+                           "cached_encoders": cache.weights},
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=s.placement_strategy),
@@ -182,3 +195,16 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     # Ray's checkpoint path is inside its filesystem (no scheme): name it under run_dir instead
     best_path = store.join(run_dir, os.path.basename(best.path.rstrip("/"))) if best else None
     return FitOutcome(run_dir, best_path, result.error)
+
+
+def _embedding_cache(config: JobConfig, info, cache, on_event):
+    """The cache plan (looked up when not given), announced in the run's log."""
+    from mmray.data.cache import plan
+
+    if cache is None:
+        cache = plan(config, info, build=False)
+    if on_event is not None:
+        on_event({"type": "embedding_cache", "line": cache.line()})
+    else:
+        print(f"mmray {cache.line()}", flush=True)
+    return cache

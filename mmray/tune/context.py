@@ -12,8 +12,9 @@ from mmray.train.local import split_readers
 class TuneTrialContext(LocalContext):
     """Reads Parquet shards directly in the trial process; reports and checkpoints through Ray Tune."""
 
-    def __init__(self, config: JobConfig, run_dir: str):
-        super().__init__(run_dir, *split_readers(config))
+    def __init__(self, config: JobConfig, run_dir: str, readers=None):
+        # readers: (train_batches, val_batches) to use instead of the dataset's shards (the embedding cache)
+        super().__init__(run_dir, *(readers or split_readers(config)))
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         from ray import tune

@@ -52,7 +52,32 @@ def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_di
             raise outcome.error
         return
     torch.set_num_threads(max(1, int(CPUS_PER_TRIAL)))  # concurrent trials share the cores
-    train_loop(config, TuneTrialContext(config, run_dir))
+    train_loop(config, _embedding_cache_context(config, run_dir))
+
+
+def _embedding_cache_context(config, run_dir: str):
+    """The in-process trial's context, reading the sweep's embedding cache when it serves this trial."""
+    from mmray.data.cache import cached_readers, plan
+    from mmray.data.dataset_dir import read_dataset_info
+    from mmray.tune.context import TuneTrialContext
+
+    cache = plan(config, read_dataset_info(config.data.path), build=False)  # never built here: the sweep did
+    print(f"mmray {cache.line()}", flush=True)
+    if not cache.used:
+        return TuneTrialContext(config, run_dir)
+    ctx = TuneTrialContext(config, run_dir, readers=cached_readers(config, cache.entries))
+    ctx.cached_encoders = cache.weights
+    return ctx
+
+
+def _build_embedding_cache(setup: "SweepSetup") -> None:
+    """Before any trial: build the embedding cache all trials share (or say why there is none)."""
+    from mmray.data.cache import shared_plan
+    from mmray.data.dataset_dir import read_dataset_info
+
+    config = validate_job(setup.job_raw)
+    swept = {k: spec.probe_values() for k, spec in setup.space.parameters.items()}
+    print(f"mmray sweep {shared_plan(config, read_dataset_info(config.data.path), swept).line()}", flush=True)
 
 
 def distributed(config) -> bool:
@@ -187,5 +212,6 @@ def run_sweep(setup: SweepSetup, *, resume: bool = False):
     # per-epoch checkpoints with num_to_keep force frequent state snapshots; expected, not worth a warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ensure_ray()
+    _build_embedding_cache(setup)
     results = _tuner(setup, restore=resume).fit()
     return finish(setup, results)

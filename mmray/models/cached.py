@@ -1,0 +1,63 @@
+"""The model side of the embedding cache: batches that carry precomputed encoder outputs (plain PyTorch).
+
+A batch read from an embedding cache (:mod:`mmray.data.cache`) holds, per cached modality ``m``:
+
+- ``"<m>.pooled"``: float ``[B, D_m]``, the frozen encoder's pooled output in eval mode;
+- ``"<m>.sequence"`` / ``"<m>.sequence_mask"``: ``[B, T, D_m]`` / bool ``[B, T]`` when the cache holds sequences.
+
+:class:`~mmray.models.model.MultimodalModel` uses those instead of running the encoder, so the same model,
+loop, metrics and export serve both paths; raw inputs still go through the encoders (export, predict).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from mmray.config.errors import UserError
+from mmray.models.encoders.base import EncoderOutput
+
+
+def cached_output(batch: dict[str, torch.Tensor], modality: str, *, needs_sequence: bool) -> EncoderOutput | None:
+    """The encoder output of ``modality`` carried by ``batch``, or None when the batch holds raw inputs.
+
+    Raises:
+        UserError: the fusion reads sequences but the cache holds only pooled vectors.
+    """
+    pooled = batch.get(f"{modality}.pooled")
+    if pooled is None:
+        return None
+    sequence = batch.get(f"{modality}.sequence")
+    if needs_sequence and sequence is None:
+        raise UserError(f"the embedding cache of {modality} holds no sequences but the fusion reads them; "
+                        "rebuild it for this fusion or set train.embedding_cache: off")
+    mask = batch.get(f"{modality}.sequence_mask")
+    return EncoderOutput(pooled, sequence, None if mask is None else mask.to(torch.bool))
+
+
+def weights_hash(module: nn.Module) -> str:
+    """sha256 over ``module``'s parameters and buffers (names, dtypes, shapes, bytes), in name order."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def check_cached_encoders(model: nn.Module, expected: dict[str, str] | None) -> None:
+    """Refuse to train from cached embeddings that another set of encoder weights produced.
+
+    ``expected`` maps modality -> :func:`weights_hash` of the encoder that filled the cache (None: no cache).
+
+    Raises:
+        RuntimeError: an encoder of ``model`` differs from the one the cache was built with.
+    """
+    for modality, digest in (expected or {}).items():
+        actual = weights_hash(model.encoders[modality])
+        if actual != digest:
+            raise RuntimeError(
+                f"the embedding cache of {modality} was built by different encoder weights "
+                f"({digest[:12]} vs this run's {actual[:12]}); set train.embedding_cache: off, or delete the "
+                "cache folder under the dataset's .cache/embeddings and run again")
