@@ -74,6 +74,10 @@ class TimedContext(TuneTrialContext):
         super().__init__(config, run_dir)
         self._first = True
 
+    def prepare_model(self, model):
+        _stamp(self.marks_file, model=time.time())
+        return super().prepare_model(model)
+
     def train_batches(self, epoch):
         for batch in super().train_batches(epoch):
             if self._first:
@@ -87,7 +91,6 @@ def bare_trial(config: dict[str, Any], *, marks: str) -> None:
 
     _stamp(marks, entry=time.time())
     tune.report({"done": 1})
-    _stamp(marks, end=time.time())
 
 
 def mmray_trial(params: dict[str, Any], *, marks: str, job_raw: dict[str, Any], experiment_dir: str) -> None:
@@ -105,12 +108,14 @@ def mmray_trial(params: dict[str, Any], *, marks: str, job_raw: dict[str, Any], 
 def overhead_runs(trainable, *, n: int, storage: str, name: str, reuse: bool) -> list[dict[str, float]]:
     """Run ``n`` trials one at a time; returns one dict of timestamps per trial (plus ``fit`` on the first)."""
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
 
     marks = os.path.join(storage, f"{name}.jsonl")
     trainable = tune.with_resources(tune.with_parameters(trainable, marks=marks), {"CPU": 1})
     tuner = tune.Tuner(trainable, param_space={"i": tune.grid_search(list(range(n)))},
                        tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=reuse),
-                       run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0))
+                       run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
+                                                 callbacks=[JsonLoggerCallback()]))
     fit = time.time()
     tuner.fit()
     rows: list[dict[str, float]] = []
@@ -127,7 +132,8 @@ def startup_seconds(rows: list[dict[str, float]], until: str) -> list[float]:
     """Per trial: from when it could start (fit, or the previous trial's end) to the ``until`` mark."""
     out = []
     for i, r in enumerate(rows):
-        start = r["fit"] if i == 0 else rows[i - 1]["end"]
+        # a bare trial's function is cut off once it has reported: its last mark is its entry
+        start = r["fit"] if i == 0 else rows[i - 1].get("end", rows[i - 1]["entry"])
         out.append(r[until] - start)
     return out
 
@@ -152,7 +158,8 @@ def measure_overhead(data: str, storage: str, n: int) -> dict[str, Any]:
         phases = {
             "to trial entry": startup_seconds(mine, "entry"),
             "to torch imported": startup_seconds(mine, "imported"),
-            "to context built (job validated, tokenizer)": startup_seconds(mine, "context"),
+            "to context built (job validated)": startup_seconds(mine, "context"),
+            "to model built (tokenizer, encoders, fusion)": startup_seconds(mine, "model"),
             "to first training batch": startup_seconds(mine, "first_step"),
         }
         out[f"reuse_actors={reuse}"] = {"bare": startup_seconds(bare, "entry"), "mmray": phases}

@@ -291,6 +291,8 @@ def _control_arms(rep: Report, space: SpaceConfig, *, resamples: int, seed: int)
         else:
             base.control = found
         rep.arms.insert(0, base)
+        if concat.control is not None and found is not None and concat.control.trial_id == found.trial_id:
+            concat.control, concat.skipped = None, "the best concat trial is the baseline trial, compared above"
     if w is None:
         for arm in rep.arms:
             arm.skipped, arm.control = "no winner: no trial finished an epoch", None

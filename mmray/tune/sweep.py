@@ -173,7 +173,12 @@ def _tuner(setup: SweepSetup, *, restore: bool):
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=space.num_samples,
-                                    max_concurrent_trials=concurrency(space, config)),
+                                    max_concurrent_trials=concurrency(space, config),
+                                    # An in-process trial's next trial runs in the same process: torch, its
+                                    # compiler stack (imported by the first optimizer) and the decoders are
+                                    # imported once per slot, not once per trial (~1 s to the first step
+                                    # instead of tens of seconds on a busy 2-core box; benchmarks/sweep.py).
+                                    reuse_actors=not distributed(config)),
         run_config=tune.RunConfig(
             name=os.path.basename(exp), storage_path=os.path.dirname(exp),
             # Every checkpoint is kept while the sweep runs: pruning by score can delete the one a
