@@ -201,7 +201,7 @@ def run_sweep(setup: SweepSetup, *, resume: bool = False, report: bool = True):
     """Run (or continue) the sweep, then write its results and (``report``) its report.
 
     Returns the summary written by :func:`mmray.tune.results.finish`, with ``report_path`` set when the
-    report was written. Steps, in order: start Ray; prepare anything the trials share (none yet); run the
+    report was written. Steps, in order: start Ray; prepare what the trials share (nothing yet); run the
     trials; rank them and export the best; write ``report/``.
     """
     from mmray.runtime import ensure_ray
@@ -213,6 +213,7 @@ def run_sweep(setup: SweepSetup, *, resume: bool = False, report: bool = True):
     # per-epoch checkpoints with num_to_keep force frequent state snapshots; expected, not worth a warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ensure_ray()
+    # what every trial shares is prepared here, once, before the first trial starts
     results = _tuner(setup, restore=resume).fit()
     summary = finish(setup, results)
     if report:
