@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=1500, help="built-in dataset rows (80%% train)")
     ap.add_argument("--epochs", type=int, default=6, help="epochs per trial")
     ap.add_argument("--samples", type=int, default=8, help="trials per sweep")
-    ap.add_argument("--target", type=float, default=0.75, help="validation accuracy to reach")
+    ap.add_argument("--target", type=float, default=0.6, help="validation accuracy to reach")
     ap.add_argument("--overhead-trials", type=int, default=4, help="trials per overhead measurement")
     ap.add_argument("--skip", choices=["overhead", "sweeps"], help="run only one part")
     ap.add_argument("--json", help="also write the raw numbers here")
@@ -307,19 +307,23 @@ def main(argv: list[str] | None = None) -> int:
                                                                                samples=args.samples)),
         ):
             print(f"\nrunning: {label}", flush=True)
-            runs[label] = r = fn()
-            r["to_target_s"] = first_hit(r["curves"], args.target)
-        results["sweeps"] = {k: {kk: vv for kk, vv in v.items() if kk != "curves"} for k, v in runs.items()}
-        ref = runs["mmray TPE + ASHA"]["to_target_s"]
-        print(f"\n(b) time to val.accuracy >= {args.target} ({args.samples} trials x up to {args.epochs} epochs, "
-              f"{args.rows} rows)")
-        print(f"  {'run':<44} {'to target':>10} {'total':>8} {'epochs':>7} {'stopped':>8} {'best acc':>9} "
-              f"{'vs TPE+ASHA':>12}")
-        for label, r in runs.items():
-            hit = r["to_target_s"]
-            ratio = f"{hit / ref:.2f}x" if hit is not None and ref else "-"
-            print(f"  {label:<44} {(f'{hit:.0f}s' if hit is not None else 'not reached'):>10} "
-                  f"{r['total_s']:7.0f}s {r['epochs']:>7} {r['stopped']:>8} {r['best']:>9.3f} {ratio:>12}")
+            runs[label] = fn()
+        results["sweeps"] = runs  # with every trial's (seconds, val accuracy) curve: other targets can be read off
+        # a target every run reached, so each has a time: the lowest of the runs' best accuracies
+        common = min(r["best"] for r in runs.values())
+        for target in dict.fromkeys([args.target, common]):
+            for r in runs.values():
+                r["to_target_s"] = first_hit(r["curves"], target)
+            ref = runs["mmray TPE + ASHA"]["to_target_s"]
+            print(f"\n(b) time to val.accuracy >= {target:.3f} ({args.samples} trials x up to {args.epochs} epochs, "
+                  f"{args.rows} rows){' (the lowest best accuracy of the three runs)' if target == common else ''}")
+            print(f"  {'run':<44} {'to target':>10} {'total':>8} {'epochs':>7} {'stopped':>8} {'best acc':>9} "
+                  f"{'/ TPE+ASHA':>11}")
+            for label, r in runs.items():
+                hit = r["to_target_s"]
+                ratio = f"{hit / ref:.2f}x" if hit is not None and ref else "-"
+                print(f"  {label:<44} {(f'{hit:.0f}s' if hit is not None else 'not reached'):>10} "
+                      f"{r['total_s']:7.0f}s {r['epochs']:>7} {r['stopped']:>8} {r['best']:>9.3f} {ratio:>11}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
