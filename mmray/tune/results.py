@@ -13,6 +13,7 @@ from mmray.config import validate_job
 from mmray.config.loader import apply_overrides
 from mmray.train.checkpoint import STATE
 from mmray.tune.context import trial_dir
+from mmray.tune.space import is_baseline
 
 LEADERBOARD, BEST_DIR = "leaderboard.csv", "best"
 SHOWN = ("val.accuracy", "val.f1", "val.loss", "test.accuracy")
@@ -172,7 +173,7 @@ def finish(setup, results) -> SweepSummary:
     if space.baseline:
         point = space.baseline_point(setup.job_raw)
         for t in trials:
-            t.baseline = space.is_baseline(t.params, point)
+            t.baseline = is_baseline(t.params, point)
     keep = validate_job(setup.job_raw).checkpoint.num_to_keep
     for r, t in zip(results, trials):
         if t.status in ("completed", "stopped") and r.checkpoint is not None:

@@ -10,11 +10,7 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
 
-
-def is_baseline(config: dict[str, Any] | None, baseline: dict[str, Any]) -> bool:
-    """Whether a trial's parameters are the baseline point (enqueued values come back unchanged)."""
-    config = config or {}
-    return bool(baseline) and all(k in config and config[k] == v for k, v in baseline.items())
+from mmray.tune.space import is_baseline
 
 
 class _KeepBaseline:

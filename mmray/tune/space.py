@@ -207,10 +207,6 @@ class SpaceConfig(StrictModel):
             raise ConfigError(problems)
         return {k: v for k, v in values.items() if self.parameters[k].value is None}
 
-    def is_baseline(self, params: dict[str, Any], point: dict[str, Any]) -> bool:
-        """Whether a trial's parameters are the baseline point (the enqueued values come back unchanged)."""
-        return bool(point) and all(k in params and params[k] == v for k, v in point.items())
-
     def sample(self, trial) -> dict[str, Any]:
         """Define-by-run: draw only the active parameters of this trial; returns ``{dotted key: value}``."""
         values: dict[str, Any] = {}
@@ -218,6 +214,12 @@ class SpaceConfig(StrictModel):
             if self.active(key, values):
                 values[key] = spec.suggest(trial, key)
         return values
+
+
+def is_baseline(params: dict[str, Any] | None, point: dict[str, Any]) -> bool:
+    """Whether a trial's parameters are the baseline point (Optuna hands enqueued values back unchanged)."""
+    params = params or {}
+    return bool(point) and all(k in params and params[k] == v for k, v in point.items())
 
 
 def _parse(raw: dict[str, Any], source: str | None) -> SpaceConfig:
