@@ -20,9 +20,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# A small sweep on the built-in data; its first trial is jobs/quickstart.yaml itself (the baseline).
+# The single-run path is `mmray train jobs/quickstart.yaml`.
 quickstart: $(STAMP)
 	$(BIN)/mmray data synth --out $(DATA) --rows 3000 --shards 4 --seed 0
-	$(BIN)/mmray train jobs/quickstart.yaml --storage $(STORAGE)
+	$(BIN)/mmray tune jobs/quickstart.yaml --space search_spaces/quickstart.yaml --storage $(STORAGE) \
+	  --set scaling.num_workers=1 --set train.batch_size=64
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --timeout=900 tests

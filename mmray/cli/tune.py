@@ -12,7 +12,7 @@ def register(sub) -> None:
     p.add_argument("--space", metavar="SPACE.yaml")
     p.add_argument("--num-samples", type=int, help="trials to run (default: the space's num_samples)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--name", help="experiment name (default: <job name>-sweep)")
+    p.add_argument("--name", help="experiment name (default: <job name>-sweep, or -2, -3... when that exists)")
     p.add_argument("--storage", help="where experiments go (default: the job's storage, ./runs)")
     p.add_argument("--resume", metavar="EXPERIMENT_DIR", help="continue a stopped sweep")
 
@@ -38,7 +38,7 @@ def run(args) -> int:
         config = validate_job(job_raw, args.job)  # exit 2 on a bad job, before anything starts
         space = load_space(args.space, job_raw, num_samples=args.num_samples)
         setup = prepare(job_raw, space, name=args.name or f"{config.name}-sweep",
-                        storage=args.storage or config.storage)
+                        storage=args.storage or config.storage, explicit_name=bool(args.name))
         summary = run_sweep(setup)
     print()
     print(format_summary(summary))

@@ -85,12 +85,10 @@ def write_diagnostics(tensorboard_dir: str, metrics: dict[str, Any], epoch: int,
         stage.close()
 
 
-def export_checkpoint(config: JobConfig, info: DatasetInfo, checkpoint_dir: str, export_dir: str,
-                      tensorboard_dir: str | None = None) -> dict[str, Any]:
-    """Load ``checkpoint_dir``, measure it on val and test, and write the export folder; returns its metrics.
+def measure_checkpoint(config: JobConfig, info: DatasetInfo, checkpoint_dir: str):
+    """Load ``checkpoint_dir`` (a local path or a URI) into the job's model and measure it on val and test.
 
-    Either folder may be a local path or a URI. With ``tensorboard_dir``, the validation modality
-    diagnostics also go there (:func:`write_diagnostics`).
+    Returns ``(model, tokenizer, metrics)``; ``metrics["epoch"]`` is the checkpoint's epoch.
     """
     tasks = job_tasks(info.tasks)
     tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
@@ -98,8 +96,18 @@ def export_checkpoint(config: JobConfig, info: DatasetInfo, checkpoint_dir: str,
     with store.local_copy(checkpoint_dir) as local:
         load_weights(local, model)
         epoch = checkpoint_epoch(local)
-    metrics = {"epoch": epoch, **evaluate_splits(model, config, info, tasks)}
-    write_export(export_dir, model, config, info, tokenizer, metrics, epoch=epoch)
+    return model, tokenizer, {"epoch": epoch, **evaluate_splits(model, config, info, tasks)}
+
+
+def export_checkpoint(config: JobConfig, info: DatasetInfo, checkpoint_dir: str, export_dir: str,
+                      tensorboard_dir: str | None = None) -> dict[str, Any]:
+    """Load ``checkpoint_dir``, measure it on val and test, and write the export folder; returns its metrics.
+
+    Either folder may be a local path or a URI. With ``tensorboard_dir``, the validation modality
+    diagnostics also go there (:func:`write_diagnostics`).
+    """
+    model, tokenizer, metrics = measure_checkpoint(config, info, checkpoint_dir)
+    write_export(export_dir, model, config, info, tokenizer, metrics, epoch=metrics["epoch"])
     if tensorboard_dir is not None:
-        write_diagnostics(tensorboard_dir, metrics, epoch)
+        write_diagnostics(tensorboard_dir, metrics, metrics["epoch"])
     return metrics

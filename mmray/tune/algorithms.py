@@ -43,24 +43,26 @@ def cmaes(search) -> Any:
 
 
 @SCHEDULERS.register("asha", config=_Named)
-def asha(sched, *, metric: str, mode: str, max_t: int) -> Any:
+def asha(sched, *, metric: str, mode: str, max_t: int, baseline: dict[str, Any] | None = None) -> Any:
     """Asynchronous successive halving: stops the worse trials at each rung of epochs."""
-    from ray.tune.schedulers import ASHAScheduler
+    from mmray.tune.schedulers import ASHAKeepingBaseline
 
-    return ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=max_t,
-                         grace_period=min(sched.grace_period, max_t), reduction_factor=sched.reduction_factor)
+    return ASHAKeepingBaseline(
+        time_attr="epoch", metric=metric, mode=mode, max_t=max_t, grace_period=min(sched.grace_period, max_t),
+        reduction_factor=sched.reduction_factor, baseline=baseline)
 
 
 @SCHEDULERS.register("median", config=_Named)
-def median(sched, *, metric: str, mode: str, max_t: int) -> Any:
+def median(sched, *, metric: str, mode: str, max_t: int, baseline: dict[str, Any] | None = None) -> Any:
     """Median stopping: stops a trial whose best result is below the median of the others' at the same epoch."""
-    from ray.tune.schedulers import MedianStoppingRule
+    from mmray.tune.schedulers import MedianKeepingBaseline
 
-    return MedianStoppingRule(time_attr="epoch", metric=metric, mode=mode, grace_period=sched.grace_period)
+    return MedianKeepingBaseline(time_attr="epoch", metric=metric, mode=mode, grace_period=sched.grace_period,
+                                 baseline=baseline)
 
 
 @SCHEDULERS.register("none", config=_Named)
-def no_early_stopping(sched, *, metric: str, mode: str, max_t: int) -> Any:
+def no_early_stopping(sched, *, metric: str, mode: str, max_t: int, baseline: dict[str, Any] | None = None) -> Any:
     """Every trial runs all its epochs (train.early_stopping still applies inside a trial)."""
     from ray.tune.schedulers import FIFOScheduler
 

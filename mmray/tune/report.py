@@ -32,6 +32,7 @@ REPORT_DIR, SUMMARY = "report", "summary.md"
 LEADERBOARD, BEST_DIR = "leaderboard.csv", "best"  # as mmray.tune.results writes them
 TOP = 10
 MODALITIES_KEY, FUSION_KEY = "data.modalities", "model.fusion.name"
+BASELINE_ARM = "baseline trial (the job as is)"
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Trial:
     params: dict[str, Any]  # the space's values for this trial (drawn and fixed)
     modalities: tuple[str, ...]
     fusion: str
+    baseline: bool = False  # the job's own values (a space with `baseline: true`)
 
     @property
     def scored(self) -> bool:
@@ -116,7 +118,8 @@ def _trials(setup: SweepSetup, study) -> list[Trial]:
         done = t.state.name == "COMPLETE" and t.value is not None
         out.append(Trial(trial_id, seq if seq is not None else 10_000 + t.number, str(t.user_attrs.get("status", "")),
                          float(t.value) if done else None, int(t.user_attrs["best_epoch"]) if done else None,
-                         params, tuple(config.data.modalities), config.model.fusion.name))
+                         params, tuple(config.data.modalities), config.model.fusion.name,
+                         bool(t.user_attrs.get("baseline", False))))
     return sorted(out, key=lambda t: t.sequence)
 
 
@@ -276,6 +279,20 @@ def _control_arms(rep: Report, space: SpaceConfig, *, resamples: int, seed: int)
             concat.skipped = ("no concat trial finished an epoch" if candidates
                               else "the sweep ran no concat trial")
     rep.arms = [single, concat]
+    if space.baseline:
+        base = ControlArm(BASELINE_ARM)
+        found = next((t for t in rep.trials if t.baseline), None)
+        if found is None:
+            base.skipped = "the sweep ran no baseline trial"
+        elif w is not None and found.trial_id == w.trial_id:
+            base.skipped = "the winner is the baseline itself: no trial beat the job as is"
+        elif not found.scored:
+            base.skipped = "the baseline trial finished no epoch"
+        else:
+            base.control = found
+        rep.arms.insert(0, base)
+        if concat.control is not None and found is not None and concat.control.trial_id == found.trial_id:
+            concat.control, concat.skipped = None, "the best concat trial is the baseline trial, compared above"
     if w is None:
         for arm in rep.arms:
             arm.skipped, arm.control = "no winner: no trial finished an epoch", None
@@ -336,8 +353,10 @@ def _image(rep: Report, section: str, alt: str) -> list[str]:
 def _leaderboard_md(rep: Report, rows: list[dict[str, str]], space: SpaceConfig) -> list[str]:
     params = [k for k, _ in space.ordered_parameters() if rows and k in rows[0]]
     metrics = [m for m in dict.fromkeys([rep.metric, "val.accuracy", "val.f1", "val.loss"]) if rows and m in rows[0]]
-    header = ["rank", "trial_id", "status", *params, "best_epoch", "epochs_run", *metrics]
-    return _table(header, [[_num(r.get(h, "")) if h not in ("trial_id", "status") else r.get(h, "") for h in header]
+    role = ["role"] if rows and "role" in rows[0] else []
+    header = ["rank", "trial_id", "status", *role, *params, "best_epoch", "epochs_run", *metrics]
+    return _table(header, [[_num(r.get(h, "")) if h not in ("trial_id", "status", "role") else r.get(h, "")
+                            for h in header]
                            for r in rows[:TOP]])
 
 

@@ -14,6 +14,7 @@ from mmray.config import validate_job
 from mmray.config.loader import apply_overrides
 from mmray.train.checkpoint import STATE
 from mmray.tune.context import trial_dir
+from mmray.tune.space import is_baseline
 
 LEADERBOARD, BEST_DIR = "leaderboard.csv", "best"
 SHOWN = ("val.accuracy", "val.f1", "val.loss", "test.accuracy")
@@ -29,6 +30,7 @@ class TrialRecord:
     best: dict[str, float]  # the best epoch's metrics
     best_checkpoint: str | None
     error: str | None = None
+    baseline: bool = False  # the job's own values (``baseline: true`` in the space)
 
 
 @dataclass
@@ -39,10 +41,17 @@ class SweepSummary:
     trials: list[TrialRecord]
     best_dir: str | None
     best_metrics: dict[str, Any] = field(default_factory=dict)
+    baseline_metrics: dict[str, Any] = field(default_factory=dict)  # its best epoch on val and test
+    report_path: str | None = None  # report/summary.md, once written
+    report_verdicts: str = ""  # the report's winner-vs-control lines
 
     @property
     def best_trial(self) -> TrialRecord | None:
         return self.trials[0] if self.trials and self.trials[0].best_epoch is not None else None
+
+    @property
+    def baseline_trial(self) -> TrialRecord | None:
+        return next((t for t in self.trials if t.baseline), None)
 
     @property
     def tensorboard_command(self) -> str:
@@ -79,7 +88,9 @@ def _record(result, setup, metric: str, mode: str) -> TrialRecord:
         ranked = sorted((m for m in history if int(m["epoch"]) in kept), key=lambda m: -sign * m[metric])
         best_path = kept[int(ranked[0]["epoch"])] if ranked else None
     epochs = validate_job(apply_overrides(setup.job_raw, params.items())).train.epochs
-    best = max(history, key=lambda m: sign * m[metric]) if history else {}
+    # contrastive pre-training epochs (untrained heads) never rank a trial; the export skips them too
+    supervised = [m for m in history if not m.get("train.contrastive_pretraining")]
+    best = max(supervised, key=lambda m: sign * m[metric]) if supervised else {}
     epochs_run = len(history)
     status = "error" if result.error else "completed" if epochs_run >= epochs else "stopped" if history else "pending"
     return TrialRecord(trial_id, params, status, epochs_run, int(best["epoch"]) if best else None, best,
@@ -122,17 +133,20 @@ def store_study(path: str, name: str, space, trials: list[TrialRecord]) -> None:
         study.add_trial(optuna.trial.create_trial(
             params=params, distributions=dists, value=float(t.best[space.metric]) if done else None,
             state=optuna.trial.TrialState.COMPLETE if done else optuna.trial.TrialState.FAIL,
-            user_attrs={"trial_id": t.trial_id, "status": t.status, "best_epoch": t.best_epoch or 0}))
+            user_attrs={"trial_id": t.trial_id, "status": t.status, "best_epoch": t.best_epoch or 0,
+                        "baseline": t.baseline}))
 
 
 def write_leaderboard(path: str, trials: list[TrialRecord], param_keys: list[str]) -> None:
     metric_keys = sorted({k for t in trials for k in t.best if k.startswith(("val.", "train.loss"))
                           and not k.endswith(("confusion", ".rows"))})
+    role = ["role"] if any(t.baseline for t in trials) else []  # only in sweeps with a baseline trial
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["rank", "trial_id", "status", *param_keys, "best_epoch", "epochs_run", *metric_keys])
+        w.writerow(["rank", "trial_id", "status", *role, *param_keys, "best_epoch", "epochs_run", *metric_keys])
         for rank, t in enumerate(trials, 1):
-            w.writerow([rank, t.trial_id, t.status, *(t.params.get(k, "") for k in param_keys),
+            w.writerow([rank, t.trial_id, t.status, *(["baseline" if t.baseline else ""] if role else []),
+                        *(t.params.get(k, "") for k in param_keys),
                         t.best_epoch or "", t.epochs_run, *(t.best.get(k, "") for k in metric_keys)])
 
 
@@ -156,11 +170,15 @@ def write_hparams(experiment_dir: str, trial: TrialRecord, metric: str) -> None:
 def finish(setup, results) -> SweepSummary:
     """Rank trials by their best epoch, write ``leaderboard.csv``, HParams and the best trial's export."""
     from mmray.data.dataset_dir import read_dataset_info
-    from mmray.train.finalize import export_checkpoint
+    from mmray.train.finalize import export_checkpoint, supervised_best
 
     space, exp = setup.space, setup.experiment_dir
     metric, mode = space.metric, space.resolved_mode
     trials = [_record(r, setup, metric, mode) for r in results]
+    if space.baseline:
+        point = space.baseline_point(setup.job_raw)
+        for t in trials:
+            t.baseline = is_baseline(t.params, point)
     keep = validate_job(setup.job_raw).checkpoint.num_to_keep
     for r, t in zip(results, trials):
         if t.status in ("completed", "stopped") and r.checkpoint is not None:
@@ -180,8 +198,22 @@ def finish(setup, results) -> SweepSummary:
         config = validate_job(apply_overrides(setup.job_raw, winner.params.items()))
         info = read_dataset_info(config.data.path)
         summary.best_dir = store.join(exp, BEST_DIR)
-        summary.best_metrics = export_checkpoint(config, info, winner.best_checkpoint, summary.best_dir)
+        summary.best_metrics = export_checkpoint(config, info, supervised_best(config, winner.best_checkpoint),
+                                                summary.best_dir)
+    base = summary.baseline_trial
+    if base is not None and base.best_checkpoint:
+        summary.baseline_metrics = (summary.best_metrics if base is winner
+                                    else checkpoint_metrics(setup, base))
     return summary
+
+
+def checkpoint_metrics(setup, trial: TrialRecord) -> dict[str, Any]:
+    """A trial's best checkpoint measured on val and test, as the export measures the winner's."""
+    from mmray.data.dataset_dir import read_dataset_info
+    from mmray.train.finalize import measure_checkpoint
+
+    config = validate_job(apply_overrides(setup.job_raw, trial.params.items()))
+    return measure_checkpoint(config, read_dataset_info(config.data.path), trial.best_checkpoint)[2]
 
 
 def format_summary(summary: SweepSummary) -> str:
@@ -199,6 +231,26 @@ def format_summary(summary: SweepSummary) -> str:
         if "test.accuracy" in m:
             lines.append(f"best model:  test accuracy {m['test.accuracy']:.4f}  test F1 {m['test.f1']:.4f}")
         lines.append(f"export:      {summary.best_dir}")
+    lines += _baseline_lines(summary)
     lines.append(f"leaderboard: {store.join(summary.experiment_dir, LEADERBOARD)}")
+    if summary.report_path:
+        lines.append(f"report:      {summary.report_path}")
+        lines += [f"  {v}" for v in summary.report_verdicts.splitlines() if v]
     lines.append(f"tensorboard: {summary.tensorboard_command}")
     return "\n".join(lines)
+
+
+def _baseline_lines(summary: SweepSummary) -> list[str]:
+    """The winner against the job as is (the baseline trial), on validation and test."""
+    base, w = summary.baseline_trial, summary.best_trial
+    if base is None or w is None:
+        return []
+    if base is w:
+        return ["baseline:    the winner is the baseline itself (the job as is): no trial beat it on "
+                + summary.metric]
+    b, m = summary.baseline_metrics, summary.best_metrics
+    lines = [f"baseline:    trial {base.trial_id} (the job as is), best epoch {base.best_epoch}"]
+    for k in ("val.accuracy", "test.accuracy"):
+        if k in b and k in m:
+            lines.append(f"  {k:<13} winner {m[k]:.4f}  baseline {b[k]:.4f}  difference {m[k] - b[k]:+.4f}")
+    return lines

@@ -150,6 +150,8 @@ class SpaceConfig(StrictModel):
     num_samples: int = Field(8, ge=1)
     max_concurrent_trials: Optional[int] = Field(None, ge=1, description="default: from the cluster's CPUs/GPUs")
     max_failures: int = Field(1, ge=0, description="retries of a failed trial (from its checkpoint)")
+    baseline: bool = Field(False, description="the first trial is the job's own value of every drawn parameter "
+                                              "(the control): never stopped early, compared with the winner")
     search: SearchConfig = SearchConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     parameters: dict[str, ParamSpec] = Field(min_length=1)
@@ -181,6 +183,30 @@ class SpaceConfig(StrictModel):
                 return False
         return True
 
+    def baseline_point(self, job_raw: dict[str, Any]) -> dict[str, Any]:
+        """The job's own value of every drawn parameter active for those values (fixed values excluded: they
+        apply to every trial). Raises :class:`ConfigError` when a value is one this space never draws."""
+        job = validate_job(job_raw).model_dump(mode="json")
+        values: dict[str, Any] = {}
+        problems = []
+        for key, spec in self.ordered_parameters():
+            if spec.value is not None:
+                values[key] = spec.value
+                continue
+            if not self.active(key, values):
+                continue
+            node: Any = job
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if not spec.admits(node):
+                drawn = spec.choice if spec.choice is not None else list(spec.probe_values())
+                problems.append(f"parameters.{key}: baseline: the job's value {node!r} is never drawn by this "
+                                f"parameter ({spec.kind} {drawn}); widen it or drop `baseline: true`")
+            values[key] = node
+        if problems:
+            raise ConfigError(problems)
+        return {k: v for k, v in values.items() if self.parameters[k].value is None}
+
     def sample(self, trial) -> dict[str, Any]:
         """Define-by-run: draw only the active parameters of this trial; returns ``{dotted key: value}``."""
         values: dict[str, Any] = {}
@@ -188,6 +214,12 @@ class SpaceConfig(StrictModel):
             if self.active(key, values):
                 values[key] = spec.suggest(trial, key)
         return values
+
+
+def is_baseline(params: dict[str, Any] | None, point: dict[str, Any]) -> bool:
+    """Whether a trial's parameters are the baseline point (Optuna hands enqueued values back unchanged)."""
+    params = params or {}
+    return bool(point) and all(k in params and params[k] == v for k, v in point.items())
 
 
 def _parse(raw: dict[str, Any], source: str | None) -> SpaceConfig:
@@ -226,6 +258,11 @@ def check_against_job(space: SpaceConfig, job_raw: dict[str, Any], source: str |
             except ConfigError as e:
                 for p in e.problems:
                     problems.append(f"parameters.{key}: {candidate!r} -> {p}")
+    if not problems and space.baseline:
+        try:
+            space.baseline_point(job_raw)
+        except ConfigError as e:
+            problems.extend(e.problems)
     if problems:
         raise ConfigError(sorted(set(problems), key=problems.index), source)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +30,13 @@ CPUS_PER_TRIAL = 1.0  # an in-process trial: decode and train in one process
 DATA_CPUS = 0.5  # kept free per distributed trial for its Ray Data decoding
 
 
-def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_dir: str) -> None:
-    """One trial: the job with this trial's parameters, trained in-process by the shared loop."""
+def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_dir: str,
+               context_class: type | None = None) -> None:
+    """One trial: the job with this trial's parameters, trained in-process by the shared loop.
+
+    ``context_class`` (default :class:`~mmray.tune.context.TuneTrialContext`) is the in-process trial's
+    loop context; ``benchmarks/sweep.py`` passes a subclass that timestamps the first training batch.
+    """
     import torch
     from ray import tune
 
@@ -52,20 +58,19 @@ def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_di
             raise outcome.error
         return
     torch.set_num_threads(max(1, int(CPUS_PER_TRIAL)))  # concurrent trials share the cores
-    train_loop(config, _embedding_cache_context(config, run_dir))
+    train_loop(config, _embedding_cache_context(config, run_dir, context_class or TuneTrialContext))
 
 
-def _embedding_cache_context(config, run_dir: str):
+def _embedding_cache_context(config, run_dir: str, context_class: type):
     """The in-process trial's context, reading the sweep's embedding cache when it serves this trial."""
     from mmray.data.cache import cached_readers, plan
     from mmray.data.dataset_dir import read_dataset_info
-    from mmray.tune.context import TuneTrialContext
 
     cache = plan(config, read_dataset_info(config.data.path), build=False)  # never built here: the sweep did
     print(f"mmray {cache.line()}", flush=True)
     if not cache.used:
-        return TuneTrialContext(config, run_dir)
-    ctx = TuneTrialContext(config, run_dir, readers=cached_readers(config, cache.entries))
+        return context_class(config, run_dir)
+    ctx = context_class(config, run_dir, readers=cached_readers(config, cache.entries))
     ctx.cached_encoders = cache.weights
     return ctx
 
@@ -109,15 +114,24 @@ class SweepSetup:
     space: SpaceConfig
 
 
-def prepare(job_raw: dict[str, Any], space: SpaceConfig, *, name: str, storage: str) -> SweepSetup:
-    """Validate, make the experiment folder and record what is swept. Nothing runs yet."""
+def prepare(job_raw: dict[str, Any], space: SpaceConfig, *, name: str, storage: str,
+            explicit_name: bool = True) -> SweepSetup:
+    """Validate, make the experiment folder and record what is swept. Nothing runs yet.
+
+    An existing experiment is never reused: with ``explicit_name`` that is an error (continue it with
+    ``--resume``), otherwise the next free ``NAME-2``, ``NAME-3``... is used.
+    """
     from mmray.train.api import absolute_paths, check_dataset
 
     config = absolute_paths(validate_job(job_raw))
     check_dataset(config)
     job_raw = apply_overrides(job_raw, [("data.path", config.data.path)])
     store.check_writable(storage)  # before Ray starts
-    experiment_dir = store.join(store.normalize(storage), name)
+    root = store.normalize(storage)
+    experiment_dir, n = store.join(root, name), 1
+    while not explicit_name and store.exists(store.join(experiment_dir, JOB_FILE)):
+        n += 1
+        experiment_dir = store.join(root, f"{name}-{n}")
     if store.exists(store.join(experiment_dir, JOB_FILE)):
         raise UserError(f"experiment {experiment_dir} exists; continue it with `mmray tune --resume {experiment_dir}` "
                         f"or choose another --name")
@@ -172,17 +186,25 @@ def _tuner(setup: SweepSetup, *, restore: bool):
     if restore:
         return tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True, resume_errored=True)
     metric, mode = space.metric, space.resolved_mode
+    baseline = space.baseline_point(setup.job_raw) if space.baseline else None
     # The searcher's study lives in memory and is snapshotted with Tune's experiment state, so a resumed
     # sweep's searcher agrees with Tune about which trials finished; results.finish() stores the study.
     searcher = OptunaSearch(space=space.sample, metric=metric, mode=mode,
                             sampler=SEARCHERS.entry(space.search.name).builder(space.search),
-                            study_name=store.split(exp)[1])
+                            study_name=store.split(exp)[1],
+                            # the baseline is the first trial the searcher hands out (an enqueued Optuna trial)
+                            points_to_evaluate=[baseline] if baseline else None)
     scheduler = SCHEDULERS.entry(space.scheduler.name).builder(space.scheduler, metric=metric, mode=mode,
-                                                               max_t=max_epochs(setup))
+                                                               max_t=max_epochs(setup), baseline=baseline)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=space.num_samples,
-                                    max_concurrent_trials=concurrency(space, config)),
+                                    max_concurrent_trials=concurrency(space, config),
+                                    # An in-process trial's next trial runs in the same process: torch, its
+                                    # compiler stack (imported by the first optimizer) and the decoders are
+                                    # imported once per slot, not once per trial (~1 s to the first step
+                                    # instead of tens of seconds on a busy 2-core box; benchmarks/sweep.py).
+                                    reuse_actors=not distributed(config)),
         run_config=tune.RunConfig(
             name=store.split(exp)[1], storage_path=store.split(exp)[0],  # a folder or a URI
             # Every checkpoint is kept while the sweep runs: pruning by score can delete the one a
@@ -201,8 +223,13 @@ def _tuner(setup: SweepSetup, *, restore: bool):
     )
 
 
-def run_sweep(setup: SweepSetup, *, resume: bool = False):
-    """Run (or continue) the sweep; returns the summary written by :func:`mmray.tune.results.finish`."""
+def run_sweep(setup: SweepSetup, *, resume: bool = False, report: bool = True):
+    """Run (or continue) the sweep, then write its results and (``report``) its report.
+
+    Returns the summary written by :func:`mmray.tune.results.finish`, with ``report_path`` set when the
+    report was written. Steps, in order: start Ray; prepare what the trials share (nothing yet); run the
+    trials; rank them and export the best; write ``report/``.
+    """
     from mmray.runtime import ensure_ray
     from mmray.tune.results import finish
 
@@ -212,6 +239,23 @@ def run_sweep(setup: SweepSetup, *, resume: bool = False):
     # per-epoch checkpoints with num_to_keep force frequent state snapshots; expected, not worth a warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ensure_ray()
-    _build_embedding_cache(setup)
+    _build_embedding_cache(setup)  # what every trial shares is prepared here, once, before the first trial
     results = _tuner(setup, restore=resume).fit()
-    return finish(setup, results)
+    summary = finish(setup, results)
+    if report:
+        summary.report_path, summary.report_verdicts = write_report_safely(setup.experiment_dir)
+    return summary
+
+
+def write_report_safely(experiment_dir: str) -> tuple[str | None, str]:
+    """``mmray report`` for a sweep that just finished. A failure here never fails the sweep (its results are
+    already written): it is printed as a warning naming the command that retries it."""
+    try:
+        from mmray.tune.report import build_report, format_verdicts
+
+        rep = build_report(experiment_dir)
+        return rep.summary_path, format_verdicts(rep)
+    except Exception as e:  # noqa: BLE001 - the report is a convenience on top of finished results
+        print(f"mmray: warning: the sweep finished but its report was not written ({type(e).__name__}: {e}); "
+              f"write it with `mmray report {experiment_dir}`", file=sys.stderr)
+        return None, ""

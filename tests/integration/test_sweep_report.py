@@ -24,6 +24,9 @@ SPACE = {
 }
 
 
+AUTO: dict = {}  # the report the sweep wrote when it ended
+
+
 def mmray(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mmray.cli.main", *args], capture_output=True, text=True, timeout=300)
 
@@ -41,7 +44,13 @@ def experiment(tmp_path_factory):
     assert checked.returncode == 0, checked.stderr
     proc = mmray("tune", str(job), "--space", str(space), "--storage", str(root / "runs"), "--name", "exp")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return str(root / "runs" / "exp")
+    exp = str(root / "runs" / "exp")
+    # what the sweep wrote by itself, before `mmray report` below rewrites it
+    AUTO["stdout"] = proc.stdout
+    AUTO["files"] = sorted(os.listdir(os.path.join(exp, "report")))
+    with open(os.path.join(exp, "report", "summary.md")) as f:
+        AUTO["summary"] = f.read()
+    return exp
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +93,10 @@ def test_summary_has_the_leaderboard_winner_and_commands(experiment, report):
     assert "| train.optimizer.lr |" in summary  # the winner's parameters
     assert f"tensorboard --logdir {experiment}" in summary
     assert f"optuna-dashboard sqlite:///{os.path.join(experiment, 'optuna.db')}" in summary
+
+
+def test_the_sweep_writes_its_report_when_it_ends(experiment, report):
+    assert {"summary.md", "history.png", "control_arms.png"} <= set(AUTO["files"])
+    assert AUTO["summary"] == report[1]  # the same report `mmray report` writes
+    assert f"report:      {os.path.join(experiment, 'report', 'summary.md')}" in AUTO["stdout"]
+    assert "winner vs best single-modality trial" in AUTO["stdout"] or "single-modality trial: skipped" in AUTO["stdout"]

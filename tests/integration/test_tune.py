@@ -30,7 +30,7 @@ def files(tmp_path_factory):
                                   .model_dump(mode="json")))
     space = root / "space.yaml"
     space.write_text(yaml.safe_dump({
-        "metric": "val.accuracy", "num_samples": 6,
+        "metric": "val.accuracy", "num_samples": 6, "baseline": True,
         "search": {"name": "optuna_tpe", "n_startup_trials": 3, "seed": 0},
         "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
         "parameters": {"train.optimizer.lr": {"loguniform": [1e-4, 1e-2]},
@@ -62,6 +62,19 @@ def test_asha_stops_some_trials_early(sweep):
     assert len(rows) == 6
     assert any(r["status"] == "stopped" and int(r["epochs_run"]) < EPOCHS for r in rows)
     assert any(r["status"] == "completed" and int(r["epochs_run"]) == EPOCHS for r in rows)
+
+
+def test_the_first_trial_is_the_job_as_is_and_is_never_stopped_early(files, sweep):
+    import glob
+
+    exp, stdout = sweep
+    job = yaml.safe_load(open(files[0]))
+    (base,) = [r for r in leaderboard(exp) if r["role"] == "baseline"]
+    assert float(base["train.optimizer.lr"]) == job["train"]["optimizer"]["lr"]
+    assert float(base["model.fusion.dropout"]) == job["model"]["fusion"]["dropout"]
+    assert base["status"] == "completed" and int(base["epochs_run"]) == EPOCHS  # ASHA may not stop the control
+    assert glob.glob(os.path.join(exp, f"_run_trial_{base['trial_id']}_1_*"))  # Tune's first trial
+    assert f"baseline:    trial {base['trial_id']} (the job as is)" in stdout or "the winner is the baseline" in stdout
 
 
 def test_leaderboard_ranks_by_each_trials_best_epoch(sweep):

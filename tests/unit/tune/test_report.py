@@ -118,3 +118,17 @@ def test_report_of_an_unfinished_sweep_says_how_to_finish_it(tmp_path, capsys):
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
     assert main(["report", str(tmp_path)]) == 2
     assert "has not finished" in capsys.readouterr().err
+
+
+def test_a_report_that_cannot_be_written_is_a_warning_not_a_failed_sweep(tmp_path, capsys):
+    import yaml
+
+    from mmray.tune.sweep import write_report_safely
+
+    # a sweep folder whose results are gone (no leaderboard): what the end of a sweep must survive
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({"name": "t", "data": {"path": str(tmp_path / "data")}}))
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"parameters": {"train.optimizer.lr": {"loguniform": [1e-4, 1e-2]}}}))
+    assert write_report_safely(str(tmp_path)) == (None, "")
+    err = capsys.readouterr().err
+    assert "warning: the sweep finished but its report was not written" in err
+    assert f"mmray report {tmp_path}" in err

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from mmray.config import ConfigError
-from mmray.tune.space import SpaceConfig, check_against_job, grid_size, load_space
+from mmray.tune.space import SpaceConfig, check_against_job, grid_size, is_baseline, load_space
 
 REPO = Path(__file__).resolve().parents[3]
 JOB = {"name": "t", "data": {"path": "data/x"}}
@@ -125,3 +125,30 @@ def test_a_components_name_is_applied_before_its_other_keys():
     assert order == ["model.fusion.name", "model.fusion.hidden_dim"]
     config = validate_job(apply_overrides(JOB, [(k, s.choice[0]) for k, s in space.ordered_parameters()]))
     assert config.model.fusion.name == "gated" and config.model.fusion.hidden_dim == 64
+
+
+def test_the_baseline_point_is_the_jobs_own_values_of_the_drawn_parameters():
+    from mmray.config.loader import read_yaml
+
+    job = read_yaml(REPO / "jobs" / "quickstart.yaml")
+    space = load_space(str(REPO / "search_spaces" / "quickstart.yaml"), job)
+    assert space.baseline
+    point = space.baseline_point(job)
+    # exactly the job file's values, nothing drawn, nothing fixed by the space
+    assert point["model.fusion.name"] == job["model"]["fusion"]["name"]
+    assert point["train.optimizer.lr"] == job["train"]["optimizer"]["lr"]
+    assert set(point) == {k for k, p in space.parameters.items() if p.value is None and space.active(k, point)}
+    # Optuna hands the enqueued point back unchanged, so the sweep can recognise the baseline trial
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    study.enqueue_trial(point)
+    assert is_baseline(space.sample(study.ask()), point)
+    assert not is_baseline(space.sample(study.ask()), point)
+
+
+def test_a_baseline_value_the_space_never_draws_is_named():
+    space = {"baseline": True, "parameters": {"model.fusion.name": {"choice": ["gated", "late"]},
+                                              "train.optimizer.lr": {"loguniform": [1e-2, 3e-2]}}}
+    found = problems(space)
+    assert any(p.startswith("parameters.model.fusion.name: baseline: the job's value 'concat' is never drawn")
+               for p in found)
+    assert any(p.startswith("parameters.train.optimizer.lr: baseline:") for p in found)
