@@ -1,13 +1,16 @@
-"""``mmray validate JOB.yaml``: check a job config; starts nothing."""
+"""``mmray validate JOB.yaml [--space SPACE.yaml]``: check a job config (and a sweep space); starts nothing."""
 from __future__ import annotations
 
 from mmray.cli.main import add_verb
 
 
 def register(sub) -> None:
-    p = add_verb(sub, "validate", help="check a job config (and its dataset, if present); starts nothing",
-                 example="mmray validate jobs/quickstart.yaml --set model.fusion.dropout=0.2", run=run)
+    p = add_verb(sub, "validate",
+                 help="check a job config (its dataset, if present, and a sweep space against it); starts nothing",
+                 example="mmray validate jobs/quickstart.yaml --space search_spaces/fusion.yaml", run=run)
     p.add_argument("job", metavar="JOB.yaml")
+    p.add_argument("--space", metavar="SPACE.yaml", help="also check this search space against the job, "
+                   "as `mmray tune` does before it starts")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
 
@@ -20,6 +23,14 @@ def run(args) -> int:
     config = absolute_paths(load_job(args.job, args.overrides))
     print(f"{args.job}: ok (job {config.name!r}, fusion {config.model.fusion.name}, "
           f"modalities {', '.join(config.data.modalities)})")
+    if args.space:
+        from mmray.config.loader import apply_overrides, read_yaml
+        from mmray.tune.space import load_space
+
+        job_raw = apply_overrides(read_yaml(args.job), args.overrides)
+        space = load_space(args.space, job_raw)  # ConfigError (exit 2) naming parameters.<key>
+        print(f"{args.space}: ok ({len(space.parameters)} parameters, {space.num_samples} trials, "
+              f"searcher {space.search.name}, scheduler {space.scheduler.name})")
     if "://" in config.data.path or os.path.exists(config.data.path):
         info = check_dataset(config)  # UserError (exit 2) if it lacks what the job needs
         rows = ", ".join(f"{split} {s.rows}" for split, s in info.splits.items())

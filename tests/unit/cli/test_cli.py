@@ -31,6 +31,16 @@ def test_missing_job_file_exits_2(capsys):
     assert "no/such/job.yaml: no such file" in capsys.readouterr().err
 
 
+def test_validate_checks_a_space_against_the_job(tmp_path, capsys):
+    assert main(["validate", QUICKSTART, "--space", str(REPO / "search_spaces" / "fusion.yaml")]) == 0
+    assert "fusion.yaml: ok" in capsys.readouterr().out
+    bad = tmp_path / "space.yaml"
+    bad.write_text("parameters:\n  model.fusion.name: {choice: [concat, nope]}\n")
+    assert main(["validate", QUICKSTART, "--space", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "parameters.model.fusion.name" in err and "nope" in err
+
+
 def test_render_config_prints_every_default(capsys):
     assert main(["render-config", QUICKSTART, "--set", "train.optimizer.lr=0.02"]) == 0
     out = capsys.readouterr().out
