@@ -40,16 +40,23 @@ def run(s3_bucket, tmp_path_factory):
     from mmray.train.api import train
 
     local_data = str(tmp_path_factory.mktemp("s3") / "synth")
-    synth(local_data, rows=300, shards=2, seed=0)
+    synth(local_data, rows=600, shards=2, seed=0)  # epochs long enough (several seconds) to kill one mid-way
     data = f"{s3_bucket}/datasets/synth"
     storage.upload(local_data, data)
     events: list[dict] = []
     killed: list[int] = []
 
+    def previous_checkpoint_registered() -> bool:
+        snapshot = f"{s3_bucket}/runs/s3-run/checkpoint_manager_snapshot.json"
+        return storage.exists(snapshot) and f"checkpoint_epoch_{KILL_IN_EPOCH - 1:04d}" in storage.read_text(snapshot)
+
     def on_event(event: dict) -> None:
         events.append(event)
-        # A step event comes a second or more into an epoch: the worker is mid-epoch.
-        if event["type"] == "step" and event["epoch"] == KILL_IN_EPOCH and not killed:
+        # A step event comes a second or more into an epoch: the worker is mid-epoch. Ray Train's
+        # controller registers the previous epoch's checkpoint a little after the worker reported it;
+        # kill only once its snapshot names that checkpoint, or the restart has nothing to resume from.
+        if (event["type"] == "step" and event["epoch"] == KILL_IN_EPOCH and not killed
+                and previous_checkpoint_registered()):
             pids = train_worker_pids(dashboard)
             assert len(pids) == 1, pids
             os.kill(pids[0], signal.SIGKILL)
@@ -58,7 +65,7 @@ def run(s3_bucket, tmp_path_factory):
     # Started after the fixture set AWS_ENDPOINT_URL & co: Ray's workers inherit them.
     dashboard = ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False).dashboard_url
     try:
-        config = small_job(data, name="s3-run", epochs=EPOCHS, workers=1, batch_size=16, max_failures=1)
+        config = small_job(data, name="s3-run", epochs=EPOCHS, workers=1, batch_size=8, max_failures=1)
         result = train(config, storage=f"{s3_bucket}/runs", on_event=on_event)
         survivors = train_worker_pids(dashboard)
     finally:
