@@ -121,6 +121,8 @@ def store_study(path: str, name: str, space, trials: list[TrialRecord]) -> None:
     """
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in RDB" in the summary
+
     if os.path.exists(path):
         os.remove(path)  # rewritten whole: a resumed sweep re-stores every trial
     study = optuna.create_study(study_name=name, storage=f"sqlite:///{path}",
