@@ -19,14 +19,31 @@ from mmray.train.loop import evaluate
 EVAL_BATCH_SIZE = 256
 
 
-def _train_state(checkpoint_dir: str) -> dict[str, Any]:
-    """The loop's train state saved in a checkpoint folder (a local path or a URI)."""
+def train_state(checkpoint_dir: str) -> dict[str, Any]:
+    """The loop's train state saved in a checkpoint folder (a local path or a URI): epoch, history, ..."""
     with store.local_copy(store.join(checkpoint_dir, STATE)) as local:
         return torch.load(local, map_location="cpu", weights_only=False)["train_state"]
 
 
 def checkpoint_epoch(checkpoint_dir: str) -> int:
-    return int(_train_state(checkpoint_dir)["epoch"])
+    return int(train_state(checkpoint_dir)["epoch"])
+
+
+def kept_checkpoints(run_dir: str) -> dict[int, str]:
+    """epoch -> folder of the checkpoints a run kept (the loop names them ``checkpoint_epoch_NNNN``)."""
+    return {int(d.rsplit("_", 1)[1]): store.join(run_dir, d) for d in store.listdir(run_dir)
+            if d.startswith("checkpoint_epoch_")}
+
+
+def best_kept(kept: dict[int, str], metric: str, mode: str) -> str | None:
+    """The kept checkpoint whose epoch scored best on ``metric``, by the history in the latest one (which
+    holds every epoch's metrics); ``None`` when nothing kept was scored."""
+    if not kept:
+        return None
+    history = train_state(kept[max(kept)])["history"]
+    sign = 1.0 if mode == "max" else -1.0
+    scored = [m for m in history if int(m["epoch"]) in kept and metric in m]
+    return kept[int(max(scored, key=lambda m: sign * m[metric])["epoch"])] if scored else None
 
 
 def supervised_best(config: JobConfig, best_checkpoint: str) -> str:
@@ -39,18 +56,11 @@ def supervised_best(config: JobConfig, best_checkpoint: str) -> str:
     pretrain = config.train.contrastive.pretrain_epochs
     if pretrain == 0 or checkpoint_epoch(best_checkpoint) > pretrain:
         return best_checkpoint
-    root = store.split(best_checkpoint)[0]
-    kept = {checkpoint_epoch(path): path for path in
-            (store.join(root, d) for d in store.listdir(root) if d.startswith("checkpoint_epoch_"))}
-    kept = {epoch: path for epoch, path in kept.items() if epoch > pretrain}
+    kept = {epoch: path for epoch, path in kept_checkpoints(store.split(best_checkpoint)[0]).items()
+            if epoch > pretrain}
     if not kept:
         return best_checkpoint
-    history = _train_state(kept[max(kept)])["history"]
-    sign = 1.0 if config.train.mode == "max" else -1.0
-    scored = [m for m in history if int(m["epoch"]) in kept and config.train.metric in m]
-    if not scored:
-        return kept[max(kept)]
-    return kept[int(max(scored, key=lambda m: sign * m[config.train.metric])["epoch"])]
+    return best_kept(kept, config.train.metric, config.train.mode) or kept[max(kept)]
 
 
 def evaluate_splits(model, config: JobConfig, info: DatasetInfo, tasks: dict[str, int], splits=("val", "test")):

@@ -7,12 +7,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from mmray import storage as store
 from mmray.config import validate_job
 from mmray.config.loader import apply_overrides
-from mmray.train.checkpoint import STATE
+from mmray.train.finalize import best_kept, kept_checkpoints, train_state
 from mmray.tune.context import trial_dir
 from mmray.tune.space import is_baseline
 
@@ -58,35 +56,19 @@ class SweepSummary:
         return f"tensorboard --logdir {self.experiment_dir}"
 
 
-def _history(path: str | None) -> list[dict[str, float]]:
-    """A trial's full per-epoch history, kept in its latest checkpoint (it survives restarts)."""
-    if path is None:
-        return []
-    with store.local_copy(store.join(path, STATE)) as local:
-        blob = torch.load(local, map_location="cpu", weights_only=False)
-    return blob["train_state"]["history"]
-
-
-def _train_run_checkpoints(run_dir: str) -> dict[int, str]:
-    """epoch -> folder of the checkpoints a distributed trial's own TorchTrainer run kept."""
-    return {int(d.rsplit("_", 1)[1]): store.join(run_dir, d) for d in store.listdir(run_dir)
-            if d.startswith("checkpoint_epoch_")}
-
-
 def _record(result, setup, metric: str, mode: str) -> TrialRecord:
     params = dict(result.config or {})
     metrics = result.metrics or {}
     trial_id = metrics.get("trial_id") or re.search(r"_run_trial_([0-9a-f]+)_", os.path.basename(result.path)).group(1)
     sign = 1 if mode == "max" else -1
     if result.checkpoint is not None:  # in-process trial: checkpoints are Tune's
-        history = _history(_location(result.checkpoint))
+        history = train_state(_location(result.checkpoint))["history"]
         best_ckpt = result.get_best_checkpoint(metric=metric, mode=mode)
         best_path = _location(best_ckpt) if best_ckpt else None
     else:  # distributed trial: checkpoints are its TorchTrainer run's (Tune only sees their paths)
-        kept = _train_run_checkpoints(trial_dir(setup.experiment_dir, trial_id))
-        history = _history(kept[max(kept)]) if kept else []
-        ranked = sorted((m for m in history if int(m["epoch"]) in kept), key=lambda m: -sign * m[metric])
-        best_path = kept[int(ranked[0]["epoch"])] if ranked else None
+        kept = kept_checkpoints(trial_dir(setup.experiment_dir, trial_id))
+        history = train_state(kept[max(kept)])["history"] if kept else []
+        best_path = best_kept(kept, metric, mode)
     epochs = validate_job(apply_overrides(setup.job_raw, params.items())).train.epochs
     # contrastive pre-training epochs (untrained heads) never rank a trial; the export skips them too
     supervised = [m for m in history if not m.get("train.contrastive_pretraining")]
