@@ -35,7 +35,6 @@ import fcntl
 import hashlib
 import json
 import os
-import random
 import shutil
 import time
 import uuid
@@ -283,24 +282,12 @@ def _locked(path: str):
 
 
 def build_job_encoders(config, info: DatasetInfo):
-    """The job's model built exactly as the training loop builds it on rank 0 (same seed, same order).
-
-    The caller's RNG state is left as it was.
-    """
-    import torch
-
+    """The job's model as the training loop builds it on rank 0 (:func:`~mmray.models.builder.build_as_trained`)."""
     from mmray.data.tokenizer import TextTokenizer
-    from mmray.models.builder import build_job_model, job_tasks
-    from mmray.train.loop import seed_everything
+    from mmray.models.builder import build_as_trained, job_tasks
 
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        seed_everything(config.train.seed)  # rank 0's seed: DDP copies rank 0's weights to every rank
-        tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
-        model = build_job_model(config, job_tasks(info.tasks), tokenizer)
-    random.setstate(py_state)
-    np.random.set_state(np_state)
-    return model
+    tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
+    return build_as_trained(config, job_tasks(info.tasks), tokenizer)
 
 
 def build_entries(config, info: DatasetInfo, modalities: list[str], *, sequences: bool, runner: str = "ray") -> float:

@@ -47,3 +47,17 @@ def build_job_model(
             {m: e.output_dim for m, e in model.encoders.items()}, projection_dim=c.projection_dim,
             temperature=c.temperature, learn_temperature=c.learn_temperature, max_logit_scale=c.max_logit_scale)
     return model
+
+
+def build_as_trained(config: "JobConfig", tasks: dict[str, int], tokenizer: Any | None = None) -> "MultimodalModel":
+    """The model exactly as the training loop builds it on rank 0 before its first step: seeded with
+    ``train.seed`` (DDP copies rank 0's weights to every rank) and with pretrained encoder weights read.
+
+    Whatever that build leaves untouched during training (a permanently frozen encoder) therefore comes out
+    bit-identical, which the embedding cache and slim checkpoints rely on (and verify by hash). The caller's
+    random state is left as it was.
+    """
+    from mmray.seeding import seeded
+
+    with seeded(config.train.seed):
+        return build_job_model(config, tasks, tokenizer)

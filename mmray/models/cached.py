@@ -42,22 +42,27 @@ def weights_hash(module: nn.Module) -> str:
     for name, t in sorted(module.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
     return h.hexdigest()
 
 
-def check_cached_encoders(model: nn.Module, expected: dict[str, str] | None) -> None:
+def encoder_hashes(model: nn.Module, modalities) -> dict[str, str]:
+    """modality -> :func:`weights_hash` of ``model``'s encoder of that modality."""
+    return {m: weights_hash(model.encoders[m]) for m in modalities}
+
+
+def check_cached_encoders(actual: dict[str, str], expected: dict[str, str] | None) -> None:
     """Refuse to train from cached embeddings that another set of encoder weights produced.
 
-    ``expected`` maps modality -> :func:`weights_hash` of the encoder that filled the cache (None: no cache).
+    ``actual`` maps modality -> :func:`weights_hash` of this run's encoder (:func:`encoder_hashes`);
+    ``expected`` the same for the encoders that filled the cache (None: no cache).
 
     Raises:
-        RuntimeError: an encoder of ``model`` differs from the one the cache was built with.
+        RuntimeError: an encoder of this run differs from the one the cache was built with.
     """
     for modality, digest in (expected or {}).items():
-        actual = weights_hash(model.encoders[modality])
-        if actual != digest:
+        if actual.get(modality) != digest:
             raise RuntimeError(
                 f"the embedding cache of {modality} was built by different encoder weights "
-                f"({digest[:12]} vs this run's {actual[:12]}); set train.embedding_cache: off, or delete the "
-                "cache folder under the dataset's .cache/embeddings and run again")
+                f"({digest[:12]} vs this run's {str(actual.get(modality))[:12]}); set train.embedding_cache: off, "
+                "or delete the cache folder under the dataset's .cache/embeddings and run again")

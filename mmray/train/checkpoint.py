@@ -3,9 +3,18 @@
 A checkpoint folder holds ``model.safetensors`` (the unwrapped model's weights), ``state.pt``
 (optimizer, LR schedule, grad scaler, epoch, early-stopping state; a torch pickle, read back
 only by mmray itself) and ``config.yaml`` (the resolved job config that produced it).
+
+Slim checkpoints: the weights of permanently frozen encoders never change during a run, so they are left
+out of ``model.safetensors`` (a frozen ResNet-18 + MiniLM is 135 MB per epoch; the fusion and heads
+are usually well under 1 MB). ``frozen.json`` names each left-out module with the sha256 of its weights
+(:func:`mmray.models.cached.weights_hash`); :func:`load_model` rebuilds them as training did
+(:func:`mmray.models.builder.build_as_trained`) and :func:`load_weights` refuses a rebuild whose hash differs,
+so a checkpoint never silently pairs trained heads with other encoder weights. Exports always hold the
+full model.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,10 +24,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmray.config import JobConfig, to_yaml
+from mmray.config.errors import UserError
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
 CONFIG = "config.yaml"
+FROZEN = "frozen.json"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -30,9 +41,15 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+def _under(key: str, prefixes) -> bool:
+    return any(key.startswith(p + ".") for p in prefixes)
+
+
+def state_dict_for_saving(model: nn.Module, leave_out=()) -> dict[str, torch.Tensor]:
+    """The unwrapped model's weights on CPU, without the modules named in ``leave_out`` (dotted prefixes)."""
     # safetensors refuses shared storage and non-contiguous tensors; clone makes each tensor its own.
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in unwrap(model).state_dict().items()}
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in unwrap(model).state_dict().items()
+            if not _under(k, leave_out)}
 
 
 @dataclass
@@ -56,9 +73,16 @@ def save_checkpoint(
     scaler: Any,
     state: TrainState,
     config: JobConfig,
+    frozen: dict[str, str] | None = None,
 ) -> str:
+    """Write a checkpoint folder at ``path``; ``frozen`` maps module name (``encoders.image``) -> weights hash
+    of modules left out of it (see the module docstring)."""
     os.makedirs(path, exist_ok=True)
-    save_file(state_dict_for_saving(model), os.path.join(path, WEIGHTS))
+    save_file(state_dict_for_saving(model, leave_out=frozen or ()), os.path.join(path, WEIGHTS))
+    if frozen:
+        with open(os.path.join(path, FROZEN), "w") as f:
+            json.dump({"left_out": frozen, "why": "permanently frozen: rebuilt from the job config and verified "
+                       "by sha256 when loaded"}, f, indent=1, sort_keys=True)
     torch.save(
         {
             "optimizer": optimizer.state_dict(),
@@ -73,13 +97,60 @@ def save_checkpoint(
     return path
 
 
-def load_weights(path: str, model: nn.Module) -> None:
-    unwrap(model).load_state_dict(load_file(os.path.join(path, WEIGHTS)))
+def left_out(path: str) -> dict[str, str]:
+    """Module name -> weights hash of the frozen modules the checkpoint at ``path`` leaves out ({} for a full one)."""
+    file = os.path.join(path, FROZEN)
+    if not os.path.isfile(file):
+        return {}
+    with open(file) as f:
+        return dict(json.load(f)["left_out"])
 
 
-def load_checkpoint(path: str, *, model, optimizer, scheduler, scaler) -> TrainState:
-    """Restore weights and optimizer/schedule state in place; returns the saved :class:`TrainState`."""
+def load_weights(path: str, model: nn.Module, *, verify: bool = True) -> None:
+    """Load the checkpoint at ``path`` into ``model`` in place.
+
+    For a slim checkpoint, ``model`` must already hold the left-out frozen modules as training had them
+    (:func:`load_model` builds it so); with ``verify`` their hashes are checked. Ranks other than 0 pass
+    ``verify=False``: their frozen copies were seeded differently and DDP has already replaced them with rank 0's.
+
+    Raises:
+        UserError: a left-out module of ``model`` differs from the one the checkpoint was trained with.
+    """
+    from mmray.models.cached import weights_hash
+
+    inner = unwrap(model)
+    frozen = left_out(path)
+    saved = load_file(os.path.join(path, WEIGHTS))
+    if not frozen:
+        inner.load_state_dict(saved)
+        return
+    missing, unexpected = inner.load_state_dict(saved, strict=False)
+    stray = [k for k in missing if not _under(k, frozen)]
+    if stray or unexpected:
+        raise RuntimeError(f"{path}: checkpoint does not fit the model: missing {stray[:5]}, unexpected {unexpected[:5]}")
+    for name, digest in sorted(frozen.items()) if verify else ():
+        actual = weights_hash(inner.get_submodule(name))
+        if actual != digest:
+            raise UserError(
+                f"{path} leaves out the frozen weights of {name} (sha256 {digest[:12]}), and rebuilding them from "
+                f"the job config gives other weights ({actual[:12]}): the pretrained weights file, the encoder's "
+                "config or the torch version changed since training. Restore them, or train again.")
+
+
+def load_model(config: JobConfig, tasks: dict[str, int], tokenizer: Any, path: str) -> nn.Module:
+    """The job's model with the checkpoint at ``path`` (a local folder) loaded, slim or full."""
+    from mmray.models.builder import build_as_trained, build_job_model
+
+    # A full checkpoint overwrites every weight: no need to read pretrained files. A slim one needs them.
+    model = build_as_trained(config, tasks, tokenizer) if left_out(path) else \
+        build_job_model(config, tasks, tokenizer, pretrained=False)
     load_weights(path, model)
+    return model
+
+
+def load_checkpoint(path: str, *, model, optimizer, scheduler, scaler, verify: bool = True) -> TrainState:
+    """Restore weights and optimizer/schedule state in place; returns the saved :class:`TrainState`."""
+    load_weights(path, model, verify=verify)
     blob = torch.load(os.path.join(path, STATE), map_location="cpu", weights_only=False)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])

@@ -11,8 +11,8 @@ from mmray.data.dataset_dir import DatasetInfo
 from mmray.data.reader import iter_batches
 from mmray.data.tokenizer import TextTokenizer
 from mmray.export import write_export
-from mmray.models.builder import build_job_model, job_tasks
-from mmray.train.checkpoint import STATE, load_weights
+from mmray.models.builder import job_tasks
+from mmray.train.checkpoint import STATE, load_model
 from mmray.train.context import LocalContext
 from mmray.train.loop import evaluate
 
@@ -102,9 +102,8 @@ def measure_checkpoint(config: JobConfig, info: DatasetInfo, checkpoint_dir: str
     """
     tasks = job_tasks(info.tasks)
     tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
-    model = build_job_model(config, tasks, tokenizer, pretrained=False)
     with store.local_copy(checkpoint_dir) as local:
-        load_weights(local, model)
+        model = load_model(config, tasks, tokenizer, local)
         epoch = checkpoint_epoch(local)
     return model, tokenizer, {"epoch": epoch, **evaluate_splits(model, config, info, tasks)}
 

@@ -9,13 +9,11 @@ import contextlib
 import math
 from dataclasses import dataclass
 import os
-import random
 import shutil
 import tempfile
 import time
 from typing import Any, Iterable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,7 +23,8 @@ from mmray.config.schema import LRScheduleConfig, OptimizerConfig
 from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
 from mmray.data.tokenizer import TextTokenizer
 from mmray.models.builder import build_job_model, job_tasks
-from mmray.models.cached import check_cached_encoders
+from mmray.models.cached import check_cached_encoders, encoder_hashes
+from mmray.seeding import seed_everything
 from mmray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint, unwrap
 from mmray.train.context import WorkerContext
 from mmray.train.metrics import ClassificationMetrics, metrics_from_confusion
@@ -33,12 +32,6 @@ from mmray.train.objectives import in_pretraining, step_losses
 from mmray.train.outputs import EpochOutputs
 
 PROGRESS_EVERY_S = 1.0
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 @dataclass
@@ -61,11 +54,12 @@ def param_groups(model: nn.Module, config: JobConfig) -> list[ParamGroup]:
     """
     inner = unwrap(model)
     groups, seen = [], set()
+    never_trained = permanently_frozen(config)
     for modality, encoder in getattr(inner, "encoders", {}).items():
         cfg = getattr(config.model.encoders, modality)
         params = list(encoder.parameters())
         seen |= {id(p) for p in params}
-        if cfg.freeze and cfg.unfreeze_after_epochs is None:
+        if modality in never_trained:
             for p in params:
                 p.requires_grad_(False)
             continue
@@ -79,6 +73,12 @@ def param_groups(model: nn.Module, config: JobConfig) -> list[ParamGroup]:
     groups.append(ParamGroup("fusion_and_heads", [p for p in inner.parameters() if id(p) not in seen],
                              frozen_epochs=config.train.contrastive.pretrain_epochs))
     return groups
+
+
+def permanently_frozen(config: JobConfig) -> list[str]:
+    """Modalities whose encoder never trains in this run (``freeze: true`` and no ``unfreeze_after_epochs``)."""
+    return [m for m in config.data.modalities
+            if getattr(config.model.encoders, m).freeze and getattr(config.model.encoders, m).unfreeze_after_epochs is None]
 
 
 def frozen_encoders(config: JobConfig, epoch: int) -> list[str]:
@@ -328,8 +328,11 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
     tasks = job_tasks(info.tasks)
     tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
     model = build_job_model(config, tasks, tokenizer)
-    if ctx.rank == 0:  # embedding cache: the batches carry encoder outputs, which must come from these weights
-        check_cached_encoders(model, getattr(ctx, "cached_encoders", None))
+    # Rank 0's permanently frozen encoders (DDP copies them to every rank): checkpoints leave them out and
+    # record these hashes; the embedding cache's batches must come from exactly these weights.
+    frozen = encoder_hashes(model, permanently_frozen(config)) if ctx.rank == 0 else {}
+    if ctx.rank == 0:
+        check_cached_encoders(frozen, getattr(ctx, "cached_encoders", None))
     groups = param_groups(model, config)  # before DDP: it must not register permanently frozen weights
     model = ctx.prepare_model(model)
     optimizer = make_optimizer(config.train.optimizer, groups)
@@ -342,7 +345,8 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
     state = TrainState()
     resume_from = ctx.latest_checkpoint()
     if resume_from:
-        state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                verify=ctx.rank == 0)
         ctx.progress({"type": "resumed", "epoch": state.epoch, "path": resume_from})
 
     outputs = EpochOutputs(ctx.run_dir, first_epoch=state.epoch + 1) if ctx.rank == 0 else None
@@ -378,7 +382,8 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
         ckpt = None
         if scratch is not None:  # one copy of the checkpoint, from rank 0 (Ray merges multi-rank folders)
             ckpt = save_checkpoint(os.path.join(scratch, f"checkpoint_epoch_{epoch:04d}"), model=model,
-                                   optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state, config=config)
+                                   optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state, config=config,
+                                   frozen={f"encoders.{m}": digest for m, digest in frozen.items()})
         ctx.report(scalars, ckpt)
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)

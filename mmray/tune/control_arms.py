@@ -136,8 +136,8 @@ def predict_test(checkpoint_dir: str, *, batch_size: int = 256) -> SplitPredicti
     from mmray.data.dataset_dir import read_dataset_info
     from mmray.data.reader import iter_batches
     from mmray.data.tokenizer import TextTokenizer
-    from mmray.models.builder import build_job_model, job_tasks
-    from mmray.train.checkpoint import CONFIG, load_weights
+    from mmray.models.builder import job_tasks
+    from mmray.train.checkpoint import CONFIG, load_model
 
     path = os.path.join(checkpoint_dir, CONFIG)
     if not os.path.isfile(path):
@@ -148,8 +148,7 @@ def predict_test(checkpoint_dir: str, *, batch_size: int = 256) -> SplitPredicti
     if "test" not in info.splits or info.split_rows("test") == 0:
         raise UserError(f"{config.data.path}: no test rows to compare models on")
     tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
-    model = build_job_model(config, job_tasks(info.tasks), tokenizer, pretrained=False)
-    load_weights(checkpoint_dir, model)
+    model = load_model(config, job_tasks(info.tasks), tokenizer, checkpoint_dir)
     model.eval()
     data = config.data.model_copy(update={"on_bad_record": "skip"})
     out = SplitPredictions({}, {})

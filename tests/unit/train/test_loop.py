@@ -146,30 +146,61 @@ def _encoder_weights(run_dir: str, epoch: int, prefix: str) -> dict[str, torch.T
     return {k: v for k, v in weights.items() if k.startswith(prefix) and "running" not in k and "num_batches" not in k}
 
 
-def test_frozen_encoder_does_not_change_while_the_rest_trains(tiny, tmp_path):
-    from mmray.models.builder import build_job_model, job_tasks
+def _with_encoder(config, modality: str, **update):
+    enc = getattr(config.model.encoders, modality).model_copy(update=update)
+    return config.model_copy(update={"model": config.model.model_copy(
+        update={"encoders": config.model.encoders.model_copy(update={modality: enc})})})
+
+
+def _job_parts(config, data: str):
     from mmray.data.dataset_dir import read_dataset_info
     from mmray.data.tokenizer import TextTokenizer
+    from mmray.models.builder import job_tasks
 
-    config = small_job(tiny, epochs=1, workers=1, batch_size=32)
-    frozen = config.model.encoders.image.model_copy(update={"freeze": True})
-    config = config.model_copy(update={"model": config.model.model_copy(
-        update={"encoders": config.model.encoders.model_copy(update={"image": frozen})})})
-    info = read_dataset_info(tiny)
-    torch.manual_seed(config.train.seed)
-    initial = build_job_model(config, job_tasks(info.tasks), TextTokenizer.load(config.data.text, info)).state_dict()
+    info = read_dataset_info(data)
+    return job_tasks(info.tasks), TextTokenizer.load(config.data.text, info)
+
+
+def test_frozen_encoder_does_not_change_while_the_rest_trains(tiny, tmp_path):
+    from mmray.models.builder import build_as_trained
+    from mmray.train.checkpoint import left_out, load_model
+
+    config = _with_encoder(small_job(tiny, epochs=1, workers=1, batch_size=32), "image", freeze=True)
+    tasks, tokenizer = _job_parts(config, tiny)
+    initial = build_as_trained(config, tasks, tokenizer).state_dict()
     train_local(config, str(tmp_path / "run"))
-    after_image = _encoder_weights(str(tmp_path / "run"), 1, "encoders.image.")
-    after_audio = _encoder_weights(str(tmp_path / "run"), 1, "encoders.audio.")
-    assert all(torch.equal(v, initial[k]) for k, v in after_image.items())  # frozen: unchanged, BN stats too
-    assert any(not torch.equal(v, initial[k]) for k, v in after_audio.items())
+    checkpoint = str(tmp_path / "run" / "checkpoint_epoch_0001")
+    # The checkpoint leaves the never-trained encoder out (and names it); the others are in it.
+    assert set(left_out(checkpoint)) == {"encoders.image"}
+    assert not _encoder_weights(str(tmp_path / "run"), 1, "encoders.image.")
+    trained = load_model(config, tasks, tokenizer, checkpoint).state_dict()
+    image = [k for k in trained if k.startswith("encoders.image.")]
+    audio = [k for k in trained if k.startswith("encoders.audio.") and "running" not in k and "num_batches" not in k]
+    assert image and all(torch.equal(trained[k], initial[k]) for k in image)  # frozen: unchanged, BN stats too
+    assert any(not torch.equal(trained[k], initial[k]) for k in audio)
+
+
+def test_a_slim_checkpoint_resumes_and_refuses_other_encoder_weights(tiny, tmp_path):
+    from mmray.config.errors import UserError
+    from mmray.train.checkpoint import load_model
+
+    config = _with_encoder(small_job(tiny, epochs=3, workers=1, batch_size=32), "audio", freeze=True)
+    run_dir = str(tmp_path / "run")
+    first, _ = train_local(config.model_copy(update={"train": config.train.model_copy(update={"epochs": 2})}), run_dir)
+    resumed, ctx = train_local(config, run_dir)  # rebuilds the left-out encoder, verifies it, continues
+    assert [m["epoch"] for m in ctx.history] == [3] and resumed.history[:2] == first.history
+    assert resumed.history[-1]["train.loss"] < first.history[0]["train.loss"]
+
+    # Another seed builds another random-init audio encoder: loading must refuse rather than pair the heads with it.
+    tasks, tokenizer = _job_parts(config, tiny)
+    other = config.model_copy(update={"train": config.train.model_copy(update={"seed": config.train.seed + 1})})
+    with pytest.raises(UserError, match=r"leaves out the frozen weights of encoders\.audio"):
+        load_model(other, tasks, tokenizer, os.path.join(run_dir, "checkpoint_epoch_0003"))
 
 
 def test_encoder_unfreezes_after_its_epochs(tiny, tmp_path):
-    config = small_job(tiny, epochs=2, workers=1, batch_size=32)
-    text = config.model.encoders.text.model_copy(update={"freeze": True, "unfreeze_after_epochs": 1, "lr_mult": 2.0})
-    config = config.model_copy(update={"model": config.model.model_copy(
-        update={"encoders": config.model.encoders.model_copy(update={"text": text})})})
+    config = _with_encoder(small_job(tiny, epochs=2, workers=1, batch_size=32), "text",
+                           freeze=True, unfreeze_after_epochs=1, lr_mult=2.0)
     run_dir = str(tmp_path / "run")
     train_local(config, run_dir)
     first, second = (_encoder_weights(run_dir, e, "encoders.text.") for e in (1, 2))
