@@ -188,6 +188,12 @@ class TrainConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 autocast on CUDA when supported, fp32 on CPU"
     )
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off", description="torch.compile the model with this mode; the first steps pay for compiling"
+    )
+    channels_last: Literal["auto", "on", "off"] = Field(
+        "auto", description="NHWC memory format for a convolutional image encoder; auto = on CUDA only"
+    )
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     modality_dropout: float = Field(
         0.0, ge=0, lt=1, description="chance of hiding each modality of a training row (never all of a row's)"

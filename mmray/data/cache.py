@@ -6,7 +6,7 @@ epoch and in every trial of a sweep that only varies the fusion, heads and optim
 them next to the dataset::
 
     DATASET/.cache/embeddings/<modality>-<encoder>-<key>/manifest.json
-    DATASET/.cache/embeddings/<modality>-<encoder>-<key>/{train,val}/part-<file>-<row group>.parquet
+    DATASET/.cache/embeddings/<modality>-<encoder>-<key>/{train,val,test}/part-<file>-<row group>.parquet
     DATASET/.cache/embeddings/builds.jsonl        one line per build (what, when, how long)
 
 One Parquet part per row group of the dataset, in the same rows and order, so modalities join by
@@ -52,8 +52,8 @@ from mmray.data.reader import _batches, read_row_group, row_group_units, shuffle
 CACHE_DIR = os.path.join(".cache", "embeddings")
 MANIFEST = "manifest.json"
 BUILDS_LOG = "builds.jsonl"
-FORMAT = 1
-SPLITS = ("train", "val")
+FORMAT = 2  # 2: test rows are cached too (the best epoch is measured on them)
+SPLITS = ("train", "val", "test")
 TRAINING_ONLY = {"freeze", "unfreeze_after_epochs", "lr_mult"}  # encoder keys that change no output
 PREPROCESS = {"image": ("size", "mean", "std"), "text": ("tokenizer", "max_length"), "audio": ("sample_rate", "seconds")}
 
@@ -312,7 +312,7 @@ def build_entries(config, info: DatasetInfo, modalities: list[str], *, sequences
         final = {m: os.path.join(root, entry_name(config, m, parts[m])) for m in todo}
         staging = {m: f"{final[m]}.tmp-{uuid.uuid4().hex[:8]}" for m in todo}
         units = [{"split": s, "path": p, "row_group": g, "part": _part_name(info, s, p, g)}
-                 for s in SPLITS for p, g in row_group_units(info, s)]
+                 for s in SPLITS if s in info.splits for p, g in row_group_units(info, s)]
         encoders = {m: model.encoders[m].eval() for m in todo}
         kwargs = dict(config_json=config.model_dump(mode="json"), info=info, encoders=encoders,
                       staging=staging, sequences=sequences)
@@ -345,7 +345,7 @@ def _part_name(info: DatasetInfo, split: str, path: str, group: int) -> str:
 
 def _manifest(config, info, m, parts, units, staging, encoder, seconds) -> dict:
     splits = {}
-    for s in SPLITS:
+    for s in (s for s in SPLITS if s in info.splits):
         names = [u["part"] for u in units if u["split"] == s]
         rows = sum(pq.ParquetFile(os.path.join(staging, s, n)).metadata.num_rows for n in names)
         splits[s] = {"parts": names, "rows": rows}

@@ -65,14 +65,36 @@ def supervised_best(config: JobConfig, best_checkpoint: str) -> str:
 
 def evaluate_splits(model, config: JobConfig, info: DatasetInfo, tasks: dict[str, int], splits=("val", "test")):
     """``{split}.{metric}`` for each split present in the dataset, with the same code the loop uses, plus the
-    modality diagnostics ``{split}.diagnostics.{without_<m>|only_<m>}.{accuracy|f1}``."""
+    modality diagnostics ``{split}.diagnostics.{without_<m>|only_<m>}.{accuracy|f1}``.
+
+    When the run trained from the embedding cache, the splits are read from it too (the model's logits from
+    cached encoder outputs equal those from raw inputs; the encoders are checked against the cache's hashes),
+    so measuring the best epoch does not run every frozen encoder over val and test seven times.
+    """
+    batches = _eval_batches(model, config, info)
     ctx = LocalContext(run_dir="", train_batches=lambda e: (), val_batches=lambda e: ())
     metrics: dict[str, Any] = {}
     for split in splits:
         if split in info.splits and info.split_rows(split) > 0:
-            batches = iter_batches(config.data, info, split, batch_size=EVAL_BATCH_SIZE, train=False)
-            metrics |= evaluate(model, batches, tasks=tasks, config=config, ctx=ctx, prefix=split, diagnostics=True)
+            metrics |= evaluate(model, batches(split), tasks=tasks, config=config, ctx=ctx, prefix=split,
+                                diagnostics=True)
     return metrics
+
+
+def _eval_batches(model, config: JobConfig, info: DatasetInfo):
+    """``split -> batches``: from the embedding cache when this job trains from it, else decoded from the shards."""
+    from mmray.data.cache import iter_cached_batches, plan
+    from mmray.models.cached import check_cached_encoders, encoder_hashes
+
+    cache = plan(config, info, build=False)
+    if cache.used:
+        check_cached_encoders(encoder_hashes(model, cache.weights), cache.weights)
+
+    def batches(split: str):
+        if cache.used and all(split in e.manifest["splits"] for e in cache.entries.values()):
+            return iter_cached_batches(cache.entries, info, split, batch_size=EVAL_BATCH_SIZE, train=False)
+        return iter_batches(config.data, info, split, batch_size=EVAL_BATCH_SIZE, train=False)
+    return batches
 
 
 def write_diagnostics(tensorboard_dir: str, metrics: dict[str, Any], epoch: int, split: str = "val") -> None:

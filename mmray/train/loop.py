@@ -27,6 +27,7 @@ from mmray.models.cached import check_cached_encoders, encoder_hashes
 from mmray.seeding import seed_everything
 from mmray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint, unwrap
 from mmray.train.context import WorkerContext
+from mmray.train.device import DeviceMonitor, batch_to_device, maybe_compile, to_channels_last, uses_channels_last
 from mmray.train.metrics import ClassificationMetrics, metrics_from_confusion
 from mmray.train.objectives import in_pretraining, step_losses
 from mmray.train.outputs import EpochOutputs
@@ -150,10 +151,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def task_losses(logits: dict[str, torch.Tensor], batch: dict[str, Any], label_smoothing: float,
                 weights: dict[str, float] | None = None) -> torch.Tensor:
     """Mean cross-entropy over valid rows, weighted-summed over tasks (``train.task_weights``; unlisted
@@ -169,7 +166,7 @@ def task_losses(logits: dict[str, torch.Tensor], batch: dict[str, Any], label_sm
 
 
 def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, config: JobConfig, ctx: WorkerContext,
-                state: TrainState, epoch: int, expected_rows: int) -> dict[str, float]:
+                state: TrainState, epoch: int, expected_rows: int, channels_last: bool = False) -> dict[str, float]:
     model.train()
     for modality in frozen_encoders(config, epoch):  # fixed features: no dropout, no batch-norm updates
         unwrap(model).encoders[modality].eval()
@@ -182,7 +179,7 @@ def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, confi
     start = last_progress = time.perf_counter()
     pending = 0  # micro-batches whose gradients are not yet applied
     for batch in batches:
-        batch = to_device(batch, ctx.device)
+        batch = batch_to_device(batch, ctx.device, channels_last=channels_last)
         if config.train.modality_dropout > 0:
             drop_modalities(batch, config.data.modalities, config.train.modality_dropout)
         pending += 1
@@ -270,7 +267,7 @@ def hide_modalities(batch: dict[str, Any], hidden: Iterable[str]) -> dict[str, A
 
 @torch.inference_mode()
 def evaluate(model, batches: Iterable, *, tasks: dict[str, int], config: JobConfig, ctx: WorkerContext,
-             prefix: str = "val", diagnostics: bool = False) -> dict[str, Any]:
+             prefix: str = "val", diagnostics: bool = False, channels_last: bool = False) -> dict[str, Any]:
     """Loss, accuracy and macro precision/recall/F1 per task, reduced across workers.
 
     Keys are ``{prefix}.{metric}`` for the main task ``label`` and ``{prefix}.{task}.{metric}`` for others.
@@ -284,7 +281,7 @@ def evaluate(model, batches: Iterable, *, tasks: dict[str, int], config: JobConf
     ablated = {name: ClassificationMetrics(tasks["label"]) for name in ablations}
     sums = torch.zeros(3, device=ctx.device)  # loss * rows, rows, bad rows
     for batch in batches:
-        batch = to_device(batch, ctx.device)
+        batch = batch_to_device(batch, ctx.device, channels_last=channels_last)
         with torch.autocast(ctx.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(batch).logits
         valid = batch["valid"]
@@ -312,6 +309,21 @@ def evaluate(model, batches: Iterable, *, tasks: dict[str, int], config: JobConf
     return out
 
 
+def device_figures(mine: dict[str, float], ctx: WorkerContext) -> dict[str, float]:
+    """This worker's :class:`~mmray.train.device.DeviceMonitor` figures averaged over the workers
+    (every worker calls this: the all-reduce needs the same shape everywhere). {} on CPU."""
+    if ctx.device.type != "cuda":
+        return {}
+    keys = ("gpu.memory_peak_gb", "gpu.memory_reserved_peak_gb", "gpu.memory_total_gb")
+    util = mine.get("gpu.utilization")
+    local = [mine.get(k, 0.0) for k in keys] + [util or 0.0, float(util is not None)]
+    total = ctx.all_reduce(torch.tensor(local, device=ctx.device, dtype=torch.float64)).tolist()
+    out = {k: total[i] / ctx.world_size for i, k in enumerate(keys)}
+    if total[-1] > 0:  # workers that could read NVML
+        out["gpu.utilization"] = total[-2] / total[-1]
+    return out
+
+
 def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
     if best is None:
         return True
@@ -334,7 +346,11 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
     if ctx.rank == 0:
         check_cached_encoders(frozen, getattr(ctx, "cached_encoders", None))
     groups = param_groups(model, config)  # before DDP: it must not register permanently frozen weights
-    model = ctx.prepare_model(model)
+    channels_last = uses_channels_last(config, model, ctx.device)
+    if channels_last:
+        to_channels_last(model)
+    model = maybe_compile(ctx.prepare_model(model), config)  # compile the DDP wrapper: it splits at buckets
+    monitor = DeviceMonitor(ctx.device)
     optimizer = make_optimizer(config.train.optimizer, groups)
     rows_per_worker = info.splits["train"].rows // ctx.world_size
     steps_per_epoch = max(1, math.ceil(math.ceil(rows_per_worker / config.train.batch_size) / config.train.grad_accum_steps))
@@ -361,9 +377,13 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
         metrics: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[-1]["lr"]}
         if config.train.contrastive.pretrain_epochs:  # TensorBoard: train/contrastive_pretraining 1, then 0
             metrics["train.contrastive_pretraining"] = float(pretraining)
+        monitor.start()
         metrics |= train_epoch(model, ctx.train_batches(epoch), optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                               config=config, ctx=ctx, state=state, epoch=epoch, expected_rows=info.splits["train"].rows)
-        metrics |= evaluate(model, ctx.val_batches(epoch), tasks=tasks, config=config, ctx=ctx)
+                               config=config, ctx=ctx, state=state, epoch=epoch, expected_rows=info.splits["train"].rows,
+                               channels_last=channels_last)
+        metrics |= evaluate(model, ctx.val_batches(epoch), tasks=tasks, config=config, ctx=ctx,
+                            channels_last=channels_last)
+        metrics |= device_figures(monitor.stop(), ctx)
 
         if pretraining:
             pass  # untrained heads: not a candidate for the best epoch, and no early-stopping patience spent

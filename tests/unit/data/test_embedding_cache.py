@@ -169,3 +169,25 @@ def test_cached_training_gives_the_same_run(data, tmp_path):
     for raw, cached in zip(raw_ctx.history, ctx.history, strict=True):
         for k in ("train.loss", "val.loss", "val.accuracy"):
             assert cached[k] == pytest.approx(raw[k], rel=1e-4, abs=1e-5), k
+
+
+def test_the_best_epoch_is_measured_from_the_cache_with_the_metrics_raw_inputs_give(data, monkeypatch):
+    from mmray.models.builder import job_tasks
+    from mmray.train import finalize
+
+    config = validate_job(frozen_job(data))
+    info = read_dataset_info(data)
+    assert cache.plan(config, info, build=True, runner="local").used
+    assert all("test" in e.manifest["splits"] for e in cache.plan(config, info, build=False).entries.values())
+    model = cache.build_job_encoders(config, info).eval()
+    tasks = job_tasks(info.tasks)
+    raw = finalize.evaluate_splits(model, validate_job(frozen_job(data, **{"train.embedding_cache": "off"})), info, tasks)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded the shards although the cache holds every split")
+    monkeypatch.setattr(finalize, "iter_batches", no_decoding)
+    cached = finalize.evaluate_splits(model, config, info, tasks)
+    assert cached.keys() == raw.keys() and "test.accuracy" in cached and "val.diagnostics.without_image.f1" in cached
+    for key, value in raw.items():
+        if isinstance(value, float):
+            assert cached[key] == pytest.approx(value, abs=1e-6), key

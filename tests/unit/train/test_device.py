@@ -1,0 +1,109 @@
+"""The GPU path of the loop: channels-last, torch.compile, per-epoch GPU figures. CPU-checkable parts run
+everywhere; the CUDA runs are marked ``gpu`` and skip without CUDA."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mmray.data.dataset_dir import read_dataset_info
+from mmray.data.reader import iter_batches
+from mmray.data.synth import synth
+from mmray.data.tokenizer import TextTokenizer
+from mmray.models.builder import build_as_trained, job_tasks
+from mmray.train.context import LocalContext
+from mmray.train.device import DeviceMonitor, batch_to_device, maybe_compile, to_channels_last, uses_channels_last
+from mmray.train.local import train_local
+from mmray.train.loop import device_figures
+
+from helpers import small_job
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("device") / "synth")
+    synth(out, rows=120, shards=1, seed=4)
+    return out
+
+
+def _job(data: str, **train):
+    return small_job(data, epochs=2, workers=1, batch_size=32, **train)
+
+
+def _model_and_batch(config):
+    info = read_dataset_info(config.data.path)
+    model = build_as_trained(config, job_tasks(info.tasks), TextTokenizer.load(config.data.text, info)).eval()
+    batch = next(iter(iter_batches(config.data, info, "val", batch_size=16, train=False)))
+    return model, batch
+
+
+def test_channels_last_is_on_for_a_cnn_on_cuda_only_unless_asked(tiny):
+    model, _ = _model_and_batch(_job(tiny))
+    assert uses_channels_last(_job(tiny), model, CUDA) and not uses_channels_last(_job(tiny), model, CPU)
+    assert uses_channels_last(_job(tiny, channels_last="on"), model, CPU)
+    assert not uses_channels_last(_job(tiny, channels_last="off"), model, CUDA)
+    audio_only = small_job(tiny, modalities=("audio",), epochs=1, workers=1)
+    assert not uses_channels_last(audio_only, _model_and_batch(audio_only)[0], CUDA)  # no image encoder
+
+
+def test_channels_last_changes_the_layout_not_the_logits(tiny):
+    model, batch = _model_and_batch(_job(tiny))
+    with torch.inference_mode():
+        expected = model(batch_to_device(batch, CPU)).logits["label"]
+        to_channels_last(model)
+        nhwc = batch_to_device(batch, CPU, channels_last=True)
+        assert nhwc["image"].is_contiguous(memory_format=torch.channels_last)
+        conv = next(m for m in model.encoders["image"].modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(model(nhwc).logits["label"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_compiled_model_checkpoints_the_plain_modules_weights(tiny, tmp_path):
+    from mmray.train.checkpoint import state_dict_for_saving
+
+    config = _job(tiny, compile="default")
+    model, _ = _model_and_batch(config)
+    compiled = maybe_compile(model, config)
+    assert compiled is not model and maybe_compile(model, _job(tiny)) is model
+    assert state_dict_for_saving(compiled).keys() == model.state_dict().keys()  # no "_orig_mod." prefixes
+
+
+def test_device_figures_are_absent_on_cpu():
+    monitor = DeviceMonitor(CPU)
+    monitor.start()
+    assert monitor.stop() == {}
+    ctx = LocalContext("", lambda e: (), lambda e: ())
+    assert device_figures({}, ctx) == {}
+
+
+def test_training_with_channels_last_on_cpu_learns_like_the_default(tiny, tmp_path):
+    plain, _ = train_local(_job(tiny), str(tmp_path / "plain"))
+    nhwc, ctx = train_local(_job(tiny, channels_last="on"), str(tmp_path / "nhwc"))
+    for a, b in zip(plain.history, nhwc.history):
+        assert b["train.loss"] == pytest.approx(a["train.loss"], rel=1e-3)
+    assert "gpu.memory_peak_gb" not in nhwc.history[-1]
+
+
+@pytest.mark.gpu
+def test_cuda_run_reports_gpu_figures_and_compiles(tiny, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mmray.train.checkpoint import load_model
+
+    config = _job(tiny, compile="default")
+    config = config.model_copy(update={"scaling": config.scaling.model_copy(update={"use_gpu": True})})
+    state, ctx = train_local(config, str(tmp_path / "run"), device="cuda")
+    last = state.history[-1]
+    assert 0 < last["gpu.memory_peak_gb"] <= last["gpu.memory_reserved_peak_gb"] <= last["gpu.memory_total_gb"]
+    if "gpu.utilization" in last:  # NVML readable on this machine
+        assert 0 <= last["gpu.utilization"] <= 100
+    events = EventAccumulator(os.path.join(str(tmp_path / "run"), "tensorboard")).Reload()
+    assert "gpu/memory_peak_gb" in events.Tags()["scalars"]
+    # The compiled, channels-last, bf16 run's checkpoint reloads into a plain model.
+    info = read_dataset_info(tiny)
+    model = load_model(config, job_tasks(info.tasks), TextTokenizer.load(config.data.text, info), ctx.checkpoints[-1])
+    assert set(model.state_dict()) == set(build_as_trained(config, job_tasks(info.tasks),
+                                                           TextTokenizer.load(config.data.text, info)).state_dict())
