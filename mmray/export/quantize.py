@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mmray.config import UserError
-from mmray.export.writer import CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE, _replace_dir, collect_versions
+from mmray.export.writer import CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE, collect_versions, replace_dir
 
 log = logging.getLogger("mmray.export")
 
@@ -208,7 +208,7 @@ def quantize_export(model_dir: str | Path, mode: str, out: str | Path | None = N
         _copy_export_files(src, tmp)
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mmray.quantize": mode})
         (tmp / QUANTIZATION_FILE).write_text(json.dumps(spec, indent=2) + "\n")
-        _replace_dir(tmp, dest)
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -363,7 +363,7 @@ def compare_with_source(model_dir: str | Path, data_dir: str | Path, split: str 
     Raises:
         UserError: ``model_dir`` is not a compressed export, or the dataset does not fit it.
     """
-    from mmray.export.evaluate import _batches
+    from mmray.export.evaluate import split_batches
     from mmray.export.loader import load_model
     from mmray.train.metrics import ClassificationMetrics
 
@@ -383,7 +383,7 @@ def compare_with_source(model_dir: str | Path, data_dir: str | Path, split: str 
     n_classes = len(compressed.class_names)
     metrics = {"compressed": ClassificationMetrics(n_classes), "original": ClassificationMetrics(n_classes)}
     agree, sample = 0, None
-    for batch in _batches(compressed, data_dir, split, batch_size):
+    for batch in split_batches(compressed, data_dir, split, batch_size):
         valid = batch["valid"].bool()
         if not valid.any():
             continue

@@ -149,7 +149,7 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
+def replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished ``tmp`` folder to ``out``, replacing an earlier export there."""
     if out.exists():
         if not (out / WEIGHTS_FILE).is_file() and any(out.iterdir()):
@@ -206,7 +206,7 @@ def write_export(
         save_hf_architecture(config, tmp)
         _write_json(tmp / METRICS_FILE, {**dict(metrics), "epoch": epoch})
         _write_json(tmp / VERSIONS_FILE, collect_versions())
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

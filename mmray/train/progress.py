@@ -10,7 +10,7 @@ import time
 from typing import Any, TextIO
 
 SHOWN = ("train.loss", "train.contrastive_loss", "train.adversarial_loss", "val.loss", "val.accuracy", "val.f1",
-         "train.samples_per_s")
+         "train.samples_per_s", "gpu.utilization", "gpu.memory_peak_gb")  # gpu.*: CUDA runs only
 PRETRAINING = "contrastive pretraining"  # the loop's ``phase`` of a pre-training epoch
 
 

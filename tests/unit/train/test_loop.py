@@ -126,6 +126,14 @@ def test_progress_is_parseable_without_a_terminal():
     assert float(fields["val.accuracy"]) == 0.5 and fields["best"] == "1" and "eta_s" in fields
 
 
+def test_progress_shows_gpu_figures_when_the_epoch_has_them():
+    out = io.StringIO()
+    p = ProgressPrinter(out, tty=False)
+    p({"type": "epoch_end", "epoch": 1, "epochs": 1, "metric": "val.accuracy",
+       "metrics": {"train.loss": 1.0, "val.accuracy": 0.5, "gpu.utilization": 87.5, "gpu.memory_peak_gb": 3.25}})
+    assert "gpu.utilization=87.5" in out.getvalue() and "gpu.memory_peak_gb=3.25" in out.getvalue()
+
+
 def test_progress_on_a_terminal_draws_a_bar_then_an_epoch_line():
     out = io.StringIO()
     p = ProgressPrinter(out, tty=True)
