@@ -19,7 +19,7 @@ import posixpath
 import shutil
 import tempfile
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -193,6 +193,33 @@ def download(source: str, local: str) -> str:
     else:
         os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
     pafs.copy_files(inner, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local
+
+
+def download_tree(source: str, local: str, *, leave_out: Callable[[str], bool]) -> str:
+    """Copy the folder ``source`` (local path or URI) to ``local``, except the contents of sub-folders whose
+    name ``leave_out`` accepts: those are created empty (their names stay listable). Returns ``local``.
+
+    Raises:
+        UserError: ``source`` is not a folder.
+    """
+    fs, inner = resolve(source)
+    if fs.get_file_info(inner).type != pafs.FileType.Directory:
+        raise UserError(f"{source}: no such folder")
+    os.makedirs(local, exist_ok=True)
+    root = inner.rstrip("/")
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        rel = info.path[len(root):].lstrip("/")
+        parts = rel.split("/")
+        if any(leave_out(p) for p in parts[:-1]):
+            continue  # inside a left-out folder
+        target = os.path.join(local, *parts)
+        if info.type == pafs.FileType.Directory:
+            os.makedirs(target, exist_ok=True)
+        elif info.type == pafs.FileType.File:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with fs.open_input_stream(info.path) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 20)
     return local
 
 

@@ -14,7 +14,7 @@ def run(args) -> int:
     from mmray.tune.report import build_report, format_verdicts
 
     rep = build_report(args.experiment_dir)
-    print(f"report: {rep.summary_path}")
-    print(f"plots:  {', '.join(rep.plots.values()) or 'none'} (in {rep.report_dir})")
+    print(f"report: {rep.published_summary}")
+    print(f"plots:  {', '.join(rep.plots.values()) or 'none'} (in {rep.published_dir})")
     print(format_verdicts(rep))
     return 0

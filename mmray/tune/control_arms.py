@@ -7,6 +7,7 @@ row-level difficulty cancels out). No Ray.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -95,23 +96,40 @@ def trial_sequence(experiment_dir: str, trial_id: str) -> int | None:
 
 
 def best_checkpoint(experiment_dir: str, trial_id: str, best_epoch: int) -> str | None:
-    """The trial's checkpoint folder that holds epoch ``best_epoch`` (kept by the sweep's pruning).
+    """The trial's checkpoint folder that holds epoch ``best_epoch`` (kept by the sweep's pruning), found by
+    name alone (nothing is opened, so it works on a copy without the checkpoints' contents).
 
-    Looks where both kinds of trial keep them: Tune's trial folder (``checkpoint_NNNNNN``, an in-process
-    trial) and ``trials/<trial_id>/`` (``checkpoint_epoch_N``, a distributed trial's TorchTrainer run).
+    Looks where both kinds of trial keep them: ``trials/<trial_id>/checkpoint_epoch_NNNN`` (a distributed
+    trial's TorchTrainer run) and Tune's trial folder (``checkpoint_NNNNNN``, an in-process trial), whose
+    ``result.json`` names the checkpoint each epoch's report made.
     """
-    from mmray.train.finalize import checkpoint_epoch
+    from mmray.train.finalize import kept_checkpoints
     from mmray.tune.context import trial_dir
 
-    folders = [f for f in (trial_folder(experiment_dir, trial_id), trial_dir(experiment_dir, trial_id)) if f]
-    found = [c for f in folders for c in glob.glob(os.path.join(glob.escape(f), "checkpoint_*")) if os.path.isdir(c)]
-    for ckpt in sorted(found, reverse=True):
-        try:
-            if checkpoint_epoch(ckpt) == best_epoch:
-                return ckpt
-        except (OSError, KeyError, RuntimeError):
-            continue  # a half-written checkpoint of a killed trial
-    return None
+    run = trial_dir(experiment_dir, trial_id)
+    if os.path.isdir(run) and best_epoch in kept_checkpoints(run):
+        return kept_checkpoints(run)[best_epoch]
+    folder = trial_folder(experiment_dir, trial_id)
+    name = tune_checkpoint_name(folder, best_epoch) if folder else None
+    return os.path.join(folder, name) if name and os.path.isdir(os.path.join(folder, name)) else None
+
+
+def tune_checkpoint_name(trial_folder_path: str, epoch: int) -> str | None:
+    """The ``checkpoint_NNNNNN`` that Tune saved with the report of ``epoch`` (the last such report: a
+    restarted trial reports an epoch again), from the trial folder's ``result.json``."""
+    path = os.path.join(trial_folder_path, "result.json")
+    if not os.path.isfile(path):
+        return None
+    name = None
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a killed trial
+            if int(row.get("epoch", -1)) == epoch and row.get("checkpoint_dir_name"):
+                name = row["checkpoint_dir_name"]
+    return name
 
 
 @dataclass

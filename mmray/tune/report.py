@@ -2,7 +2,9 @@
 
 Reads only what the sweep left on disk (no Ray): ``job.yaml``, ``space.yaml``, ``leaderboard.csv``,
 the Optuna study ``optuna.db`` (each trial's value is its best epoch's metric) and the trials'
-checkpoints. Writes::
+checkpoints. An experiment stored at a URI (``s3://...``) is read from a local copy without the
+checkpoints' contents (the two the control arms need are fetched) and its ``report/`` is uploaded there.
+Writes::
 
     report/summary.md            everything below, with the plots inline
     report/history.png           each trial's best metric in the order trials started, and the best so far
@@ -20,6 +22,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmray import storage as store
 from mmray.config import validate_job
 from mmray.config.errors import UserError
 from mmray.config.loader import apply_overrides
@@ -74,6 +77,21 @@ class Report:
     importances: dict[str, float] = field(default_factory=dict)
     fusion_best: dict[str, float] = field(default_factory=dict)
     arms: list[ControlArm] = field(default_factory=list)
+    location: str = ""  # where the experiment is stored when experiment_dir is a local copy of it (a URI)
+
+    @property
+    def shown_dir(self) -> str:
+        """The experiment as the user named it (a URI for a copy)."""
+        return self.location or self.experiment_dir
+
+    @property
+    def published_dir(self) -> str:
+        """Where the report ends up: ``report/`` of the experiment, wherever it is stored."""
+        return store.join(self.location, REPORT_DIR) if self.location else self.report_dir
+
+    @property
+    def published_summary(self) -> str:
+        return store.join(self.published_dir, SUMMARY)
 
     @property
     def report_dir(self) -> str:
@@ -253,6 +271,9 @@ def _checkpoint(rep: Report, trial: Trial) -> str:
     path = arms.best_checkpoint(rep.experiment_dir, trial.trial_id, trial.best_epoch)
     if path is None:
         raise UserError(f"trial {trial.trial_id}: no checkpoint of its best epoch {trial.best_epoch} was found")
+    if rep.location:  # a copy made without the checkpoints' contents: fetch just this one
+        rel = os.path.relpath(path, rep.experiment_dir).replace(os.sep, "/")
+        store.download(store.join(rep.location, rel), path)
     return path
 
 
@@ -381,12 +402,12 @@ def _arms_md(rep: Report) -> list[str]:
 
 
 def render_markdown(rep: Report, leaderboard: list[dict[str, str]], space: SpaceConfig) -> str:
-    exp, w = rep.experiment_dir, rep.winner
+    exp, shown, w = rep.experiment_dir, rep.shown_dir, rep.winner
     counts = {}
     for t in rep.trials:
         counts[t.status or "unknown"] = counts.get(t.status or "unknown", 0) + 1
-    lines = [f"# Sweep report: {os.path.basename(exp)}", "",
-             f"- experiment: `{exp}`",
+    lines = [f"# Sweep report: {os.path.basename(shown.rstrip('/'))}", "",
+             f"- experiment: `{shown}`",
              f"- metric: `{rep.metric}` ({rep.mode}); each trial is scored by its best epoch",
              f"- trials: {len(rep.trials)} (" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")"]
     if w is not None:
@@ -402,8 +423,8 @@ def render_markdown(rep: Report, leaderboard: list[dict[str, str]], space: Space
         if os.path.isfile(metrics_path):
             with open(metrics_path) as f:
                 m = json.load(f)
-            shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("val.accuracy", "test.accuracy", "test.f1") if k in m)
-            lines += [f"Its export is `{os.path.join(exp, BEST_DIR)}` ({shown})."]
+            scores = ", ".join(f"{k} {m[k]:.4f}" for k in ("val.accuracy", "test.accuracy", "test.f1") if k in m)
+            lines += [f"Its export is `{store.join(shown, BEST_DIR)}` ({scores})."]
         lines.append("")
     lines += ["## Leaderboard (top 10)", ""] + _leaderboard_md(rep, leaderboard, space) + [""]
     lines += ["## Optimisation history", "", "Each completed trial's best-epoch metric, in the order the trials "
@@ -423,8 +444,9 @@ def render_markdown(rep: Report, leaderboard: list[dict[str, str]], space: Space
     lines += _image(rep, "fusions", "best score per fusion method")
     lines += ["## Control arms", ""] + _arms_md(rep)
     lines += ["## Look further", "", "```bash",
-              f"tensorboard --logdir {exp}",
-              f"optuna-dashboard sqlite:///{os.path.join(exp, STUDY_FILE)}",
+              f"tensorboard --logdir {shown}",
+              f"optuna-dashboard sqlite:///{STUDY_FILE}   # a local copy of {store.join(shown, STUDY_FILE)}"
+              if rep.location else f"optuna-dashboard sqlite:///{os.path.join(exp, STUDY_FILE)}",
               "```", ""]
     return "\n".join(lines)
 
@@ -441,10 +463,28 @@ def build_report(experiment_dir: str, *, resamples: int = arms.RESAMPLES, seed: 
     """
     with warnings.catch_warnings():  # Optuna warns on every read of list-valued choices (data.modalities)
         warnings.filterwarnings("ignore", message="Choices for a categorical distribution", category=UserWarning)
-        return _build(experiment_dir, resamples=resamples, seed=seed)
+        if not store.is_uri(experiment_dir):
+            return _build(experiment_dir, resamples=resamples, seed=seed)
+        return _build_remote(store.normalize(experiment_dir), resamples=resamples, seed=seed)
 
 
-def _build(experiment_dir: str, *, resamples: int, seed: int) -> Report:
+def _build_remote(uri: str, *, resamples: int, seed: int) -> Report:
+    """The report of an experiment stored at a URI: built on a local copy of everything but the checkpoints'
+    contents (two are fetched, for the control arms), then ``report/`` is uploaded next to the experiment."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mmray-report-") as tmp:
+        local = store.download_tree(uri, os.path.join(tmp, store.split(uri)[1] or "experiment"),
+                                    leave_out=lambda name: name.startswith("checkpoint_"))
+        try:
+            rep = _build(local, resamples=resamples, seed=seed, location=uri)
+        except UserError as e:  # name the experiment as the user did, not the temporary copy
+            raise UserError(str(e).replace(local, uri)) from None
+        store.upload(rep.report_dir, rep.published_dir)
+    return rep
+
+
+def _build(experiment_dir: str, *, resamples: int, seed: int, location: str = "") -> Report:
     setup, leaderboard, study = open_experiment(experiment_dir)
     space, exp = setup.space, setup.experiment_dir
     trials = _trials(setup, study)
@@ -452,7 +492,7 @@ def _build(experiment_dir: str, *, resamples: int, seed: int) -> Report:
     winner = by_id.get(leaderboard[0]["trial_id"]) if leaderboard else None
     if winner is not None and not winner.scored:
         winner = None
-    rep = Report(exp, space.metric, space.resolved_mode, trials, winner)
+    rep = Report(exp, space.metric, space.resolved_mode, trials, winner, location=location)
     os.makedirs(rep.report_dir, exist_ok=True)
     _history(rep)
     _importance(rep, space, study)
@@ -470,7 +510,7 @@ def write_report(experiment_dir: str, *, resamples: int = arms.RESAMPLES, seed: 
     Raises:
         UserError: not an experiment folder, or a sweep that has not finished.
     """
-    return build_report(experiment_dir, resamples=resamples, seed=seed).summary_path
+    return build_report(experiment_dir, resamples=resamples, seed=seed).published_summary
 
 
 def format_verdicts(rep: Report) -> str:

@@ -254,7 +254,7 @@ def write_report_safely(experiment_dir: str) -> tuple[str | None, str]:
         from mmray.tune.report import build_report, format_verdicts
 
         rep = build_report(experiment_dir)
-        return rep.summary_path, format_verdicts(rep)
+        return rep.published_summary, format_verdicts(rep)
     except Exception as e:  # noqa: BLE001 - the report is a convenience on top of finished results
         print(f"mmray: warning: the sweep finished but its report was not written ({type(e).__name__}: {e}); "
               f"write it with `mmray report {experiment_dir}`", file=sys.stderr)

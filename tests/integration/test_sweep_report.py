@@ -12,6 +12,7 @@ from PIL import Image
 from mmray.data.synth import synth
 
 from helpers import small_job
+from storage_fixtures import s3_bucket  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.slow
 SPACE = {
@@ -100,3 +101,31 @@ def test_the_sweep_writes_its_report_when_it_ends(experiment, report):
     assert AUTO["summary"] == report[1]  # the same report `mmray report` writes
     assert f"report:      {os.path.join(experiment, 'report', 'summary.md')}" in AUTO["stdout"]
     assert "winner vs best single-modality trial" in AUTO["stdout"] or "single-modality trial: skipped" in AUTO["stdout"]
+
+
+def test_an_experiment_in_s3_gets_the_same_report_there_without_downloading_every_checkpoint(
+        experiment, report, s3_bucket, monkeypatch):
+    """The experiment copied to a real S3 API (moto on loopback): `mmray report s3://...` writes report/ there,
+    with the same verdicts as the local report, and fetches only the two checkpoints the control arm compares."""
+    from mmray import storage as store
+
+    uri = store.join(s3_bucket, "sweeps", "exp")
+    store.upload(experiment, uri)
+    store.remove(store.join(uri, "report"))  # the report below is written from scratch
+    proc = mmray("report", uri)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"report: {uri}/report/summary.md" in proc.stdout
+    summary = store.read_text(store.join(uri, "report", "summary.md"))
+    assert f"- experiment: `{uri}`" in summary and f"tensorboard --logdir {uri}" in summary
+    local_verdicts = [line for line in report[0].splitlines() if line.startswith("winner vs")]
+    assert local_verdicts and local_verdicts == [l for l in proc.stdout.splitlines() if l.startswith("winner vs")]
+    assert {"history.png", "control_arms.png"} <= set(store.listdir(store.join(uri, "report")))
+
+    # Only what the control arm compares is fetched from the checkpoints (two folders), nothing else of theirs.
+    fetched = []
+    real_download = store.download
+    monkeypatch.setattr(store, "download", lambda src, dst: fetched.append(src) or real_download(src, dst))
+    from mmray.tune.report import build_report
+
+    build_report(uri)
+    assert len(fetched) == 2 and all("/checkpoint_" in f for f in fetched), fetched

@@ -49,6 +49,22 @@ def test_upload_then_download_round_trips_a_folder(root, tmp_path):
         assert open(os.path.join(local, "sub", "t.txt")).read() == "x"
 
 
+def test_a_tree_downloads_without_the_contents_of_left_out_folders(root, tmp_path):
+    src = tmp_path / "exp"
+    (src / "trial_a" / "checkpoint_000001").mkdir(parents=True)
+    (src / "trial_a" / "checkpoint_000001" / "model.safetensors").write_bytes(os.urandom(5000))
+    (src / "trial_a" / "result.json").write_text("{}")
+    (src / "checkpoint_manager_snapshot.json").write_text("[]")  # a file, not a folder: copied
+    storage.upload(str(src), storage.join(root, "exp"))
+    local = storage.download_tree(storage.join(root, "exp"), str(tmp_path / "copy"),
+                                  leave_out=lambda name: name.startswith("checkpoint_"))
+    assert open(os.path.join(local, "trial_a", "result.json")).read() == "{}"
+    assert os.path.isfile(os.path.join(local, "checkpoint_manager_snapshot.json"))
+    assert os.listdir(os.path.join(local, "trial_a", "checkpoint_000001")) == []  # named, empty
+    with pytest.raises(UserError, match="no such folder"):
+        storage.download_tree(storage.join(root, "nope"), str(tmp_path / "x"), leave_out=lambda n: False)
+
+
 def test_staged_dir_uploads_what_changed_at_each_sync(root):
     staged = storage.StagedDir(storage.join(root, "run"))
     with open(staged.path("tensorboard", "events"), "w") as f:
