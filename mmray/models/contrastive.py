@@ -3,16 +3,52 @@
 Radford et al., "Learning Transferable Visual Models From Natural Language Supervision" (ICML 2021):
 L2-normalised projections, cosine similarities scaled by a learned ``1 / temperature`` (stored as its log,
 initialised to ``log(1 / 0.07)``, clamped to at most 100), and a symmetric cross-entropy whose targets are
-the matching rows. Negatives are the other rows of the same (per-worker) batch.
+the matching rows. Negatives are the other rows of the batch; with several workers, of the global batch:
+every worker gathers the others' projections (OpenCLIP's ``gather_with_grad=False``), so a run on W workers
+optimises the same loss, with the same gradients, as one worker on all W batches together.
 """
 from __future__ import annotations
 
 import itertools
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class Collective(Protocol):
+    """What the head needs from distributed training (the loop's worker context provides it)."""
+
+    rank: int
+    world_size: int
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every worker's ``t`` (same shape on all), in rank order; no gradient."""
+        ...
+
+
+def global_rows(local: dict[str, torch.Tensor], present: dict[str, torch.Tensor], collective: Collective):
+    """The projections and presence masks of every worker's rows, concatenated in rank order.
+
+    Batches may differ in size (the last one of an epoch): each is padded to the largest, padded rows marked
+    absent. This worker's rows keep their gradient, scaled by ``world_size``: the loss is the same on every
+    worker and DDP averages gradients, so each worker must contribute the whole gradient of its own rows.
+    """
+    w, r = collective.world_size, collective.rank
+    n = next(iter(local.values())).shape[0]
+    sizes = collective.all_gather(torch.tensor([n], device=next(iter(local.values())).device))
+    most = int(max(int(s.item()) for s in sizes))
+    z, mask = {}, {}
+    for m, v in local.items():
+        padded = F.pad(v, (0, 0, 0, most - n))
+        keep = F.pad(present[m].to(torch.uint8), (0, most - n))  # uint8: every backend gathers it
+        mine = padded * w - padded.detach() * (w - 1)  # value unchanged; gradient x world_size
+        chunks = collective.all_gather(padded.detach().contiguous())
+        z[m] = torch.cat(chunks[:r] + [mine] + chunks[r + 1:])
+        mask[m] = torch.cat(collective.all_gather(keep.contiguous())).to(torch.bool)
+    return z, mask
 
 
 class ContrastiveHead(nn.Module):
@@ -48,18 +84,22 @@ class ContrastiveHead(nn.Module):
     def temperature(self) -> float:
         return float(1.0 / self.log_scale.detach().clamp(max=self.max_log_scale).exp())
 
-    def forward(self, embeddings: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, embeddings: dict[str, torch.Tensor], present: dict[str, torch.Tensor],
+                collective: Collective | None = None) -> torch.Tensor:
         """Mean over modality pairs of the symmetric InfoNCE loss; a scalar.
 
         Args:
             embeddings: modality -> ``[B, D_m]``.
             present: modality -> bool ``[B]``; a pair only compares the rows where both are present.
+            collective: with more than one worker, negatives come from every worker's batch (:func:`global_rows`).
 
         A pair with fewer than two such rows is left out (nothing to contrast); with no pair left the loss is
         0, still connected to every parameter so that distributed gradient reduction stays in step.
         """
         scale = self.log_scale.clamp(max=self.max_log_scale).exp()
         z = {m: F.normalize(self.proj[m](embeddings[m].float()), dim=-1) for m in self.modalities}
+        if collective is not None and collective.world_size > 1:
+            z, present = global_rows(z, present, collective)
         # 0 * everything: keeps every projection and the temperature in the graph even when no pair counts.
         total = scale * 0.0 + sum(v.sum() * 0.0 for v in z.values())
         pairs = 0

@@ -28,6 +28,9 @@ class WorkerContext(Protocol):
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum across workers (identity with one worker)."""
         ...
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every worker's ``t`` (same shape on all) in rank order, without gradient ([t] with one worker)."""
+        ...
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         """Publish one epoch's metrics and (from rank 0) its checkpoint folder. A barrier across workers."""
         ...
@@ -81,6 +84,9 @@ class LocalContext:
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        return [t]
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         path = None

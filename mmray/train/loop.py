@@ -188,7 +188,7 @@ def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, confi
         no_sync = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
         with no_sync, torch.autocast(ctx.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             parts = step_losses(model, model(batch), batch, lambda logits: task_losses(
-                logits, batch, config.train.label_smoothing, config.train.task_weights), config, epoch)
+                logits, batch, config.train.label_smoothing, config.train.task_weights), config, epoch, ctx)
             scaler.scale(parts["total"] / accum).backward()
             loss = parts["supervised"]
         if sync:

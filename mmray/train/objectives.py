@@ -19,12 +19,13 @@ def in_pretraining(config: JobConfig, epoch: int) -> bool:
     return epoch <= config.train.contrastive.pretrain_epochs
 
 
-def contrastive_loss(model, out, batch: dict[str, Any]) -> torch.Tensor:
-    """The model's contrastive head on this batch's embeddings, over valid rows where both modalities are present."""
+def contrastive_loss(model, out, batch: dict[str, Any], collective=None) -> torch.Tensor:
+    """The model's contrastive head on this batch's embeddings, over valid rows where both modalities are present;
+    with a ``collective`` (the worker context) of several workers, against every worker's rows."""
     inner = unwrap(model)
     valid = batch["valid"].bool()
     present = {m: mask & valid for m, mask in inner.present_masks(batch, out.embeddings).items()}
-    return inner.contrastive(out.embeddings, present)
+    return inner.contrastive(out.embeddings, present, collective)
 
 
 def perturbation(model, out, batch: dict[str, Any], loss_fn: LossFn, cfg: AdversarialConfig) -> dict[str, torch.Tensor]:
@@ -65,19 +66,20 @@ def adversarial_loss(model, out, batch: dict[str, Any], loss_fn: LossFn, cfg: Ad
 
 
 def step_losses(model, out, batch: dict[str, Any], loss_fn: LossFn, config: JobConfig,
-                epoch: int) -> dict[str, torch.Tensor]:
+                epoch: int, collective=None) -> dict[str, torch.Tensor]:
     """``{"total", "supervised"[, "contrastive"][, "adversarial"]}`` for one step of ``epoch``.
 
     In a contrastive pre-training epoch the total is the contrastive loss alone (the supervised loss is
     kept in the graph at weight 0, so every parameter still gets a gradient, as DDP needs; the fusion
     and heads have a zero learning rate then). Otherwise ``supervised + contrastive.weight * contrastive
-    + adversarial.weight * adversarial``, each term present only when switched on.
+    + adversarial.weight * adversarial``, each term present only when switched on. ``collective`` (the
+    worker context) gives the contrastive loss every worker's rows as negatives.
     """
     supervised = loss_fn(out.logits)
     parts = {"supervised": supervised}
     c, a = config.train.contrastive, config.train.adversarial
     if c.enabled:
-        parts["contrastive"] = contrastive_loss(model, out, batch)
+        parts["contrastive"] = contrastive_loss(model, out, batch, collective)
     if in_pretraining(config, epoch):
         parts["total"] = parts["contrastive"] + 0.0 * supervised
         return parts

@@ -60,6 +60,13 @@ class RayWorkerContext:
         torch.distributed.all_reduce(t)
         return t
 
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        if self.world_size == 1:
+            return [t]
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        torch.distributed.all_gather(out, t)
+        return out
+
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         import ray.train
 

@@ -102,3 +102,22 @@ def test_ray_checkpoints_keep_the_best_and_the_latest(run):
     assert any(m["val.accuracy"] == best and f"checkpoint_epoch_{int(m['epoch']):04d}" in kept
                for m in epoch_metrics(events))
     assert len(kept) <= 3
+
+
+def test_two_ray_workers_share_contrastive_negatives(dataset, tmp_path):
+    """A real 2-worker Ray Train run with the contrastive loss: the workers gather each other's projections
+    (RayWorkerContext.all_gather) every step and train to the end with a finite, falling contrastive loss."""
+    from mmray.train.api import train
+
+    config = small_job(dataset[0], epochs=2, batch_size=32)
+    config = config.model_copy(update={"train": config.train.model_copy(
+        update={"contrastive": config.train.contrastive.model_copy(update={"weight": 0.5})})})
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
+    events: list[dict] = []
+    try:
+        result = train(config, storage=str(tmp_path), on_event=events.append)
+    finally:
+        ray.shutdown()
+    losses = [m["train.contrastive_loss"] for m in epoch_metrics(events)]
+    assert len(losses) == 2 and all(0 < x < 10 for x in losses) and losses[1] < losses[0]
+    assert result.metrics["test.accuracy"] > 0

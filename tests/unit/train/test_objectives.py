@@ -75,6 +75,67 @@ def test_contrastive_loss_with_no_pair_is_zero_but_reaches_every_parameter():
     assert loss.item() == 0.0 and all(p.grad is not None for p in head.parameters())
 
 
+def _contrastive_inputs():
+    torch.manual_seed(1)
+    emb = {"image": torch.randn(10, 6), "text": torch.randn(10, 5)}
+    emb["text"][:4] = emb["image"][:4, :5] + 0.1 * torch.randn(4, 5)  # some aligned pairs
+    present = _present(10, "image", "text")
+    present["text"][7] = False
+    return emb, present
+
+
+class _Gloo:
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+
+    def all_gather(self, t):
+        import torch.distributed as dist
+
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(out, t)
+        return out
+
+
+def _contrastive_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    head = ContrastiveHead({"image": 6, "text": 5}, projection_dim=4)
+    emb, present = _contrastive_inputs()
+    rows = slice(0, 6) if rank == 0 else slice(6, 10)  # unequal batches: the last one of an epoch
+    loss = head({m: e[rows] for m, e in emb.items()}, {m: p[rows] for m, p in present.items()}, _Gloo(rank, world))
+    loss.backward()
+    grads = {}
+    for name, p in head.named_parameters():  # what DDP does: average the gradients
+        dist.all_reduce(p.grad)
+        grads[name] = p.grad / world
+    if rank == 0:
+        torch.save({"loss": loss.detach(), "grads": grads}, out)
+    dist.destroy_process_group()
+
+
+def test_contrastive_negatives_span_every_worker_as_if_one_worker_had_the_whole_batch(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(_contrastive_worker, args=(2, port, out), nprocs=2, join=True)
+    two = torch.load(out)
+    torch.manual_seed(0)
+    head = ContrastiveHead({"image": 6, "text": 5}, projection_dim=4)
+    emb, present = _contrastive_inputs()
+    one = head(emb, present)  # one worker, all ten rows
+    one.backward()
+    assert two["loss"] == pytest.approx(one.item(), rel=1e-5)
+    for name, p in head.named_parameters():
+        torch.testing.assert_close(two["grads"][name], p.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_contrastive_and_adversarial_keys_validate_and_are_sweepable(data):
     raw = small_job(data).model_dump(mode="json")
     space = _parse({"parameters": {
