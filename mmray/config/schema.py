@@ -177,6 +177,9 @@ class AdversarialConfig(StrictModel):
     epsilon: float = Field(0.05, gt=0, description="L-inf bound of the perturbation, in embedding units")
     steps: int = Field(3, ge=1, description="pgd only: gradient-sign steps")
     step_size: Optional[float] = Field(None, gt=0, description="pgd only: per-step size; null = 2.5 * epsilon / steps")
+    random_start: bool = Field(
+        True, description="pgd only: start from a uniform random point of the epsilon ball (Madry et al.), not zero"
+    )
     weight: float = Field(1.0, ge=0, description="the loss on the perturbed embeddings is added with this weight")
 
 

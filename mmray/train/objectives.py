@@ -32,8 +32,9 @@ def perturbation(model, out, batch: dict[str, Any], loss_fn: LossFn, cfg: Advers
     """Per-modality perturbations ``[B, D_m]`` (no gradient) of the pooled embeddings that increase the loss.
 
     FGSM (Goodfellow et al., ICLR 2015): ``epsilon * sign(dL/dh)``. PGD (Madry et al., ICLR 2018): ``steps``
-    steps of ``step_size * sign(dL/dh)``, each projected back into the L-inf ball of radius ``epsilon``
-    (from zero, no random start). A modality missing in a row has zero gradient there, so it stays unperturbed.
+    steps of ``step_size * sign(dL/dh)``, each projected back into the L-inf ball of radius ``epsilon``, from a
+    uniform random point of that ball (``random_start``, as Madry et al.) or from zero. A modality missing in a
+    row (or a row that did not decode) starts at zero and has zero gradient there, so it stays unperturbed.
     The gradient is taken through fusion and heads only, at detached embeddings, so it works for frozen
     encoders too and adds no gradient to any parameter.
     """
@@ -45,6 +46,10 @@ def perturbation(model, out, batch: dict[str, Any], loss_fn: LossFn, cfg: Advers
     if cfg.method == "pgd":
         steps, step = cfg.steps, cfg.step_size if cfg.step_size is not None else 2.5 * cfg.epsilon / cfg.steps
     delta = {m: torch.zeros_like(base[m]) for m in names}
+    if cfg.method == "pgd" and cfg.random_start:
+        valid = batch["valid"].to(torch.bool)
+        counted = {m: (mask & valid).unsqueeze(1) for m, mask in inner.present_masks(batch, base).items()}
+        delta = {m: (torch.rand_like(base[m]) * 2 - 1) * cfg.epsilon * counted[m] for m in names}
     for _ in range(steps):
         d = {m: delta[m].requires_grad_(True) for m in names}
         loss = loss_fn(inner.fuse(batch, {m: base[m] + d[m] for m in names}, seqs).logits)

@@ -245,6 +245,22 @@ def test_adversarial_perturbation_has_the_epsilon_norm_and_increases_the_loss(da
     assert attacked > clean + 1e-4 and attacked > noisy  # the gradient sign beats random signs of the same size
 
 
+def test_pgd_starts_from_a_random_point_of_the_ball_unless_told_not_to(data):
+    model, batch = _model_and_batch(data)
+    out, loss_fn, _ = _loss(model, batch)
+    tiny = dict(method="pgd", epsilon=0.05, steps=1, step_size=1e-4)  # the start dominates the one small step
+    torch.manual_seed(1)
+    first = perturbation(model, out, batch, loss_fn, AdversarialConfig(**tiny))
+    torch.manual_seed(2)
+    second = perturbation(model, out, batch, loss_fn, AdversarialConfig(**tiny))
+    for m in first:
+        counted = batch[f"{m}_present"] & batch["valid"]
+        assert not torch.equal(first[m][counted], second[m][counted])
+        assert (first[m][~counted] == 0).all() and first[m].abs().max() <= 0.05 + 1e-7
+    zero = [perturbation(model, out, batch, loss_fn, AdversarialConfig(**tiny, random_start=False)) for _ in range(2)]
+    assert all(torch.equal(zero[0][m], zero[1][m]) and zero[0][m].abs().max() <= 1e-4 + 1e-7 for m in zero[0])
+
+
 def test_training_with_adversarial_perturbations_still_learns(data, tmp_path):
     config = small_job(data, epochs=3, workers=1, batch_size=32, adversarial={"method": "fgsm", "epsilon": 0.05})
     state, _ = train_local(config, str(tmp_path / "run"))
