@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -40,28 +42,38 @@ def run(s3_bucket, tmp_path_factory):
     from mmray.train.api import train
 
     local_data = str(tmp_path_factory.mktemp("s3") / "synth")
-    synth(local_data, rows=600, shards=2, seed=0)  # epochs long enough (several seconds) to kill one mid-way
+    synth(local_data, rows=800, shards=2, seed=0)  # epochs long enough (several seconds) to kill one mid-way
     data = f"{s3_bucket}/datasets/synth"
     storage.upload(local_data, data)
     events: list[dict] = []
     killed: list[int] = []
+    in_kill_epoch, done = threading.Event(), threading.Event()
 
     def previous_checkpoint_registered() -> bool:
         snapshot = f"{s3_bucket}/runs/s3-run/checkpoint_manager_snapshot.json"
         return storage.exists(snapshot) and f"checkpoint_epoch_{KILL_IN_EPOCH - 1:04d}" in storage.read_text(snapshot)
 
+    def killer() -> None:
+        # Ray Train's controller registers the previous epoch's checkpoint a little after the worker reported
+        # it (its ~2 s poll); kill as soon as the snapshot names that checkpoint, while the epoch still runs,
+        # or the restart would have nothing to resume from.
+        in_kill_epoch.wait()
+        while not done.is_set() and not any(e["type"] == "epoch_end" and e["epoch"] >= KILL_IN_EPOCH for e in events):
+            if previous_checkpoint_registered():
+                pids = train_worker_pids(dashboard)
+                assert len(pids) == 1, pids
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+                return
+            time.sleep(0.1)
+
     def on_event(event: dict) -> None:
         events.append(event)
-        # A step event comes a second or more into an epoch: the worker is mid-epoch. Ray Train's
-        # controller registers the previous epoch's checkpoint a little after the worker reported it;
-        # kill only once its snapshot names that checkpoint, or the restart has nothing to resume from.
-        if (event["type"] == "step" and event["epoch"] == KILL_IN_EPOCH and not killed
-                and previous_checkpoint_registered()):
-            pids = train_worker_pids(dashboard)
-            assert len(pids) == 1, pids
-            os.kill(pids[0], signal.SIGKILL)
-            killed.append(pids[0])
+        if event["type"] == "epoch_start" and event["epoch"] == KILL_IN_EPOCH:
+            in_kill_epoch.set()
 
+    watcher = threading.Thread(target=killer, daemon=True)
+    watcher.start()
     # Started after the fixture set AWS_ENDPOINT_URL & co: Ray's workers inherit them.
     dashboard = ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False).dashboard_url
     try:
@@ -69,6 +81,9 @@ def run(s3_bucket, tmp_path_factory):
         result = train(config, storage=f"{s3_bucket}/runs", on_event=on_event)
         survivors = train_worker_pids(dashboard)
     finally:
+        done.set()
+        in_kill_epoch.set()
+        watcher.join(timeout=10)
         ray.shutdown()
     return result, data, local_data, events, killed, survivors
 
@@ -85,7 +100,7 @@ def test_the_run_and_its_export_live_in_the_bucket(run, s3_bucket):
 
 def test_killed_worker_restarts_from_the_last_checkpoint(run):
     _, _, _, events, killed, survivors = run
-    assert killed, f"no step event arrived in epoch {KILL_IN_EPOCH}; the worker was never killed"
+    assert killed, f"epoch {KILL_IN_EPOCH} ended before Ray registered the checkpoint before it; nothing was killed"
     assert killed[0] not in survivors
     assert [e["epoch"] for e in events if e["type"] == "resumed"] == [KILL_IN_EPOCH - 1]
     # the killed epoch never finished; the new worker ran it once, then the rest
