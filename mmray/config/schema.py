@@ -212,8 +212,9 @@ class TrainConfig(StrictModel):
         "(Ray Train's FailureConfig); -1 = without limit"
     )
     embedding_cache: Literal["auto", "off"] = Field(
-        "auto", description="auto = train from cached encoder outputs when every encoder is frozen for the whole "
-        "run and no augmentation touches its inputs (built once per dataset; see README); off = always run encoders",
+        "auto", description="auto = train from cached encoder outputs while every encoder is frozen (the whole run, "
+        "or until the first unfreeze_after_epochs) and no augmentation touches its inputs (built once per dataset; "
+        "see README); off = always run encoders",
     )
     metric: Literal[tuple(METRICS)] = Field("val.accuracy", description="ranks checkpoints and drives early stopping")  # type: ignore[valid-type]
     optimizer: OptimizerConfig = OptimizerConfig()

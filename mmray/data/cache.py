@@ -1,6 +1,7 @@
 """The frozen-encoder embedding cache: each modality's encoder outputs computed once, trained from many times.
 
-When every encoder of a job is frozen for the whole run (``freeze: true``, no ``unfreeze_after_epochs``)
+When every encoder of a job is frozen (``freeze: true``; for the whole run, or for the first epochs up to the
+smallest ``unfreeze_after_epochs``, after which the run decodes the dataset and runs its encoders again)
 and no augmentation changes a frozen encoder's inputs, an epoch's encoder outputs are the same every
 epoch and in every trial of a sweep that only varies the fusion, heads and optimiser. The cache stores
 them next to the dataset::
@@ -59,17 +60,27 @@ PREPROCESS = {"image": ("size", "mean", "std"), "text": ("tokenizer", "max_lengt
 
 
 # ----------------------------------------------------------------------------------- may it be used
+def cached_epochs(config) -> int:
+    """How many leading epochs the cache can serve: while every encoder is frozen (all of ``train.epochs``
+    when none ever unfreezes; up to the first ``unfreeze_after_epochs``; 0 when one trains from the start)."""
+    epochs = config.train.epochs
+    for m in config.data.modalities:
+        enc = getattr(config.model.encoders, m)
+        if not enc.freeze:
+            return 0
+        if enc.unfreeze_after_epochs is not None:
+            epochs = min(epochs, enc.unfreeze_after_epochs)
+    return epochs
+
+
 def unusable_reason(config) -> str | None:
-    """Why ``config`` cannot train from cached embeddings, or None when it can."""
+    """Why ``config`` cannot train from cached embeddings, or None when it can (for :func:`cached_epochs`)."""
     if config.train.embedding_cache == "off":
         return "train.embedding_cache is off"
     for m in config.data.modalities:
         enc = getattr(config.model.encoders, m)
         if not enc.freeze:
             return f"model.encoders.{m}.freeze is false: the {m} encoder trains, so its outputs change every step"
-        if enc.unfreeze_after_epochs is not None:
-            return (f"model.encoders.{m}.unfreeze_after_epochs is {enc.unfreeze_after_epochs}: the cache serves only "
-                    "encoders frozen for the whole run")
     if "image" in config.data.modalities and config.data.image.augment:
         return ("data.image.augment is on: the frozen image encoder sees new pixels every epoch; "
                 "set data.image.augment: false to train from the cache")
@@ -229,6 +240,8 @@ class CachePlan:
     used: bool
     reason: str
     entries: dict[str, CacheEntry] = field(default_factory=dict)
+    epochs: int = 0  # the leading epochs it serves (cached_epochs); later ones read the dataset and run encoders
+    partial: bool = False  # serves only the first ``epochs`` of the run (an encoder unfreezes after them)
 
     @property
     def weights(self) -> dict[str, str] | None:
@@ -240,7 +253,8 @@ class CachePlan:
         if not self.used:
             return f"embedding cache: not used: {self.reason}"
         where = os.path.dirname(next(iter(self.entries.values())).path)
-        return f"embedding cache: used ({self.reason}; {', '.join(sorted(self.entries))}) from {where}"
+        until = f"; epochs 1-{self.epochs}, then the encoders unfreeze" if self.partial else ""
+        return f"embedding cache: used ({self.reason}; {', '.join(sorted(self.entries))}{until}) from {where}"
 
 
 def plan(config, info: DatasetInfo, *, build: bool, sequences: bool | None = None, runner: str = "ray") -> CachePlan:
@@ -255,8 +269,9 @@ def plan(config, info: DatasetInfo, *, build: bool, sequences: bool | None = Non
         return CachePlan(False, reason)
     seq = fusion_needs_sequences(config.model.fusion.name) if sequences is None else sequences
     entries, missing = find_entries(config, info, sequences=seq)
+    span = {"epochs": cached_epochs(config), "partial": cached_epochs(config) < config.train.epochs}
     if not missing:
-        return CachePlan(True, "reused", entries)
+        return CachePlan(True, "reused", entries, **span)
     if not build:
         return CachePlan(False, f"no cache built for {', '.join(missing)} with this key (a sweep builds it before "
                                 "its trials when no swept parameter changes encoders, preprocessing or train.seed)")
@@ -267,7 +282,7 @@ def plan(config, info: DatasetInfo, *, build: bool, sequences: bool | None = Non
     entries, missing = find_entries(config, info, sequences=seq)
     if missing:
         raise RuntimeError(f"embedding cache build left {missing} missing under {cache_root(info)}")
-    return CachePlan(True, f"built in {seconds:.1f} s" if seconds else "reused", entries)
+    return CachePlan(True, f"built in {seconds:.1f} s" if seconds else "reused", entries, **span)
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -513,18 +528,25 @@ def iter_cached_batches(entries: dict[str, CacheEntry], info: DatasetInfo, split
         yield {k: torch.from_numpy(v) for k, v in table_batch(table, entries).items()}
 
 
-def cached_readers(config, entries: dict[str, CacheEntry]):
-    """``(train_batches, val_batches)``: ``epoch -> batches`` from the cache, as :func:`mmray.train.local.split_readers`."""
+def cached_readers(config, cache: CachePlan):
+    """``(train_batches, val_batches)``: ``epoch -> batches``, as :func:`mmray.data.reader.split_readers`, read from
+    the cache for the epochs it serves (``cache.epochs``) and from the dataset's shards after them."""
     from mmray.data.dataset_dir import read_dataset_info
+    from mmray.data.reader import split_readers
 
     info = read_dataset_info(config.data.path)
     bs, seed = config.train.batch_size, config.train.seed
+    raw_train, raw_val = split_readers(config)
 
     def train_batches(epoch: int):
-        return iter_cached_batches(entries, info, "train", batch_size=bs, train=True, seed=seed, epoch=epoch)
+        if cache.partial and epoch > cache.epochs:
+            return raw_train(epoch)
+        return iter_cached_batches(cache.entries, info, "train", batch_size=bs, train=True, seed=seed, epoch=epoch)
 
     def val_batches(epoch: int):
-        return iter_cached_batches(entries, info, "val", batch_size=bs, train=False, seed=seed, epoch=epoch)
+        if cache.partial and epoch > cache.epochs:
+            return raw_val(epoch)
+        return iter_cached_batches(cache.entries, info, "val", batch_size=bs, train=False, seed=seed, epoch=epoch)
 
     return train_batches, val_batches
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from mmray.config.errors import UserError
 from mmray.config.schema import DataConfig
-from mmray.data.dataset_dir import DatasetInfo, resolve_fs
+from mmray.data.dataset_dir import DatasetInfo, read_dataset_info, resolve_fs
 from mmray.data.decode import Preprocessor
 
 # Rows held for shuffling: a window of whole row groups is permuted before batching.
@@ -138,3 +138,17 @@ def _batches(chunks: Iterator[pa.Table], batch_size: int, window: int, rng: np.r
 
 def _permuted(table: pa.Table, rng: np.random.Generator | None) -> pa.Table:
     return table if rng is None else table.take(rng.permutation(table.num_rows))
+
+
+def split_readers(config):
+    """``(train_batches, val_batches)``: ``epoch -> batches`` read straight from the dataset's shards."""
+    info = read_dataset_info(config.data.path)
+    bs, seed = config.train.batch_size, config.train.seed
+
+    def train_batches(epoch: int):
+        return iter_batches(config.data, info, "train", batch_size=bs, train=True, seed=seed, epoch=epoch)
+
+    def val_batches(epoch: int):
+        return iter_batches(config.data, info, "val", batch_size=bs, train=False, seed=seed, epoch=epoch)
+
+    return train_batches, val_batches

@@ -87,11 +87,12 @@ def _eval_batches(model, config: JobConfig, info: DatasetInfo):
     from mmray.models.cached import check_cached_encoders, encoder_hashes
 
     cache = plan(config, info, build=False)
-    if cache.used:
+    usable = cache.used and not cache.partial  # encoders that unfroze have moved on from the cached outputs
+    if usable:
         check_cached_encoders(encoder_hashes(model, cache.weights), cache.weights)
 
     def batches(split: str):
-        if cache.used and all(split in e.manifest["splits"] for e in cache.entries.values()):
+        if usable and all(split in e.manifest["splits"] for e in cache.entries.values()):
             return iter_cached_batches(cache.entries, info, split, batch_size=EVAL_BATCH_SIZE, train=False)
         return iter_batches(config.data, info, split, batch_size=EVAL_BATCH_SIZE, train=False)
     return batches

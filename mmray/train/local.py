@@ -4,25 +4,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from mmray.config import JobConfig
-from mmray.data.dataset_dir import read_dataset_info
-from mmray.data.reader import iter_batches
+from mmray.data.reader import split_readers
 from mmray.train.checkpoint import TrainState
 from mmray.train.context import LocalContext
 from mmray.train.loop import train_loop
-
-
-def split_readers(config: JobConfig):
-    """``(train_batches, val_batches)``: ``epoch -> batches`` read straight from the dataset's shards."""
-    info = read_dataset_info(config.data.path)
-    bs, seed = config.train.batch_size, config.train.seed
-
-    def train_batches(epoch: int):
-        return iter_batches(config.data, info, "train", batch_size=bs, train=True, seed=seed, epoch=epoch)
-
-    def val_batches(epoch: int):
-        return iter_batches(config.data, info, "val", batch_size=bs, train=False, seed=seed, epoch=epoch)
-
-    return train_batches, val_batches
 
 
 def train_local(config: JobConfig, run_dir: str, *, device: str = "cpu",

@@ -178,6 +178,9 @@ def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, confi
     bad = torch.zeros((), device=ctx.device)
     start = last_progress = time.perf_counter()
     pending = 0  # micro-batches whose gradients are not yet applied
+    # Encoders frozen for now (unfreeze_after_epochs) still get gradients (DDP needs every registered weight to);
+    # they are dropped before each step, so neither clipping nor the optimizer's moments see them.
+    held = [p for m in frozen_encoders(config, epoch) for p in unwrap(model).encoders[m].parameters() if p.requires_grad]
     for batch in batches:
         batch = batch_to_device(batch, ctx.device, channels_last=channels_last)
         if config.train.modality_dropout > 0:
@@ -189,10 +192,15 @@ def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, confi
         with no_sync, torch.autocast(ctx.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             parts = step_losses(model, model(batch), batch, lambda logits: task_losses(
                 logits, batch, config.train.label_smoothing, config.train.task_weights), config, epoch, ctx)
-            scaler.scale(parts["total"] / accum).backward()
+            total = parts["total"]
+            if held and any(k.endswith(".pooled") for k in batch):
+                # Cached embeddings: the encoders waiting to unfreeze did not run, but DDP expects a gradient
+                # for every weight it registered. Zero ones, dropped before the step like the rest of `held`.
+                total = total + 0.0 * sum(p.reshape(-1)[0] for p in held)
+            scaler.scale(total / accum).backward()
             loss = parts["supervised"]
         if sync:
-            _optimizer_step(model, optimizer, scheduler, scaler, config)
+            _optimizer_step(model, optimizer, scheduler, scaler, config, held)
             state.global_step += 1
             pending = 0
         n_valid = batch["valid"].sum()
@@ -210,7 +218,7 @@ def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, confi
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.copy_(ctx.all_reduce(p.grad) / ctx.world_size)
-        _optimizer_step(model, optimizer, scheduler, scaler, config)
+        _optimizer_step(model, optimizer, scheduler, scaler, config, held)
         state.global_step += 1
     elapsed = time.perf_counter() - start
     extras = sorted(extra_sums)
@@ -232,7 +240,9 @@ def _extra_losses(config: JobConfig, epoch: int) -> list[str]:
     return names
 
 
-def _optimizer_step(model, optimizer, scheduler, scaler, config: JobConfig) -> None:
+def _optimizer_step(model, optimizer, scheduler, scaler, config: JobConfig, held=()) -> None:
+    for p in held:  # frozen for now: no update, no Adam moments, no share of the clipped norm
+        p.grad = None
     if config.train.grad_clip is not None:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
@@ -342,9 +352,11 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
     model = build_job_model(config, tasks, tokenizer)
     # Rank 0's permanently frozen encoders (DDP copies them to every rank): checkpoints leave them out and
     # record these hashes; the embedding cache's batches must come from exactly these weights.
-    frozen = encoder_hashes(model, permanently_frozen(config)) if ctx.rank == 0 else {}
+    cached = getattr(ctx, "cached_encoders", None) or {}
+    hashes = encoder_hashes(model, sorted(set(permanently_frozen(config)) | set(cached))) if ctx.rank == 0 else {}
+    frozen = {m: hashes[m] for m in permanently_frozen(config)} if ctx.rank == 0 else {}
     if ctx.rank == 0:
-        check_cached_encoders(frozen, getattr(ctx, "cached_encoders", None))
+        check_cached_encoders(hashes, cached)
     groups = param_groups(model, config)  # before DDP: it must not register permanently frozen weights
     channels_last = uses_channels_last(config, model, ctx.device)
     if channels_last:

@@ -13,6 +13,8 @@ from mmray.config import JobConfig
 from mmray.runtime import ensure_ray
 from mmray.train.loop import train_loop
 
+RAW_SUFFIX = "_decoded"  # datasets read from the shards when a partial embedding cache serves the first epochs
+
 
 class RayWorkerContext:
     """:class:`~mmray.train.context.WorkerContext` for a Ray Train worker."""
@@ -30,11 +32,14 @@ class RayWorkerContext:
         self.device = ray.train.torch.get_device()
         self.run_dir = run_dir
         self._config, self._relay = config, relay
+        self.cache_epochs: int | None = None  # a partial embedding cache: the epochs it serves
 
-    def _batches(self, split: str, train: bool):
+    def _batches(self, split: str, train: bool, epoch: int):
         import ray.train
 
         bs = self._config.train.batch_size
+        if self.cache_epochs is not None and epoch > self.cache_epochs:
+            split = f"{split}{RAW_SUFFIX}"  # the embedding cache served the epochs before: decode from now on
         return ray.train.get_dataset_shard(split).iter_torch_batches(
             batch_size=bs,
             prefetch_batches=self._config.data.prefetch_batches,
@@ -43,10 +48,10 @@ class RayWorkerContext:
         )
 
     def train_batches(self, epoch: int):
-        return self._batches("train", train=True)
+        return self._batches("train", train=True, epoch=epoch)
 
     def val_batches(self, epoch: int):
-        return self._batches("val", train=False)
+        return self._batches("val", train=False, epoch=epoch)
 
     def prepare_model(self, model):
         import ray.train.torch
@@ -99,6 +104,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     config = JobConfig.model_validate(loop_config["config"])
     ctx = RayWorkerContext(config, loop_config["run_dir"], loop_config["relay"])
     ctx.cached_encoders = loop_config.get("cached_encoders")  # embedding cache: weights its batches came from
+    ctx.cache_epochs = loop_config.get("cache_epochs")
     train_loop(config, ctx)
 
 
@@ -152,6 +158,11 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
             "train": build_cached_dataset(cache.entries, "train", train=True, seed=config.train.seed),
             "val": build_cached_dataset(cache.entries, "val", train=False),
         }
+        if cache.partial:  # the encoders unfreeze after cache.epochs: those epochs decode the dataset
+            datasets |= {
+                f"train{RAW_SUFFIX}": build_dataset(config.data, info, "train", train=True, seed=config.train.seed),
+                f"val{RAW_SUFFIX}": build_dataset(config.data, info, "val", train=False, seed=config.train.seed),
+            }
     else:
         datasets = {
             "train": build_dataset(config.data, info, "train", train=True, seed=config.train.seed),
@@ -165,7 +176,7 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "run_dir": run_dir, "relay": relay,
-                           "cached_encoders": cache.weights},
+                           "cached_encoders": cache.weights, "cache_epochs": cache.epochs if cache.partial else None},
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=s.placement_strategy),

@@ -6,7 +6,7 @@ from typing import Any
 from mmray import storage as store
 from mmray.config import JobConfig
 from mmray.train.context import LocalContext
-from mmray.train.local import split_readers
+from mmray.data.reader import split_readers
 
 
 class TuneTrialContext(LocalContext):

@@ -70,7 +70,7 @@ def _embedding_cache_context(config, run_dir: str, context_class: type):
     print(f"mmray {cache.line()}", flush=True)
     if not cache.used:
         return context_class(config, run_dir)
-    ctx = context_class(config, run_dir, readers=cached_readers(config, cache.entries))
+    ctx = context_class(config, run_dir, readers=cached_readers(config, cache))
     ctx.cached_encoders = cache.weights
     return ctx
 

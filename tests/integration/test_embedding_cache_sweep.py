@@ -87,3 +87,36 @@ def test_a_sweep_builds_the_cache_once_and_the_next_sweep_reuses_it(files):
 
     listing = inspect_dataset(data)
     assert "embedding caches (3," in listing and "+sequences" in listing
+
+
+def test_two_workers_train_from_the_cache_until_an_encoder_unfreezes(files):
+    """`mmray train` on Ray Train with 2 workers (DDP): audio unfreezes after epoch 1, so epoch 1 reads the
+    cache (the audio encoder does not run, yet DDP gets its zero gradients) and epochs 2-3 decode the dataset
+    and train the audio encoder; the export is the whole model."""
+    from safetensors.torch import load_file
+
+    job, _, root, data = files
+    raw = yaml.safe_load(open(job))
+    raw["model"]["encoders"]["audio"]["unfreeze_after_epochs"] = 1
+    raw["train"]["epochs"], raw["scaling"]["num_workers"] = 3, 2
+    partial = root / "partial.yaml"
+    partial.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "mmray.cli.main", "train", str(partial), "--storage",
+                           str(root / "runs"), "--name", "partial"], capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "embedding cache: used (" in out and "epochs 1-1, then the encoders unfreeze" in out
+    assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("mmray epoch=")] == [
+        "epoch=1/3", "epoch=2/3", "epoch=3/3"]
+    from mmray.config import validate_job
+    from mmray.data.tokenizer import TextTokenizer
+    from mmray.models.builder import build_as_trained, job_tasks
+
+    run = root / "runs" / "partial"
+    last = load_file(str(run / "checkpoint_epoch_0003" / "model.safetensors"))  # the latest is always kept
+    config, info = validate_job(raw), read_dataset_info(data)
+    initial = build_as_trained(config, job_tasks(info.tasks), TextTokenizer.load(config.data.text, info)).state_dict()
+    audio = [k for k in last if k.startswith("encoders.audio.") and k.endswith("weight")]
+    assert audio and any(not (initial[k] == last[k]).all() for k in audio)  # trained after unfreezing
+    assert not any(k.startswith("encoders.image.") for k in last)  # never unfreezes: left out of checkpoints
+    assert os.path.isfile(run / "export" / "model.safetensors")

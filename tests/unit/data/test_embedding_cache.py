@@ -62,7 +62,7 @@ def test_logits_from_cache_equal_logits_from_the_encoders(data, fusion):
     plan = cache.plan(config, info, build=True, runner="local")
     assert plan.used, plan.reason
     model = cache.build_job_encoders(config, info).eval()
-    train_cached, val_cached = cache.cached_readers(config, plan.entries)
+    train_cached, val_cached = cache.cached_readers(config, plan)
     for split, cached in (("train", train_cached(3)), ("val", val_cached(3))):
         raw = iter_batches(config.data, info, split, batch_size=16, train=split == "train", seed=0, epoch=3)
         n = 0
@@ -109,7 +109,6 @@ def test_key_changes_with_encoder_config_weights_and_preprocessing(data, tmp_pat
 
 @pytest.mark.parametrize("override, key", [
     ({"model.encoders.text.freeze": False}, "model.encoders.text.freeze"),
-    ({"model.encoders.audio.unfreeze_after_epochs": 1}, "model.encoders.audio.unfreeze_after_epochs"),
     ({"data.image.augment": True}, "data.image.augment"),
     ({"train.embedding_cache": "off"}, "train.embedding_cache"),
 ])
@@ -158,12 +157,32 @@ def test_concurrent_builders_build_once(tmp_path):
     assert len(listed) == 3 and all(c["bytes"] > 0 and not c["stale"] for c in listed)
 
 
+def test_a_partial_cache_serves_the_frozen_epochs_and_the_run_is_the_same(data, tmp_path):
+    """audio unfreezes after epoch 1: epoch 1 trains from the cache, epochs 2-3 decode and run the encoders,
+    and the whole run (optimizer state at the unfreeze included) matches training through the encoders."""
+    config = validate_job(frozen_job(data, **{"train.epochs": 3, "model.encoders.audio.unfreeze_after_epochs": 1}))
+    info = read_dataset_info(data)
+    plan = cache.plan(config, info, build=True, runner="local")
+    assert plan.used and plan.partial and plan.epochs == 1, plan.line()
+    assert "epochs 1-1, then the encoders unfreeze" in plan.line()
+    train_batches, val_batches = cache.cached_readers(config, plan)
+    assert "audio.pooled" in next(iter(train_batches(1))) and "audio.pooled" in next(iter(val_batches(1)))
+    assert "audio" in next(iter(train_batches(2))) and "audio.pooled" not in next(iter(train_batches(2)))
+    _, raw_ctx = train_local(config, str(tmp_path / "raw"))
+    ctx = LocalContext(str(tmp_path / "cached"), train_batches, val_batches)
+    ctx.cached_encoders = plan.weights
+    train_loop(config, ctx)
+    for raw, cached in zip(raw_ctx.history, ctx.history, strict=True):
+        for k in ("train.loss", "val.loss", "val.accuracy"):
+            assert cached[k] == pytest.approx(raw[k], rel=1e-4, abs=1e-5), (raw["epoch"], k)
+
+
 def test_cached_training_gives_the_same_run(data, tmp_path):
     config = validate_job(frozen_job(data, **{"train.modality_dropout": 0.2}))
     info = read_dataset_info(data)
     plan = cache.plan(config, info, build=True, runner="local")
     _, raw_ctx = train_local(config, str(tmp_path / "raw"))
-    ctx = LocalContext(str(tmp_path / "cached"), *cache.cached_readers(config, plan.entries))
+    ctx = LocalContext(str(tmp_path / "cached"), *cache.cached_readers(config, plan))
     ctx.cached_encoders = plan.weights
     train_loop(config, ctx)
     for raw, cached in zip(raw_ctx.history, ctx.history, strict=True):
