@@ -30,6 +30,19 @@ WEIGHTS = "model.safetensors"
 STATE = "state.pt"
 CONFIG = "config.yaml"
 FROZEN = "frozen.json"
+PREFIX = "checkpoint_epoch_"
+
+
+def checkpoint_name(epoch: int) -> str:
+    """The folder name of ``epoch``'s checkpoint: ``checkpoint_epoch_NNNN``."""
+    return f"{PREFIX}{epoch:04d}"
+
+
+def kept_checkpoints(run_dir: str) -> dict[int, str]:
+    """epoch -> folder of the checkpoints a run kept (local path or URI; {} when there are none)."""
+    from mmray import storage as store
+
+    return {int(d[len(PREFIX):]): store.join(run_dir, d) for d in store.listdir(run_dir) if d.startswith(PREFIX)}
 
 
 def unwrap(model: nn.Module) -> nn.Module:

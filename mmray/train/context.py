@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 from torch import nn
 
+from mmray.train.checkpoint import kept_checkpoints
+
 Batch = dict[str, Any]
 
 
@@ -100,10 +102,8 @@ class LocalContext:
             self._on_report(metrics, path)
 
     def latest_checkpoint(self) -> str | None:
-        if not os.path.isdir(self.run_dir):
-            return None
-        found = sorted(d for d in os.listdir(self.run_dir) if d.startswith("checkpoint_epoch_"))
-        return os.path.join(self.run_dir, found[-1]) if found else None
+        kept = kept_checkpoints(self.run_dir) if os.path.isdir(self.run_dir) else {}
+        return kept[max(kept)] if kept else None
 
     def progress(self, event: dict[str, Any]) -> None:
         if self._on_progress:

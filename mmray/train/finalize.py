@@ -12,7 +12,7 @@ from mmray.data.reader import iter_batches
 from mmray.data.tokenizer import TextTokenizer
 from mmray.export import write_export
 from mmray.models.builder import job_tasks
-from mmray.train.checkpoint import STATE, load_model
+from mmray.train.checkpoint import STATE, kept_checkpoints, load_model
 from mmray.train.context import LocalContext
 from mmray.train.loop import evaluate
 
@@ -27,12 +27,6 @@ def train_state(checkpoint_dir: str) -> dict[str, Any]:
 
 def checkpoint_epoch(checkpoint_dir: str) -> int:
     return int(train_state(checkpoint_dir)["epoch"])
-
-
-def kept_checkpoints(run_dir: str) -> dict[int, str]:
-    """epoch -> folder of the checkpoints a run kept (the loop names them ``checkpoint_epoch_NNNN``)."""
-    return {int(d.rsplit("_", 1)[1]): store.join(run_dir, d) for d in store.listdir(run_dir)
-            if d.startswith("checkpoint_epoch_")}
 
 
 def best_kept(kept: dict[int, str], metric: str, mode: str) -> str | None:

@@ -25,7 +25,7 @@ from mmray.data.tokenizer import TextTokenizer
 from mmray.models.builder import build_job_model, job_tasks
 from mmray.models.cached import check_cached_encoders, encoder_hashes
 from mmray.seeding import seed_everything
-from mmray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint, unwrap
+from mmray.train.checkpoint import TrainState, checkpoint_name, load_checkpoint, save_checkpoint, unwrap
 from mmray.train.context import WorkerContext
 from mmray.train.device import DeviceMonitor, batch_to_device, maybe_compile, to_channels_last, uses_channels_last
 from mmray.train.metrics import ClassificationMetrics, metrics_from_confusion
@@ -413,7 +413,7 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
         scratch = tempfile.mkdtemp(prefix="mmray-ckpt-") if ctx.rank == 0 else None
         ckpt = None
         if scratch is not None:  # one copy of the checkpoint, from rank 0 (Ray merges multi-rank folders)
-            ckpt = save_checkpoint(os.path.join(scratch, f"checkpoint_epoch_{epoch:04d}"), model=model,
+            ckpt = save_checkpoint(os.path.join(scratch, checkpoint_name(epoch)), model=model,
                                    optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state, config=config,
                                    frozen={f"encoders.{m}": digest for m, digest in frozen.items()})
         ctx.report(scalars, ckpt)

@@ -103,7 +103,7 @@ def best_checkpoint(experiment_dir: str, trial_id: str, best_epoch: int) -> str 
     trial's TorchTrainer run) and Tune's trial folder (``checkpoint_NNNNNN``, an in-process trial), whose
     ``result.json`` names the checkpoint each epoch's report made.
     """
-    from mmray.train.finalize import kept_checkpoints
+    from mmray.train.checkpoint import kept_checkpoints
     from mmray.tune.context import trial_dir
 
     run = trial_dir(experiment_dir, trial_id)

@@ -10,7 +10,8 @@ from typing import Any
 from mmray import storage as store
 from mmray.config import validate_job
 from mmray.config.loader import apply_overrides
-from mmray.train.finalize import best_kept, kept_checkpoints, train_state
+from mmray.train.checkpoint import kept_checkpoints
+from mmray.train.finalize import best_kept, train_state
 from mmray.tune.context import trial_dir
 from mmray.tune.space import is_baseline
 

@@ -4,7 +4,8 @@ import os
 import torch
 
 from mmray.train.checkpoint import STATE
-from mmray.train.finalize import best_kept, kept_checkpoints
+from mmray.train.checkpoint import kept_checkpoints
+from mmray.train.finalize import best_kept
 
 
 def _run(tmp_path, accuracies: dict[int, float], kept: list[int]) -> str:
