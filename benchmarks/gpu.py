@@ -51,7 +51,7 @@ from mmray.config import JobConfig, validate_job  # noqa: E402
 from mmray.data.synth import synth  # noqa: E402
 
 
-def job(data: str, args, *, prefetch: int = 2) -> JobConfig:
+def job(data: str, args, *, prefetch: int = 2, workers: int | None = None) -> JobConfig:
     gpu = args.device == "cuda"
     return validate_job({
         "name": "gpu-bench",
@@ -61,7 +61,7 @@ def job(data: str, args, *, prefetch: int = 2) -> JobConfig:
                   "fusion": {"name": "concat", "hidden_dim": 256}},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "seed": 0, "compile": args.compile,
                   "early_stopping": {"patience": None}, "optimizer": {"lr": 1e-3}},
-        "scaling": {"num_workers": 1, "use_gpu": gpu, "cpus_per_worker": 1},
+        "scaling": {"num_workers": workers or args.gpus, "use_gpu": gpu, "cpus_per_worker": 1},
     })
 
 
@@ -112,10 +112,11 @@ def upper_bound(config: JobConfig, run_dir: str, device: str) -> dict:
 
 
 def part_pipeline(args, data: str, work: str) -> list[str]:
-    mock = upper_bound(job(data, args), os.path.join(work, "upper-bound"), args.device)
+    # one GPU on both sides: the upper bound is a single process
+    mock = upper_bound(job(data, args, workers=1), os.path.join(work, "upper-bound"), args.device)
     rows = []
     for p in args.prefetch:
-        real = mmray_run(job(data, args, prefetch=p), os.path.join(work, "runs"), f"pipeline-prefetch{p}")
+        real = mmray_run(job(data, args, prefetch=p, workers=1), os.path.join(work, "runs"), f"pipeline-prefetch{p}")
         rows.append(f"| mmray train, `data.prefetch_batches: {p}` | {real['samples_per_s']:.0f} | "
                     f"{real['gpu_util']:.0f} | {real['samples_per_s'] / mock['samples_per_s']:.1%} |")
     return [
@@ -242,7 +243,7 @@ def plain_ddp(config: JobConfig, args, work: str) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = os.path.join(work, "ddp-history.json")
-    world = max(1, torch.cuda.device_count()) if args.device == "cuda" else 1
+    world = args.gpus  # the same number of processes as mmray's workers
     workers = max(1, (os.cpu_count() or 2) - 1)
     start = time.perf_counter()
     mp.spawn(ddp_worker, args=(world, config.model_dump(mode="json"), workers, out, port), nprocs=world, join=True)
@@ -292,7 +293,8 @@ def main(argv=None) -> None:
     p.add_argument("--parts", default="pipeline,ddp,cache", help=f"comma-separated, of {sorted(PARTS)}")
     p.add_argument("--rows", type=int, default=8000)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--gpus", type=int, default=1, help="workers (one GPU each) for both mmray and the DDP script")
+    p.add_argument("--batch-size", type=int, default=256, help="per worker")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--prefetch", default="2", help="data.prefetch_batches values to try, comma-separated")
     p.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead", "max-autotune"])
@@ -309,6 +311,8 @@ def main(argv=None) -> None:
         p.error(f"--parts: {unknown} not among {sorted(PARTS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("benchmarks/gpu.py: no CUDA device here; run it on a GPU machine (or --device cpu for a smoke run)")
+    if args.device == "cuda" and args.gpus > torch.cuda.device_count():
+        sys.exit(f"benchmarks/gpu.py: --gpus {args.gpus} but this machine has {torch.cuda.device_count()}")
 
     work = args.workdir or tempfile.mkdtemp(prefix="mmray-gpu-bench-")
     data = os.path.join(work, "data")
