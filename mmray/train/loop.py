@@ -78,8 +78,8 @@ def param_groups(model: nn.Module, config: JobConfig) -> list[ParamGroup]:
 
 def permanently_frozen(config: JobConfig) -> list[str]:
     """Modalities whose encoder never trains in this run (``freeze: true`` and no ``unfreeze_after_epochs``)."""
-    return [m for m in config.data.modalities
-            if getattr(config.model.encoders, m).freeze and getattr(config.model.encoders, m).unfreeze_after_epochs is None]
+    encoders = [(m, getattr(config.model.encoders, m)) for m in config.data.modalities]
+    return [m for m, enc in encoders if enc.freeze and enc.unfreeze_after_epochs is None]
 
 
 def frozen_encoders(config: JobConfig, epoch: int) -> list[str]:
