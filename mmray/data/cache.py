@@ -331,13 +331,14 @@ def build_entries(config, info: DatasetInfo, modalities: list[str], *, sequences
         encoders = {m: model.encoders[m].eval() for m in todo}
         kwargs = dict(config_json=config.model_dump(mode="json"), info=info, encoders=encoders,
                       staging=staging, sequences=sequences)
+        progress = BuildProgress(sum(info.split_rows(s) for s in SPLITS if s in info.splits), todo)
         try:
             if runner == "ray":
-                _run_ray(units, kwargs)
+                _run_ray(units, kwargs, progress)
             else:
                 fn = _EncodeUnits(**kwargs)
                 for u in units:
-                    fn({k: np.array([v], dtype=object) for k, v in u.items()})
+                    progress.add(int(fn({k: np.array([v], dtype=object) for k, v in u.items()})["rows"].sum()))
             seconds = time.perf_counter() - start
             for m in todo:
                 manifest = _manifest(config, info, m, parts[m], units, staging[m], encoders[m], seconds)
@@ -370,7 +371,34 @@ def _manifest(config, info, m, parts, units, staging, encoder, seconds) -> dict:
             "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "build_seconds": round(seconds, 2)}
 
 
-def _run_ray(units: list[dict], kwargs: dict) -> None:
+class BuildProgress:
+    """Lines a person can follow while a long build runs: one every ``every_s`` seconds (none for a short build)::
+
+        mmray embedding cache: 3,456/12,000 rows encoded (29%; audio, image, text), 118 rows/s, ETA 1m12s
+    """
+
+    def __init__(self, total: int, modalities, *, every_s: float = 10.0, out=None, clock=time.monotonic):
+        self.total, self.modalities, self.every_s = max(1, total), ", ".join(sorted(modalities)), every_s
+        self.out, self.clock = out, clock
+        self.done = 0
+        self.start = self.last = clock()
+
+    def add(self, rows: int) -> None:
+        import sys
+
+        self.done += rows
+        now = self.clock()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        eta = int(round(max(self.total - self.done, 0) / max(rate, 1e-9)))
+        print(f"mmray embedding cache: {self.done:,}/{self.total:,} rows encoded ({self.done / self.total:.0%}; "
+              f"{self.modalities}), {rate:,.0f} rows/s, ETA {eta // 60}m{eta % 60:02d}s", file=self.out or sys.stdout,
+              flush=True)
+
+
+def _run_ray(units: list[dict], kwargs: dict, progress: BuildProgress) -> None:
     """Batch inference with Ray Data: one actor per GPU (or per CPU), each encoding whole row groups."""
     import ray
 
@@ -388,7 +416,8 @@ def _run_ray(units: list[dict], kwargs: dict) -> None:
     ds = ds.map_batches(_EncodeUnits, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=actors),
                         num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0)
-    ds.materialize()
+    for done in ds.iter_batches(batch_size=None, batch_format="numpy"):  # each: the rows of the parts written
+        progress.add(int(done["rows"].sum()))
 
 
 class _EncodeUnits:

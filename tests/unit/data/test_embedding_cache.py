@@ -210,3 +210,18 @@ def test_the_best_epoch_is_measured_from_the_cache_with_the_metrics_raw_inputs_g
     for key, value in raw.items():
         if isinstance(value, float):
             assert cached[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_a_long_build_prints_progress_a_person_can_follow():
+    import io
+
+    now = [0.0]
+    out = io.StringIO()
+    progress = cache.BuildProgress(12000, ["text", "audio"], every_s=10, out=out, clock=lambda: now[0])
+    for _ in range(5):  # 500 rows per 2 s: silent until 10 s have passed
+        now[0] += 2.0
+        progress.add(500)
+    assert out.getvalue() == "mmray embedding cache: 2,500/12,000 rows encoded (21%; audio, text), 250 rows/s, ETA 0m38s\n"
+    now[0] += 1.0
+    progress.add(500)
+    assert out.getvalue().count("\n") == 1  # at most one line per 10 s
