@@ -269,7 +269,8 @@ def plan(config, info: DatasetInfo, *, build: bool, sequences: bool | None = Non
         return CachePlan(False, reason)
     seq = fusion_needs_sequences(config.model.fusion.name) if sequences is None else sequences
     entries, missing = find_entries(config, info, sequences=seq)
-    span = {"epochs": cached_epochs(config), "partial": cached_epochs(config) < config.train.epochs}
+    epochs = cached_epochs(config)
+    span = {"epochs": epochs, "partial": epochs < config.train.epochs}
     if not missing:
         return CachePlan(True, "reused", entries, **span)
     if not build:

@@ -151,6 +151,10 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
 
     info = read_dataset_info(config.data.path)
     cache = _embedding_cache(config, info, cache, on_event)
+    def decoded(suffix: str = "") -> dict:
+        return {f"train{suffix}": build_dataset(config.data, info, "train", train=True, seed=config.train.seed),
+                f"val{suffix}": build_dataset(config.data, info, "val", train=False, seed=config.train.seed)}
+
     if cache.used:
         from mmray.data.cache import build_cached_dataset
 
@@ -159,15 +163,9 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
             "val": build_cached_dataset(cache.entries, "val", train=False),
         }
         if cache.partial:  # the encoders unfreeze after cache.epochs: those epochs decode the dataset
-            datasets |= {
-                f"train{RAW_SUFFIX}": build_dataset(config.data, info, "train", train=True, seed=config.train.seed),
-                f"val{RAW_SUFFIX}": build_dataset(config.data, info, "val", train=False, seed=config.train.seed),
-            }
+            datasets |= decoded(RAW_SUFFIX)
     else:
-        datasets = {
-            "train": build_dataset(config.data, info, "train", train=True, seed=config.train.seed),
-            "val": build_dataset(config.data, info, "val", train=False, seed=config.train.seed),
-        }
+        datasets = decoded()
     relay = _progress_relay() if on_event else None
     s = config.scaling
     resources = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})

@@ -107,8 +107,9 @@ def best_checkpoint(experiment_dir: str, trial_id: str, best_epoch: int) -> str 
     from mmray.tune.context import trial_dir
 
     run = trial_dir(experiment_dir, trial_id)
-    if os.path.isdir(run) and best_epoch in kept_checkpoints(run):
-        return kept_checkpoints(run)[best_epoch]
+    kept = kept_checkpoints(run) if os.path.isdir(run) else {}
+    if best_epoch in kept:
+        return kept[best_epoch]
     folder = trial_folder(experiment_dir, trial_id)
     name = tune_checkpoint_name(folder, best_epoch) if folder else None
     return os.path.join(folder, name) if name and os.path.isdir(os.path.join(folder, name)) else None
