@@ -252,7 +252,7 @@ class CachePlan:
         """The run-log line."""
         if not self.used:
             return f"embedding cache: not used: {self.reason}"
-        where = os.path.dirname(next(iter(self.entries.values())).path)
+        where = cache_root_of(self.entries)
         until = f"; epochs 1-{self.epochs}, then the encoders unfreeze" if self.partial else ""
         return f"embedding cache: used ({self.reason}; {', '.join(sorted(self.entries))}{until}) from {where}"
 
@@ -566,19 +566,16 @@ def cached_readers(config, cache: CachePlan):
 
     info = read_dataset_info(config.data.path)
     bs, seed = config.train.batch_size, config.train.seed
+
+    def reader(split: str, train: bool, raw):
+        def batches(epoch: int):
+            if cache.partial and epoch > cache.epochs:
+                return raw(epoch)
+            return iter_cached_batches(cache.entries, info, split, batch_size=bs, train=train, seed=seed, epoch=epoch)
+        return batches
+
     raw_train, raw_val = split_readers(config)
-
-    def train_batches(epoch: int):
-        if cache.partial and epoch > cache.epochs:
-            return raw_train(epoch)
-        return iter_cached_batches(cache.entries, info, "train", batch_size=bs, train=True, seed=seed, epoch=epoch)
-
-    def val_batches(epoch: int):
-        if cache.partial and epoch > cache.epochs:
-            return raw_val(epoch)
-        return iter_cached_batches(cache.entries, info, "val", batch_size=bs, train=False, seed=seed, epoch=epoch)
-
-    return train_batches, val_batches
+    return reader("train", True, raw_train), reader("val", False, raw_val)
 
 
 def build_cached_dataset(entries: dict[str, CacheEntry], split: str, *, train: bool, seed: int = 0):
