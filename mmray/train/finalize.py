@@ -12,7 +12,7 @@ from mmray.data.reader import iter_batches
 from mmray.data.tokenizer import TextTokenizer
 from mmray.export import write_export
 from mmray.models.builder import job_tasks
-from mmray.train.checkpoint import STATE, kept_checkpoints, load_model
+from mmray.train.checkpoint import STATE, kept_checkpoints, left_out, load_model
 from mmray.train.context import LocalContext
 from mmray.train.loop import evaluate
 
@@ -57,15 +57,17 @@ def supervised_best(config: JobConfig, best_checkpoint: str) -> str:
     return best_kept(kept, config.train.metric, config.train.mode) or kept[max(kept)]
 
 
-def evaluate_splits(model, config: JobConfig, info: DatasetInfo, tasks: dict[str, int], splits=("val", "test")):
+def evaluate_splits(model, config: JobConfig, info: DatasetInfo, tasks: dict[str, int], splits=("val", "test"),
+                    verified: dict[str, str] | None = None):
     """``{split}.{metric}`` for each split present in the dataset, with the same code the loop uses, plus the
     modality diagnostics ``{split}.diagnostics.{without_<m>|only_<m>}.{accuracy|f1}``.
 
     When the run trained from the embedding cache, the splits are read from it too (the model's logits from
     cached encoder outputs equal those from raw inputs; the encoders are checked against the cache's hashes),
     so measuring the best epoch does not run every frozen encoder over val and test seven times.
+    ``verified``: modality -> weights hash already checked for ``model`` (a slim checkpoint's), not hashed again.
     """
-    batches = _eval_batches(model, config, info)
+    batches = _eval_batches(model, config, info, verified or {})
     ctx = LocalContext(run_dir="", train_batches=lambda e: (), val_batches=lambda e: ())
     metrics: dict[str, Any] = {}
     for split in splits:
@@ -75,7 +77,7 @@ def evaluate_splits(model, config: JobConfig, info: DatasetInfo, tasks: dict[str
     return metrics
 
 
-def _eval_batches(model, config: JobConfig, info: DatasetInfo):
+def _eval_batches(model, config: JobConfig, info: DatasetInfo, verified: dict[str, str]):
     """``split -> batches``: from the embedding cache when this job trains from it, else decoded from the shards."""
     from mmray.data.cache import iter_cached_batches, plan
     from mmray.models.cached import check_cached_encoders, encoder_hashes
@@ -83,7 +85,8 @@ def _eval_batches(model, config: JobConfig, info: DatasetInfo):
     cache = plan(config, info, build=False)
     usable = cache.used and not cache.partial  # encoders that unfroze have moved on from the cached outputs
     if usable:
-        check_cached_encoders(encoder_hashes(model, cache.weights), cache.weights)
+        unknown = [m for m in cache.weights if m not in verified]
+        check_cached_encoders(verified | encoder_hashes(model, unknown), cache.weights)
 
     def batches(split: str):
         if usable and all(split in e.manifest["splits"] for e in cache.entries.values()):
@@ -120,9 +123,10 @@ def measure_checkpoint(config: JobConfig, info: DatasetInfo, checkpoint_dir: str
     tasks = job_tasks(info.tasks)
     tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
     with store.local_copy(checkpoint_dir) as local:
-        model = load_model(config, tasks, tokenizer, local)
+        model = load_model(config, tasks, tokenizer, local)  # verifies the frozen encoders it left out
+        verified = {name.removeprefix("encoders."): digest for name, digest in left_out(local).items()}
         epoch = checkpoint_epoch(local)
-    return model, tokenizer, {"epoch": epoch, **evaluate_splits(model, config, info, tasks)}
+    return model, tokenizer, {"epoch": epoch, **evaluate_splits(model, config, info, tasks, verified=verified)}
 
 
 def export_checkpoint(config: JobConfig, info: DatasetInfo, checkpoint_dir: str, export_dir: str,
