@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 from mmray import storage as store
 from mmray.config import JobConfig
+from mmray.config.schema import check_run_name
 from mmray.config.errors import UserError
 from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
 
@@ -114,6 +115,8 @@ def train(
         UserError: bad dataset, or storage that cannot be written or is nearly full (nothing started).
         RuntimeError: training failed; the run folder keeps its checkpoints for a resume.
     """
+    if name is not None:
+        check_run_name(name, "--name")
     config = absolute_paths(config)
     info = check_dataset(config)
     root = store.normalize(storage or config.storage)
