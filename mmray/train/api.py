@@ -67,6 +67,17 @@ def check_dataset(config: JobConfig) -> DatasetInfo:
     return info
 
 
+def check_model_files(config: JobConfig) -> None:
+    """Every local file and Hugging Face model or tokenizer the job reads is there (from local files only,
+    never the network). Raises :class:`UserError` naming the dotted key before anything starts."""
+    for modality in config.data.modalities:
+        getattr(config.model.encoders, modality).check_files(f"model.encoders.{modality}")
+    if "text" in config.data.modalities and config.data.text.tokenizer is not None:
+        from mmray.data.tokenizer import TextTokenizer
+
+        TextTokenizer.from_pretrained(config.data.text.tokenizer)
+
+
 def resolve_run_dir(storage: str, name: str, *, explicit_name: bool) -> tuple[str, str]:
     """``(run_dir, state)`` with state ``new``, ``resume`` (an unfinished run with checkpoints) or
     ``finished`` (only with ``explicit_name``: that run already has its export).
@@ -119,6 +130,7 @@ def train(
         check_run_name(name, "--name")
     config = absolute_paths(config)
     info = check_dataset(config)
+    check_model_files(config)
     root = store.normalize(storage or config.storage)
     store.check_writable(root, what="--storage" if storage else "storage")  # before Ray starts, not after an epoch
     run_dir, state = resolve_run_dir(root, name or config.name, explicit_name=name is not None)

@@ -122,11 +122,12 @@ def prepare(job_raw: dict[str, Any], space: SpaceConfig, *, name: str, storage: 
     ``--resume``), otherwise the next free ``NAME-2``, ``NAME-3``... is used.
     """
     from mmray.config.schema import check_run_name
-    from mmray.train.api import absolute_paths, check_dataset
+    from mmray.train.api import absolute_paths, check_dataset, check_model_files
 
     check_run_name(name, "--name" if explicit_name else "name")
     config = absolute_paths(validate_job(job_raw))
     check_dataset(config)
+    check_model_files(config)
     job_raw = apply_overrides(job_raw, [("data.path", config.data.path)])
     store.check_writable(storage)  # before Ray starts
     root = store.normalize(storage)
