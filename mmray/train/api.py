@@ -9,7 +9,7 @@ from mmray import storage as store
 from mmray.config import JobConfig
 from mmray.config.schema import check_run_name
 from mmray.config.errors import UserError
-from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
+from mmray.data.dataset_dir import DatasetInfo, check_shards, read_dataset_info
 
 EXPORT_DIR = "export"
 
@@ -61,9 +61,7 @@ def check_dataset(config: JobConfig) -> DatasetInfo:
             f"data.modalities: {missing} not in dataset {config.data.path} (it has {list(info.modalities)}); "
             f"set data.modalities to a subset of those"
         )
-    for split in ("train", "val"):
-        if info.split_rows(split) == 0:
-            raise UserError(f"data.path: {config.data.path} has no rows in split {split!r}")
+    check_shards(info, config.data.modalities)  # footers only: missing, damaged or mismatched shards, empty splits
     return info
 
 

@@ -181,10 +181,6 @@ def _tuner(setup: SweepSetup, *, restore: bool):
 
     space, exp = setup.space, setup.experiment_dir
     config = validate_job(setup.job_raw)
-    scaling_swept = sorted(k for k in space.parameters if k.startswith("scaling."))
-    if scaling_swept:
-        raise UserError(f"parameters.{scaling_swept[0]}: trial resources come from the job's scaling section "
-                        f"and cannot be swept; set it in the job")
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, job_raw=setup.job_raw, experiment_dir=exp), trial_resources(config))
     if restore:
