@@ -8,7 +8,8 @@ code from a folder is ever run (no remote code).
 from __future__ import annotations
 
 import os
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from mmray.config.errors import UserError
 
@@ -38,6 +39,23 @@ def not_found(key: str, path: str, what: str) -> UserError:
     )
 
 
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """The hub client in offline mode for one load: ``local_files_only`` alone still lets it fetch its
+    agent registry over HTTPS while it builds request headers."""
+    if downloads_allowed():
+        yield
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def from_pretrained(kind: str, path: str, key: str, what: str = "model", **kwargs: Any) -> Any:
     """``transformers.<kind>.from_pretrained(path)`` from local files only (see the module docstring).
 
@@ -61,8 +79,10 @@ def from_pretrained(kind: str, path: str, key: str, what: str = "model", **kwarg
     hf_logging.disable_progress_bar()  # one bar per worker per load would flood the run's log
     try:
         loader = getattr(transformers, kind)
-        return loader.from_pretrained(folder if local else path, local_files_only=local or not downloads_allowed(),
-                                      trust_remote_code=False, **kwargs)
+        with _hub_offline():
+            return loader.from_pretrained(folder if local else path,
+                                          local_files_only=local or not downloads_allowed(),
+                                          trust_remote_code=False, **kwargs)
     except Exception as e:  # OSError, ValueError, hub errors: all mean "cannot load it from here"
         if local:
             raise UserError(f"{key}: cannot load {path}: {e}") from None
