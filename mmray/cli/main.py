@@ -119,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    from mmray.runtime import set_verbose
+
+    set_verbose(args.verbose)  # Ray workers' tracebacks reach the terminal only with --verbose
     try:
         code = args.run(args)
     except UserError as e:

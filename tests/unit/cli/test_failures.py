@@ -89,3 +89,30 @@ def test_bad_input_with_verbose_adds_the_traceback(capsys):
     assert "Traceback" in err and err.strip().endswith("mmray: no/such/job.yaml: no such file")
     assert main(["validate", "no/such/job.yaml"]) == 2
     assert capsys.readouterr().err == "mmray: no/such/job.yaml: no such file\n"
+
+
+def test_ray_process_output_keeps_its_lines_but_not_tracebacks():
+    from mmray.runtime import TracebackFilter
+
+    printed: list[list[str]] = []
+    f = TracebackFilter(lambda data: printed.append(data["lines"]))
+    f({"pid": 1, "lines": ["skipping bad record 'r1': column 'image': cannot decode image",
+                           "Error in training function:", "Traceback (most recent call last):",
+                           '  File "decode.py", line 223, in _bad', "    raise BadRecordError(...)"]})
+    f({"pid": 2, "lines": ["epoch 1 done"]})  # another process, while pid 1 is inside its traceback
+    f({"pid": 1, "lines": ["           ^^^^^^", "mmray.data.decode.BadRecordError: bad record 'r7'", "",
+                           "During handling of the above exception, another exception occurred:", "",
+                           "Traceback (most recent call last):", '  File "x.py", line 1', "RuntimeError: x",
+                           "Failed to apply UDF transform after 1/1 attempts", "after the failure"]})
+    assert printed == [["skipping bad record 'r1': column 'image': cannot decode image"], ["epoch 1 done"],
+                       ["after the failure"]]
+
+
+def test_verbose_lets_ray_tracebacks_through(monkeypatch):
+    import mmray.runtime
+
+    seen = []
+    monkeypatch.setattr(mmray.runtime, "set_verbose", lambda flag: seen.append(flag))
+    main(["--verbose", "ls"])
+    main(["ls"])
+    assert seen == [True, False]
