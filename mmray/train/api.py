@@ -7,8 +7,9 @@ from typing import Any, Callable
 
 from mmray import storage as store
 from mmray.config import JobConfig
+from mmray.config.schema import check_run_name
 from mmray.config.errors import UserError
-from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
+from mmray.data.dataset_dir import DatasetInfo, check_shards, read_dataset_info
 
 EXPORT_DIR = "export"
 
@@ -60,10 +61,19 @@ def check_dataset(config: JobConfig) -> DatasetInfo:
             f"data.modalities: {missing} not in dataset {config.data.path} (it has {list(info.modalities)}); "
             f"set data.modalities to a subset of those"
         )
-    for split in ("train", "val"):
-        if info.split_rows(split) == 0:
-            raise UserError(f"data.path: {config.data.path} has no rows in split {split!r}")
+    check_shards(info, config.data.modalities)  # footers only: missing, damaged or mismatched shards, empty splits
     return info
+
+
+def check_model_files(config: JobConfig) -> None:
+    """Every local file and Hugging Face model or tokenizer the job reads is there (from local files only,
+    never the network). Raises :class:`UserError` naming the dotted key before anything starts."""
+    for modality in config.data.modalities:
+        getattr(config.model.encoders, modality).check_files(f"model.encoders.{modality}")
+    if "text" in config.data.modalities and config.data.text.tokenizer is not None:
+        from mmray.data.tokenizer import TextTokenizer
+
+        TextTokenizer.from_pretrained(config.data.text.tokenizer)
 
 
 def resolve_run_dir(storage: str, name: str, *, explicit_name: bool) -> tuple[str, str]:
@@ -114,8 +124,11 @@ def train(
         UserError: bad dataset, or storage that cannot be written or is nearly full (nothing started).
         RuntimeError: training failed; the run folder keeps its checkpoints for a resume.
     """
+    if name is not None:
+        check_run_name(name, "--name")
     config = absolute_paths(config)
     info = check_dataset(config)
+    check_model_files(config)
     root = store.normalize(storage or config.storage)
     store.check_writable(root, what="--storage" if storage else "storage")  # before Ray starts, not after an epoch
     run_dir, state = resolve_run_dir(root, name or config.name, explicit_name=name is not None)
