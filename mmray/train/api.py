@@ -86,6 +86,20 @@ def resolve_run_dir(storage: str, name: str, *, explicit_name: bool) -> tuple[st
         candidate = f"{name}-{n}"
 
 
+def check_resume_point(run_dir: str) -> None:
+    """The checkpoint a resume continues from (the latest kept) holds a plain training state; checked here,
+    before Ray starts, so a planted or damaged ``state.pt`` is exit 2 naming the file, not a worker failure.
+
+    Raises:
+        UserError: from :func:`mmray.train.checkpoint.read_state`.
+    """
+    from mmray.train.checkpoint import kept_checkpoints, read_state
+
+    kept = kept_checkpoints(run_dir)
+    if kept:
+        read_state(kept[max(kept)])
+
+
 def finished_run(run_dir: str) -> RunResult:
     """The result of a run that already finished, read back from its export's ``metrics.json``."""
     import json
@@ -121,6 +135,8 @@ def train(
     run_dir, state = resolve_run_dir(root, name or config.name, explicit_name=name is not None)
     if state == "finished":
         return finished_run(run_dir)
+    if state == "resume":
+        check_resume_point(run_dir)
     from mmray.data.cache import plan
     from mmray.train.finalize import export_checkpoint, supervised_best
     from mmray.train.trainer import fit
