@@ -125,7 +125,8 @@ def train(
     """Train ``config`` on Ray (a local cluster unless ``RAY_ADDRESS`` is set) and export the best epoch.
 
     Raises:
-        UserError: bad dataset, or storage that cannot be written or is nearly full (nothing started).
+        UserError: bad dataset, storage that cannot be written or is nearly full, or a run folder another
+            process is using (nothing started).
         RuntimeError: training failed; the run folder keeps its checkpoints for a resume.
     """
     config = absolute_paths(config)
@@ -135,8 +136,14 @@ def train(
     run_dir, state = resolve_run_dir(root, name or config.name, explicit_name=name is not None)
     if state == "finished":
         return finished_run(run_dir)
-    if state == "resume":
-        check_resume_point(run_dir)
+    # One process per run folder: a second `mmray train --name X` is refused, naming the holder (exit 2).
+    with store.folder_lock(run_dir, what="run"):
+        if state == "resume":
+            check_resume_point(run_dir)
+        return _train_locked(config, info, run_dir, state, on_event)
+
+
+def _train_locked(config: JobConfig, info: DatasetInfo, run_dir: str, state: str, on_event) -> RunResult:
     from mmray.data.cache import plan
     from mmray.train.finalize import export_checkpoint, supervised_best
     from mmray.train.trainer import fit
