@@ -146,13 +146,17 @@ def train(
 def _train_locked(config: JobConfig, info: DatasetInfo, run_dir: str, state: str, on_event) -> RunResult:
     from mmray.data.cache import plan
     from mmray.train.finalize import export_checkpoint, supervised_best
-    from mmray.train.trainer import fit
+    from mmray.train.loop import NonFiniteLossError
+    from mmray.train.trainer import fit, worker_error
 
     # Built once per dataset and key (a lock makes concurrent runs wait for one build); refused with a
     # reason when an encoder trains or augmentation changes a frozen encoder's inputs.
     cache = plan(config, info, build=True)
     outcome = fit(config, run_dir=run_dir, on_event=on_event, cache=cache)
     if outcome.error is not None:
+        known = worker_error(outcome.error, NonFiniteLossError) or worker_error(outcome.error, UserError)
+        if known is not None:  # mmray's own message, not Ray's wrapping of it
+            raise known from None
         raise RuntimeError(f"training failed: {outcome.error}") from outcome.error
     if outcome.best_checkpoint is None:
         raise RuntimeError(f"training reported no checkpoint; see the logs under {run_dir}")

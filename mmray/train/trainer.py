@@ -213,6 +213,24 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     return FitOutcome(run_dir, best_path, result.error)
 
 
+def worker_error(error: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """The ``kind`` exception a worker raised, found inside Ray Train's wrappers of ``error``
+    (``WorkerGroupError.worker_failures``, their ``UserExceptionWithTraceback``, ``__cause__`` chains);
+    None when there is none."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kind):
+            return e
+        todo += list((getattr(e, "worker_failures", None) or {}).values())
+        # Train V2 wraps a worker's exception in UserExceptionWithTraceback (``_base_exc``)
+        todo += [getattr(e, "_base_exc", None), getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
 def _embedding_cache(config: JobConfig, info, cache, on_event):
     """The cache plan (looked up when not given), announced in the run's log."""
     from mmray.data.cache import plan
