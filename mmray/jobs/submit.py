@@ -74,12 +74,11 @@ def check_command(args: Sequence[str], working_dir: str) -> list[tuple[str, str]
             raise UserError("give JOB.yaml after the verb: mmray submit -- train JOB.yaml")
         config = load_job(ns.job, ns.overrides)
         if ns.verb == "tune":
-            if not ns.space:
-                raise UserError("give --space SPACE.yaml: mmray submit -- tune JOB.yaml --space SPACE.yaml")
             from mmray.config.loader import apply_overrides, read_yaml
             from mmray.tune.space import load_space
 
-            load_space(ns.space, apply_overrides(read_yaml(ns.job), ns.overrides), num_samples=ns.num_samples)
+            load_space(ns.space, apply_overrides(read_yaml(ns.job), ns.overrides), num_samples=ns.num_samples,
+                       time_budget=ns.time_budget)
     finally:
         os.chdir(old)
     return [("data.path", config.data.path), ("--storage" if ns.storage else "storage", ns.storage or config.storage)]

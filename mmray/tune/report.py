@@ -28,6 +28,7 @@ from mmray.config.errors import UserError
 from mmray.config.loader import apply_overrides
 from mmray.tune import control_arms as arms
 from mmray.tune import report_plots as plots
+from mmray.tune.budget import read_ledger, spending_lines
 from mmray.tune.space import SpaceConfig
 from mmray.tune.sweep import STUDY_FILE, SweepSetup, load_setup
 
@@ -410,6 +411,8 @@ def render_markdown(rep: Report, leaderboard: list[dict[str, str]], space: Space
              f"- experiment: `{shown}`",
              f"- metric: `{rep.metric}` ({rep.mode}); each trial is scored by its best epoch",
              f"- trials: {len(rep.trials)} (" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")"]
+    lines += [f"- {line}" for line in spending_lines(read_ledger(exp), {t.trial_id: t.status for t in rep.trials},
+                                                     w.trial_id if w is not None else None)]
     if w is not None:
         lines.append(f"- winner: trial `{w.trial_id}`, epoch {w.best_epoch}, {rep.metric} {w.value:.4f}")
     lines += ["", "## Winner", ""]

@@ -12,6 +12,7 @@ from mmray.config import validate_job
 from mmray.config.loader import apply_overrides
 from mmray.train.checkpoint import kept_checkpoints
 from mmray.train.finalize import best_kept, train_state
+from mmray.tune.budget import read_ledger, spending_lines
 from mmray.tune.context import trial_dir
 from mmray.tune.space import is_baseline
 
@@ -23,7 +24,7 @@ SHOWN = ("val.accuracy", "val.f1", "val.loss", "test.accuracy")
 class TrialRecord:
     trial_id: str
     params: dict[str, Any]
-    status: str  # completed | stopped (early: scheduler or patience) | error | pending
+    status: str  # completed | stopped (early: scheduler or patience) | budget (the time budget ran out) | error | pending
     epochs_run: int
     best_epoch: int | None
     best: dict[str, float]  # the best epoch's metrics
@@ -43,6 +44,7 @@ class SweepSummary:
     baseline_metrics: dict[str, Any] = field(default_factory=dict)  # its best epoch on val and test
     report_path: str | None = None  # report/summary.md, once written
     report_verdicts: str = ""  # the report's winner-vs-control lines
+    spending: list[str] = field(default_factory=list)  # how the sweep's time was spent (budget.json)
 
     @property
     def best_trial(self) -> TrialRecord | None:
@@ -160,13 +162,17 @@ def finish(setup, results) -> SweepSummary:
     space, exp = setup.space, setup.experiment_dir
     metric, mode = space.metric, space.resolved_mode
     trials = [_record(r, setup, metric, mode) for r in results]
+    ledger = read_ledger(exp)
+    for t in trials:  # cut short by the time budget rather than by the scheduler
+        if t.status == "stopped" and t.trial_id in ledger.stopped_by_budget:
+            t.status = "budget"
     if space.baseline:
         point = space.baseline_point(setup.job_raw)
         for t in trials:
             t.baseline = is_baseline(t.params, point)
     keep = validate_job(setup.job_raw).checkpoint.num_to_keep
     for r, t in zip(results, trials):
-        if t.status in ("completed", "stopped") and r.checkpoint is not None:
+        if t.status in ("completed", "stopped", "budget") and r.checkpoint is not None:
             prune_checkpoints(r, keep, metric, mode)
     sign = 1 if mode == "max" else -1
     trials.sort(key=lambda t: (t.best_epoch is None, -sign * t.best.get(metric, 0.0)))
@@ -179,6 +185,8 @@ def finish(setup, results) -> SweepSummary:
     staged.close()
     summary = SweepSummary(exp, metric, mode, trials, None)
     winner = summary.best_trial
+    summary.spending = spending_lines(ledger, {t.trial_id: t.status for t in trials},
+                                      winner.trial_id if winner else None)
     if winner is not None and winner.best_checkpoint:
         config = validate_job(apply_overrides(setup.job_raw, winner.params.items()))
         info = read_dataset_info(config.data.path)
@@ -205,7 +213,7 @@ def format_summary(summary: SweepSummary) -> str:
     lines = [f"experiment:  {summary.experiment_dir}",
              f"trials:      {len(summary.trials)} ("
              + ", ".join(f"{s} {sum(t.status == s for t in summary.trials)}"
-                         for s in ("completed", "stopped", "error", "pending")
+                         for s in ("completed", "stopped", "budget", "error", "pending")
                          if any(t.status == s for t in summary.trials)) + ")"]
     w = summary.best_trial
     if w is not None:
@@ -217,6 +225,7 @@ def format_summary(summary: SweepSummary) -> str:
             lines.append(f"best model:  test accuracy {m['test.accuracy']:.4f}  test F1 {m['test.f1']:.4f}")
         lines.append(f"export:      {summary.best_dir}")
     lines += _baseline_lines(summary)
+    lines += [f"time:        {line}" if i == 0 else f"  {line}" for i, line in enumerate(summary.spending)]
     lines.append(f"leaderboard: {store.join(summary.experiment_dir, LEADERBOARD)}")
     if summary.report_path:
         lines.append(f"report:      {summary.report_path}")

@@ -143,6 +143,8 @@ def prepare(job_raw: dict[str, Any], space: SpaceConfig, *, name: str, storage: 
     store.makedirs(experiment_dir)
     store.write_text(store.join(experiment_dir, JOB_FILE), yaml.safe_dump(job_raw, sort_keys=False))
     space_doc = space.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if space.num_samples is None:
+        space_doc["num_samples"] = None  # as many as the time budget allows (not the default 8)
     store.write_text(store.join(experiment_dir, SPACE_FILE), yaml.safe_dump(space_doc, sort_keys=False))
     return SweepSetup(experiment_dir, job_raw, space)
 
@@ -172,7 +174,7 @@ def concurrency(space: SpaceConfig, config) -> int:
     cluster = ray.cluster_resources()
     fit = min(math.floor(cluster.get(k, 0.0) / v) for k, v in trial_footprint(config).items() if v > 0)
     fit = max(1, fit)
-    return min(fit, space.max_concurrent_trials or fit, space.num_samples)
+    return min(fit, space.max_concurrent_trials or fit, space.num_samples or fit)
 
 
 def _tuner(setup: SweepSetup, *, restore: bool):
@@ -180,6 +182,8 @@ def _tuner(setup: SweepSetup, *, restore: bool):
     from ray.tune import CLIReporter
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.search.optuna import OptunaSearch
+
+    from mmray.tune.clock import SweepClock
 
     space, exp = setup.space, setup.experiment_dir
     config = validate_job(setup.job_raw)
@@ -198,9 +202,12 @@ def _tuner(setup: SweepSetup, *, restore: bool):
                             points_to_evaluate=[baseline] if baseline else None)
     scheduler = SCHEDULERS.entry(space.scheduler.name).builder(space.scheduler, metric=metric, mode=mode,
                                                                max_t=max_epochs(setup), baseline=baseline)
+    # the time budget (if any) and the ledger of how the sweep's time was spent (budget.json)
+    clock = SweepClock(exp, space.time_budget_s, metric, mode)
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=space.num_samples,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                    num_samples=space.num_samples or -1,  # -1: until the budget stops it
                                     max_concurrent_trials=concurrency(space, config),
                                     # An in-process trial's next trial runs in the same process: torch, its
                                     # compiler stack (imported by the first optimizer) and the decoders are
@@ -214,8 +221,9 @@ def _tuner(setup: SweepSetup, *, restore: bool):
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None, checkpoint_score_attribute=metric,
                                                     checkpoint_score_order=mode),
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
+            stop=clock,
             # result.json/progress.csv per trial; no Tune TensorBoard logger: mmray writes its own, per trial
-            callbacks=[JsonLoggerCallback(), CSVLoggerCallback()],
+            callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), clock],
             progress_reporter=CLIReporter(
                 metric_columns={"epoch": "epoch", metric: metric, "val.loss": "val.loss"},
                 parameter_columns={k: k.split(".", 1)[-1] for k, _ in space.ordered_parameters()},
