@@ -226,8 +226,11 @@ def _tuner(setup: SweepSetup, *, restore: bool):
             callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), clock],
             progress_reporter=CLIReporter(
                 metric_columns={"epoch": "epoch", metric: metric, "val.loss": "val.loss"},
-                parameter_columns={k: k.split(".", 1)[-1] for k, _ in space.ordered_parameters()},
-                max_report_frequency=15, sort_by_metric=True, metric=metric, mode=mode),
+                # conditional parameters are absent from some trials' configs: Tune's best-trial line
+                # looks every column up and fails on a missing one
+                parameter_columns={k: k.split(".", 1)[-1] for k, p in space.ordered_parameters() if not p.when},
+                # a trial queued when the time budget ran out ends with no result, which Tune's sort cannot order
+                max_report_frequency=15, sort_by_metric=space.time_budget_s is None, metric=metric, mode=mode),
             verbose=1,
         ),
     )
