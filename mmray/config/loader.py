@@ -66,6 +66,7 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str | tuple[str, Any]]) -> dict[str, Any]:
+    """A copy of the raw job tree with each ``KEY=VALUE`` (or ``(key, value)``) set at its dotted key."""
     tree = copy.deepcopy(dict(raw))
     for item in overrides:
         key, value = parse_override(item) if isinstance(item, str) else item
@@ -150,4 +151,5 @@ def to_yaml(config: JobConfig) -> str:
 
 
 def from_yaml_text(text: str, source: str | None = None) -> JobConfig:
+    """A validated :class:`JobConfig` from YAML text (a checkpoint's or export's ``config.yaml``)."""
     return validate_job(yaml.safe_load(text), source)

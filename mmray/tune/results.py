@@ -202,6 +202,8 @@ def checkpoint_metrics(setup, trial: TrialRecord) -> dict[str, Any]:
 
 
 def format_summary(summary: SweepSummary) -> str:
+    """The terminal summary ``mmray tune`` prints: trials by status, the winner and its export, the baseline,
+    the leaderboard, the report and the TensorBoard command."""
     lines = [f"experiment:  {summary.experiment_dir}",
              f"trials:      {len(summary.trials)} ("
              + ", ".join(f"{s} {sum(t.status == s for t in summary.trials)}"
