@@ -14,8 +14,14 @@ from typing import Any, Iterator
 import numpy as np
 
 from mmray.config import UserError
-from mmray.storage import StagedDir, local_output
+from mmray.data.dataset_dir import read_dataset_info
+from mmray.data.decode import Preprocessor
+from mmray.data.reader import iter_batches
 from mmray.export.loader import Predictor, load_model
+from mmray.models.builder import job_tasks
+from mmray.storage import StagedDir, local_output
+from mmray.train.context import LocalContext
+from mmray.train.loop import evaluate as evaluate_batches
 
 log = logging.getLogger("mmray.export")
 
@@ -29,9 +35,6 @@ def _open_split(predictor: Predictor, data_dir: str | Path, split: str):
     Raises:
         UserError: the dataset is missing, lacks a modality the model reads, or its classes differ.
     """
-    from mmray.data.dataset_dir import read_dataset_info
-    from mmray.data.decode import Preprocessor
-
     info = read_dataset_info(str(data_dir))
     info.split_files(split)  # raises a UserError naming the splits if ``split`` is not one
     if list(info.class_names) != predictor.class_names:
@@ -46,8 +49,6 @@ def _open_split(predictor: Predictor, data_dir: str | Path, split: str):
 
 def split_batches(predictor: Predictor, data_dir: str | Path, split: str, batch_size: int) -> Iterator[dict]:
     """Batches of ``split`` decoded with the export's own preprocessing, in file order, with row ids."""
-    from mmray.data.reader import iter_batches
-
     data, info, pre = _open_split(predictor, data_dir, split)
     yield from iter_batches(
         data, info, split, batch_size=batch_size, train=False, shuffle=False, with_ids=True, preprocessor=pre
@@ -67,10 +68,6 @@ def measure(predictor: Predictor, batches, split: str, *, diagnostics: bool = Tr
         to the main task's ``accuracy`` and ``f1`` with those modalities masked as missing (empty for a
         one-modality model, or without ``diagnostics``).
     """
-    from mmray.models.builder import job_tasks
-    from mmray.train.context import LocalContext
-    from mmray.train.loop import evaluate as evaluate_batches
-
     ctx = LocalContext("", lambda e: (), lambda e: (), device=predictor.device)
     m = evaluate_batches(predictor.model, batches, tasks=job_tasks(predictor.labels), config=predictor.config,
                          ctx=ctx, prefix=split, diagnostics=diagnostics)

@@ -17,8 +17,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from mmray import storage
 from mmray.config import JobConfig, UserError, from_yaml_text
+from mmray.data.decode import Preprocessor
+from mmray.data.tokenizer import TextTokenizer
+from mmray.export.codec import load_compressed_state, read_quantization
 from mmray.export.writer import CONFIG_FILE, ENCODERS_DIR, LABELS_FILE, TOKENIZER_DIR, WEIGHTS_FILE, hf_encoders
+from mmray.models.builder import build_job_model, job_tasks
 
 
 def _require(path: Path, what: str) -> Path:
@@ -177,17 +182,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Predicto
         UserError: the folder or one of its files is missing or unreadable, or the weights do not
             match the model the config describes.
     """
-    from mmray import storage
-
     if storage.is_uri(str(path)):  # everything is read into memory, so the download can go right after
         if not storage.is_dir(str(path)):
             raise UserError(f"{path}: no such model export folder")
         with storage.local_copy(str(path)) as local:
             return load_model(local, device)
-    from mmray.data.decode import Preprocessor
-    from mmray.export.quantize import load_compressed_state, read_quantization
-    from mmray.models.builder import build_job_model, job_tasks
-
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"{root}: no such model export folder")
@@ -224,7 +223,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Predicto
 def _load_tokenizer(root: Path, config: JobConfig) -> Any:
     if "text" not in config.data.modalities:
         return None
-    from mmray.data.tokenizer import TextTokenizer
-
     return TextTokenizer.from_dir(str(_require(root / TOKENIZER_DIR, "tokenizer files")))
 

@@ -1,6 +1,7 @@
 """``mmray submit``: run ``mmray train|tune ...`` on a Ray cluster with this folder as its working directory."""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import shlex
@@ -9,8 +10,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from mmray.config import load_job
 from mmray.config.errors import UserError
+from mmray.config.loader import apply_overrides, read_yaml
 from mmray.jobs.client import Cluster
+from mmray.runtime import QUIET_ENV
+from mmray.tune.space import load_space
 
 VERBS = ("train", "tune")
 
@@ -48,22 +53,21 @@ def entrypoint(args: Sequence[str]) -> str:
     return shlex.join(["mmray", *args])
 
 
-def check_command(args: Sequence[str], working_dir: str) -> list[str]:
+def check_command(args: Sequence[str], working_dir: str,
+                  parse_args: Callable[[list[str]], argparse.Namespace]) -> list[str]:
     """Validate the job (and space) here before anything is uploaded; returns warnings about paths the
-    cluster will not see. Raises :class:`UserError` (exit 2) for a bad flag or config."""
-    from mmray.cli.main import build_parser
+    cluster will not see. Raises :class:`UserError` (exit 2) for a bad flag or config.
 
-    parser = build_parser()
+    ``parse_args`` is the command line's parser (``mmray.cli.main.build_parser().parse_args``): the library
+    checks the arguments exactly as the cluster's ``mmray`` will read them, without importing the CLI."""
     try:
-        ns = parser.parse_args(list(args))
+        ns = parse_args(list(args))
     except SystemExit as e:
         if not e.code:  # --help: argparse printed it
             raise
         raise UserError(f"bad arguments for `{shlex.join(['mmray', *args])}` (see above)") from None
     if ns.verb == "tune" and ns.resume:
         return _path_warnings([("--resume", ns.resume)], working_dir)
-    from mmray.config import load_job
-
     old = os.getcwd()
     os.chdir(working_dir)  # the job's relative paths mean the same on the cluster: it runs in this folder
     try:
@@ -73,9 +77,6 @@ def check_command(args: Sequence[str], working_dir: str) -> list[str]:
         if ns.verb == "tune":
             if not ns.space:
                 raise UserError("give --space SPACE.yaml: mmray submit -- tune JOB.yaml --space SPACE.yaml")
-            from mmray.config.loader import apply_overrides, read_yaml
-            from mmray.tune.space import load_space
-
             load_space(ns.space, apply_overrides(read_yaml(ns.job), ns.overrides), num_samples=ns.num_samples)
     finally:
         os.chdir(old)
@@ -104,18 +105,18 @@ def _path_warnings(paths: list[tuple[str, str]], working_dir: str) -> list[str]:
     return out
 
 
-def prepare(args: Sequence[str], *, working_dir: str | None = None, env: dict[str, str] | None = None) -> JobSpec:
-    """Check ``mmray ARGS`` here and describe the job: ``working_dir`` (default: the current folder) becomes
-    its working directory on the cluster, without :data:`EXCLUDES`.
+def prepare(args: Sequence[str], *, parse_args: Callable[[list[str]], argparse.Namespace],
+            working_dir: str | None = None, env: dict[str, str] | None = None) -> JobSpec:
+    """Check ``mmray ARGS`` here (with ``parse_args``, see :func:`check_command`) and describe the job:
+    ``working_dir`` (default: the current folder) becomes its working directory on the cluster, without
+    :data:`EXCLUDES`.
 
     Raises:
         UserError: bad verb, flag or config (nothing is contacted or uploaded).
     """
     command = entrypoint(args)
     working_dir = os.path.abspath(working_dir or os.getcwd())
-    warnings = check_command(args, working_dir)
-    from mmray.runtime import QUIET_ENV
-
+    warnings = check_command(args, working_dir, parse_args)
     runtime_env = {"working_dir": working_dir, "excludes": list(EXCLUDES),
                    "env_vars": {**QUIET_ENV, "PYTHONUNBUFFERED": "1", **(env or {})}}
     return JobSpec(command, runtime_env, args[0], warnings)

@@ -23,8 +23,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmray.config import JobConfig, to_yaml
+from mmray import storage as store
+from mmray.config import JobConfig, from_yaml_text, to_yaml
 from mmray.config.errors import UserError
+from mmray.models.builder import build_as_trained, build_job_model
+from mmray.models.cached import weights_hash
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
@@ -40,8 +43,6 @@ def checkpoint_name(epoch: int) -> str:
 
 def kept_checkpoints(run_dir: str) -> dict[int, str]:
     """epoch -> folder of the checkpoints a run kept (local path or URI; {} when there are none)."""
-    from mmray import storage as store
-
     return {int(d[len(PREFIX):]): store.join(run_dir, d) for d in store.listdir(run_dir) if d.startswith(PREFIX)}
 
 
@@ -129,8 +130,6 @@ def load_weights(path: str, model: nn.Module, *, verify: bool = True) -> None:
     Raises:
         UserError: a left-out module of ``model`` differs from the one the checkpoint was trained with.
     """
-    from mmray.models.cached import weights_hash
-
     inner = unwrap(model)
     frozen = left_out(path)
     saved = load_file(os.path.join(path, WEIGHTS))
@@ -152,8 +151,6 @@ def load_weights(path: str, model: nn.Module, *, verify: bool = True) -> None:
 
 def load_model(config: JobConfig, tasks: dict[str, int], tokenizer: Any, path: str) -> nn.Module:
     """The job's model with the checkpoint at ``path`` (a local folder) loaded, slim or full."""
-    from mmray.models.builder import build_as_trained, build_job_model
-
     # A full checkpoint overwrites every weight: no need to read pretrained files. A slim one needs them.
     model = build_as_trained(config, tasks, tokenizer) if left_out(path) else \
         build_job_model(config, tasks, tokenizer, pretrained=False)
@@ -161,10 +158,39 @@ def load_model(config: JobConfig, tasks: dict[str, int], tokenizer: Any, path: s
     return model
 
 
+def _read_state(path: str) -> dict[str, Any]:
+    """The ``state.pt`` of the checkpoint folder at ``path`` (a local folder): the one reader of that file."""
+    return torch.load(os.path.join(path, STATE), map_location="cpu", weights_only=False)
+
+
+def read_train_state(checkpoint_dir: str) -> dict[str, Any]:
+    """The loop's train state saved in a checkpoint folder (a local path or a URI): epoch, history, ..."""
+    with store.local_copy(store.join(checkpoint_dir, STATE)) as local:
+        return _read_state(os.path.dirname(local))["train_state"]
+
+
+def checkpoint_epoch(checkpoint_dir: str) -> int:
+    """The epoch whose end the checkpoint at ``checkpoint_dir`` (a local path or a URI) holds."""
+    return int(read_train_state(checkpoint_dir)["epoch"])
+
+
+def read_config(checkpoint_dir: str) -> JobConfig:
+    """The resolved job config saved with the checkpoint at ``checkpoint_dir`` (a local folder).
+
+    Raises:
+        UserError: the checkpoint has no ``config.yaml``.
+    """
+    path = os.path.join(checkpoint_dir, CONFIG)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: missing; cannot tell which model the checkpoint holds")
+    with open(path) as f:
+        return from_yaml_text(f.read(), source=path)
+
+
 def load_checkpoint(path: str, *, model, optimizer, scheduler, scaler, verify: bool = True) -> TrainState:
     """Restore weights and optimizer/schedule state in place; returns the saved :class:`TrainState`."""
     load_weights(path, model, verify=verify)
-    blob = torch.load(os.path.join(path, STATE), map_location="cpu", weights_only=False)
+    blob = _read_state(path)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     if scaler is not None and blob["scaler"] is not None:

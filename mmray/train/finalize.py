@@ -3,30 +3,21 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 
 from mmray import storage as store
 from mmray.config import JobConfig
+from mmray.data.cache import iter_cached_batches, plan
 from mmray.data.dataset_dir import DatasetInfo
 from mmray.data.reader import iter_batches
 from mmray.data.tokenizer import TextTokenizer
 from mmray.export import write_export
 from mmray.models.builder import job_tasks
-from mmray.train.checkpoint import STATE, kept_checkpoints, left_out, load_model
+from mmray.models.cached import check_cached_encoders, encoder_hashes
+from mmray.train.checkpoint import checkpoint_epoch, kept_checkpoints, left_out, load_model, read_train_state
 from mmray.train.context import LocalContext
 from mmray.train.loop import evaluate
 
 EVAL_BATCH_SIZE = 256
-
-
-def train_state(checkpoint_dir: str) -> dict[str, Any]:
-    """The loop's train state saved in a checkpoint folder (a local path or a URI): epoch, history, ..."""
-    with store.local_copy(store.join(checkpoint_dir, STATE)) as local:
-        return torch.load(local, map_location="cpu", weights_only=False)["train_state"]
-
-
-def checkpoint_epoch(checkpoint_dir: str) -> int:
-    return int(train_state(checkpoint_dir)["epoch"])
 
 
 def best_kept(kept: dict[int, str], metric: str, mode: str) -> str | None:
@@ -34,7 +25,7 @@ def best_kept(kept: dict[int, str], metric: str, mode: str) -> str | None:
     holds every epoch's metrics); ``None`` when nothing kept was scored."""
     if not kept:
         return None
-    history = train_state(kept[max(kept)])["history"]
+    history = read_train_state(kept[max(kept)])["history"]
     sign = 1.0 if mode == "max" else -1.0
     scored = [m for m in history if int(m["epoch"]) in kept and metric in m]
     return kept[int(max(scored, key=lambda m: sign * m[metric])["epoch"])] if scored else None
@@ -79,9 +70,6 @@ def evaluate_splits(model, config: JobConfig, info: DatasetInfo, tasks: dict[str
 
 def _eval_batches(model, config: JobConfig, info: DatasetInfo, verified: dict[str, str]):
     """``split -> batches``: from the embedding cache when this job trains from it, else decoded from the shards."""
-    from mmray.data.cache import iter_cached_batches, plan
-    from mmray.models.cached import check_cached_encoders, encoder_hashes
-
     cache = plan(config, info, build=False)
     usable = cache.used and not cache.partial  # encoders that unfroze have moved on from the cached outputs
     if usable:

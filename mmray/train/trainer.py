@@ -10,6 +10,8 @@ import torch
 
 from mmray import storage as store
 from mmray.config import JobConfig
+from mmray.data.cache import build_cached_dataset, plan
+from mmray.data.dataset_dir import read_dataset_info
 from mmray.runtime import ensure_ray
 from mmray.train.loop import train_loop
 
@@ -146,8 +148,7 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from mmray.data.dataset_dir import read_dataset_info
-    from mmray.data.pipeline import build_dataset
+    from mmray.data.pipeline import build_dataset  # imports Ray Data: only once a run starts
 
     info = read_dataset_info(config.data.path)
     cache = _embedding_cache(config, info, cache, on_event)
@@ -156,8 +157,6 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
                 f"val{suffix}": build_dataset(config.data, info, "val", train=False, seed=config.train.seed)}
 
     if cache.used:
-        from mmray.data.cache import build_cached_dataset
-
         datasets = {
             "train": build_cached_dataset(cache.entries, "train", train=True, seed=config.train.seed),
             "val": build_cached_dataset(cache.entries, "val", train=False),
@@ -215,8 +214,6 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
 
 def _embedding_cache(config: JobConfig, info, cache, on_event):
     """The cache plan (looked up when not given), announced in the run's log."""
-    from mmray.data.cache import plan
-
     if cache is None:
         cache = plan(config, info, build=False)
     if on_event is not None:

@@ -7,9 +7,10 @@ from typing import Iterable
 from mmray.config import validate_job
 from mmray.config.errors import UserError
 from mmray.config.loader import apply_overrides, read_yaml
+from mmray.tune.experiment import load_setup, prepare
 from mmray.tune.results import SweepSummary
 from mmray.tune.space import load_space
-from mmray.tune.sweep import load_setup, prepare, run_sweep
+from mmray.tune.sweep import run_sweep
 
 
 def tune_job(

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmray import storage as store
 from mmray.config import JobConfig
-from mmray.train.context import LocalContext
 from mmray.data.reader import split_readers
+from mmray.train.context import LocalContext
 
 
 class TuneTrialContext(LocalContext):
@@ -31,7 +30,3 @@ class TuneTrialContext(LocalContext):
 
     def progress(self, event: dict[str, Any]) -> None:
         pass  # Tune's own trial table is the progress display during a sweep
-
-
-def trial_dir(experiment_dir: str, trial_id: str) -> str:
-    return store.join(experiment_dir, "trials", trial_id)

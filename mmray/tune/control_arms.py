@@ -6,15 +6,18 @@ row-level difficulty cancels out). No Ray.
 """
 from __future__ import annotations
 
-import glob
-import json
 import os
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
+from mmray.config import from_yaml_text
 from mmray.config.errors import UserError
+from mmray.data.dataset_dir import read_dataset_info
+from mmray.data.reader import iter_batches
+from mmray.data.tokenizer import TextTokenizer
+from mmray.models.builder import job_tasks
+from mmray.train.checkpoint import CONFIG, load_model
 
 RESAMPLES, LEVEL, SEED = 2000, 0.95, 0
 # Rows x resamples drawn at once: bounds the bootstrap's memory for large test splits (~80 MB).
@@ -80,59 +83,6 @@ def verdict(ci: BootstrapCI) -> str:
     return f"not distinguishable: the {pct} CI contains 0"
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def trial_folder(experiment_dir: str, trial_id: str) -> str | None:
-    """Ray Tune's folder of a trial (``<trainable>_<trial_id>_<n>_<params>_<time>``), or None."""
-    found = [p for p in glob.glob(os.path.join(glob.escape(experiment_dir), f"*_{trial_id}_*"))
-             if os.path.isdir(p) and os.path.basename(p) != "trials"]
-    return sorted(found)[0] if found else None
-
-
-def trial_sequence(experiment_dir: str, trial_id: str) -> int | None:
-    """The order in which Tune created the trial (the counter after the id in its folder name)."""
-    folder = trial_folder(experiment_dir, trial_id)
-    m = re.search(rf"_{re.escape(trial_id)}_(\d+)", os.path.basename(folder or ""))
-    return int(m.group(1)) if m else None
-
-
-def best_checkpoint(experiment_dir: str, trial_id: str, best_epoch: int) -> str | None:
-    """The trial's checkpoint folder that holds epoch ``best_epoch`` (kept by the sweep's pruning), found by
-    name alone (nothing is opened, so it works on a copy without the checkpoints' contents).
-
-    Looks where both kinds of trial keep them: ``trials/<trial_id>/checkpoint_epoch_NNNN`` (a distributed
-    trial's TorchTrainer run) and Tune's trial folder (``checkpoint_NNNNNN``, an in-process trial), whose
-    ``result.json`` names the checkpoint each epoch's report made.
-    """
-    from mmray.train.checkpoint import kept_checkpoints
-    from mmray.tune.context import trial_dir
-
-    run = trial_dir(experiment_dir, trial_id)
-    kept = kept_checkpoints(run) if os.path.isdir(run) else {}
-    if best_epoch in kept:
-        return kept[best_epoch]
-    folder = trial_folder(experiment_dir, trial_id)
-    name = tune_checkpoint_name(folder, best_epoch) if folder else None
-    return os.path.join(folder, name) if name and os.path.isdir(os.path.join(folder, name)) else None
-
-
-def tune_checkpoint_name(trial_folder_path: str, epoch: int) -> str | None:
-    """The ``checkpoint_NNNNNN`` that Tune saved with the report of ``epoch`` (the last such report: a
-    restarted trial reports an epoch again), from the trial folder's ``result.json``."""
-    path = os.path.join(trial_folder_path, "result.json")
-    if not os.path.isfile(path):
-        return None
-    name = None
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a killed trial
-            if int(row.get("epoch", -1)) == epoch and row.get("checkpoint_dir_name"):
-                name = row["checkpoint_dir_name"]
-    return name
-
-
 @dataclass
 class SplitPredictions:
     """One model's outcome per test row, keyed by row id."""
@@ -150,13 +100,6 @@ def predict_test(checkpoint_dir: str, *, batch_size: int = 256) -> SplitPredicti
         UserError: the checkpoint's config or dataset cannot be read, or the dataset has no test rows.
     """
     import torch
-
-    from mmray.config import from_yaml_text
-    from mmray.data.dataset_dir import read_dataset_info
-    from mmray.data.reader import iter_batches
-    from mmray.data.tokenizer import TextTokenizer
-    from mmray.models.builder import job_tasks
-    from mmray.train.checkpoint import CONFIG, load_model
 
     path = os.path.join(checkpoint_dir, CONFIG)
     if not os.path.isfile(path):

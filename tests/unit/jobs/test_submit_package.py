@@ -6,11 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from mmray.cli.main import main
+from mmray.cli.main import build_parser, main
 from mmray.config.errors import UserError
-from mmray.jobs.submit import prepare
+from mmray.jobs.submit import prepare as submit_prepare
 
 REPO = Path(__file__).resolve().parents[3]
+
+
+def prepare(args, **kw):
+    """What `mmray submit` does: the library checks the command with the command line's own parser."""
+    return submit_prepare(args, parse_args=build_parser().parse_args, **kw)
 
 
 def _project(root: Path) -> Path:

@@ -9,7 +9,7 @@ import yaml
 
 from mmray.cli.main import main
 from mmray.data.synth import synth
-from mmray.train.api import resolve_run_dir
+from mmray.train.outputs import resolve_run_dir
 
 from helpers import small_job
 from storage_fixtures import read_only_dir  # noqa: F401  (fixture)

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from mmray.config import ConfigError
-from mmray.tune.space import SpaceConfig, check_against_job, grid_size, is_baseline, load_space
+from mmray.tune.baseline import is_baseline
+from mmray.tune.space import SpaceConfig, check_against_job, grid_size, load_space
 
 REPO = Path(__file__).resolve().parents[3]
 JOB = {"name": "t", "data": {"path": "data/x"}}
@@ -114,8 +115,8 @@ def test_space_round_trips_through_the_experiment_folder(tmp_path):
 
 
 def test_a_components_name_is_applied_before_its_other_keys():
-    from mmray.config.loader import apply_overrides
     from mmray.config import validate_job
+    from mmray.config.loader import apply_overrides
 
     space = SpaceConfig.model_validate({"parameters": {
         "model.fusion.hidden_dim": {"choice": [64]},
