@@ -36,10 +36,21 @@ from safetensors.torch import save_file
 
 from mmray.errors import UserError
 from mmray.export.codec import (
-    MIN_INT8_KERNEL_ELEMENTS, QUANTIZATION_FILE, check_mode, compress_state, read_quantization,
+    MIN_INT8_KERNEL_ELEMENTS,
+    QUANTIZATION_FILE,
+    check_mode,
+    compress_state,
+    read_quantization,
 )
 from mmray.export.loader import load_model
-from mmray.export.writer import CONFIG_FILE, LABELS_FILE, EXPORT_METRICS_FILE, WEIGHTS_FILE, collect_versions, replace_dir
+from mmray.export.writer import (
+    CONFIG_FILE,
+    EXPORT_METRICS_FILE,
+    LABELS_FILE,
+    WEIGHTS_FILE,
+    collect_versions,
+    replace_dir,
+)
 
 # Outputs of `mmray evaluate` describe the source model, not the copy: never carried over.
 _NOT_COPIED = (WEIGHTS_FILE, QUANTIZATION_FILE, "eval-*.json", "confusion-*.png", "compare-*.json")

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
@@ -190,7 +190,7 @@ def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, confi
         # Skip DDP's gradient all-reduce on micro-batches that only accumulate.
         no_sync = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
         with no_sync, torch.autocast(ctx.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            parts = step_losses(model, model(batch), batch, lambda logits: task_losses(
+            parts = step_losses(model, model(batch), batch, lambda logits: task_losses(  # noqa: B023 - called at once
                 logits, batch, config.train.label_smoothing, config.train.task_weights), config, epoch, ctx)
             total = parts["total"]
             if held and any(k.endswith(".pooled") for k in batch):

@@ -144,7 +144,7 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     ``callbacks`` are Ray Train ``UserCallback``s (a sweep passes Tune's report callback). ``cache`` is the
     :class:`~mmray.data.cache.CachePlan` to train from; None looks one up (never builds: sweeps build first).
     """
-    ray = ensure_ray()
+    ensure_ray()
     import ray.train
     from ray.train.torch import TorchTrainer
 

@@ -15,7 +15,11 @@ from mmray.config import UserError
 from mmray.data.reader import iter_batches
 from mmray.export import load_model
 from mmray.export.codec import (
-    compress_state, dequantize_int8, load_compressed_state, quantize_weight_int8, read_quantization,
+    compress_state,
+    dequantize_int8,
+    load_compressed_state,
+    quantize_weight_int8,
+    read_quantization,
 )
 from mmray.export.compare import compare_with_source, format_comparison
 from mmray.export.quantize import default_out, quantize_export
