@@ -305,7 +305,7 @@ def _locked(path: str):
 
 def build_job_encoders(config, info: DatasetInfo):
     """The job's model as the training loop builds it on rank 0 (:func:`~mmray.models.builder.build_as_trained`)."""
-    tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
+    tokenizer = TextTokenizer.for_job(config.data, info)
     return build_as_trained(config, job_tasks(info.tasks), tokenizer)
 
 

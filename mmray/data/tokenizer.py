@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from mmray.config.errors import UserError
-from mmray.config.schema import TextPreprocess
+from mmray.config.schema import DataConfig, TextPreprocess
 from mmray.data.dataset_dir import DatasetInfo, read_text
 
 META_FILE = "mmray_tokenizer.json"
@@ -39,6 +39,12 @@ class TextTokenizer:
         self._max_length: int | None = None
 
     # ---------------------------------------------------------------- construction
+    @classmethod
+    def for_job(cls, data: DataConfig, info: DatasetInfo | None) -> "TextTokenizer | None":
+        """The tokenizer a job's model reads text with (:meth:`load` of ``data.text``), or None when text is
+        not one of ``data.modalities``: what training, the export and the embedding cache all build from."""
+        return cls.load(data.text, info) if "text" in data.modalities else None
+
     @classmethod
     def load(
         cls, text_cfg: TextPreprocess, info: DatasetInfo | None = None, local_dir: str | None = None

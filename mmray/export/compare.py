@@ -19,7 +19,8 @@ from mmray.export.evaluate import split_batches
 from mmray.export.loader import load_model
 from mmray.export.quantize import check_export_dir, folder_bytes
 from mmray.export.writer import WEIGHTS_FILE
-from mmray.train.metrics import ClassificationMetrics
+from mmray.models.builder import job_tasks
+from mmray.train.evaluation import RowPredictions, evaluate_model
 
 log = logging.getLogger("mmray.export")
 
@@ -75,31 +76,26 @@ def compare_with_source(model_dir: str | Path, data_dir: str | Path, split: str 
     except UserError as e:
         log.warning("source export not loadable (%s); using its recorded metrics", e)
 
-    n_classes = len(compressed.class_names)
-    metrics = {"compressed": ClassificationMetrics(n_classes), "original": ClassificationMetrics(n_classes)}
-    agree, sample = 0, None
-    for batch in split_batches(compressed, data_dir, split, batch_size):
-        valid = batch["valid"].bool()
-        if not valid.any():
-            continue
-        if sample is None:  # latency does not depend on which rows: the first ones of the split
-            sample = _rows(batch, latency_batch)
-        probs = compressed.predict_batch(batch)[valid]
-        labels = batch["label"][valid]
-        metrics["compressed"].update(probs, labels)
-        if source is not None:
-            src_probs = source.predict_batch(batch)[valid]
-            metrics["original"].update(src_probs, labels)
-            agree += int((probs.argmax(1) == src_probs.argmax(1)).sum())
+    sides = {"compressed": (compressed, root), "original": (source, source_dir)}
+    measured: dict[str, dict[str, Any]] = {}
+    predictions: dict[str, RowPredictions] = {}
+    for side, (predictor, _) in sides.items():  # both read the same rows, decoded as the compressed export does
+        if predictor is not None:
+            predictions[side] = RowPredictions()
+            measured[side] = evaluate_model(
+                predictor.model, split_batches(compressed, data_dir, split, batch_size),
+                tasks=job_tasks(predictor.labels), modalities=predictor.config.data.modalities,
+                device=predictor.device, precision=predictor.config.train.precision, prefix=split,
+                rows=predictions[side])
+    sample = _latency_sample(compressed, data_dir, split, batch_size, latency_batch)
 
     result: dict[str, Any] = {"split": split, "mode": spec["mode"], "model_dir": str(root),
                               "source": str(source_dir), "latency_batch": None, "agreement": None}
-    sides = {"compressed": (compressed, root), "original": (source, source_dir)}
     for side, (predictor, folder) in sides.items():
         entry: dict[str, Any] = {"measured": predictor is not None}
         if predictor is not None:
-            m = metrics[side].compute()
-            entry |= {"rows": m["rows"], "accuracy": m["accuracy"], "f1": m["f1"]}
+            m = measured[side]
+            entry |= {"rows": int(m[f"{split}.rows"]), "accuracy": m[f"{split}.accuracy"], "f1": m[f"{split}.f1"]}
             entry |= {"weights_bytes": (folder / WEIGHTS_FILE).stat().st_size, "folder_bytes": folder_bytes(folder)}
         else:
             recorded = spec.get("source_metrics") or {}
@@ -112,10 +108,19 @@ def compare_with_source(model_dir: str | Path, data_dir: str | Path, split: str 
     if sample is not None:
         result["latency_batch"] = len(sample["label"])
     if source is not None and result["rows"]:
-        result["agreement"] = agree / result["rows"]
+        ours, theirs = predictions["compressed"].predicted, predictions["original"].predicted
+        result["agreement"] = sum(theirs.get(i) == p for i, p in ours.items()) / result["rows"]
     if write:
         (root / f"compare-{split}.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _latency_sample(predictor: Any, data_dir: str | Path, split: str, batch_size: int, rows: int) -> dict | None:
+    """The first ``rows`` rows of the first batch with a decodable row: latency does not depend on which rows."""
+    for batch in split_batches(predictor, data_dir, split, batch_size):
+        if batch["valid"].bool().any():
+            return _rows(batch, rows)
+    return None
 
 
 def _measure_latency(predictors: Mapping[str, Any], sample: Mapping[str, Any], result: dict[str, Any],

@@ -20,8 +20,7 @@ from mmray.data.reader import iter_batches
 from mmray.export.loader import Predictor, load_model
 from mmray.models.builder import job_tasks
 from mmray.storage import StagedDir, local_output
-from mmray.train.context import LocalContext
-from mmray.train.loop import evaluate as evaluate_batches
+from mmray.train.evaluation import evaluate_model
 
 log = logging.getLogger("mmray.export")
 
@@ -59,7 +58,7 @@ SCORES = ("accuracy", "precision", "recall", "f1", "confusion")
 
 
 def measure(predictor: Predictor, batches, split: str, *, diagnostics: bool = True) -> dict[str, Any]:
-    """The training loop's own evaluation (:func:`mmray.train.loop.evaluate`) of a loaded model on decoded batches.
+    """The one evaluation (:func:`mmray.train.evaluation.evaluate_model`) of a loaded model on decoded batches.
 
     Returns:
         ``{"rows", "skipped", "loss", "accuracy", "precision", "recall", "f1", "confusion", "tasks",
@@ -68,9 +67,9 @@ def measure(predictor: Predictor, batches, split: str, *, diagnostics: bool = Tr
         to the main task's ``accuracy`` and ``f1`` with those modalities masked as missing (empty for a
         one-modality model, or without ``diagnostics``).
     """
-    ctx = LocalContext("", lambda e: (), lambda e: (), device=predictor.device)
-    m = evaluate_batches(predictor.model, batches, tasks=job_tasks(predictor.labels), config=predictor.config,
-                         ctx=ctx, prefix=split, diagnostics=diagnostics)
+    m = evaluate_model(predictor.model, batches, tasks=job_tasks(predictor.labels),
+                       modalities=predictor.config.data.modalities, device=predictor.device,
+                       precision=predictor.config.train.precision, prefix=split, diagnostics=diagnostics)
     out: dict[str, Any] = {"rows": int(m[f"{split}.rows"]), "skipped": int(m[f"{split}.bad_records"]),
                            "loss": m[f"{split}.loss"], **{k: m[f"{split}.{k}"] for k in SCORES}}
     out["tasks"] = {t: {**{k: m[f"{split}.{t}.{k}"] for k in SCORES}, "class_names": list(names)}

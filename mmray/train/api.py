@@ -110,5 +110,5 @@ def train(
         raise RuntimeError(f"training reported no checkpoint; see the logs under {run_dir}")
     export_dir = run_export_dir(run_dir)
     metrics = export_checkpoint(config, info, supervised_best(config, outcome.best_checkpoint), export_dir,
-                                tensorboard_dir=tensorboard_dir(run_dir))
+                                tensorboard_dir=tensorboard_dir(run_dir), cache=cache)  # the run's plan, not a second
     return RunResult(run_dir, export_dir, metrics, state == "resume")

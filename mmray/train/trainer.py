@@ -13,6 +13,7 @@ from mmray.config import JobConfig
 from mmray.data.cache import build_cached_dataset, plan
 from mmray.data.dataset_dir import read_dataset_info
 from mmray.runtime import ensure_ray
+from mmray.train.context import LoopInputs
 from mmray.train.loop import train_loop
 
 RAW_SUFFIX = "_decoded"  # datasets read from the shards when a partial embedding cache serves the first epochs
@@ -21,7 +22,9 @@ RAW_SUFFIX = "_decoded"  # datasets read from the shards when a partial embeddin
 class RayWorkerContext:
     """:class:`~mmray.train.context.WorkerContext` for a Ray Train worker."""
 
-    def __init__(self, config: JobConfig, run_dir: str, relay: Any):
+    def __init__(self, config: JobConfig, run_dir: str, relay: Any, *, cached_epochs: int | None = None):
+        """``cached_epochs``: a partial embedding cache serves those epochs; later ones read the ``*_decoded``
+        datasets (:attr:`~mmray.train.context.LoopInputs.cached_epochs`)."""
         import ray.train
         import ray.train.torch
         from ray.data import DataContext
@@ -34,13 +37,13 @@ class RayWorkerContext:
         self.device = ray.train.torch.get_device()
         self.run_dir = run_dir
         self._config, self._relay = config, relay
-        self.cache_epochs: int | None = None  # a partial embedding cache: the epochs it serves
+        self._cached_epochs = cached_epochs
 
     def _batches(self, split: str, train: bool, epoch: int):
         import ray.train
 
         bs = self._config.train.batch_size
-        if self.cache_epochs is not None and epoch > self.cache_epochs:
+        if self._cached_epochs is not None and epoch > self._cached_epochs:
             split = f"{split}{RAW_SUFFIX}"  # the embedding cache served the epochs before: decode from now on
         return ray.train.get_dataset_shard(split).iter_torch_batches(
             batch_size=bs,
@@ -104,10 +107,9 @@ def _silence_report_log() -> None:
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
     config = JobConfig.model_validate(loop_config["config"])
-    ctx = RayWorkerContext(config, loop_config["run_dir"], loop_config["relay"])
-    ctx.cached_encoders = loop_config.get("cached_encoders")  # embedding cache: weights its batches came from
-    ctx.cache_epochs = loop_config.get("cache_epochs")
-    train_loop(config, ctx)
+    inputs: LoopInputs = loop_config["inputs"]  # planned once by fit(), the same on every worker
+    ctx = RayWorkerContext(config, loop_config["run_dir"], loop_config["relay"], cached_epochs=inputs.cached_epochs)
+    train_loop(config, ctx, inputs)
 
 
 def _progress_relay():
@@ -173,7 +175,7 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "run_dir": run_dir, "relay": relay,
-                           "cached_encoders": cache.weights, "cache_epochs": cache.epochs if cache.partial else None},
+                           "inputs": LoopInputs.from_cache(cache)},
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=s.placement_strategy),

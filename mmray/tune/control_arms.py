@@ -6,18 +6,16 @@ row-level difficulty cancels out). No Ray.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from mmray.config import from_yaml_text
 from mmray.config.errors import UserError
 from mmray.data.dataset_dir import read_dataset_info
 from mmray.data.reader import iter_batches
-from mmray.data.tokenizer import TextTokenizer
+from mmray.export.loader import load_trained
 from mmray.models.builder import job_tasks
-from mmray.train.checkpoint import CONFIG, load_model
+from mmray.train.evaluation import RowPredictions, evaluate_model
 
 RESAMPLES, LEVEL, SEED = 2000, 0.95, 0
 # Rows x resamples drawn at once: bounds the bootstrap's memory for large test splits (~80 MB).
@@ -83,15 +81,7 @@ def verdict(ci: BootstrapCI) -> str:
     return f"not distinguishable: the {pct} CI contains 0"
 
 
-@dataclass
-class SplitPredictions:
-    """One model's outcome per test row, keyed by row id."""
-
-    predicted: dict[str, int]
-    label: dict[str, int]
-
-
-def predict_test(checkpoint_dir: str, *, batch_size: int = 256) -> SplitPredictions:
+def predict_test(checkpoint_dir: str, *, batch_size: int = 256) -> RowPredictions:
     """Load a training checkpoint (weights + its ``config.yaml``) and predict the dataset's test split.
 
     Rows that cannot be decoded for this model are left out (they are skipped, not counted wrong).
@@ -99,30 +89,17 @@ def predict_test(checkpoint_dir: str, *, batch_size: int = 256) -> SplitPredicti
     Raises:
         UserError: the checkpoint's config or dataset cannot be read, or the dataset has no test rows.
     """
-    import torch
-
-    path = os.path.join(checkpoint_dir, CONFIG)
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: missing; cannot tell which model the checkpoint holds")
-    with open(path) as f:
-        config = from_yaml_text(f.read(), source=path)
+    loaded = load_trained(checkpoint_dir)
+    config = loaded.config
     info = read_dataset_info(config.data.path)
     if "test" not in info.splits or info.split_rows("test") == 0:
         raise UserError(f"{config.data.path}: no test rows to compare models on")
-    tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
-    model = load_model(config, job_tasks(info.tasks), tokenizer, checkpoint_dir)
-    model.eval()
     data = config.data.model_copy(update={"on_bad_record": "skip"})
-    out = SplitPredictions({}, {})
-    with torch.inference_mode():
-        for batch in iter_batches(data, info, "test", batch_size=batch_size, train=False, with_ids=True):
-            tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            predicted = model(tensors).logits["label"].argmax(dim=-1)
-            for i, row_id in enumerate(batch["id"]):
-                if bool(batch["valid"][i]):
-                    out.predicted[row_id] = int(predicted[i])
-                    out.label[row_id] = int(batch["label"][i])
-    return out
+    rows = RowPredictions()
+    evaluate_model(loaded.model, iter_batches(data, info, "test", batch_size=batch_size, train=False, with_ids=True),
+                   tasks=job_tasks(loaded.labels), modalities=config.data.modalities, device=loaded.device,
+                   precision=config.train.precision, prefix="test", rows=rows)
+    return rows
 
 
 @dataclass
@@ -138,7 +115,7 @@ class Comparison:
         return verdict(self.ci)
 
 
-def compare(winner: SplitPredictions, control: SplitPredictions, *, resamples: int = RESAMPLES,
+def compare(winner: RowPredictions, control: RowPredictions, *, resamples: int = RESAMPLES,
             seed: int = SEED) -> Comparison:
     """Pair the two models' test outcomes by row id and bootstrap the accuracy difference.
 

@@ -17,6 +17,7 @@ from mmray.config.loader import apply_overrides
 from mmray.data.cache import cached_readers, plan, shared_plan
 from mmray.data.dataset_dir import read_dataset_info
 from mmray.runtime import ensure_ray
+from mmray.train.context import LoopInputs
 from mmray.train.loop import train_loop
 from mmray.train.trainer import fit
 from mmray.tune.algorithms import SCHEDULERS, SEARCHERS
@@ -53,18 +54,12 @@ def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_di
             raise outcome.error
         return
     torch.set_num_threads(max(1, int(CPUS_PER_TRIAL)))  # concurrent trials share the cores
-    train_loop(config, _embedding_cache_context(config, run_dir, context_class or TuneTrialContext))
-
-
-def _embedding_cache_context(config, run_dir: str, context_class: type):
-    """The in-process trial's context, reading the sweep's embedding cache when it serves this trial."""
-    cache = plan(config, read_dataset_info(config.data.path), build=False)  # never built here: the sweep did
+    # The trial's plan, made once: never built here (the sweep built what trials share before the first one).
+    cache = plan(config, read_dataset_info(config.data.path), build=False)
     print(f"mmray {cache.line()}", flush=True)
-    if not cache.used:
-        return context_class(config, run_dir)
-    ctx = context_class(config, run_dir, readers=cached_readers(config, cache))
-    ctx.cached_encoders = cache.weights
-    return ctx
+    ctx = (context_class or TuneTrialContext)(config, run_dir,
+                                              readers=cached_readers(config, cache) if cache.used else None)
+    train_loop(config, ctx, LoopInputs.from_cache(cache))
 
 
 def _build_embedding_cache(setup: "SweepSetup") -> None:
