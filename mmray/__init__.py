@@ -25,8 +25,8 @@ _EXPORTS = {
     "evaluate": ("mmray.export.evaluate", "evaluate"),
     "load_job": ("mmray.config.loader", "load_job"),
     "JobConfig": ("mmray.config.schema", "JobConfig"),
-    "ConfigError": ("mmray.config.errors", "ConfigError"),
-    "UserError": ("mmray.config.errors", "UserError"),
+    "ConfigError": ("mmray.errors", "ConfigError"),
+    "UserError": ("mmray.errors", "UserError"),
     "fit": ("mmray.train.api", "train"),
     "tune_job": ("mmray.tune.api", "tune_job"),
 }

@@ -36,6 +36,7 @@ def run(args) -> int:
     spec = prepare(command, parse_args=build_parser().parse_args)  # bad verb, flag or config: exit 2, no connection
     for w in spec.warnings:
         print(f"mmray: warning: {w}", file=sys.stderr)
+    print(f"package:    {spec.package.summary()}", flush=True)
     cluster = connect(args.address, insecure=args.insecure)
     job_id = submit(cluster, spec)
     auth = f"token auth ({cluster.token.source})" if cluster.token else "no auth"

@@ -51,9 +51,9 @@ def tune_job(
         return run_sweep(load_setup(str(resume)), resume=True, report=report)
     if not job or not space:
         raise UserError("give JOB.yaml and --space SPACE.yaml (or --resume EXPERIMENT_DIR)")
-    job_raw = apply_overrides(read_yaml(job), overrides)
+    job_raw = apply_overrides(read_yaml(job), overrides, warn=True)
     config = validate_job(job_raw, str(job))  # a bad job is refused before anything starts
     sweep_space = load_space(str(space), job_raw, num_samples=num_samples)
-    setup = prepare(job_raw, sweep_space, name=name or f"{config.name}-sweep",
-                    storage=storage or config.storage, explicit_name=bool(name))
+    setup = prepare(job_raw, sweep_space, name=f"{config.name}-sweep" if name is None else name,
+                    storage=storage or config.storage, explicit_name=name is not None)
     return run_sweep(setup, report=report)

@@ -12,7 +12,6 @@ from typing import Any
 
 from mmray import storage as store
 from mmray.config import validate_job
-from mmray.config.errors import UserError
 from mmray.config.loader import apply_overrides
 from mmray.data.cache import cached_readers, plan, shared_plan
 from mmray.data.dataset_dir import read_dataset_info
@@ -116,10 +115,6 @@ def _tuner(setup: SweepSetup, *, restore: bool):
 
     space, exp = setup.space, setup.experiment_dir
     config = validate_job(setup.job_raw)
-    scaling_swept = sorted(k for k in space.parameters if k.startswith("scaling."))
-    if scaling_swept:
-        raise UserError(f"parameters.{scaling_swept[0]}: trial resources come from the job's scaling section "
-                        f"and cannot be swept; set it in the job")
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, job_raw=setup.job_raw, experiment_dir=exp), trial_resources(config))
     if restore:
@@ -174,12 +169,14 @@ def run_sweep(setup: SweepSetup, *, resume: bool = False, report: bool = True):
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # per-epoch checkpoints with num_to_keep force frequent state snapshots; expected, not worth a warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    ensure_ray()
-    _build_embedding_cache(setup)  # what every trial shares is prepared here, once, before the first trial
-    results = _tuner(setup, restore=resume).fit()
-    summary = finish(setup, results)
-    if report:
-        summary.report_path, summary.report_verdicts = write_report_safely(setup.experiment_dir)
+    # One sweep per experiment folder (a second one, or a --resume while it runs, is refused: exit 2).
+    with store.folder_lock(setup.experiment_dir, what="experiment"):
+        ensure_ray()
+        _build_embedding_cache(setup)  # what every trial shares is prepared here, once, before the first trial
+        results = _tuner(setup, restore=resume).fit()
+        summary = finish(setup, results)
+        if report:
+            summary.report_path, summary.report_verdicts = write_report_safely(setup.experiment_dir)
     return summary
 
 

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
+from mmray.errors import UserError
+from mmray.hf_local import looks_local
 from mmray.registry import ComponentConfig
 
 if TYPE_CHECKING:  # the schema imports the registries, which import this module
@@ -54,15 +56,21 @@ class EncoderConfig(ComponentConfig):
     def _path_fields(cls) -> tuple[str, ...]:
         return ()
 
+    def check_files(self, key: str) -> None:
+        """The local files this encoder reads are there; checked before Ray starts (``key``: its dotted section).
+
+        Raises:
+            UserError: naming ``key.<field>``, the path and "not found".
+        """
+        for field in self._path_fields():
+            path = getattr(self, field)
+            if path is not None and not os.path.exists(os.path.expanduser(path)):
+                raise UserError(f"{key}.{field}: {path}: not found")
+
 
 def _absolute(path: str) -> str:
     """``path`` made absolute if it names something on the local disk; URIs and hub names unchanged."""
     return os.path.abspath(os.path.expanduser(path)) if looks_local(path) else path
-
-
-def looks_local(path: str) -> bool:
-    """True if ``path`` names a local file or folder (existing, or spelt like a path: ``/``, ``.``, ``~``)."""
-    return "://" not in path and (path.startswith(("/", ".", "~")) or os.path.exists(path))
 
 
 @dataclass(frozen=True)
