@@ -7,8 +7,8 @@ from typing import Any, Callable
 
 from mmray import storage as store
 from mmray.config import JobConfig
-from mmray.config.schema import check_run_name
 from mmray.config.errors import UserError
+from mmray.config.schema import check_run_name
 from mmray.data.dataset_dir import DatasetInfo, check_shards, read_dataset_info
 
 EXPORT_DIR = "export"

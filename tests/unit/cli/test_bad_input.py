@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import small_job
 
 from mmray.cli.main import main
 from mmray.data.synth import synth
-
-from helpers import small_job
 
 REPO = Path(__file__).resolve().parents[3]
 
