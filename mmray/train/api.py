@@ -96,6 +96,20 @@ def resolve_run_dir(storage: str, name: str, *, explicit_name: bool) -> tuple[st
         candidate = f"{name}-{n}"
 
 
+def check_resume_point(run_dir: str) -> None:
+    """The checkpoint a resume continues from (the latest kept) holds a plain training state; checked here,
+    before Ray starts, so a planted or damaged ``state.pt`` is exit 2 naming the file, not a worker failure.
+
+    Raises:
+        UserError: from :func:`mmray.train.checkpoint.read_state`.
+    """
+    from mmray.train.checkpoint import kept_checkpoints, read_state
+
+    kept = kept_checkpoints(run_dir)
+    if kept:
+        read_state(kept[max(kept)])
+
+
 def finished_run(run_dir: str) -> RunResult:
     """The result of a run that already finished, read back from its export's ``metrics.json``."""
     import json
@@ -121,7 +135,8 @@ def train(
     """Train ``config`` on Ray (a local cluster unless ``RAY_ADDRESS`` is set) and export the best epoch.
 
     Raises:
-        UserError: bad dataset, or storage that cannot be written or is nearly full (nothing started).
+        UserError: bad dataset, storage that cannot be written or is nearly full, or a run folder another
+            process is using (nothing started).
         RuntimeError: training failed; the run folder keeps its checkpoints for a resume.
     """
     if name is not None:
@@ -134,15 +149,27 @@ def train(
     run_dir, state = resolve_run_dir(root, name or config.name, explicit_name=name is not None)
     if state == "finished":
         return finished_run(run_dir)
+    # One process per run folder: a second `mmray train --name X` is refused, naming the holder (exit 2).
+    with store.folder_lock(run_dir, what="run"):
+        if state == "resume":
+            check_resume_point(run_dir)
+        return _train_locked(config, info, run_dir, state, on_event)
+
+
+def _train_locked(config: JobConfig, info: DatasetInfo, run_dir: str, state: str, on_event) -> RunResult:
     from mmray.data.cache import plan
     from mmray.train.finalize import export_checkpoint, supervised_best
-    from mmray.train.trainer import fit
+    from mmray.train.loop import NonFiniteLossError
+    from mmray.train.trainer import fit, worker_error
 
     # Built once per dataset and key (a lock makes concurrent runs wait for one build); refused with a
     # reason when an encoder trains or augmentation changes a frozen encoder's inputs.
     cache = plan(config, info, build=True)
     outcome = fit(config, run_dir=run_dir, on_event=on_event, cache=cache)
     if outcome.error is not None:
+        known = worker_error(outcome.error, NonFiniteLossError) or worker_error(outcome.error, UserError)
+        if known is not None:  # mmray's own message, not Ray's wrapping of it
+            raise known from None
         raise RuntimeError(f"training failed: {outcome.error}") from outcome.error
     if outcome.best_checkpoint is None:
         raise RuntimeError(f"training reported no checkpoint; see the logs under {run_dir}")

@@ -136,6 +136,8 @@ def prepare(job_raw: dict[str, Any], space: SpaceConfig, *, name: str, storage: 
         n += 1
         experiment_dir = store.join(root, f"{name}-{n}")
     if store.exists(store.join(experiment_dir, JOB_FILE)):
+        with store.folder_lock(experiment_dir, what="experiment"):  # in use: that message, naming the holder
+            pass
         raise UserError(f"experiment {experiment_dir} exists; continue it with `mmray tune --resume {experiment_dir}` "
                         f"or choose another --name")
     store.makedirs(experiment_dir)
@@ -238,12 +240,14 @@ def run_sweep(setup: SweepSetup, *, resume: bool = False, report: bool = True):
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # per-epoch checkpoints with num_to_keep force frequent state snapshots; expected, not worth a warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    ensure_ray()
-    _build_embedding_cache(setup)  # what every trial shares is prepared here, once, before the first trial
-    results = _tuner(setup, restore=resume).fit()
-    summary = finish(setup, results)
-    if report:
-        summary.report_path, summary.report_verdicts = write_report_safely(setup.experiment_dir)
+    # One sweep per experiment folder (a second one, or a --resume while it runs, is refused: exit 2).
+    with store.folder_lock(setup.experiment_dir, what="experiment"):
+        ensure_ray()
+        _build_embedding_cache(setup)  # what every trial shares is prepared here, once, before the first trial
+        results = _tuner(setup, restore=resume).fit()
+        summary = finish(setup, results)
+        if report:
+            summary.report_path, summary.report_verdicts = write_report_safely(setup.experiment_dir)
     return summary
 
 

@@ -8,10 +8,9 @@ import json
 import os
 
 import pytest
+from helpers import BEST_SINGLE_MODALITY_CEILING, corrupt_image, small_job
 
 from mmray.data.synth import synth
-
-from helpers import BEST_SINGLE_MODALITY_CEILING, corrupt_image, small_job
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.ray]

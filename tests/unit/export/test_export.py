@@ -175,8 +175,14 @@ def test_hugging_face_encoders_predict_from_the_export_alone(exported, tmp_path)
     afterwards still loads and predicts the same."""
     import string
 
-    from transformers import (BertConfig, BertModel, BertTokenizerFast, Wav2Vec2Config, Wav2Vec2FeatureExtractor,
-                              Wav2Vec2Model)
+    from transformers import (
+        BertConfig,
+        BertModel,
+        BertTokenizerFast,
+        Wav2Vec2Config,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2Model,
+    )
 
     from mmray.config import validate_job
     from mmray.data.tokenizer import TextTokenizer
