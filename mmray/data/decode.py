@@ -203,7 +203,8 @@ class Preprocessor:
         A list left out means that modality is missing in every row. No label keys are returned.
 
         Raises:
-            UserError: the given lists differ in length, or all are empty.
+            UserError: the given lists differ in length, or all are empty, or an input cannot be decoded
+                (the message names its row, ``input-<i>`` or the given id, and the reason).
         """
         given = {m: v for m, v in (("image", images), ("text", texts), ("audio", audios)) if v is not None}
         lengths = {m: len(v) for m, v in given.items()}
@@ -215,7 +216,10 @@ class Preprocessor:
             column = np.empty(n, dtype=object)  # filled item by item: numpy must not split bytes or strings
             column[:] = list(given.get(m, [None] * n))
             batch[m] = column
-        return self(batch)
+        try:
+            return self(batch)
+        except BadRecordError as e:  # a caller's own input, not a record of a run: bad input (exit 2)
+            raise UserError(f"{e.record_id}: {e.column}: {e.reason}") from None
 
     # -------------------------------------------------------------- per column
     def _bad(self, record_id: Any, column: str, reason: str, valid: np.ndarray, i: int) -> None:

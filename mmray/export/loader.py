@@ -122,12 +122,7 @@ class Predictor:
             raise UserError(f"this model reads {', '.join(self.modalities)}; it takes no {', '.join(extra)} inputs")
         if isinstance(texts, str):
             raise UserError("texts: expected a list of strings (one per row), got one string")
-        from mmray.data.decode import BadRecordError
-
-        try:
-            return self.preprocessor.from_raw(images=images, texts=texts, audios=audios)
-        except BadRecordError as e:  # an input the caller gave, not a record met mid-run: bad usage
-            raise UserError(str(e)) from None
+        return self.preprocessor.from_raw(images=images, texts=texts, audios=audios)
 
     def predict(
         self,

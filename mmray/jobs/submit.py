@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 from mmray.config.errors import UserError
 from mmray.jobs.client import Cluster
-from mmray.jobs.package import EXCLUDES, Package, package_files, stage
+from mmray.jobs.package import Package, package_files, stage
 
 VERBS = ("train", "tune")
 # Environment variables a job spec never carries: anyone who can list the cluster's jobs reads the spec.

@@ -70,7 +70,7 @@ def test_secrets_and_gitignored_files_are_never_packaged_and_the_summary_says_so
     assert names == {".gitignore", "jobs/quickstart.yaml", "search_spaces/quick.yaml", "mmray/data/pipeline.py",
                      "notes/readme.md"}
     summary = spec.package.summary()
-    assert summary.startswith(f"5 files, ") and str(root) in summary
+    assert summary.startswith("5 files, ") and str(root) in summary
     assert "left out: 12 that may hold secrets, 2 ignored by .gitignore/.rayignore" in summary
 
 
