@@ -161,7 +161,6 @@ def train(
 def _train_locked(config: JobConfig, info: DatasetInfo, run_dir: str, state: str, on_event) -> RunResult:
     from mmray.data.cache import plan
     from mmray.train.finalize import export_checkpoint, supervised_best
-    from mmray.train.loop import NonFiniteLossError
     from mmray.train.trainer import fit, worker_error
 
     # Built once per dataset and key (a lock makes concurrent runs wait for one build); refused with a
@@ -169,8 +168,8 @@ def _train_locked(config: JobConfig, info: DatasetInfo, run_dir: str, state: str
     cache = plan(config, info, build=True)
     outcome = fit(config, run_dir=run_dir, on_event=on_event, cache=cache)
     if outcome.error is not None:
-        known = (worker_error(outcome.error, NonFiniteLossError) or worker_error(outcome.error, UserError)
-                 or worker_error(outcome.error, RunError))  # e.g. a bad record under on_bad_record: fail
+        # e.g. a bad record under on_bad_record: fail, or a non-finite loss (both RunErrors)
+        known = worker_error(outcome.error, UserError) or worker_error(outcome.error, RunError)
         if known is not None:  # mmray's own message, not Ray's wrapping of it
             raise known from None
         raise RuntimeError(f"training failed: {outcome.error}") from outcome.error

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmray.config import JobConfig
+from mmray.config.errors import RunError
 from mmray.config.schema import LRScheduleConfig, OptimizerConfig
 from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
 from mmray.data.tokenizer import TextTokenizer
@@ -39,7 +40,7 @@ PROGRESS_EVERY_S = 1.0
 FINITE_CHECK_EVERY = 10
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunError):
     """The training loss became NaN or infinite: the run stops before that epoch is evaluated, checkpointed
     or exported. Raised on every rank at the same batch."""
 
