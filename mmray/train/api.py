@@ -146,6 +146,7 @@ def train(
 def _train_locked(config: JobConfig, info: DatasetInfo, run_dir: str, state: str, on_event) -> RunResult:
     from mmray.data.cache import plan
     from mmray.train.finalize import export_checkpoint, supervised_best
+    from mmray.train.checkpoint import StorageFullError
     from mmray.train.loop import NonFiniteLossError
     from mmray.train.trainer import fit, worker_error
 
@@ -154,7 +155,8 @@ def _train_locked(config: JobConfig, info: DatasetInfo, run_dir: str, state: str
     cache = plan(config, info, build=True)
     outcome = fit(config, run_dir=run_dir, on_event=on_event, cache=cache)
     if outcome.error is not None:
-        known = worker_error(outcome.error, NonFiniteLossError) or worker_error(outcome.error, UserError)
+        known = next(filter(None, (worker_error(outcome.error, kind)
+                                   for kind in (NonFiniteLossError, StorageFullError, UserError))), None)
         if known is not None:  # mmray's own message, not Ray's wrapping of it
             raise known from None
         raise RuntimeError(f"training failed: {outcome.error}") from outcome.error

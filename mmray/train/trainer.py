@@ -82,15 +82,44 @@ class RayWorkerContext:
         name = os.path.basename(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
-    def latest_checkpoint(self) -> str | None:
+    def keep(self, checkpoint_dir: str) -> None:
+        return None  # Ray Train stores and registers the checkpoint in report; a resume continues from the last one
+
+    @contextlib.contextmanager
+    def resume_checkpoint(self):
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        return checkpoint.to_directory() if checkpoint is not None else None
+        with local_checkpoint(ray.train.get_checkpoint()) as path:
+            yield path
 
     def progress(self, event: dict[str, Any]) -> None:
         if self.rank == 0 and self._relay is not None:
             self._relay.push.remote(event)
+
+
+@contextlib.contextmanager
+def local_checkpoint(checkpoint):
+    """A Ray ``Checkpoint`` (Train's or Tune's; None passes through) as a local folder for the ``with`` block.
+
+    A checkpoint on local storage is used where it is; one elsewhere is downloaded into a temporary folder
+    that is deleted at the end, also on failure (Ray's ``to_directory()`` leaves a ``checkpoint_tmp_*`` copy
+    of the whole checkpoint in the system temp folder on every resume, never deleted)."""
+    import shutil
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    if checkpoint is None:
+        yield None
+        return
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem) and os.path.isdir(checkpoint.path):
+        yield checkpoint.path
+        return
+    tmp = tempfile.mkdtemp(prefix="mmray-resume-")
+    try:
+        yield checkpoint.to_directory(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _silence_report_log() -> None:
