@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmray.config import JobConfig, to_yaml
-from mmray.config.errors import UserError
+from mmray.config.errors import RunError, UserError
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
@@ -113,7 +113,7 @@ def save_checkpoint(
     return path
 
 
-class StorageFullError(RuntimeError):
+class StorageFullError(RunError):
     """The disk (or quota) filled up while an epoch's checkpoint was written. The partial checkpoint is
     removed, never registered; a resume continues from ``resume_epoch``'s checkpoint."""
 

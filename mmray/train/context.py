@@ -6,8 +6,8 @@ Parquet reader; used by tests, by in-process sweep trials and on a laptop with n
 """
 from __future__ import annotations
 
-import os
 import contextlib
+import os
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Protocol
 
 import torch

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from mmray import storage as store
 from mmray.config import JobConfig
 from mmray.data.dataset_dir import DatasetInfo

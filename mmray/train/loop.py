@@ -7,27 +7,35 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmray import storage as store
 from mmray.config import JobConfig
+from mmray.config.errors import RunError
 from mmray.config.schema import LRScheduleConfig, OptimizerConfig
 from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
 from mmray.data.tokenizer import TextTokenizer
 from mmray.models.builder import build_job_model, job_tasks
 from mmray.models.cached import check_cached_encoders, encoder_hashes
 from mmray.seeding import seed_everything
-from mmray import storage as store
-from mmray.train.checkpoint import (StorageFullError, TrainState, checkpoint_name, is_storage_full, load_checkpoint,
-                                    save_checkpoint, unwrap)
+from mmray.train.checkpoint import (
+    StorageFullError,
+    TrainState,
+    checkpoint_name,
+    is_storage_full,
+    load_checkpoint,
+    save_checkpoint,
+    unwrap,
+)
 from mmray.train.context import WorkerContext
 from mmray.train.device import DeviceMonitor, batch_to_device, maybe_compile, to_channels_last, uses_channels_last
 from mmray.train.metrics import ClassificationMetrics, metrics_from_confusion
@@ -41,7 +49,7 @@ PROGRESS_EVERY_S = 1.0
 FINITE_CHECK_EVERY = 10
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunError):
     """The training loss became NaN or infinite: the run stops before that epoch is evaluated, checkpointed
     or exported. Raised on every rank at the same batch."""
 
@@ -215,7 +223,8 @@ def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, confi
         no_sync = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
         with no_sync, torch.autocast(ctx.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             parts = step_losses(model, model(batch), batch, lambda logits: task_losses(
-                logits, batch, config.train.label_smoothing, config.train.task_weights), config, epoch, ctx)
+                logits, batch, config.train.label_smoothing, config.train.task_weights),  # noqa: B023 - called at once
+                config, epoch, ctx)
             total = parts["total"]
             if held and any(k.endswith(".pooled") for k in batch):
                 # Cached embeddings: the encoders waiting to unfreeze did not run, but DDP expects a gradient
@@ -475,6 +484,10 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
                 _report_again(ctx, state, resume_from)  # finished: nothing is trained again
                 return state
 
+    def save(path: str) -> str:  # this epoch's checkpoint; frozen encoders are left out, named with their hashes
+        return save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                               state=state, config=config, frozen={f"encoders.{m}": d for m, d in frozen.items()})
+
     outputs = EpochOutputs(ctx.run_dir, first_epoch=state.epoch + 1) if ctx.rank == 0 else None
     try:
         metric, mode = config.train.metric, config.train.mode
@@ -504,10 +517,7 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
             scalars["best_epoch"] = float(state.best_epoch or 0)  # 0 while pre-training: no candidate yet
             state.history.append(scalars)
 
-            frozen_out = {f"encoders.{m}": digest for m, digest in frozen.items()}
-            _checkpoint_record_report(ctx, epoch, scalars, state, outputs, lambda path: save_checkpoint(
-                path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state,
-                config=config, frozen=frozen_out))
+            _checkpoint_record_report(ctx, epoch, scalars, state, outputs, save)
             ctx.progress({"type": "epoch_end", "epoch": epoch, "epochs": config.train.epochs, "metrics": scalars,
                           "metric": metric, "phase": phase})
             if patience is not None and state.epochs_without_improvement >= patience:

@@ -301,7 +301,7 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     ``callbacks`` are Ray Train ``UserCallback``s (a sweep passes Tune's report callback). ``cache`` is the
     :class:`~mmray.data.cache.CachePlan` to train from; None looks one up (never builds: sweeps build first).
     """
-    ray = ensure_ray()
+    ensure_ray()
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -381,22 +381,13 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     return FitOutcome(run_dir, best_path, result.error)
 
 
-def worker_error(error: BaseException | None, kind: type[BaseException]) -> BaseException | None:
-    """The ``kind`` exception a worker raised, found inside Ray Train's wrappers of ``error``
+def worker_error(error: BaseException | None, kind) -> BaseException | None:
+    """The ``kind`` exception (a class or a tuple of them) a worker raised, found inside Ray Train's wrappers of ``error``
     (``WorkerGroupError.worker_failures``, their ``UserExceptionWithTraceback``, ``__cause__`` chains);
     None when there is none."""
-    seen, todo = set(), [error]
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, kind):
-            return e
-        todo += list((getattr(e, "worker_failures", None) or {}).values())
-        # Train V2 wraps a worker's exception in UserExceptionWithTraceback (``_base_exc``)
-        todo += [getattr(e, "_base_exc", None), getattr(e, "cause", None), e.__cause__, e.__context__]
-    return None
+    from mmray.config.errors import find_error
+
+    return find_error(error, kind)
 
 
 def _embedding_cache(config: JobConfig, info, cache, on_event):

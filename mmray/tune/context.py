@@ -7,9 +7,9 @@ from typing import Any, Iterator
 
 from mmray import storage as store
 from mmray.config import JobConfig
+from mmray.data.reader import split_readers
 from mmray.train.checkpoint import copy_checkpoint, is_complete, kept_checkpoints
 from mmray.train.context import LocalContext
-from mmray.data.reader import split_readers
 
 
 class TuneTrialContext(LocalContext):

@@ -21,7 +21,7 @@ import yaml
 from mmray import storage as store
 from mmray.config import validate_job
 from mmray.config.errors import UserError
-from mmray.config.loader import apply_overrides
+from mmray.config.loader import apply_overrides, parse_yaml
 from mmray.tune.algorithms import SCHEDULERS, SEARCHERS
 from mmray.tune.space import SpaceConfig, check_against_job
 
@@ -121,10 +121,13 @@ def prepare(job_raw: dict[str, Any], space: SpaceConfig, *, name: str, storage: 
     An existing experiment is never reused: with ``explicit_name`` that is an error (continue it with
     ``--resume``), otherwise the next free ``NAME-2``, ``NAME-3``... is used.
     """
-    from mmray.train.api import absolute_paths, check_dataset
+    from mmray.config.schema import check_run_name
+    from mmray.train.api import absolute_paths, check_dataset, check_model_files
 
+    check_run_name(name, "--name" if explicit_name else "name")
     config = absolute_paths(validate_job(job_raw))
     check_dataset(config)
+    check_model_files(config)
     job_raw = apply_overrides(job_raw, [("data.path", config.data.path)])
     store.check_writable(storage)  # before Ray starts
     root = store.normalize(storage)
@@ -148,8 +151,9 @@ def load_setup(experiment_dir: str) -> SweepSetup:
     experiment_dir = store.normalize(experiment_dir)
     if not store.is_file(store.join(experiment_dir, JOB_FILE)):
         raise UserError(f"{experiment_dir}: not an mmray experiment (no {JOB_FILE})")
-    job_raw = yaml.safe_load(store.read_text(store.join(experiment_dir, JOB_FILE)))
-    space = SpaceConfig.model_validate(yaml.safe_load(store.read_text(store.join(experiment_dir, SPACE_FILE))))
+    job_file, space_file = store.join(experiment_dir, JOB_FILE), store.join(experiment_dir, SPACE_FILE)
+    job_raw = parse_yaml(store.read_text(job_file), job_file)
+    space = SpaceConfig.model_validate(parse_yaml(store.read_text(space_file), space_file))
     check_against_job(space, job_raw)
     return SweepSetup(experiment_dir, job_raw, space)
 
@@ -179,10 +183,6 @@ def _tuner(setup: SweepSetup, *, restore: bool):
 
     space, exp = setup.space, setup.experiment_dir
     config = validate_job(setup.job_raw)
-    scaling_swept = sorted(k for k in space.parameters if k.startswith("scaling."))
-    if scaling_swept:
-        raise UserError(f"parameters.{scaling_swept[0]}: trial resources come from the job's scaling section "
-                        f"and cannot be swept; set it in the job")
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, job_raw=setup.job_raw, experiment_dir=exp), trial_resources(config))
     if restore:

@@ -11,12 +11,11 @@ import time
 
 import pytest
 import yaml
+from helpers import small_job
 
 from mmray.data.synth import synth
 
-from helpers import small_job
-
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 EPOCHS = 5
 
 

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 import yaml
+from helpers import small_job
 
 from mmray.cli.main import main
 from mmray.config.errors import UserError
@@ -14,8 +15,6 @@ from mmray.data.synth import synth
 from mmray.train.checkpoint import STATE, read_state
 from mmray.train.finalize import train_state
 from mmray.train.local import train_local
-
-from helpers import small_job
 
 
 class _Payload:

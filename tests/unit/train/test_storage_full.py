@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+from helpers import small_job
 
 from mmray.data.reader import split_readers
 from mmray.data.synth import synth
@@ -15,8 +16,6 @@ from mmray.train.checkpoint import StorageFullError
 from mmray.train.context import LocalContext
 from mmray.train.local import train_local
 from mmray.train.loop import train_loop
-
-from helpers import small_job
 
 
 @pytest.fixture

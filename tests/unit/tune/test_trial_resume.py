@@ -13,13 +13,12 @@ import pytest
 
 ray = pytest.importorskip("ray")
 import ray.tune  # noqa: E402
+from helpers import small_job  # noqa: E402
 
 from mmray.data.synth import synth  # noqa: E402
 from mmray.train.checkpoint import read_state  # noqa: E402
 from mmray.train.loop import train_loop  # noqa: E402
 from mmray.tune.context import TuneTrialContext  # noqa: E402
-
-from helpers import small_job  # noqa: E402
 
 
 class Killed(BaseException):
