@@ -11,7 +11,7 @@ import torch
 
 from mmray import storage as store
 from mmray.config import JobConfig
-from mmray.runtime import ensure_ray
+from mmray.runtime import ensure_ray, is_verbose
 from mmray.train.loop import train_loop
 
 RAW_SUFFIX = "_decoded"  # datasets read from the shards when a partial embedding cache serves the first epochs
@@ -184,20 +184,22 @@ class _ConsoleQuiet:
             logger.addFilter(cls())
 
 
-def _worker_failure_callback(relay: Any, max_failures: int):
+def _worker_failure_callback(relay: Any, max_failures: int, *, quiet: bool = True):
     """A Ray Train ``UserCallback`` (it runs on the controller) that sends one line per worker-group failure to
     the driver through ``relay``: ``worker 1 died (killed, out of memory or crashed; pid 4242); restarting from
-    epoch 1's checkpoint, failure 1 of 1``."""
+    epoch 1's checkpoint, failure 1 of 1``. With ``quiet`` (not ``--verbose``), Ray's traceback of the death
+    goes to Ray Train's log files only (:class:`_ConsoleQuiet`)."""
     from ray.train import UserCallback
 
     class WorkerFailureLine(UserCallback):
         def __init__(self):
-            self.relay, self.max_failures = relay, max_failures
+            self.relay, self.max_failures, self.quiet = relay, max_failures, quiet
             self.failures, self.epoch = 0, 0
 
         def __setstate__(self, state):  # unpickled on the controller: quiet its console there
             self.__dict__.update(state)
-            _ConsoleQuiet.install()
+            if self.quiet:
+                _ConsoleQuiet.install()
 
         def after_report(self, run_context, metrics, checkpoint) -> None:
             from mmray.train.checkpoint import PREFIX
@@ -346,7 +348,8 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=[*(callbacks or []),
-                       *([_worker_failure_callback(relay, config.train.max_failures)] if relay is not None else [])],
+                       *([_worker_failure_callback(relay, config.train.max_failures, quiet=not is_verbose())]
+                         if relay is not None else [])],
         ),
         datasets=datasets,
     )
@@ -369,7 +372,7 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
         poller = threading.Thread(target=poll, name="mmray-progress", daemon=True)
         poller.start()
     try:
-        with _quiet_worker_deaths(worker_pids if relay is not None else None):
+        with _quiet_worker_deaths(worker_pids if relay is not None and not is_verbose() else None):
             result = trainer.fit()
     finally:
         stop.set()
