@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 from mmray.config import load_job
 from mmray.config.errors import UserError
 from mmray.config.loader import apply_overrides, read_yaml
+from mmray.config.schema import check_run_name
 from mmray.jobs.client import Cluster
 from mmray.jobs.package import Package, package_files, stage
 from mmray.runtime import QUIET_ENV
@@ -77,6 +78,8 @@ def check_command(args: Sequence[str], working_dir: str,
         if not ns.job:
             raise UserError("give JOB.yaml after the verb: mmray submit -- train JOB.yaml")
         config = load_job(ns.job, ns.overrides)
+        if ns.name is not None:
+            check_run_name(ns.name, "--name")  # one path component, as `mmray train|tune` will insist
         if ns.verb == "tune":
             if not ns.space:
                 raise UserError("give --space SPACE.yaml: mmray submit -- tune JOB.yaml --space SPACE.yaml")
