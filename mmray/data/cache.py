@@ -46,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmray.config.errors import UserError
+from mmray.config.errors import RunError, UserError
 from mmray.data.dataset_dir import DatasetInfo
 from mmray.data.reader import _batches, read_row_group, row_group_units, shuffled_units, table_columns
 
@@ -454,7 +454,7 @@ class _EncodeUnits:
             for m in self.encoders:
                 os.makedirs(os.path.join(self.staging[m], str(split)), exist_ok=True)
                 pq.write_table(_to_table(batch, m, table.column("id")),
-                               os.path.join(self.staging[m], str(split), str(part)))
+                               os.path.join(self.staging[m], str(split), str(part)), write_page_checksum=True)
             rows.append(table.num_rows)
         return {"rows": np.asarray(rows)}
 
@@ -496,7 +496,12 @@ def read_part(entries: dict[str, CacheEntry], split: str, part: str) -> pa.Table
     """The part ``part`` of every entry side by side (rows align: same row group, same order)."""
     table = None
     for m in sorted(entries):
-        t = pq.read_table(entries[m].part_path(split, part))
+        path = entries[m].part_path(split, part)
+        try:
+            t = pq.read_table(path, page_checksum_verification=True)
+        except (OSError, pa.ArrowException) as e:
+            raise RunError(f"embedding cache part {path} is damaged ({str(e).splitlines()[0]}); delete "
+                           f"{entries[m].path} and run again: it is rebuilt from the dataset") from None
         if table is None:
             table = t
             continue
