@@ -4,12 +4,11 @@ from __future__ import annotations
 import os
 
 import pytest
+from helpers import small_job
 
 from mmray.data.synth import synth
 from mmray.train.local import train_local
 from mmray.tune.sweep import release_trial_memory
-
-from helpers import small_job
 
 pytestmark = pytest.mark.slow  # about 30 s of training: 14 tiny trials
 TRIALS, WARM_UP = 14, 4
