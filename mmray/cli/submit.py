@@ -33,7 +33,8 @@ def run(args) -> int:
     from mmray.jobs import connect, follow_logs, prepare, submit
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    spec = prepare(command, parse_args=build_parser().parse_args)  # bad verb, flag or config: exit 2, no connection
+
+    spec = prepare(command, parse=build_parser().parse_args)  # a bad verb, flag or config: exit 2, nothing sent
     for w in spec.warnings:
         print(f"mmray: warning: {w}", file=sys.stderr)
     print(f"package:    {spec.package.summary()}", flush=True)

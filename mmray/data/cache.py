@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmray.config import JobConfig
-from mmray.config.errors import UserError
+from mmray.config.errors import RunError, UserError
 from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
 from mmray.data.decode import Preprocessor
 from mmray.data.reader import (
@@ -451,7 +451,7 @@ class _EncodeUnits:
             for m in self.encoders:
                 os.makedirs(os.path.join(self.staging[m], str(split)), exist_ok=True)
                 pq.write_table(_to_table(batch, m, table.column("id")),
-                               os.path.join(self.staging[m], str(split), str(part)))
+                               os.path.join(self.staging[m], str(split), str(part)), write_page_checksum=True)
             rows.append(table.num_rows)
         return {"rows": np.asarray(rows)}
 
@@ -493,7 +493,12 @@ def read_part(entries: dict[str, CacheEntry], split: str, part: str) -> pa.Table
     """The part ``part`` of every entry side by side (rows align: same row group, same order)."""
     table = None
     for m in sorted(entries):
-        t = pq.read_table(entries[m].part_path(split, part))
+        path = entries[m].part_path(split, part)
+        try:
+            t = pq.read_table(path, page_checksum_verification=True)
+        except (OSError, pa.ArrowException) as e:
+            raise RunError(f"embedding cache part {path} is damaged ({str(e).splitlines()[0]}); delete "
+                           f"{entries[m].path} and run again: it is rebuilt from the dataset") from None
         if table is None:
             table = t
             continue

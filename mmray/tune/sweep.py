@@ -58,7 +58,30 @@ def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_di
     print(f"mmray {cache.line()}", flush=True)
     ctx = (context_class or TuneTrialContext)(config, run_dir,
                                               readers=cached_readers(config, cache) if cache.used else None)
-    train_loop(config, ctx, LoopInputs.from_cache(cache))
+    try:
+        train_loop(config, ctx, LoopInputs.from_cache(cache))
+    finally:
+        release_trial_memory()  # the next trial reuses this process
+
+
+def release_trial_memory() -> None:
+    """After an in-process trial, in the process the next trial reuses: collect the trial's model, optimizer
+    and readers (all locals of the loop, unreachable now) and give freed memory back to the OS: pyarrow's
+    pool keeps freed buffers, and glibc keeps freed arenas, unless asked (``malloc_trim``).
+
+    What stays, once per process: torch, the decoders, pyarrow and their caches (about 1.1 GB RSS on CPU).
+    Measured on 15 tiny trials in one process: RSS grew 11 MB with this, 37 MB without."""
+    import ctypes
+    import gc
+
+    import pyarrow as pa
+
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc (macOS, musl): its allocator returns memory its own way
 
 
 def _build_embedding_cache(setup: "SweepSetup") -> None:
