@@ -23,7 +23,6 @@ from typing import Any
 from mmray import storage as store
 from mmray.config.errors import UserError
 
-LEDGER = "budget.json"
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -53,7 +52,9 @@ def format_duration(seconds: float) -> str:
 
 
 def write_ledger(experiment_dir: str, ledger: dict[str, Any]) -> None:
-    store.write_text(store.join(experiment_dir, LEDGER), json.dumps(ledger, indent=2) + "\n")
+    from mmray.tune.experiment import BUDGET_FILE
+
+    store.write_text(store.join(experiment_dir, BUDGET_FILE), json.dumps(ledger, indent=2) + "\n")
 
 
 @dataclass
@@ -68,7 +69,9 @@ class Ledger:
 
 
 def read_ledger(experiment_dir: str) -> Ledger:
-    path = store.join(experiment_dir, LEDGER)
+    from mmray.tune.experiment import BUDGET_FILE
+
+    path = store.join(experiment_dir, BUDGET_FILE)
     if not store.is_file(path):
         return Ledger()
     try:
