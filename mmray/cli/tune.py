@@ -18,6 +18,9 @@ def register(sub) -> None:
     p.add_argument("--time-budget", metavar="DURATION", help="wall-clock budget of the sweep, e.g. 90s, 20m, 1.5h: "
                    "trials start while it lasts, running ones are stopped at its end (with --num-samples: "
                    "whichever comes first)")
+    p.add_argument("--finalists", type=int, metavar="K", help="train the top K trials again with other seeds before "
+                   "naming the winner (the best mean wins); 0 = off (default: the space's finalists, 3 in the "
+                   "built-in space)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--name", help="experiment name (default: <job name>-sweep, or -2, -3... when that exists)")
     p.add_argument("--storage", help="where experiments go (default: the job's storage, ./runs)")
@@ -29,7 +32,8 @@ def run(args) -> int:
     from mmray.tune.results import format_summary
 
     summary = tune_job(args.job, args.space, overrides=args.overrides, num_samples=args.num_samples,
-                       time_budget=args.time_budget, name=args.name, storage=args.storage, resume=args.resume)
+                       time_budget=args.time_budget, finalists=args.finalists, name=args.name, storage=args.storage,
+                       resume=args.resume)
     print()
     print(format_summary(summary))
     return 0

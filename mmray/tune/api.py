@@ -21,6 +21,7 @@ def tune_job(
     overrides: Iterable[str] = (),
     num_samples: int | None = None,
     time_budget: str | float | None = None,
+    finalists: int | None = None,
     name: str | None = None,
     storage: str | None = None,
     resume: str | None = None,
@@ -38,7 +39,9 @@ def tune_job(
             it allows).
         time_budget: the sweep's wall-clock budget, ``"90s"``, ``"20m"``, ``"1.5h"`` or seconds: no trial starts
             after it and unfinished trials are stopped, their checkpoints kept and ranked. With
-            ``num_samples``, whichever ends first.
+            ``num_samples``, whichever ends first. With finalists, the search gets three quarters of it.
+        finalists: train the top ``finalists`` trials again with other seeds before naming the winner (the
+            best mean wins); 0 = off. Default: the space's ``finalists`` (3 in the built-in space).
         name: the experiment's name; an existing experiment of that name is an error. Default:
             ``<job name>-sweep``, or the next free ``-2``, ``-3``...
         storage: where experiments go (a folder or a URI); default the job's ``storage``.
@@ -53,7 +56,7 @@ def tune_job(
         UserError: a bad job, space, time budget or dataset, or an experiment that exists (nothing started).
     """
     if resume:
-        if job or space or time_budget is not None or num_samples is not None:
+        if job or space or time_budget is not None or num_samples is not None or finalists is not None:
             raise UserError("--resume takes only EXPERIMENT_DIR: the job, space and budget are read from it")
         return run_sweep(load_setup(str(resume)), resume=True, report=report)
     if not job:
@@ -62,7 +65,7 @@ def tune_job(
     job_raw = apply_overrides(read_yaml(job), overrides, warn=True)
     config = validate_job(job_raw, str(job))  # a bad job is refused before anything starts
     sweep_space = load_space(str(space) if space is not None else None, job_raw, num_samples=num_samples,
-                             time_budget=budget)
+                             time_budget=budget, finalists=finalists)
     setup = prepare(job_raw, sweep_space, name=f"{config.name}-sweep" if name is None else name,
                     storage=storage or config.storage, explicit_name=name is not None)
     return run_sweep(setup, report=report)

@@ -91,7 +91,7 @@ def spending_lines(ledger: Ledger, statuses: dict[str, str], winner_id: str | No
         return []
     count = {s: sum(v == s for v in statuses.values()) for s in ("completed", "stopped", "budget", "error")}
     started = sum(count.values())
-    head = (f"time budget {format_duration(ledger.budget_s)}, used {format_duration(ledger.elapsed_s)}"
+    head = (f"search time budget {format_duration(ledger.budget_s)}, used {format_duration(ledger.elapsed_s)}"
             if ledger.budget_s is not None else f"time used {format_duration(ledger.elapsed_s)}")
     parts = [f"{count['completed']} completed", f"{count['stopped']} stopped early (ASHA or patience)"]
     if ledger.budget_s is not None:

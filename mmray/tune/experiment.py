@@ -102,19 +102,33 @@ def read_leaderboard(experiment_dir: str) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def write_leaderboard(path: str, trials: list, param_keys: list[str]) -> None:
+def write_leaderboard(path: str, trials: list, param_keys: list[str], metric: str | None = None) -> None:
     """``leaderboard.csv`` at ``path`` (a local file): one row per trial (:class:`~mmray.tune.results.TrialRecord`),
     ranked, with its parameters and its best epoch's validation metrics."""
     metric_keys = sorted({k for t in trials for k in t.best if k.startswith(("val.", "train.loss"))
                           and not k.endswith(("confusion", ".rows"))})
     role = ["role"] if any(t.baseline for t in trials) else []  # only in sweeps with a baseline trial
+    # re-checked finalists (mmray.tune.finalists): the mean and sd of the metric over their runs, and how many
+    checked = [f"{metric}.mean", f"{metric}.sd", "runs"] if metric and any(t.rechecks for t in trials) else []
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["rank", "trial_id", "status", *role, *param_keys, "best_epoch", "epochs_run", *metric_keys])
+        w.writerow(["rank", "trial_id", "status", *role, *param_keys, "best_epoch", "epochs_run", *checked,
+                    *metric_keys])
         for rank, t in enumerate(trials, 1):
             w.writerow([rank, t.trial_id, t.status, *(["baseline" if t.baseline else ""] if role else []),
                         *(t.params.get(k, "") for k in param_keys),
-                        t.best_epoch or "", t.epochs_run, *(t.best.get(k, "") for k in metric_keys)])
+                        t.best_epoch or "", t.epochs_run, *(_checked(t, metric) if checked else []),
+                        *(t.best.get(k, "") for k in metric_keys)])
+
+
+def _checked(trial, metric: str) -> list:
+    from mmray.tune.finalists import mean_sd
+
+    if not trial.rechecks:
+        return ["", "", 1]
+    scores = trial.scores(metric)
+    mean, sd = mean_sd(scores)
+    return [round(mean, 6), round(sd, 6), len(scores)]
 
 
 # ----------------------------------------------------------------------------- trials

@@ -381,9 +381,19 @@ def _leaderboard_md(rep: Report, rows: list[dict[str, str]], space: SpaceConfig)
     metrics = [m for m in dict.fromkeys([rep.metric, "val.accuracy", "val.f1", "val.loss"]) if rows and m in rows[0]]
     role = ["role"] if rows and "role" in rows[0] else []
     header = ["rank", "trial_id", "status", *role, *params, "best_epoch", "epochs_run", *metrics]
+    mean = f"{rep.metric}.mean"
+    if rows and mean in rows[0]:  # finalists checked twice (mmray.tune.finalists): mean +- sd over their runs
+        header.append(f"{rep.metric} mean ± sd (runs)")
     return _table(header, [[_num(r.get(h, "")) if h not in ("trial_id", "status", "role") else r.get(h, "")
-                            for h in header]
+                            for h in header if not h.endswith("(runs)")]
+                           + ([_mean_sd(r, rep.metric)] if header[-1].endswith("(runs)") else [])
                            for r in rows[:TOP]])
+
+
+def _mean_sd(row: dict[str, str], metric: str) -> str:
+    if not row.get(f"{metric}.mean"):
+        return ""
+    return f"{float(row[metric + '.mean']):.4f} ± {float(row[metric + '.sd']):.4f} ({row['runs']})"
 
 
 def _arms_md(rep: Report) -> list[str]:

@@ -12,6 +12,7 @@ from mmray.data.dataset_dir import read_dataset_info
 from mmray.train.checkpoint import read_train_state
 from mmray.train.finalize import best_kept, export_checkpoint, measure_checkpoint, supervised_best
 from mmray.train.outputs import tensorboard_dir
+from mmray.tune import finalists
 from mmray.tune.baseline import is_baseline
 from mmray.tune.budget import read_ledger, spending_lines
 from mmray.tune.experiment import (
@@ -38,6 +39,11 @@ class TrialRecord:
     best_checkpoint: str | None
     error: str | None = None
     baseline: bool = False  # the job's own values (``baseline: true`` in the space)
+    rechecks: list[float] = field(default_factory=list)  # a finalist's re-runs' scores (mmray.tune.finalists)
+
+    def scores(self, metric: str) -> list[float]:
+        """Every run's best-epoch ``metric``: this trial's, then its re-runs' (finalists only)."""
+        return [float(self.best[metric]), *self.rechecks] if metric in self.best else list(self.rechecks)
 
 
 @dataclass
@@ -148,8 +154,11 @@ def write_hparams(experiment_dir: str, trial: TrialRecord, metric: str) -> None:
     writer.close()
 
 
-def finish(setup, results) -> SweepSummary:
-    """Rank trials by their best epoch, write ``leaderboard.csv``, HParams and the best trial's export."""
+def finish(setup, results, recheck=None) -> SweepSummary:
+    """Rank trials by their best epoch, write ``leaderboard.csv``, HParams and the best trial's export.
+
+    ``recheck(trials)``: called with the ranked trials before anything is written; it sets the finalists'
+    ``rechecks`` (:func:`mmray.tune.finalists.recheck`), and they are ranked by their mean."""
     space, exp = setup.space, setup.experiment_dir
     metric, mode = space.metric, space.resolved_mode
     trials = [_record(r, setup, metric, mode) for r in results]
@@ -167,9 +176,12 @@ def finish(setup, results) -> SweepSummary:
             prune_checkpoints(r, keep, metric, mode)
     sign = 1 if mode == "max" else -1
     trials.sort(key=lambda t: (t.best_epoch is None, -sign * t.best.get(metric, 0.0)))
+    if recheck is not None:
+        recheck(trials)
+        trials = finalists.rank(trials, metric, mode)
     param_keys = [k for k, _ in space.ordered_parameters()]
     staged = store.StagedDir(exp)  # written locally, uploaded when exp is a URI
-    write_leaderboard(staged.path(LEADERBOARD), trials, param_keys)
+    write_leaderboard(staged.path(LEADERBOARD), trials, param_keys, metric)
     store_study(staged.path(STUDY_FILE), store.split(exp)[1], space, trials)
     for t in trials:
         write_hparams(staged.local, t, metric)
@@ -208,6 +220,7 @@ def format_summary(summary: SweepSummary) -> str:
     w = summary.best_trial
     if w is not None:
         lines.append(f"best trial:  {w.trial_id}  epoch {w.best_epoch}  {summary.metric} {w.best[summary.metric]:.4f}")
+        lines += finalist_lines(summary)
         for k, v in w.params.items():
             lines.append(f"  {k} = {v}")
         m = summary.best_metrics
@@ -222,6 +235,20 @@ def format_summary(summary: SweepSummary) -> str:
         lines += [f"  {v}" for v in summary.report_verdicts.splitlines() if v]
     lines.append(f"tensorboard: {summary.tensorboard_command}")
     return "\n".join(lines)
+
+
+def finalist_lines(summary: SweepSummary) -> list[str]:
+    """The re-checked finalists, mean +- sd of their runs, the winner first."""
+    checked = [t for t in summary.trials if t.rechecks]
+    if not checked:
+        return []
+    lines = [f"finalists:   the top {len(checked)} trained again with other seeds; {summary.metric} over each "
+             f"one's runs, mean +- sd (the best mean wins):"]
+    for t in checked:
+        mean, sd = finalists.mean_sd(t.scores(summary.metric))
+        lines.append(f"  {t.trial_id}  {mean:.4f} +- {sd:.4f}  ({len(t.scores(summary.metric))} runs: "
+                     + ", ".join(f"{v:.4f}" for v in t.scores(summary.metric)) + ")")
+    return lines
 
 
 def _baseline_lines(summary: SweepSummary) -> list[str]:

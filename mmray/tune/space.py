@@ -156,6 +156,9 @@ class SpaceConfig(StrictModel):
     max_failures: int = Field(1, ge=0, description="retries of a failed trial (from its checkpoint)")
     baseline: bool = Field(False, description="the first trial is the job's own value of every drawn parameter "
                                               "(the control): never stopped early, compared with the winner")
+    finalists: int = Field(0, ge=0, description="the top trials trained again with other seeds before the winner "
+                                                "is named (the best mean wins); 0 = off (`--finalists K`)")
+    finalist_seeds: int = Field(2, ge=1, description="re-runs per finalist, each with another train.seed")
     search: SearchConfig = SearchConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     parameters: dict[str, ParamSpec] = Field(min_length=1)
@@ -277,12 +280,12 @@ def check_against_job(space: SpaceConfig, job_raw: dict[str, Any], source: str |
 
 
 def load_space(path: str | None, job_raw: dict[str, Any], *, num_samples: int | None = None,
-               time_budget: str | float | None = None) -> SpaceConfig:
+               time_budget: str | float | None = None, finalists: int | None = None) -> SpaceConfig:
     """Read, validate and check a space YAML against the (already valid) raw job config.
 
     ``path`` None: the built-in default space fitted to the job (:mod:`mmray.tune.defaults`).
     ``time_budget`` (``"20m"`` or seconds): the sweep's wall-clock budget; without ``num_samples`` trials are
-    launched while it allows, with it whichever ends first.
+    launched while it allows, with it whichever ends first. ``finalists``: the space's ``finalists``, replaced.
     """
     from mmray.tune.budget import parse_duration
     from mmray.tune.defaults import SOURCE, default_space
@@ -297,6 +300,10 @@ def load_space(path: str | None, job_raw: dict[str, Any], *, num_samples: int | 
         raw["time_budget_s"] = parse_duration(time_budget) if isinstance(time_budget, str) else time_budget
         if num_samples is None:
             raw["num_samples"] = None  # as many trials as the budget allows
+    if finalists is not None:
+        if finalists < 0:
+            raise UserError(f"--finalists: must be 0 (off) or more, got {finalists}")
+        raw["finalists"] = finalists
     space = _parse(raw, source)
     check_against_job(space, job_raw, source)
     return space

@@ -137,6 +137,7 @@ def _tuner(setup: SweepSetup, *, restore: bool):
     from ray.tune.search.optuna import OptunaSearch
 
     from mmray.tune.clock import SweepClock
+    from mmray.tune.finalists import search_budget
 
     space, exp = setup.space, setup.experiment_dir
     config = validate_job(setup.job_raw)
@@ -156,7 +157,7 @@ def _tuner(setup: SweepSetup, *, restore: bool):
     scheduler = SCHEDULERS.entry(space.scheduler.name).builder(space.scheduler, metric=metric, mode=mode,
                                                                max_t=max_epochs(setup), baseline=baseline)
     # the time budget (if any) and the ledger of how the sweep's time was spent (budget.json)
-    clock = SweepClock(exp, space.time_budget_s, metric, mode)
+    clock = SweepClock(exp, search_budget(space), metric, mode)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
@@ -206,10 +207,22 @@ def run_sweep(setup: SweepSetup, *, resume: bool = False, report: bool = True):
         ensure_ray()
         _build_embedding_cache(setup)  # what every trial shares is prepared here, once, before the first trial
         results = _tuner(setup, restore=resume).fit()
-        summary = finish(setup, results)
+        summary = finish(setup, results, recheck=_recheck(setup) if setup.space.finalists else None)
         if report:
             summary.report_path, summary.report_verdicts = write_report_safely(setup.experiment_dir)
     return summary
+
+
+def _recheck(setup: SweepSetup):
+    """The finalists' re-check (:mod:`mmray.tune.finalists`), given what the search left of the time budget."""
+    from mmray.tune.budget import read_ledger
+    from mmray.tune.finalists import recheck
+
+    def run(trials) -> None:
+        budget, used = setup.space.time_budget_s, read_ledger(setup.experiment_dir).elapsed_s
+        left = None if budget is None else max(budget - (used or 0.0), 1.0)
+        recheck(setup, trials, budget_left=left)
+    return run
 
 
 def write_report_safely(experiment_dir: str) -> tuple[str | None, str]:

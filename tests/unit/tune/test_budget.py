@@ -90,7 +90,7 @@ def test_the_summary_says_how_the_budget_was_spent():
     ledger = Ledger(300.0, 301.0, True, ["c", "d"], {"a": 84.0})
     lines = spending_lines(ledger, {"a": "completed", "b": "stopped", "c": "budget", "d": "budget",
                                     "e": "pending"}, "a")
-    assert lines == ["time budget 5m00s, used 5m01s: 4 trials ran (1 completed, 1 stopped early (ASHA or "
+    assert lines == ["search time budget 5m00s, used 5m01s: 4 trials ran (1 completed, 1 stopped early (ASHA or "
                      "patience), 2 stopped by the budget)",
                      "the best trial's best epoch came 1m24s into the sweep"]
     assert spending_lines(Ledger(), {"a": "completed"}, "a") == []
