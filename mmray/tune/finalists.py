@@ -75,6 +75,7 @@ def recheck(setup, trials: list, *, budget_left: float | None = None) -> None:
     """Train the top ``space.finalists`` of the ranked ``trials`` again with ``space.finalist_seeds`` other seeds
     and set each finalist's ``rechecks`` (the re-runs' scores). Needs Ray running (the sweep's)."""
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from mmray.tune.clock import SweepClock
     from mmray.tune.sweep import concurrency, trial_resources
@@ -101,7 +102,7 @@ def recheck(setup, trials: list, *, budget_left: float | None = None) -> None:
         param_space={"finalist": tune.grid_search(list(params)), "train.seed": tune.grid_search(seeds)},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency(space, config), reuse_actors=True),
         run_config=tune.RunConfig(name=store.split(exp)[1], storage_path=store.split(exp)[0], stop=clock,
-                                  callbacks=[clock], verbose=0,
+                                  callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), clock], verbose=0,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     ).fit()
     by_id = {t.trial_id: t for t in chosen}
