@@ -21,6 +21,9 @@ def register(sub) -> None:
     p.add_argument("--finalists", type=int, metavar="K", help="train the top K trials again with other seeds before "
                    "naming the winner (the best mean wins); 0 = off (default: the space's finalists, 3 in the "
                    "built-in space)")
+    p.add_argument("--ensemble", type=int, metavar="K", help="also export the top K trials as one ensemble "
+                   "(probabilities averaged); best/ is the better of it and the single winner on validation; "
+                   "0 = off (default: the space's ensemble, 3 in the built-in space)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--name", help="experiment name (default: <job name>-sweep, or -2, -3... when that exists)")
     p.add_argument("--storage", help="where experiments go (default: the job's storage, ./runs)")
@@ -32,7 +35,7 @@ def run(args) -> int:
     from mmray.tune.results import format_summary
 
     summary = tune_job(args.job, args.space, overrides=args.overrides, num_samples=args.num_samples,
-                       time_budget=args.time_budget, finalists=args.finalists, name=args.name, storage=args.storage,
+                       time_budget=args.time_budget, finalists=args.finalists, ensemble=args.ensemble, name=args.name, storage=args.storage,
                        resume=args.resume)
     print()
     print(format_summary(summary))

@@ -22,6 +22,7 @@ def tune_job(
     num_samples: int | None = None,
     time_budget: str | float | None = None,
     finalists: int | None = None,
+    ensemble: int | None = None,
     name: str | None = None,
     storage: str | None = None,
     resume: str | None = None,
@@ -42,6 +43,8 @@ def tune_job(
             ``num_samples``, whichever ends first. With finalists, the search gets three quarters of it.
         finalists: train the top ``finalists`` trials again with other seeds before naming the winner (the
             best mean wins); 0 = off. Default: the space's ``finalists`` (3 in the built-in space).
+        ensemble: also export the top ``ensemble`` trials as one ensemble (probabilities averaged); ``best/``
+            is the better of it and the single winner on validation; 0 = off. Default: the space's.
         name: the experiment's name; an existing experiment of that name is an error. Default:
             ``<job name>-sweep``, or the next free ``-2``, ``-3``...
         storage: where experiments go (a folder or a URI); default the job's ``storage``.
@@ -56,7 +59,8 @@ def tune_job(
         UserError: a bad job, space, time budget or dataset, or an experiment that exists (nothing started).
     """
     if resume:
-        if job or space or time_budget is not None or num_samples is not None or finalists is not None:
+        if job or space or time_budget is not None or num_samples is not None or finalists is not None \
+                or ensemble is not None:
             raise UserError("--resume takes only EXPERIMENT_DIR: the job, space and budget are read from it")
         return run_sweep(load_setup(str(resume)), resume=True, report=report)
     if not job:
@@ -65,7 +69,7 @@ def tune_job(
     job_raw = apply_overrides(read_yaml(job), overrides, warn=True)
     config = validate_job(job_raw, str(job))  # a bad job is refused before anything starts
     sweep_space = load_space(str(space) if space is not None else None, job_raw, num_samples=num_samples,
-                             time_budget=budget, finalists=finalists)
+                             time_budget=budget, finalists=finalists, ensemble=ensemble)
     setup = prepare(job_raw, sweep_space, name=f"{config.name}-sweep" if name is None else name,
                     storage=storage or config.storage, explicit_name=name is not None)
     return run_sweep(setup, report=report)

@@ -11,6 +11,8 @@ Layout::
                                TorchTrainer run with its ``checkpoint_epoch_NNNN`` folders
     leaderboard.csv, best/     written when the sweep ends (``best/`` is a model export)
     budget.json                how the sweep's time was spent (:mod:`mmray.tune.budget` reads and writes it)
+    best-single/, best-ensemble/, ensemble-arm.json   with ``ensemble: K``: the winner's and the top K's exports
+                               and which one ``best/`` is (:mod:`mmray.tune.ensemble`)
     report/                    ``mmray report``: ``summary.md`` and the plots
 
 No Ray: the report reads a finished experiment with none running.
@@ -40,6 +42,7 @@ JOB_FILE, SPACE_FILE, STUDY_FILE = "job.yaml", "space.yaml", "optuna.db"
 LEADERBOARD, BEST_DIR = "leaderboard.csv", "best"
 REPORT_DIR, SUMMARY = "report", "summary.md"
 BUDGET_FILE = "budget.json"
+ENSEMBLE_ARM_FILE = "ensemble-arm.json"
 TRIALS_DIR = "trials"
 
 

@@ -458,6 +458,11 @@ def render_markdown(rep: Report, leaderboard: list[dict[str, str]], space: Space
         lines += [f"No completed trial used {rep.notes['fusions_missing']}.", ""]
     lines += _image(rep, "fusions", "best score per fusion method")
     lines += ["## Control arms", ""] + _arms_md(rep)
+    from mmray.tune.ensemble import arm_lines, read_arm
+
+    ensemble = arm_lines(read_arm(exp))
+    if ensemble:
+        lines += ["## Ensemble vs single winner", "", *[f"- {line}" for line in ensemble], ""]
     lines += ["## Look further", "", "```bash",
               f"tensorboard --logdir {shown}",
               f"optuna-dashboard sqlite:///{STUDY_FILE}   # a local copy of {store.join(shown, STUDY_FILE)}"

@@ -58,6 +58,7 @@ class SweepSummary:
     report_path: str | None = None  # report/summary.md, once written
     report_verdicts: str = ""  # the report's winner-vs-control lines
     spending: list[str] = field(default_factory=list)  # how the sweep's time was spent (budget.json)
+    ensemble: dict[str, Any] | None = None  # the ensemble arm (mmray.tune.ensemble), when the space asks for one
 
     @property
     def best_trial(self) -> TrialRecord | None:
@@ -196,6 +197,10 @@ def finish(setup, results, recheck=None) -> SweepSummary:
         summary.best_dir = store.join(exp, BEST_DIR)
         summary.best_metrics = export_checkpoint(config, info, supervised_best(config, winner.best_checkpoint),
                                                 summary.best_dir)
+        if space.ensemble >= 2:
+            from mmray.tune.ensemble import ensemble_arm
+
+            summary.ensemble = ensemble_arm(setup, trials, summary.best_metrics)
     base = summary.baseline_trial
     if base is not None and base.best_checkpoint:
         summary.baseline_metrics = (summary.best_metrics if base is winner
@@ -228,6 +233,9 @@ def format_summary(summary: SweepSummary) -> str:
             lines.append(f"best model:  test accuracy {m['test.accuracy']:.4f}  test F1 {m['test.f1']:.4f}")
         lines.append(f"export:      {summary.best_dir}")
     lines += _baseline_lines(summary)
+    from mmray.tune.ensemble import arm_lines
+
+    lines += [f"ensemble:    {line}" if i == 0 else f"  {line}" for i, line in enumerate(arm_lines(summary.ensemble))]
     lines += [f"time:        {line}" if i == 0 else f"  {line}" for i, line in enumerate(summary.spending)]
     lines.append(f"leaderboard: {store.join(summary.experiment_dir, LEADERBOARD)}")
     if summary.report_path:

@@ -159,6 +159,9 @@ class SpaceConfig(StrictModel):
     finalists: int = Field(0, ge=0, description="the top trials trained again with other seeds before the winner "
                                                 "is named (the best mean wins); 0 = off (`--finalists K`)")
     finalist_seeds: int = Field(2, ge=1, description="re-runs per finalist, each with another train.seed")
+    ensemble: int = Field(0, ge=0, description="the top K trials' probabilities averaged as an ensemble export, "
+                                               "against the single winner; best/ is the better on validation; "
+                                               "0 or 1 = off (`--ensemble K`)")
     search: SearchConfig = SearchConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     parameters: dict[str, ParamSpec] = Field(min_length=1)
@@ -280,12 +283,13 @@ def check_against_job(space: SpaceConfig, job_raw: dict[str, Any], source: str |
 
 
 def load_space(path: str | None, job_raw: dict[str, Any], *, num_samples: int | None = None,
-               time_budget: str | float | None = None, finalists: int | None = None) -> SpaceConfig:
+               time_budget: str | float | None = None, finalists: int | None = None,
+               ensemble: int | None = None) -> SpaceConfig:
     """Read, validate and check a space YAML against the (already valid) raw job config.
 
     ``path`` None: the built-in default space fitted to the job (:mod:`mmray.tune.defaults`).
     ``time_budget`` (``"20m"`` or seconds): the sweep's wall-clock budget; without ``num_samples`` trials are
-    launched while it allows, with it whichever ends first. ``finalists``: the space's ``finalists``, replaced.
+    launched while it allows, with it whichever ends first. ``finalists``, ``ensemble``: the space's, replaced.
     """
     from mmray.tune.budget import parse_duration
     from mmray.tune.defaults import SOURCE, default_space
@@ -304,6 +308,10 @@ def load_space(path: str | None, job_raw: dict[str, Any], *, num_samples: int | 
         if finalists < 0:
             raise UserError(f"--finalists: must be 0 (off) or more, got {finalists}")
         raw["finalists"] = finalists
+    if ensemble is not None:
+        if ensemble < 0:
+            raise UserError(f"--ensemble: must be 0 (off) or more, got {ensemble}")
+        raw["ensemble"] = ensemble
     space = _parse(raw, source)
     check_against_job(space, job_raw, source)
     return space
