@@ -579,9 +579,9 @@ def iter_cached_batches(entries: dict[str, CacheEntry], info: DatasetInfo, split
         yield {k: torch.from_numpy(v) for k, v in table_batch(table, entries).items()}
 
 
-def cached_readers(config, cache: CachePlan):
+def cached_readers(config, cache: CachePlan, raw=None):
     """``(train_batches, val_batches)``: ``epoch -> batches``, as :func:`mmray.data.reader.split_readers`, read from
-    the cache for the epochs it serves (``cache.epochs``) and from the dataset's shards after them."""
+    the cache for the epochs it serves (``cache.epochs``) and from ``raw`` (default: the dataset's shards) after them."""
     from mmray.data.dataset_dir import read_dataset_info
     from mmray.data.reader import split_readers
 
@@ -595,7 +595,7 @@ def cached_readers(config, cache: CachePlan):
             return iter_cached_batches(cache.entries, info, split, batch_size=bs, train=train, seed=seed, epoch=epoch)
         return batches
 
-    raw_train, raw_val = split_readers(config)
+    raw_train, raw_val = raw or split_readers(config)
     return reader("train", True, raw_train), reader("val", False, raw_val)
 
 

@@ -217,7 +217,7 @@ def plan(config, info: DatasetInfo, *, build: bool, runner: str = "ray", embeddi
     return DecodePlan(True, f"built in {seconds:.1f} s" if seconds else "reused", entry)
 
 
-def shared_plan(config, info: DatasetInfo, swept: dict[str, list], embedding=None) -> DecodePlan:
+def shared_plan(config, info: DatasetInfo, swept: dict[str, list], embedding=None, runner: str = "ray") -> DecodePlan:
     """Build the entry every trial of a sweep reads, before any trial starts (``swept``: dotted key -> values).
     A swept key that changes the stored arrays (image size, text, audio, modalities) means no shared entry."""
     reason = unusable_reason(config, info, embedding)
@@ -227,7 +227,7 @@ def shared_plan(config, info: DatasetInfo, swept: dict[str, list], embedding=Non
     if breaking:
         return DecodePlan(False, f"parameters.{breaking[0]} is swept: it changes the decoded arrays from trial to "
                                  "trial, so trials decode")
-    return plan(config, info, build=True, embedding=embedding)
+    return plan(config, info, build=True, embedding=embedding, runner=runner)
 
 
 # ---------------------------------------------------------------------------------------------- build

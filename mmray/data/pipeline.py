@@ -51,6 +51,38 @@ class _ReadDecode:
                 yield pre(table_columns(table.slice(start, step)))
 
 
+class _ReadDecoded(_ReadDecode):
+    """``map_batches`` UDF: reads decoded-input cache parts and finishes them (augmentation, normalisation)."""
+
+    def __init__(self, data: DataConfig, info: DatasetInfo, train: bool, seed: int, entry_path: str, split: str):
+        super().__init__(data, info, train, seed)
+        self.entry_path, self.split = entry_path, split
+
+    def __call__(self, units: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        import os
+
+        from mmray.data.decoded import read_part
+
+        pre, step = self._preprocessor(), self.data.decode_batch_size
+        for part in units["part"]:
+            n, arrays = read_part(os.path.join(self.entry_path, self.split, str(part)), self.data)
+            for start in range(0, n, step):  # copies one slice at a time out of the memory-mapped file
+                yield pre.finish({k: v[start:start + step].copy() for k, v in arrays.items()})
+
+
+def build_decoded_dataset(data: DataConfig, info: DatasetInfo, entry, split: str, *, train: bool,
+                          seed: int = 0) -> "ray.data.Dataset":
+    """:func:`build_dataset` read from a decoded-input cache entry (:mod:`mmray.data.decoded`) instead of the shards:
+    the same rows and batch format, no decoding; augmentation still runs on the cached pixels."""
+    Preprocessor(data, info, train=train, seed=seed)  # fail fast on the driver with a clear message
+    units = [{"part": p} for p in entry.parts(split)]
+    ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
+    if train:
+        ds = ds.randomize_block_order(seed=seed)
+    return ds.map_batches(_ReadDecoded(data, info, train, seed, entry.path, split), batch_size=1,
+                          batch_format="numpy", num_cpus=data.decode_cpus)
+
+
 def build_dataset(data: DataConfig, info: DatasetInfo, split: str, *, train: bool, seed: int = 0) -> "ray.data.Dataset":
     """A lazy ``ray.data.Dataset`` of decoded rows of ``split``.
 

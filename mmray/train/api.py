@@ -122,13 +122,16 @@ def train(
     if state == "finished":
         return finished_run(run_dir)
     from mmray.data.cache import plan
+    from mmray.data.decoded import plan as decode_plan
     from mmray.train.finalize import export_checkpoint, supervised_best
     from mmray.train.trainer import fit
 
     # Built once per dataset and key (a lock makes concurrent runs wait for one build); refused with a
     # reason when an encoder trains or augmentation changes a frozen encoder's inputs.
     cache = plan(config, info, build=True)
-    outcome = fit(config, run_dir=run_dir, on_event=on_event, cache=cache)
+    # Likewise each row's decoded inputs (data.decode_cache), unless the embedding cache leaves nothing to decode.
+    decoded = decode_plan(config, info, build=True, embedding=cache)
+    outcome = fit(config, run_dir=run_dir, on_event=on_event, cache=cache, decoded=decoded)
     if outcome.error is not None:
         raise RuntimeError(f"training failed: {outcome.error}") from outcome.error
     if outcome.best_checkpoint is None:

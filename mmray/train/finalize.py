@@ -78,8 +78,10 @@ def evaluate_splits(model, config: JobConfig, info: DatasetInfo, tasks: dict[str
 
 
 def _eval_batches(model, config: JobConfig, info: DatasetInfo, verified: dict[str, str]):
-    """``split -> batches``: from the embedding cache when this job trains from it, else decoded from the shards."""
+    """``split -> batches``: from the embedding cache when this job trains from it, else from the decoded-input
+    cache when there is one, else decoded from the shards."""
     from mmray.data.cache import iter_cached_batches, plan
+    from mmray.data.decoded import iter_decoded_batches, plan as decode_plan
     from mmray.models.cached import check_cached_encoders, encoder_hashes
 
     cache = plan(config, info, build=False)
@@ -87,10 +89,14 @@ def _eval_batches(model, config: JobConfig, info: DatasetInfo, verified: dict[st
     if usable:
         unknown = [m for m in cache.weights if m not in verified]
         check_cached_encoders(verified | encoder_hashes(model, unknown), cache.weights)
+    decoded = decode_plan(config, info, build=False, embedding=cache if usable else None)
 
     def batches(split: str):
         if usable and all(split in e.manifest["splits"] for e in cache.entries.values()):
             return iter_cached_batches(cache.entries, info, split, batch_size=EVAL_BATCH_SIZE, train=False)
+        if decoded.used and decoded.entry.has(split):
+            return iter_decoded_batches(decoded.entry, config.data, info, split, batch_size=EVAL_BATCH_SIZE,
+                                        train=False)
         return iter_batches(config.data, info, split, batch_size=EVAL_BATCH_SIZE, train=False)
     return batches
 

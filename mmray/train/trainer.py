@@ -136,24 +136,30 @@ class FitOutcome:
 
 
 def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]], None] | None = None,
-        callbacks: list | None = None, cache=None) -> FitOutcome:
+        callbacks: list | None = None, cache=None, decoded=None) -> FitOutcome:
     """Run the job on Ray Train; returns where the best checkpoint is (by ``train.metric``).
 
     ``callbacks`` are Ray Train ``UserCallback``s (a sweep passes Tune's report callback). ``cache`` is the
-    :class:`~mmray.data.cache.CachePlan` to train from; None looks one up (never builds: sweeps build first).
+    :class:`~mmray.data.cache.CachePlan` to train from, ``decoded`` the :class:`~mmray.data.decoded.DecodePlan`
+    whose cached inputs replace decoding; None looks each up (never builds: runs and sweeps build first).
     """
     ray = ensure_ray()
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from mmray.data.dataset_dir import read_dataset_info
-    from mmray.data.pipeline import build_dataset
+    from mmray.data.pipeline import build_dataset, build_decoded_dataset
 
     info = read_dataset_info(config.data.path)
     cache = _embedding_cache(config, info, cache, on_event)
+    inputs = _decode_cache(config, info, decoded, cache, on_event)
+
     def decoded(suffix: str = "") -> dict:
-        return {f"train{suffix}": build_dataset(config.data, info, "train", train=True, seed=config.train.seed),
-                f"val{suffix}": build_dataset(config.data, info, "val", train=False, seed=config.train.seed)}
+        def split(name: str, train: bool):
+            if inputs.used:
+                return build_decoded_dataset(config.data, info, inputs.entry, name, train=train, seed=config.train.seed)
+            return build_dataset(config.data, info, name, train=train, seed=config.train.seed)
+        return {f"train{suffix}": split("train", True), f"val{suffix}": split("val", False)}
 
     if cache.used:
         from mmray.data.cache import build_cached_dataset
@@ -211,6 +217,19 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     # Ray's checkpoint path is inside its filesystem (no scheme): name it under run_dir instead
     best_path = store.join(run_dir, os.path.basename(best.path.rstrip("/"))) if best else None
     return FitOutcome(run_dir, best_path, result.error)
+
+
+def _decode_cache(config: JobConfig, info, decoded, cache, on_event):
+    """The decoded-input cache plan (looked up when not given), announced in the run's log."""
+    from mmray.data.decoded import plan
+
+    if decoded is None:
+        decoded = plan(config, info, build=False, embedding=cache)
+    if on_event is not None:
+        on_event({"type": "decode_cache", "line": decoded.line()})
+    else:
+        print(f"mmray {decoded.line()}", flush=True)
+    return decoded
 
 
 def _embedding_cache(config: JobConfig, info, cache, on_event):

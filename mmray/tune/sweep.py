@@ -58,31 +58,39 @@ def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_di
             raise outcome.error
         return
     torch.set_num_threads(max(1, int(CPUS_PER_TRIAL)))  # concurrent trials share the cores
-    train_loop(config, _embedding_cache_context(config, run_dir, context_class or TuneTrialContext))
+    train_loop(config, _trial_context(config, run_dir, context_class or TuneTrialContext))
 
 
-def _embedding_cache_context(config, run_dir: str, context_class: type):
-    """The in-process trial's context, reading the sweep's embedding cache when it serves this trial."""
+def _trial_context(config, run_dir: str, context_class: type):
+    """The in-process trial's context, reading the sweep's caches (embedding, decoded inputs) where they serve it."""
     from mmray.data.cache import cached_readers, plan
     from mmray.data.dataset_dir import read_dataset_info
+    from mmray.data.decoded import decoded_readers, plan as decode_plan
 
-    cache = plan(config, read_dataset_info(config.data.path), build=False)  # never built here: the sweep did
-    print(f"mmray {cache.line()}", flush=True)
+    info = read_dataset_info(config.data.path)
+    cache = plan(config, info, build=False)  # never built here: the sweep did
+    decoded = decode_plan(config, info, build=False, embedding=cache)
+    print(f"mmray {cache.line()}\nmmray {decoded.line()}", flush=True)
+    readers = decoded_readers(config, decoded)
     if not cache.used:
-        return context_class(config, run_dir)
-    ctx = context_class(config, run_dir, readers=cached_readers(config, cache))
+        return context_class(config, run_dir, readers=readers)
+    ctx = context_class(config, run_dir, readers=cached_readers(config, cache, raw=readers))
     ctx.cached_encoders = cache.weights
     return ctx
 
 
-def _build_embedding_cache(setup: "SweepSetup") -> None:
-    """Before any trial: build the embedding cache all trials share (or say why there is none)."""
+def _build_shared_caches(setup: "SweepSetup") -> None:
+    """Before any trial: build the embedding and decoded-input caches all trials share (or say why not)."""
     from mmray.data.cache import shared_plan
     from mmray.data.dataset_dir import read_dataset_info
+    from mmray.data.decoded import shared_plan as shared_decode_plan
 
     config = validate_job(setup.job_raw)
+    info = read_dataset_info(config.data.path)
     swept = {k: spec.probe_values() for k, spec in setup.space.parameters.items()}
-    print(f"mmray sweep {shared_plan(config, read_dataset_info(config.data.path), swept).line()}", flush=True)
+    cache = shared_plan(config, info, swept)
+    print(f"mmray sweep {cache.line()}", flush=True)
+    print(f"mmray sweep {shared_decode_plan(config, info, swept, embedding=cache).line()}", flush=True)
 
 
 def distributed(config) -> bool:
@@ -239,7 +247,7 @@ def run_sweep(setup: SweepSetup, *, resume: bool = False, report: bool = True):
     # per-epoch checkpoints with num_to_keep force frequent state snapshots; expected, not worth a warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ensure_ray()
-    _build_embedding_cache(setup)  # what every trial shares is prepared here, once, before the first trial
+    _build_shared_caches(setup)  # what every trial shares is prepared here, once, before the first trial
     results = _tuner(setup, restore=resume).fit()
     summary = finish(setup, results)
     if report:
