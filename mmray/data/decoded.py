@@ -364,6 +364,11 @@ def read_part(path: str, data) -> tuple[int, dict[str, np.ndarray]]:
     return n, out
 
 
+def rows_of(arrays: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    """Rows ``start:stop`` of a :func:`read_part` result, copied out of the file in the model's dtypes."""
+    return {k: v[start:stop].astype(MODEL_DTYPES.get(k, v.dtype)) for k, v in arrays.items()}
+
+
 def _gather(held: Held, ids: np.ndarray) -> dict[str, np.ndarray]:
     """The rows ``ids`` (reader row numbers) of the held parts, as one batch in the model's dtypes."""
     numbers, local = held.locate(ids)

@@ -61,13 +61,13 @@ class _ReadDecoded(_ReadDecode):
     def __call__(self, units: dict[str, Any]) -> Iterator[dict[str, Any]]:
         import os
 
-        from mmray.data.decoded import read_part
+        from mmray.data.decoded import read_part, rows_of
 
         pre, step = self._preprocessor(), self.data.decode_batch_size
         for part in units["part"]:
             n, arrays = read_part(os.path.join(self.entry_path, self.split, str(part)), self.data)
             for start in range(0, n, step):  # copies one slice at a time out of the memory-mapped file
-                yield pre.finish({k: v[start:start + step].copy() for k, v in arrays.items()})
+                yield pre.finish(rows_of(arrays, start, start + step))
 
 
 def build_decoded_dataset(data: DataConfig, info: DatasetInfo, entry, split: str, *, train: bool,
