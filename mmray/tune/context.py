@@ -5,8 +5,8 @@ from typing import Any
 
 from mmray import storage as store
 from mmray.config import JobConfig
-from mmray.train.context import LocalContext
 from mmray.data.reader import split_readers
+from mmray.train.context import LocalContext
 
 
 class TuneTrialContext(LocalContext):

@@ -7,15 +7,14 @@ import os
 
 import numpy as np
 import pytest
+from helpers import corrupt_image, small_job
 
 from mmray.data import decoded
 from mmray.data.dataset_dir import read_dataset_info
 from mmray.data.synth import synth
 
-from helpers import corrupt_image, small_job
-
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,11 @@ import sys
 
 import pytest
 import yaml
+from helpers import small_job
 
 from mmray.data.synth import synth
 
-from helpers import small_job
-
-pytestmark = [pytest.mark.slow, pytest.mark.gpu]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.gpu]
 
 
 def test_quarter_gpu_trials_share_one_gpu(tmp_path):
