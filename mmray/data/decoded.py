@@ -177,14 +177,21 @@ def unusable_reason(config, info: DatasetInfo, embedding=None) -> str | None:
         return "the embedding cache serves every epoch (nothing is decoded)"
     if "://" in config.data.path:
         return f"data.path {config.data.path} is not on a local disk (the cache lives next to the dataset)"
-    if setting == "auto":
-        need, room = estimated_bytes(config, info), budget_bytes(info)
-        if need > room:
-            return (f"the decoded inputs would take about {human_size(need)} ({human_size(row_bytes(config.data))} a row: "
-                    f"decoded pixels and waveforms are far larger than their files), over the auto budget of "
-                    f"{human_size(room)} (the smaller of {human_size(BUDGET_BYTES)} and half the free disk); "
-                    "set data.decode_cache: on to build it anyway, or lower data.image.size / data.audio.seconds")
     return None
+
+
+def over_budget(config, info: DatasetInfo) -> str | None:
+    """With ``auto``: why the entry is too big to build, or None when it fits (``on`` builds whatever the size).
+    Only a build is gated: an entry already built is read even when the disk has filled up since."""
+    if config.data.decode_cache != "auto":
+        return None
+    need, room = estimated_bytes(config, info), budget_bytes(info)
+    if need <= room:
+        return None
+    return (f"the decoded inputs would take about {human_size(need)} ({human_size(row_bytes(config.data))} a row: "
+            f"decoded pixels and waveforms are far larger than their files), over the auto budget of "
+            f"{human_size(room)} (the smaller of {human_size(BUDGET_BYTES)} and half the free disk); "
+            "set data.decode_cache: on to build it anyway, or lower data.image.size / data.audio.seconds")
 
 
 def plan(config, info: DatasetInfo, *, build: bool, runner: str = "ray", embedding=None) -> DecodePlan:
@@ -207,6 +214,9 @@ def plan(config, info: DatasetInfo, *, build: bool, runner: str = "ray", embeddi
     if not build:
         return DecodePlan(False, "none built with this key (a run or a sweep builds it before training, unless a "
                                  "swept parameter changes the decoded arrays)")
+    too_big = over_budget(config, info)
+    if too_big is not None:
+        return DecodePlan(False, too_big)
     try:
         seconds = build_entry(config, info, parts, runner=runner)
     except OSError as e:  # e.g. a read-only dataset folder or a full disk: decode every epoch instead

@@ -237,6 +237,8 @@ def test_auto_builds_only_within_the_budget_and_on_builds_anyway(tmp_path, monke
                                                           "data.audio.seconds": 10.0})).data)
     assert per_row > 224 * 224 * 3 + 160000 * 4  # decoded pixels and waveforms: far larger than a JPEG or FLAC
     assert decoded.plan(validate_job(job(path, **{"data.decode_cache": "on"})), info, build=True, runner="local").used
+    # an entry already built is read under auto too, even when it no longer fits (the disk filled up since)
+    assert decoded.plan(validate_job(job(path)), info, build=True, runner="local").reason == "reused"
     off = decoded.plan(validate_job(job(path, **{"data.decode_cache": "off"})), info, build=True, runner="local")
     assert not off.used and off.line() == "decoded-input cache: not used: data.decode_cache is off"
 
