@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from helpers import corrupt_image, small_job
+import yaml
+from helpers import SMALL_MODEL, corrupt_image, small_job
 
 from mmray.data import decoded
 from mmray.data.dataset_dir import read_dataset_info
@@ -90,3 +93,33 @@ def test_a_two_worker_run_reads_the_cache_with_the_same_rows_and_metrics(cluster
     decoding = measure_checkpoint(with_cache(config, "off"), info, best)[2]
     for key in ("val.accuracy", "val.loss", "test.accuracy", "test.f1"):
         assert result.metrics[key] == pytest.approx(decoding[key], abs=1e-6), key
+
+
+def test_a_sweep_builds_the_cache_before_its_trials_and_the_next_sweep_reuses_it(tmp_path):
+    data = str(tmp_path / "synth")
+    synth(data, rows=160, shards=2, seed=2)
+    job, space = tmp_path / "job.yaml", tmp_path / "space.yaml"
+    job.write_text(yaml.safe_dump({"name": "swept", "data": {"path": data}, "model": SMALL_MODEL,
+                                   "train": {"epochs": 2, "batch_size": 32, "early_stopping": {"patience": None}},
+                                   "scaling": {"num_workers": 1}}))
+    space.write_text(yaml.safe_dump({
+        "metric": "val.accuracy", "num_samples": 2, "search": {"name": "random", "seed": 0},
+        "scheduler": {"name": "none"},
+        "parameters": {"train.optimizer.lr": {"loguniform": [1e-3, 1e-2]},
+                       "data.image.augment": {"choice": [True, False]}},  # applied after the cache: still shared
+    }))
+
+    def tune(name: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "mmray.cli.main", "tune", str(job), "--space", str(space),
+                               "--storage", str(tmp_path / "runs"), "--name", name],
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    first = tune("first")
+    assert "mmray sweep decoded-input cache: used (built in" in first  # the sweep's own line, before any trial
+    assert "decoded-input cache: used (reused" in first and "decoded-input cache: not used" not in first  # trials
+    second = tune("second")
+    assert "mmray sweep decoded-input cache: used (reused" in second
+    with open(os.path.join(data, decoded.CACHE_DIR, "builds.jsonl")) as f:
+        assert len(f.readlines()) == 1  # one build for both sweeps and all four trials
