@@ -73,6 +73,10 @@ def check_command(args: Sequence[str], working_dir: str) -> list[tuple[str, str]
         if not ns.job:
             raise UserError("give JOB.yaml after the verb: mmray submit -- train JOB.yaml")
         config = load_job(ns.job, ns.overrides)
+        if ns.name is not None:
+            from mmray.config.schema import check_run_name
+
+            check_run_name(ns.name, "--name")  # one path component, as `mmray train|tune` will insist
         if ns.verb == "tune":
             if not ns.space:
                 raise UserError("give --space SPACE.yaml: mmray submit -- tune JOB.yaml --space SPACE.yaml")

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from mmray import storage as store
 from mmray.config import JobConfig
-from mmray.config.errors import UserError
+from mmray.config.errors import RunError, UserError
 from mmray.config.schema import check_run_name
 from mmray.data.dataset_dir import DatasetInfo, check_shards, read_dataset_info
 
@@ -137,6 +137,8 @@ def train(
     Raises:
         UserError: bad dataset, storage that cannot be written or is nearly full, or a run folder another
             process is using (nothing started).
+        RunError: a run-time failure mmray names itself (a bad record under ``on_bad_record: fail``), raised
+            as the worker raised it, not wrapped by Ray.
         RuntimeError: training failed; the run folder keeps its checkpoints for a resume.
     """
     if name is not None:
@@ -160,7 +162,6 @@ def _train_locked(config: JobConfig, info: DatasetInfo, run_dir: str, state: str
     from mmray.data.cache import plan
     from mmray.data.decoded import plan as decode_plan
     from mmray.train.finalize import export_checkpoint, supervised_best
-    from mmray.train.loop import NonFiniteLossError
     from mmray.train.trainer import fit, worker_error
 
     # Built once per dataset and key (a lock makes concurrent runs wait for one build); refused with a
@@ -170,7 +171,8 @@ def _train_locked(config: JobConfig, info: DatasetInfo, run_dir: str, state: str
     decoded = decode_plan(config, info, build=True, embedding=cache)
     outcome = fit(config, run_dir=run_dir, on_event=on_event, cache=cache, decoded=decoded)
     if outcome.error is not None:
-        known = worker_error(outcome.error, NonFiniteLossError) or worker_error(outcome.error, UserError)
+        # mmray's own errors: a bad record under on_bad_record: fail, a non-finite loss, a full disk (RunError)
+        known = worker_error(outcome.error, (UserError, RunError))
         if known is not None:  # mmray's own message, not Ray's wrapping of it
             raise known from None
         raise RuntimeError(f"training failed: {outcome.error}") from outcome.error

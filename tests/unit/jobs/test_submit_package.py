@@ -130,8 +130,8 @@ def test_a_token_over_plain_http_off_this_machine_is_warned_about_with_how_to_tu
 def test_arguments_are_quoted_for_the_cluster_shell(tmp_path):
     root = _project(tmp_path)
     spec = prepare(["tune", "jobs/quickstart.yaml", "--space", "search_spaces/quick.yaml", "--set",
-                    "data.path=/shared/my data", "--storage", "s3://b/runs", "--name", "a;b"], working_dir=str(root))
-    assert "'data.path=/shared/my data'" in spec.entrypoint and "'a;b'" in spec.entrypoint
+                    "data.path=/shared/my data", "--storage", "s3://b/runs;x", "--name", "a-b"], working_dir=str(root))
+    assert "'data.path=/shared/my data'" in spec.entrypoint and "'s3://b/runs;x'" in spec.entrypoint
     assert spec.runtime_env["env_vars"]["PYTHONUNBUFFERED"] == "1"
 
 
@@ -147,6 +147,7 @@ def test_paths_the_cluster_cannot_see_are_warned_about(tmp_path):
     (["evaluate", "x"], "got 'evaluate' (choose one of train, tune)"),
     (["train", "jobs/quickstart.yaml", "--set", "model.fusion.name=nope"], "model.fusion.name: 'nope'"),
     (["tune", "jobs/quickstart.yaml"], "give --space SPACE.yaml"),
+    (["train", "jobs/quickstart.yaml", "--name", "../elsewhere"], "--name: '../elsewhere' is not a run name"),
 ])
 def test_bad_commands_are_refused_before_anything_is_contacted(tmp_path, args, message):
     with pytest.raises(UserError, match=__import__("re").escape(message)):
