@@ -289,6 +289,11 @@ def build_entry(config, info: DatasetInfo, parts: dict, *, runner: str = "ray") 
 
 
 def _collect(out: dict[str, np.ndarray], progress: BuildProgress, done: dict[str, list[int]]) -> None:
+    from mmray.data.decode import BadRecordError
+
+    for failed in out["error"]:
+        if failed:  # raised here, as itself: through Ray Data it would arrive as Ray's UserCodeException
+            raise BadRecordError(*json.loads(str(failed)))
     for key, rows, bad in zip(out["part"], out["rows"], out["bad"]):
         done[str(key)] = [int(rows), int(bad)]
     progress.add(int(np.sum(out["rows"])))
@@ -322,6 +327,16 @@ class _DecodeUnits:
         self.pre = Preprocessor(self.data, info, train=False)
 
     def __call__(self, units: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from mmray.data.decode import BadRecordError
+
+        try:
+            return self._decode(units)
+        except BadRecordError as e:  # on_bad_record: fail; the builder raises it (see _collect)
+            failed = json.dumps([e.record_id, e.column, e.reason])
+            return {"part": np.asarray([""], dtype=object), "rows": np.zeros(1, dtype=np.int64),
+                    "bad": np.zeros(1, dtype=np.int64), "error": np.asarray([failed], dtype=object)}
+
+    def _decode(self, units: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys, rows, bad = [], [], []
         for split, path, group, part in zip(units["split"], units["path"], units["row_group"], units["part"]):
             table = read_row_group(str(path), int(group), self.data, self.info)
@@ -333,7 +348,8 @@ class _DecodeUnits:
             keys.append(f"{split}/{part}")
             rows.append(table.num_rows)
             bad.append(int((~batch["valid"]).sum()) if outs else 0)
-        return {"part": np.asarray(keys, dtype=object), "rows": np.asarray(rows), "bad": np.asarray(bad)}
+        return {"part": np.asarray(keys, dtype=object), "rows": np.asarray(rows), "bad": np.asarray(bad),
+                "error": np.asarray([""] * len(keys), dtype=object)}
 
 
 def write_part(path: str, batch: dict[str, np.ndarray], ids: pa.ChunkedArray) -> None:
