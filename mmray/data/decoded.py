@@ -44,11 +44,16 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
+from mmray.config.schema import DataConfig
 from mmray.data.cache import (BuildProgress, dataset_fingerprint, digest, locked, log_build, part_name, part_units,
                               read_manifest)
-from mmray.data.dataset_dir import DatasetInfo
-from mmray.data.inspect import human_size
-from mmray.data.reader import Held, batch_rows, read_row_group, row_group_units, shuffled_units, table_columns
+from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
+from mmray.data.decode import BadRecordError, Preprocessor
+from mmray.data.reader import (MIN_SHUFFLE_WINDOW, Held, batch_rows, read_row_group, row_group_units, shuffled_units,
+                               split_readers, table_columns)
+from mmray.data.tokenizer import TextTokenizer
+from mmray.runtime import ensure_ray
+from mmray.storage import human_size
 
 CACHE_DIR = os.path.join(".cache", "decoded")
 MANIFEST = "manifest.json"
@@ -74,8 +79,6 @@ def key_parts(config, info: DatasetInfo, *, dataset_fp: str | None = None) -> di
 
         parts["image"] = {"size": data.image.size, "pillow": PIL.__version__}
     if "text" in data.modalities:
-        from mmray.data.tokenizer import TextTokenizer
-
         parts["text"] = {"tokenizer": TextTokenizer.load(data.text, info).fingerprint(),
                          "max_length": data.text.max_length}
     if "audio" in data.modalities:
@@ -289,8 +292,6 @@ def build_entry(config, info: DatasetInfo, parts: dict, *, runner: str = "ray") 
 
 
 def _collect(out: dict[str, np.ndarray], progress: BuildProgress, done: dict[str, list[int]]) -> None:
-    from mmray.data.decode import BadRecordError
-
     for failed in out["error"]:
         if failed:  # raised here, as itself: through Ray Data it would arrive as Ray's UserCodeException
             raise BadRecordError(*json.loads(str(failed)))
@@ -303,8 +304,7 @@ def _run_ray(units: list[dict], kwargs: dict, progress: BuildProgress, done: dic
     """Decode with Ray Data: one actor per CPU, each decoding and writing whole row groups."""
     import ray
 
-    from mmray.data.pipeline import configure_data_context
-    from mmray.runtime import ensure_ray
+    from mmray.data.pipeline import configure_data_context  # imports Ray Data: only when the cache is built
 
     ensure_ray()
     configure_data_context()
@@ -320,15 +320,10 @@ class _DecodeUnits:
     """Reads row groups, decodes them without augmentation, writes one Arrow file per row group."""
 
     def __init__(self, data_json: dict, info: DatasetInfo, staging: str):
-        from mmray.config.schema import DataConfig
-        from mmray.data.decode import Preprocessor
-
         self.data, self.info, self.staging = DataConfig.model_validate(data_json), info, staging
         self.pre = Preprocessor(self.data, info, train=False)
 
     def __call__(self, units: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from mmray.data.decode import BadRecordError
-
         try:
             return self._decode(units)
         except BadRecordError as e:  # on_bad_record: fail; the builder raises it (see _collect)
@@ -415,9 +410,6 @@ def iter_decoded_batches(entry: DecodedEntry, data, info: DatasetInfo, split: st
     when the caller has it loaded (nothing is tokenised here; it saves loading it again)."""
     import torch
 
-    from mmray.data.decode import Preprocessor
-    from mmray.data.reader import MIN_SHUFFLE_WINDOW
-
     rng = np.random.default_rng([seed, epoch])
     pre = Preprocessor(data, info, train=train, seed=int(rng.integers(2**31)), tokenizer=tokenizer)
     names = entry.parts(split)
@@ -438,13 +430,8 @@ def iter_decoded_batches(entry: DecodedEntry, data, info: DatasetInfo, split: st
 def decoded_readers(config, decoded: DecodePlan):
     """``(train_batches, val_batches)``: ``epoch -> batches``, as :func:`mmray.data.reader.split_readers`, read from
     the cache when ``decoded`` is used, from the dataset's shards otherwise."""
-    from mmray.data.dataset_dir import read_dataset_info
-    from mmray.data.reader import split_readers
-
     if not decoded.used:
         return split_readers(config)
-    from mmray.data.tokenizer import TextTokenizer
-
     info = read_dataset_info(config.data.path)
     bs, seed = config.train.batch_size, config.train.seed
     tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
@@ -458,11 +445,41 @@ def decoded_readers(config, decoded: DecodePlan):
     return reader("train", True), reader("val", False)
 
 
+class _ReadDecoded:
+    """``map_batches`` UDF: reads parts of an entry and finishes them (augmentation, normalisation) with the
+    process's :meth:`~mmray.data.decode.Preprocessor.shared` preprocessor, as decoding tasks do."""
+
+    def __init__(self, data: DataConfig, info: DatasetInfo, train: bool, seed: int, entry_path: str, split: str):
+        self.data, self.info, self.train, self.seed = data, info, train, seed
+        self.entry_path, self.split = entry_path, split
+
+    def __call__(self, units: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        pre, step = Preprocessor.shared(self.data, self.info, self.train, self.seed), self.data.decode_batch_size
+        for part in units["part"]:
+            n, arrays = read_part(os.path.join(self.entry_path, self.split, str(part)), self.data)
+            for start in range(0, n, step):  # copies one slice at a time out of the memory-mapped file
+                yield pre.finish(rows_of(arrays, start, start + step))
+
+
+def build_decoded_dataset(data: DataConfig, info: DatasetInfo, entry: DecodedEntry, split: str, *, train: bool,
+                          seed: int = 0):
+    """:func:`mmray.data.pipeline.build_dataset` read from ``entry`` instead of the shards: a lazy
+    ``ray.data.Dataset`` with the same rows and batch format, no decoding; augmentation still runs on the cached
+    pixels (for TorchTrainer workers)."""
+    import ray
+
+    Preprocessor(data, info, train=train, seed=seed)  # fail fast on the driver with a clear message
+    units = [{"part": p} for p in entry.parts(split)]
+    ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
+    if train:
+        ds = ds.randomize_block_order(seed=seed)
+    return ds.map_batches(_ReadDecoded(data, info, train, seed, entry.path, split), batch_size=1,
+                          batch_format="numpy", num_cpus=data.decode_cpus)
+
+
 # --------------------------------------------------------------------------------------------- listing
 def list_decoded(path: str) -> list[dict]:
     """The decoded-input cache entries of the dataset at ``path``: name, modalities, rows, bytes, built, stale."""
-    from mmray.data.dataset_dir import read_dataset_info
-
     info = read_dataset_info(path)
     root = cache_root(info)
     if not os.path.isdir(root):

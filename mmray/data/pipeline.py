@@ -14,7 +14,6 @@ fuse the decode into the read, so encoded bytes take an extra trip through the o
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Iterator
 
 import ray
@@ -24,63 +23,18 @@ from mmray.data.dataset_dir import DatasetInfo
 from mmray.data.decode import Preprocessor
 from mmray.data.reader import read_row_group, row_group_units, table_columns
 
-# Ray reuses worker processes across tasks: build each Preprocessor (and its tokenizer) once per process.
-_PREPROCESSORS: dict[str, Preprocessor] = {}
-
-
 class _ReadDecode:
     """``map_batches`` UDF: reads the row groups named in its input batch and yields decoded batches."""
 
     def __init__(self, data: DataConfig, info: DatasetInfo, train: bool, seed: int):
         self.data, self.info, self.train, self.seed = data, info, train, seed
-        self.key = json.dumps([data.model_dump(mode="json"), info.path, info.to_json(), train, seed], sort_keys=True)
-
-    def _preprocessor(self) -> Preprocessor:
-        pre = _PREPROCESSORS.get(self.key)
-        if pre is None:
-            if len(_PREPROCESSORS) >= 8:  # bounded: a long-lived worker may serve many jobs
-                _PREPROCESSORS.clear()
-            pre = _PREPROCESSORS[self.key] = Preprocessor(self.data, self.info, train=self.train, seed=self.seed)
-        return pre
 
     def __call__(self, units: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        pre, step = self._preprocessor(), self.data.decode_batch_size
+        pre, step = Preprocessor.shared(self.data, self.info, self.train, self.seed), self.data.decode_batch_size
         for path, group in zip(units["path"], units["row_group"]):
             table = read_row_group(str(path), int(group), self.data, self.info)
             for start in range(0, table.num_rows, step):
                 yield pre(table_columns(table.slice(start, step)))
-
-
-class _ReadDecoded(_ReadDecode):
-    """``map_batches`` UDF: reads decoded-input cache parts and finishes them (augmentation, normalisation)."""
-
-    def __init__(self, data: DataConfig, info: DatasetInfo, train: bool, seed: int, entry_path: str, split: str):
-        super().__init__(data, info, train, seed)
-        self.entry_path, self.split = entry_path, split
-
-    def __call__(self, units: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        import os
-
-        from mmray.data.decoded import read_part, rows_of
-
-        pre, step = self._preprocessor(), self.data.decode_batch_size
-        for part in units["part"]:
-            n, arrays = read_part(os.path.join(self.entry_path, self.split, str(part)), self.data)
-            for start in range(0, n, step):  # copies one slice at a time out of the memory-mapped file
-                yield pre.finish(rows_of(arrays, start, start + step))
-
-
-def build_decoded_dataset(data: DataConfig, info: DatasetInfo, entry, split: str, *, train: bool,
-                          seed: int = 0) -> "ray.data.Dataset":
-    """:func:`build_dataset` read from a decoded-input cache entry (:mod:`mmray.data.decoded`) instead of the shards:
-    the same rows and batch format, no decoding; augmentation still runs on the cached pixels."""
-    Preprocessor(data, info, train=train, seed=seed)  # fail fast on the driver with a clear message
-    units = [{"part": p} for p in entry.parts(split)]
-    ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
-    if train:
-        ds = ds.randomize_block_order(seed=seed)
-    return ds.map_batches(_ReadDecoded(data, info, train, seed, entry.path, split), batch_size=1,
-                          batch_format="numpy", num_cpus=data.decode_cpus)
 
 
 def build_dataset(data: DataConfig, info: DatasetInfo, split: str, *, train: bool, seed: int = 0) -> "ray.data.Dataset":

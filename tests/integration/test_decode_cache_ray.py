@@ -56,7 +56,8 @@ def rows(ds) -> list[str]:
 
 
 def test_the_workers_pipeline_over_the_cache_gives_the_rows_decoding_gives(cluster, data):
-    from mmray.data.pipeline import build_dataset, build_decoded_dataset
+    from mmray.data.decoded import build_decoded_dataset
+    from mmray.data.pipeline import build_dataset
 
     config = with_cache(small_job(data), "on", augment=False)
     info = read_dataset_info(data)
