@@ -17,7 +17,7 @@ class TuneTrialContext(LocalContext):
     """Reads Parquet shards directly in the trial process; reports and checkpoints through Ray Tune."""
 
     def __init__(self, config: JobConfig, run_dir: str, readers=None):
-        # readers: (train_batches, val_batches) to use instead of the dataset's shards (the embedding cache)
+        # readers: (train_batches, val_batches) to use instead of the dataset's shards (the embedding or decoded-input cache)
         super().__init__(run_dir, *(readers or split_readers(config)))
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
