@@ -19,6 +19,20 @@ QUIET_ENV = {
 }
 
 
+# Lines Ray's own processes print that tell a user nothing they can act on; they stay in Ray's session log
+# files (/tmp/ray/session_*/logs), only their copy on the user's terminal is dropped. Substrings of the line.
+RAY_NOISE = (
+    "Progress bars disabled. To enable",  # Ray Data, once per split coordinator: every epoch of `mmray train`
+    "'PreemptionWatcher'",  # core_worker.cc error-level line from Ray Train's controller about its own actor
+)
+TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"  # every local start; the default is safe
+
+
+class _DropTokenNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return TOKEN_NOTICE not in record.getMessage()
+
+
 def quiet_ray_logs() -> None:
     """Keep Ray's own chatter (progress bars, info logs, deprecation notices) out of the user's terminal."""
     for key, value in QUIET_ENV.items():
@@ -26,6 +40,32 @@ def quiet_ray_logs() -> None:
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray")
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenNotice) for f in auth.filters):
+        auth.addFilter(_DropTokenNotice())
+
+
+def _drop_ray_noise() -> None:
+    """Filter the worker lines Ray copies to this driver's terminal (``log_to_driver``) through :data:`RAY_NOISE`.
+
+    Ray has no public filter for them, so its printing handler is wrapped; if that private hook moves in a
+    later Ray, nothing is filtered (and nothing breaks)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    for name, handler in list(dispatcher.handlers):
+        if name != "ray_print_logs" or getattr(handler, "drops_ray_noise", False):
+            continue
+
+        def filtered(data, _print=handler):
+            lines = [line for line in data.get("lines", []) if not any(n in line for n in RAY_NOISE)]
+            if lines:
+                _print({**data, "lines": lines})
+
+        filtered.drops_ray_noise = True
+        dispatcher.remove_handler(name)
+        dispatcher.add_handler(name, filtered)
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None):
@@ -46,5 +86,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None):
         else:
             # "local": never join a cluster some other `ray start` left running on this host
             ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
+        _drop_ray_noise()
     DataContext.get_current().enable_progress_bars = False
     return ray

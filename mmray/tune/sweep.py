@@ -171,10 +171,12 @@ def concurrency(space: SpaceConfig, config) -> int:
 
 def _tuner(setup: SweepSetup, *, restore: bool):
     from ray import tune
-    from ray.tune import CLIReporter
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.search.optuna import OptunaSearch
 
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" among the trials
     space, exp = setup.space, setup.experiment_dir
     config = validate_job(setup.job_raw)
     scaling_swept = sorted(k for k in space.parameters if k.startswith("scaling."))
@@ -213,14 +215,21 @@ def _tuner(setup: SweepSetup, *, restore: bool):
                                                     checkpoint_score_order=mode),
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
             # result.json/progress.csv per trial; no Tune TensorBoard logger: mmray writes its own, per trial
-            callbacks=[JsonLoggerCallback(), CSVLoggerCallback()],
-            progress_reporter=CLIReporter(
-                metric_columns={"epoch": "epoch", metric: metric, "val.loss": "val.loss"},
-                parameter_columns={k: k.split(".", 1)[-1] for k, _ in space.ordered_parameters()},
-                max_report_frequency=15, sort_by_metric=True, metric=metric, mode=mode),
-            verbose=1,
+            callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), _display(setup)],
+            verbose=0,  # Tune's own trial tables off: the display above is the sweep's progress output
         ),
     )
+
+
+def _display(setup: SweepSetup):
+    """The live sweep display (:mod:`mmray.tune.display`) for this sweep's metric and swept parameters."""
+    from mmray.tune.display import SweepDisplay, SweepProgress
+
+    space, job_raw = setup.space, setup.job_raw
+    progress = SweepProgress(metric=space.metric, mode=space.resolved_mode, total=space.num_samples,
+                             parameters=[k for k, _ in space.ordered_parameters()], scheduler=space.scheduler.name)
+    return SweepDisplay(progress, epochs_of=lambda params: validate_job(
+        apply_overrides(job_raw, (params or {}).items())).train.epochs)
 
 
 def run_sweep(setup: SweepSetup, *, resume: bool = False, report: bool = True):
@@ -233,14 +242,19 @@ def run_sweep(setup: SweepSetup, *, resume: bool = False, report: bool = True):
     from mmray.runtime import ensure_ray
     from mmray.tune.results import finish
 
-    # Tune's legacy reporter honours the compact trial table configured in _tuner (the new one prints
-    # every trial's full result box); it must be chosen before the Tuner starts.
+    # Tune's legacy output engine at verbose=0 prints no progress of its own: mmray.tune.display is the sweep's
+    # progress output. The engine is chosen from this variable when the Tuner starts.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # per-epoch checkpoints with num_to_keep force frequent state snapshots; expected, not worth a warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ensure_ray()
     _build_embedding_cache(setup)  # what every trial shares is prepared here, once, before the first trial
-    results = _tuner(setup, restore=resume).fit()
+    from mmray.tune.display import close_displays
+
+    try:
+        results = _tuner(setup, restore=resume).fit()
+    finally:
+        close_displays()  # a sweep that raised or was interrupted gives the terminal back
     summary = finish(setup, results)
     if report:
         summary.report_path, summary.report_verdicts = write_report_safely(setup.experiment_dir)
