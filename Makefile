@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install quickstart test test-fast bench clean
+.PHONY: install quickstart test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -27,11 +27,16 @@ quickstart: $(STAMP)
 	$(BIN)/mmray tune jobs/quickstart.yaml --space search_spaces/quickstart.yaml --storage $(STORAGE) \
 	  --set scaling.num_workers=1 --set train.batch_size=64
 
-test: $(STAMP)
+# The whole suite, as CI runs it: lint first (seconds), then every test (about 10-15 min on 2 cores).
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q --timeout=900 tests
 
-test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+# The everyday loop (under 2 minutes): no Ray cluster, no full training runs.
+test-fast: $(STAMP) lint
+	$(BIN)/python -m pytest -q --timeout=300 -m "not slow and not ray" tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py

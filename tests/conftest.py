@@ -14,8 +14,12 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
+    # Tests under tests/integration start Ray: they must say so (`ray` and `slow`), so that
+    # `make test-fast` (-m "not slow and not ray") never starts a cluster.
+    unmarked = [item.nodeid for item in items if "/integration/" in str(item.path).replace("\\", "/")
+                and not {"ray", "slow"} <= set(item.keywords)]
+    if unmarked:
+        raise pytest.UsageError("integration tests without the `ray` and `slow` markers: " + ", ".join(unmarked))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

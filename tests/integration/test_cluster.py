@@ -23,7 +23,7 @@ from mmray.data.synth import synth
 from local_cluster import LocalCluster
 
 pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 REPO = str(Path(__file__).resolve().parents[2])
 MMRAY = os.path.join(os.path.dirname(sys.executable), "mmray")

@@ -19,7 +19,7 @@ from mmray.data.synth import synth
 
 from helpers import SMALL_MODEL
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 @pytest.fixture(scope="module")

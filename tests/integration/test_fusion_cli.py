@@ -12,7 +12,7 @@ import pytest
 
 from mmray.data.synth import synth
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 QUICKSTART = str(Path(__file__).resolve().parents[2] / "jobs" / "quickstart.yaml")
 
 

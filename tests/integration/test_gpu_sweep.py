@@ -14,7 +14,7 @@ from mmray.data.synth import synth
 
 from helpers import small_job
 
-pytestmark = [pytest.mark.slow, pytest.mark.gpu]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.gpu]
 
 
 def test_quarter_gpu_trials_share_one_gpu(tmp_path):

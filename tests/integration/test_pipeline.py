@@ -11,6 +11,8 @@ from mmray.data.synth import synth
 
 ray = pytest.importorskip("ray")
 
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
 
 @pytest.fixture(scope="module")
 def local_ray():

@@ -16,7 +16,7 @@ from mmray.data.synth import synth
 
 from helpers import small_job
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 EPOCHS = 5
 
 

@@ -24,7 +24,7 @@ from helpers import small_job
 from storage_fixtures import s3_bucket  # noqa: F401  (fixture)
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 EPOCHS = 3
 KILL_IN_EPOCH = 2
 

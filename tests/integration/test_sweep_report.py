@@ -14,7 +14,7 @@ from mmray.data.synth import synth
 from helpers import small_job
 from storage_fixtures import s3_bucket  # noqa: F401 - a fixture
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 SPACE = {
     "metric": "val.accuracy", "num_samples": 4,
     # all four trials drawn at random (seeded); ASHA stops nothing before epoch 2
@@ -62,11 +62,19 @@ def report(experiment):
         return proc.stdout, f.read()
 
 
-def test_the_space_with_modality_choices_validates(experiment):
+def test_the_stored_space_reloads_and_every_trial_drew_one_of_its_modality_choices(experiment):
+    import csv
+
     from mmray.config.loader import read_yaml
     from mmray.tune.space import load_space
 
-    load_space(os.path.join(experiment, "space.yaml"), read_yaml(os.path.join(experiment, "job.yaml")))
+    space = load_space(os.path.join(experiment, "space.yaml"), read_yaml(os.path.join(experiment, "job.yaml")))
+    choices = dict(space.ordered_parameters())["data.modalities"].choice
+    assert choices == SPACE["parameters"]["data.modalities"]["choice"]
+    with open(os.path.join(experiment, "leaderboard.csv")) as f:
+        drawn = [row["data.modalities"] for row in csv.DictReader(f)]
+    assert len(drawn) == SPACE["num_samples"]
+    assert set(drawn) <= {str(c) for c in choices}, drawn
 
 
 def test_plots_are_valid_pngs_referenced_by_the_summary(experiment, report):

@@ -14,7 +14,7 @@ from mmray.data.synth import synth
 from helpers import BEST_SINGLE_MODALITY_CEILING, corrupt_image, small_job
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 EPOCHS = 6
 MARGIN = 0.15

@@ -16,8 +16,9 @@ from mmray.data.synth import synth
 
 from helpers import small_job
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 EPOCHS = 4
+SWEPT = {"train.optimizer.lr": {"loguniform": [1e-4, 1e-2]}, "model.fusion.dropout": {"uniform": [0.0, 0.4]}}
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,7 @@ def files(tmp_path_factory):
         "metric": "val.accuracy", "num_samples": 6, "baseline": True,
         "search": {"name": "optuna_tpe", "n_startup_trials": 3, "seed": 0},
         "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
-        "parameters": {"train.optimizer.lr": {"loguniform": [1e-4, 1e-2]},
-                       "model.fusion.dropout": {"uniform": [0.0, 0.4]}},
+        "parameters": {key: SWEPT[key] for key in SWEPT},
     }))
     return str(job), str(space), root
 
@@ -121,6 +121,7 @@ def test_best_export_is_the_winners_best_epoch_and_predicts(sweep):
 
 def test_every_trial_has_scalars_and_hparams_in_tensorboard(sweep):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
     exp = sweep[0]
     for row in leaderboard(exp):
@@ -128,7 +129,12 @@ def test_every_trial_has_scalars_and_hparams_in_tensorboard(sweep):
         acc.Reload()
         assert "val/accuracy" in acc.Tags()["scalars"]
         assert "best/val.accuracy" in acc.Tags()["scalars"]
-        assert "hparams" in acc.PluginTagToContent("hparams") or acc.PluginTagToContent("hparams")
+        content = acc.PluginTagToContent("hparams")
+        start = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+        assert set(start.hparams) == set(SWEPT)  # the trial's own parameters, as the HParams tab shows them
+        assert start.hparams["train.optimizer.lr"].number_value == pytest.approx(float(row["train.optimizer.lr"]))
+        experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+        assert "best/val.accuracy" in {m.name.tag for m in experiment.metric_infos}
 
 
 def test_optuna_study_is_stored_in_the_experiment(sweep):
@@ -161,19 +167,59 @@ def last_checkpoint_index(exp: str, trial_id: str) -> int:
     return max(int(p.rsplit("_", 1)[1]) for p in found)
 
 
+# Runs `mmray tune` with one extra Tune callback: once Tune's experiment snapshot in storage records two
+# finished trials (TUNE_GLOBAL_CHECKPOINT_S=0: a snapshot every controller step), the driver writes a
+# marker file and blocks. The test kills it then: the kill always lands mid-sweep, at a point where the
+# snapshot a resume reads already holds two finished trials, however busy the machine is.
+PAUSING_TUNE = """
+import glob, json, os, sys, threading
+import ray.tune
+from mmray.cli.main import main
+
+def terminated(exp):
+    ids = set()
+    for path in glob.glob(os.path.join(exp, "experiment_state-*.json")):
+        try:
+            ids |= {t["trial_id"] for t in (json.loads(j) for j, _ in json.load(open(path))["trial_data"])
+                    if t["status"] == "TERMINATED"}
+        except (ValueError, KeyError, OSError):
+            pass  # being written
+    return ids
+
+class PauseAfterTwo(ray.tune.Callback):
+    def on_step_end(self, iteration, trials, **info):
+        marker = os.environ.get("PAUSE_MARKER")  # unset in the resumed process, which unpickles this callback
+        if marker and len(terminated(os.environ["PAUSE_EXPERIMENT"])) >= 2:
+            open(marker, "w").close()
+            threading.Event().wait()
+
+tuner_init = ray.tune.Tuner.__init__
+def init(self, *args, run_config=None, **kwargs):
+    run_config.callbacks = [*(run_config.callbacks or []), PauseAfterTwo()]
+    tuner_init(self, *args, run_config=run_config, **kwargs)
+ray.tune.Tuner.__init__ = init
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_killed_sweep_resumes_without_rerunning_finished_trials(files):
     job, space, root = files
     storage = str(root / "resume-runs")
     exp = os.path.join(storage, "exp")
-    first = subprocess.Popen(tune_cmd(job, "--space", space, "--storage", storage, "--name", "exp"),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 600
-    while len(terminated_in_snapshot(exp)) < 2:
-        assert first.poll() is None, "the sweep ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.5)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    marker = root / "paused"
+    script = root / "pausing_tune.py"
+    script.write_text(PAUSING_TUNE)
+    env = {**os.environ, "PAUSE_MARKER": str(marker), "PAUSE_EXPERIMENT": exp, "TUNE_GLOBAL_CHECKPOINT_S": "0"}
+    first = subprocess.Popen([sys.executable, str(script), "tune", job, "--space", space, "--storage", storage,
+                              "--name", "exp"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        while not marker.exists():  # the driver blocks once it has written the marker: no race after this
+            assert first.poll() is None, "the sweep ended before it paused"
+            time.sleep(0.2)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
     finished = {t: last_checkpoint_index(exp, t) for t in terminated_in_snapshot(exp)}
     assert not os.path.exists(os.path.join(exp, "leaderboard.csv"))
 
