@@ -5,7 +5,6 @@ import logging
 import os
 import warnings
 
-
 # Inherited by the Ray processes a local driver starts; a job submitted to a cluster passes them in its
 # runtime env instead (the cluster's processes were started by someone else).
 QUIET_ENV = {

@@ -170,11 +170,10 @@ def concurrency(space: SpaceConfig, config) -> int:
 
 
 def _tuner(setup: SweepSetup, *, restore: bool):
+    import optuna
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.search.optuna import OptunaSearch
-
-    import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" among the trials
     space, exp = setup.space, setup.experiment_dir
