@@ -5,6 +5,7 @@ Layout of ``STORAGE/NAME/`` (the experiment):
     optuna.db                  the Optuna study (``optuna-dashboard sqlite:///.../optuna.db``)
     <trial folders>/           Ray Tune's own: checkpoints, result.json
     trials/<trial_id>/tensorboard/   each trial's scalars and HParams
+    cores.json                 in-process sweeps: CPUs, wall time and the mean busy-core fraction of the last run
     leaderboard.csv, best/     written when the sweep ends
 """
 from __future__ import annotations
@@ -26,16 +27,18 @@ from mmray.tune.algorithms import SCHEDULERS, SEARCHERS
 from mmray.tune.space import SpaceConfig, check_against_job
 
 JOB_FILE, SPACE_FILE, STUDY_FILE = "job.yaml", "space.yaml", "optuna.db"
+CORES_FILE = "cores.json"  # the sweep's busy-core fraction (mmray.tune.cores)
 CPUS_PER_TRIAL = 1.0  # an in-process trial: decode and train in one process
 DATA_CPUS = 0.5  # kept free per distributed trial for its Ray Data decoding
 
 
 def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_dir: str,
-               context_class: type | None = None) -> None:
+               context_class: type | None = None, cores_actor: str | None = None) -> None:
     """One trial: the job with this trial's parameters, trained in-process by the shared loop.
 
     ``context_class`` (default :class:`~mmray.tune.context.TuneTrialContext`) is the in-process trial's
     loop context; ``benchmarks/sweep.py`` passes a subclass that timestamps the first training batch.
+    ``cores_actor`` names the sweep's :class:`~mmray.tune.cores.CoreShares`: the trial's CPU share per epoch.
     """
     import torch
     from ray import tune
@@ -57,8 +60,12 @@ def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_di
         if outcome.error is not None:
             raise outcome.error
         return
+    from mmray.tune.cores import ShareFollower
+
     torch.set_num_threads(max(1, int(CPUS_PER_TRIAL)))  # concurrent trials share the cores
-    train_loop(config, _embedding_cache_context(config, run_dir, context_class or TuneTrialContext))
+    ctx = _embedding_cache_context(config, run_dir, context_class or TuneTrialContext)
+    ctx.cores = ShareFollower(cores_actor, tune.get_context().get_trial_id())  # more once fewer trials remain
+    train_loop(config, ctx)
 
 
 def _embedding_cache_context(config, run_dir: str, context_class: type):
@@ -182,8 +189,10 @@ def _tuner(setup: SweepSetup, *, restore: bool):
     if scaling_swept:
         raise UserError(f"parameters.{scaling_swept[0]}: trial resources come from the job's scaling section "
                         f"and cannot be swept; set it in the job")
+    balancer = None if distributed(config) else _core_balancer(setup)
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, job_raw=setup.job_raw, experiment_dir=exp), trial_resources(config))
+        tune.with_parameters(_run_trial, job_raw=setup.job_raw, experiment_dir=exp,
+                             cores_actor=balancer.actor_name if balancer else None), trial_resources(config))
     if restore:
         return tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True, resume_errored=True)
     metric, mode = space.metric, space.resolved_mode
@@ -214,10 +223,25 @@ def _tuner(setup: SweepSetup, *, restore: bool):
                                                     checkpoint_score_order=mode),
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
             # result.json/progress.csv per trial; no Tune TensorBoard logger: mmray writes its own, per trial
-            callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), _display(setup)],
+            callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), _display(setup), *([balancer] if balancer else [])],
             verbose=0,  # Tune's own trial tables off: the display above is the sweep's progress output
         ),
     )
+
+
+def _core_balancer(setup: SweepSetup):
+    """In-process trials share the cores no waiting trial needs (:mod:`mmray.tune.cores`). The shares' actor is
+    named after the experiment, so a resumed sweep's trials find it under the same name."""
+    import hashlib
+
+    import ray
+
+    from mmray.tune.cores import CoreBalancer, start_shares
+
+    name = "mmray-cores-" + hashlib.sha1(setup.experiment_dir.encode()).hexdigest()[:12]
+    start_shares(name)
+    return CoreBalancer(cpus=int(ray.cluster_resources().get("CPU", 1)), total_trials=setup.space.num_samples,
+                        actor_name=name, record=store.join(setup.experiment_dir, CORES_FILE))
 
 
 def _display(setup: SweepSetup):
@@ -248,6 +272,7 @@ def run_sweep(setup: SweepSetup, *, resume: bool = False, report: bool = True):
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ensure_ray()
     _build_embedding_cache(setup)  # what every trial shares is prepared here, once, before the first trial
+    from mmray.tune.cores import read_record
     from mmray.tune.display import close_displays
 
     try:
@@ -255,6 +280,7 @@ def run_sweep(setup: SweepSetup, *, resume: bool = False, report: bool = True):
     finally:
         close_displays()  # a sweep that raised or was interrupted gives the terminal back
     summary = finish(setup, results)
+    summary.cores = read_record(store.join(setup.experiment_dir, CORES_FILE))
     if report:
         summary.report_path, summary.report_verdicts = write_report_safely(setup.experiment_dir)
     return summary

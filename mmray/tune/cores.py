@@ -1,0 +1,178 @@
+"""Every core busy to the end of a sweep: when fewer in-process trials remain than cores, they share the free ones.
+
+Each in-process trial reserves one CPU from Ray and trains with one thread while more trials wait. Once no
+trial waits (the searcher has handed out its last one), :class:`CoreBalancer`, a Tune callback in the
+driver, splits the cluster's CPUs between the trials still running and publishes each trial's share in a
+small actor (:class:`CoreShares`); each trial reads its share at the start of every epoch and follows it with
+``torch.set_num_threads`` (:class:`ShareFollower`), and reports it as ``cpu_share`` with its metrics.
+
+Why not Ray Tune's ``ResourceChangingScheduler``: it resizes a trial by pausing it, stopping its process and
+restoring it from its checkpoint in a new process, and it refuses ``reuse_actors``. mmray reuses each slot's
+process so that torch and the decoders are imported once per slot, not once per trial
+(``benchmarks/RESULTS.md``, "Sweeps"); a resize would pay that cold start again for every running trial.
+Here a share changes between two epochs of the same process, at no cost. No other trial can be waiting when
+shares grow, so no trial is starved of the CPU Ray reserved for it.
+
+The sweep's mean busy-core fraction (the CPUs given to running trials, integrated over time, over CPUs x wall
+time) is measured here and printed in the sweep's summary.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from ray.tune import Callback
+
+POLL_TIMEOUT_S = 5.0  # a trial waits at most this long for its share, then keeps the one it has
+
+
+class CoreShares:
+    """The actor's body: trial id -> CPUs (absent: the trial's reserved 1)."""
+
+    def __init__(self):
+        self.shares: dict[str, int] = {}
+
+    def set(self, shares: dict[str, int]) -> None:
+        self.shares = dict(shares)
+
+    def get(self, trial_id: str) -> int:
+        return self.shares.get(trial_id, 1)
+
+
+_STARTED: dict[str, Any] = {}  # name -> handle: a named actor lives as long as its creator holds a handle
+
+
+def start_shares(name: str):
+    """The named actor trials ask for their share (0 CPUs: it must never take a trial's slot); it lives as long
+    as the driver."""
+    import ray
+
+    if name not in _STARTED:
+        _STARTED[name] = ray.remote(num_cpus=0)(CoreShares).options(name=name, get_if_exists=True).remote()
+    return _STARTED[name]
+
+
+def split_cores(cpus: int, running: list[str], waiting: int, reserved: int = 1) -> dict[str, int]:
+    """Each running trial's CPUs: ``reserved`` while trials wait, else the CPUs split as evenly as whole threads
+    allow (the trials started first get the remainder). Never below ``reserved``."""
+    if not running:
+        return {}
+    if waiting > 0:
+        return {t: reserved for t in running}
+    each, extra = divmod(max(cpus, reserved * len(running)), len(running))
+    return {t: max(reserved, each + (1 if i < extra else 0)) for i, t in enumerate(running)}
+
+
+class CoreBalancer(Callback):
+    """Driver-side: re-splits the cores whenever the set of running or waiting trials changes; measures the
+    sweep's busy-core fraction. ``publish`` receives each new ``{trial_id: cpus}`` (the actor's ``set``)."""
+
+    def __init__(self, *, cpus: int, total_trials: int, actor_name: str, record: str | None = None,
+                 clock=time.monotonic, publish=None):
+        self.cpus, self.total_trials, self.actor_name, self.record = cpus, total_trials, actor_name, record
+        self.clock, self._publish = clock, publish
+        self.shares: dict[str, int] = {}
+        self.start: float | None = None
+        self.end: float | None = None
+        self._last: float | None = None
+        self.busy_cpu_s = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_publish": None}  # Tune pickles its callbacks for --resume
+
+    # Tune hooks ----------------------------------------------------------------------
+    def setup(self, **info) -> None:
+        self.start = self._last = self.clock()
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        self._account()
+        running = [t.trial_id for t in trials if t.status == "RUNNING"]
+        waiting = max(0, self.total_trials - len(trials)) + sum(t.status in ("PENDING", "PAUSED") for t in trials)
+        shares = split_cores(self.cpus, running, waiting)
+        if shares != self.shares:
+            self.shares = shares
+            self.publish(shares)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self._account()
+        self.shares = {}
+        self.end = self.clock()
+        if self.record:
+            write_record(self.record, self.figures())
+
+    # measurement ------------------------------------------------------------------------
+    def _account(self) -> None:
+        now = self.clock()
+        if self._last is not None:
+            self.busy_cpu_s += (now - self._last) * sum(self.shares.values())
+        self._last = now
+
+    def busy_fraction(self) -> float | None:
+        """Mean CPUs given to running trials over the CPUs there are, from the first step to the last."""
+        wall = self._wall()
+        return None if wall is None else (self.busy_cpu_s / (self.cpus * wall) if wall > 0 and self.cpus else None)
+
+    def _wall(self) -> float | None:
+        if self.start is None:
+            return None
+        return (self.clock() if self.end is None else self.end) - self.start
+
+    def figures(self) -> dict[str, float | None]:
+        return {"cpus": self.cpus, "wall_s": round(self._wall() or 0.0, 3), "busy_cpu_s": round(self.busy_cpu_s, 3),
+                "busy_fraction": self.busy_fraction()}
+
+    def publish(self, shares: dict[str, int]) -> None:
+        if self._publish is None:
+            import ray
+
+            actor = ray.get_actor(self.actor_name)
+            self._publish = lambda s: actor.set.remote(s)
+        self._publish(shares)
+
+
+def write_record(path: str, figures: dict[str, Any]) -> None:
+    import json
+
+    from mmray import storage as store
+
+    store.write_text(path, json.dumps(figures, indent=2) + "\n")
+
+
+def read_record(path: str) -> dict[str, Any] | None:
+    """The figures :class:`CoreBalancer` recorded (``cores.json``), or None where there are none."""
+    import json
+
+    from mmray import storage as store
+
+    return json.loads(store.read_text(path)) if store.is_file(path) else None
+
+
+class ShareFollower:
+    """Trial-side: at each epoch, the trial's CPU share from the sweep's :class:`CoreShares`, applied to torch."""
+
+    def __init__(self, actor_name: str | None, trial_id: str):
+        self.actor_name, self.trial_id = actor_name, trial_id
+        self.threads = 1
+        self._actor = None
+
+    def follow(self) -> int:
+        import torch
+
+        share = self._ask()
+        if share is not None:
+            self.threads = max(1, min(share, os.cpu_count() or 1))  # a trial's threads run on its own node
+        torch.set_num_threads(self.threads)
+        return self.threads
+
+    def _ask(self) -> int | None:
+        if not self.actor_name:
+            return None
+        import ray
+
+        try:
+            if self._actor is None:
+                self._actor = ray.get_actor(self.actor_name)
+            return int(ray.get(self._actor.get.remote(self.trial_id), timeout=POLL_TIMEOUT_S))
+        except Exception:  # noqa: BLE001 - no share known (actor gone, slow): keep training with the current one
+            return None
