@@ -29,7 +29,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from mmray.config.schema import DataConfig  # noqa: E402

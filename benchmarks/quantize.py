@@ -143,7 +143,7 @@ def _layers(args, clock) -> None:
     """One linear layer, float32 vs the int8 module `load_model` builds: where int8 compute pays off."""
     from mmray.export.quantize import _replace_linear, quantize_weight_int8
 
-    print(f"\n| linear layer (in x out) | batch | float32 us/call | int8 us/call | speed-up |")
+    print("\n| linear layer (in x out) | batch | float32 us/call | int8 us/call | speed-up |")
     print("|---|---|---|---|---|")
     for d_in, d_out in ((64, 128), (192, 128), (256, 1024), (768, 3072)):
         holder = torch.nn.Module()

@@ -6,6 +6,14 @@ class UserError(Exception):
     """Bad usage, config or data: nothing was started. ``str(e)`` is the whole message."""
 
 
+class RunError(Exception):
+    """A failure at run time whose message says it all (a bad record under ``on_bad_record: fail``).
+
+    The CLI prints ``str(e)`` as one line and exits 1; the traceback only with ``--verbose``. It may
+    reach the driver wrapped by Ray (a worker's or a data task's failure): the CLI unwraps it.
+    """
+
+
 class ConfigError(UserError):
     """One or more problems in a job or space config, each naming its dotted key."""
 

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from mmray.config.errors import UserError
+from mmray.config.errors import RunError, UserError
 from mmray.config.schema import AudioPreprocess, DataConfig, ImagePreprocess
 from mmray.data.dataset_dir import DatasetInfo
 from mmray.data.tokenizer import TextTokenizer
@@ -33,8 +33,8 @@ SHIFT_FRACTION = 0.125
 BRIGHTNESS_JITTER = 0.2
 
 
-class BadRecordError(UserError):
-    """A record could not be decoded and ``data.on_bad_record`` is ``fail``."""
+class BadRecordError(RunError):
+    """A record could not be decoded and ``data.on_bad_record`` is ``fail`` (a run-time failure: exit 1)."""
 
     def __init__(self, record_id: str, column: str, reason: str):
         self.record_id, self.column, self.reason = record_id, column, reason

@@ -14,8 +14,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from mmray.config import UserError
-from mmray.storage import StagedDir, local_output
 from mmray.export.loader import Predictor, load_model
+from mmray.storage import StagedDir, local_output
 
 log = logging.getLogger("mmray.export")
 

@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+from local_cluster import LocalCluster
 
 from mmray.data.synth import synth
-
-from local_cluster import LocalCluster
 
 pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.ray]

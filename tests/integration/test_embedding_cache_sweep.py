@@ -11,13 +11,12 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from helpers import SMALL_MODEL
 
 import mmray
 from mmray.data.dataset_dir import read_dataset_info
 from mmray.data.inspect import inspect_dataset
 from mmray.data.synth import synth
-
-from helpers import SMALL_MODEL
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 

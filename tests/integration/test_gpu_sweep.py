@@ -9,10 +9,9 @@ import sys
 
 import pytest
 import yaml
+from helpers import small_job
 
 from mmray.data.synth import synth
-
-from helpers import small_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.gpu]
 

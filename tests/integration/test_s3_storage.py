@@ -16,12 +16,11 @@ import time
 
 import pytest
 import torch
+from helpers import small_job
+from storage_fixtures import s3_bucket  # noqa: F401  (fixture)
 
 from mmray import storage
 from mmray.data.synth import synth
-
-from helpers import small_job
-from storage_fixtures import s3_bucket  # noqa: F401  (fixture)
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.ray]

@@ -7,12 +7,11 @@ import sys
 
 import pytest
 import yaml
+from helpers import small_job
 from PIL import Image
+from storage_fixtures import s3_bucket  # noqa: F401 - a fixture
 
 from mmray.data.synth import synth
-
-from helpers import small_job
-from storage_fixtures import s3_bucket  # noqa: F401 - a fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 SPACE = {

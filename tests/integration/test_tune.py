@@ -11,10 +11,9 @@ import time
 import optuna
 import pytest
 import yaml
+from helpers import small_job
 
 from mmray.data.synth import synth
-
-from helpers import small_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 EPOCHS = 4

@@ -3,25 +3,18 @@ from __future__ import annotations
 
 import logging
 
-from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-
 from mmray import runtime
 
 
 def test_ray_noise_from_workers_is_dropped_and_everything_else_printed():
     printed = []
-    dispatcher.add_handler("ray_print_logs", printed.append)
-    try:
-        runtime._drop_ray_noise()
-        runtime._drop_ray_noise()  # idempotent: a second ensure_ray wraps nothing twice
-        dispatcher.emit({"pid": 1, "is_err": False, "lines": [
-            "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = True`.",
-            "mmray epoch=1/3 train.loss=1.8"]})
-        dispatcher.emit({"pid": 2, "is_err": True, "lines": [
-            "[2026-11-30 18:13:17,756 E 15493 15597] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
-            "and ID: '44' has constructor arguments in the object store and max_restarts > 0."]})
-    finally:
-        dispatcher.remove_handler("ray_print_logs")
+    f = runtime.TracebackFilter(printed.append)
+    f({"pid": 1, "is_err": False, "lines": [
+        "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = True`.",
+        "mmray epoch=1/3 train.loss=1.8"]})
+    f({"pid": 2, "is_err": True, "lines": [
+        "[2026-11-30 18:13:17,756 E 15493 15597] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
+        "and ID: '44' has constructor arguments in the object store and max_restarts > 0."]})
     assert printed == [{"pid": 1, "is_err": False, "lines": ["mmray epoch=1/3 train.loss=1.8"]}]
 
 

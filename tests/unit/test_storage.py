@@ -5,11 +5,10 @@ import os
 import shutil
 
 import pytest
+from storage_fixtures import read_only_dir, s3_bucket  # noqa: F401  (fixtures)
 
 from mmray import storage
 from mmray.config.errors import UserError
-
-from storage_fixtures import read_only_dir, s3_bucket  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -15,7 +15,13 @@ from mmray.registry import Registry
 FUSIONS: Registry = Registry("fusion")
 
 from mmray.models.fusion import (  # noqa: E402,F401  (registers the built-ins)
-    attention, concat, cross_attention, gated, late, low_rank_tensor, tensor,
+    attention,
+    concat,
+    cross_attention,
+    gated,
+    late,
+    low_rank_tensor,
+    tensor,
 )
 
 __all__ = ["FUSIONS"]

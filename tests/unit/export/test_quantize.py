@@ -15,8 +15,15 @@ from mmray.config import UserError
 from mmray.data.reader import iter_batches
 from mmray.export import load_model
 from mmray.export.quantize import (
-    compare_with_source, compress_state, default_out, dequantize_int8, format_comparison, load_compressed_state,
-    quantize_export, quantize_weight_int8, read_quantization,
+    compare_with_source,
+    compress_state,
+    default_out,
+    dequantize_int8,
+    format_comparison,
+    load_compressed_state,
+    quantize_export,
+    quantize_weight_int8,
+    read_quantization,
 )
 
 

@@ -28,7 +28,7 @@ def test_only_sequence_fusions_get_the_encoders_sequences(fusion, ctx, tiny):
         assert seen["sequences"] is None
         return
     assert sorted(seen["sequences"]) == list(MODALITIES)
-    for m, (seq, mask) in seen["sequences"].items():
+    for seq, mask in seen["sequences"].values():
         assert seq.shape[0] == 3 and seq.shape[:2] == mask.shape and mask.dtype == torch.bool
     assert torch.equal(seen["sequences"]["text"][1], batch["attention_mask"].bool())
 

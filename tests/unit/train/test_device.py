@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from helpers import small_job
 
 from mmray.data.dataset_dir import read_dataset_info
 from mmray.data.reader import iter_batches
@@ -16,8 +17,6 @@ from mmray.train.context import LocalContext
 from mmray.train.device import DeviceMonitor, batch_to_device, maybe_compile, to_channels_last, uses_channels_last
 from mmray.train.local import train_local
 from mmray.train.loop import device_figures
-
-from helpers import small_job
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

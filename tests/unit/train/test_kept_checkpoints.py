@@ -3,8 +3,7 @@ import os
 
 import torch
 
-from mmray.train.checkpoint import STATE
-from mmray.train.checkpoint import kept_checkpoints
+from mmray.train.checkpoint import STATE, kept_checkpoints
 from mmray.train.finalize import best_kept
 
 

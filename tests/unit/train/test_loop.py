@@ -7,14 +7,13 @@ import os
 
 import pytest
 import torch
+from helpers import small_job
 
 from mmray.config.schema import LRScheduleConfig
 from mmray.data.synth import synth
 from mmray.train.local import train_local
 from mmray.train.loop import drop_modalities, make_scheduler, task_losses
 from mmray.train.progress import ProgressPrinter
-
-from helpers import small_job
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from helpers import small_job
 
 from mmray.config import ConfigError, validate_job
 from mmray.config.schema import AdversarialConfig
@@ -19,8 +20,6 @@ from mmray.train.local import train_local
 from mmray.train.loop import task_losses
 from mmray.train.objectives import perturbation
 from mmray.tune.space import _parse, check_against_job
-
-from helpers import small_job
 
 
 @pytest.fixture(scope="module")

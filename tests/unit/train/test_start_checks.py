@@ -6,13 +6,12 @@ import sys
 
 import pytest
 import yaml
+from helpers import small_job
+from storage_fixtures import read_only_dir  # noqa: F401  (fixture)
 
 from mmray.cli.main import main
 from mmray.data.synth import synth
 from mmray.train.api import resolve_run_dir
-
-from helpers import small_job
-from storage_fixtures import read_only_dir  # noqa: F401  (fixture)
 
 
 def test_run_folder_is_new_resumed_or_finished(tmp_path):

@@ -5,11 +5,10 @@ Each model trains in-process (the same loop as under Ray, no Ray) with an identi
 from __future__ import annotations
 
 import pytest
+from helpers import small_job
 
 from mmray.data.synth import synth
 from mmray.train.local import train_local
-
-from helpers import small_job
 
 pytestmark = pytest.mark.slow
 

@@ -114,8 +114,8 @@ def test_space_round_trips_through_the_experiment_folder(tmp_path):
 
 
 def test_a_components_name_is_applied_before_its_other_keys():
-    from mmray.config.loader import apply_overrides
     from mmray.config import validate_job
+    from mmray.config.loader import apply_overrides
 
     space = SpaceConfig.model_validate({"parameters": {
         "model.fusion.hidden_dim": {"choice": [64]},
