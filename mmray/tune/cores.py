@@ -2,8 +2,9 @@
 
 Each in-process trial reserves one CPU from Ray and trains with one thread while more trials wait. Once no
 trial waits (the searcher has handed out its last one), :class:`CoreBalancer`, a Tune callback in the
-driver, splits the cluster's CPUs between the trials still running and publishes each trial's share in a
-small actor (:class:`CoreShares`); each trial reads its share at the start of every epoch and follows it with
+driver, splits the cluster's CPUs between the trials still running and publishes the shares in Ray's key-value
+store (no actor: an actor would take one of the worker processes warmed for the trials, see
+``mmray.tune.sweep.TRIAL_MODULES``); each trial reads its share at the start of every epoch and follows it with
 ``torch.set_num_threads`` (:class:`ShareFollower`), and reports it as ``cpu_share`` with its metrics.
 
 Why not Ray Tune's ``ResourceChangingScheduler``: it resizes a trial by pausing it, stopping its process and
@@ -18,39 +19,30 @@ time) is measured here and printed in the sweep's summary.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
 
 from ray.tune import Callback
 
-POLL_TIMEOUT_S = 5.0  # a trial waits at most this long for its share, then keeps the one it has
+NAMESPACE = "mmray"  # Ray key-value store namespace of the shares
 
 
-class CoreShares:
-    """The actor's body: trial id -> CPUs (absent: the trial's reserved 1)."""
+def publish_shares(key: str, shares: dict[str, int]) -> None:
+    """Store ``{trial_id: cpus}`` under ``key`` for the trials to read (Ray's key-value store, in the GCS)."""
+    from ray.experimental.internal_kv import _internal_kv_put
 
-    def __init__(self):
-        self.shares: dict[str, int] = {}
-
-    def set(self, shares: dict[str, int]) -> None:
-        self.shares = dict(shares)
-
-    def get(self, trial_id: str) -> int:
-        return self.shares.get(trial_id, 1)
+    _internal_kv_put(key, json.dumps(shares), overwrite=True, namespace=NAMESPACE)
 
 
-_STARTED: dict[str, Any] = {}  # name -> handle: a named actor lives as long as its creator holds a handle
+def read_share(key: str, trial_id: str) -> int | None:
+    """This trial's CPUs as last published under ``key``; None when nothing is published for it."""
+    from ray.experimental.internal_kv import _internal_kv_get
 
-
-def start_shares(name: str):
-    """The named actor trials ask for their share (0 CPUs: it must never take a trial's slot); it lives as long
-    as the driver."""
-    import ray
-
-    if name not in _STARTED:
-        _STARTED[name] = ray.remote(num_cpus=0)(CoreShares).options(name=name, get_if_exists=True).remote()
-    return _STARTED[name]
+    raw = _internal_kv_get(key, namespace=NAMESPACE)
+    share = json.loads(raw).get(trial_id) if raw else None
+    return int(share) if share is not None else None
 
 
 def split_cores(cpus: int, running: list[str], waiting: int, reserved: int = 1) -> dict[str, int]:
@@ -66,11 +58,12 @@ def split_cores(cpus: int, running: list[str], waiting: int, reserved: int = 1) 
 
 class CoreBalancer(Callback):
     """Driver-side: re-splits the cores whenever the set of running or waiting trials changes; measures the
-    sweep's busy-core fraction. ``publish`` receives each new ``{trial_id: cpus}`` (the actor's ``set``)."""
+    sweep's busy-core fraction. ``publish`` receives each new ``{trial_id: cpus}`` (default: :func:`publish_shares`
+    under ``key``)."""
 
-    def __init__(self, *, cpus: int, total_trials: int, actor_name: str, record: str | None = None,
+    def __init__(self, *, cpus: int, total_trials: int, key: str, record: str | None = None,
                  clock=time.monotonic, publish=None):
-        self.cpus, self.total_trials, self.actor_name, self.record = cpus, total_trials, actor_name, record
+        self.cpus, self.total_trials, self.key, self.record = cpus, total_trials, key, record
         self.clock, self._publish = clock, publish
         self.shares: dict[str, int] = {}
         self.start: float | None = None
@@ -123,12 +116,7 @@ class CoreBalancer(Callback):
                 "busy_fraction": self.busy_fraction()}
 
     def publish(self, shares: dict[str, int]) -> None:
-        if self._publish is None:
-            import ray
-
-            actor = ray.get_actor(self.actor_name)
-            self._publish = lambda s: actor.set.remote(s)
-        self._publish(shares)
+        (self._publish or (lambda s: publish_shares(self.key, s)))(shares)
 
 
 def write_record(path: str, figures: dict[str, Any]) -> None:
@@ -149,30 +137,25 @@ def read_record(path: str) -> dict[str, Any] | None:
 
 
 class ShareFollower:
-    """Trial-side: at each epoch, the trial's CPU share from the sweep's :class:`CoreShares`, applied to torch."""
+    """Trial-side: at each epoch, the trial's CPU share as the driver last published it, applied to torch."""
 
-    def __init__(self, actor_name: str | None, trial_id: str):
-        self.actor_name, self.trial_id = actor_name, trial_id
+    def __init__(self, key: str | None, trial_id: str):
+        self.key, self.trial_id = key, trial_id
         self.threads = 1
-        self._actor = None
 
     def follow(self) -> int:
         import torch
 
-        share = self._ask()
+        share = self.share()
         if share is not None:
             self.threads = max(1, min(share, os.cpu_count() or 1))  # a trial's threads run on its own node
         torch.set_num_threads(self.threads)
         return self.threads
 
-    def _ask(self) -> int | None:
-        if not self.actor_name:
+    def share(self) -> int | None:
+        if not self.key:
             return None
-        import ray
-
         try:
-            if self._actor is None:
-                self._actor = ray.get_actor(self.actor_name)
-            return int(ray.get(self._actor.get.remote(self.trial_id), timeout=POLL_TIMEOUT_S))
-        except Exception:  # noqa: BLE001 - no share known (actor gone, slow): keep training with the current one
+            return read_share(self.key, self.trial_id)
+        except Exception:  # noqa: BLE001 - no share readable: keep training with the current one
             return None

@@ -29,16 +29,20 @@ from mmray.tune.space import SpaceConfig, check_against_job
 JOB_FILE, SPACE_FILE, STUDY_FILE = "job.yaml", "space.yaml", "optuna.db"
 CORES_FILE = "cores.json"  # the sweep's busy-core fraction (mmray.tune.cores)
 CPUS_PER_TRIAL = 1.0  # an in-process trial: decode and train in one process
+# What an in-process trial imports before its first step, torch's compiler stack included (the first optimizer
+# imports torch._dynamo). A local Ray started for such a sweep preloads them in its idle worker processes, which
+# the first trials take (``benchmarks/sweep.py``, cold trial).
+TRIAL_MODULES = ("torch._dynamo", "mmray.tune.sweep", "mmray.tune.context", "mmray.train.loop")
 DATA_CPUS = 0.5  # kept free per distributed trial for its Ray Data decoding
 
 
 def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_dir: str,
-               context_class: type | None = None, cores_actor: str | None = None) -> None:
+               context_class: type | None = None, cores_key: str | None = None) -> None:
     """One trial: the job with this trial's parameters, trained in-process by the shared loop.
 
     ``context_class`` (default :class:`~mmray.tune.context.TuneTrialContext`) is the in-process trial's
     loop context; ``benchmarks/sweep.py`` passes a subclass that timestamps the first training batch.
-    ``cores_actor`` names the sweep's :class:`~mmray.tune.cores.CoreShares`: the trial's CPU share per epoch.
+    ``cores_key`` is where the sweep publishes each trial's CPU share (:mod:`mmray.tune.cores`).
     """
     import torch
     from ray import tune
@@ -64,7 +68,7 @@ def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_di
 
     torch.set_num_threads(max(1, int(CPUS_PER_TRIAL)))  # concurrent trials share the cores
     ctx = _embedding_cache_context(config, run_dir, context_class or TuneTrialContext)
-    ctx.cores = ShareFollower(cores_actor, tune.get_context().get_trial_id())  # more once fewer trials remain
+    ctx.cores = ShareFollower(cores_key, tune.get_context().get_trial_id())  # more once fewer trials remain
     train_loop(config, ctx)
 
 
@@ -194,7 +198,7 @@ def _tuner(setup: SweepSetup, *, restore: bool):
     balancer = None if distributed(config) else _core_balancer(setup)
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, job_raw=setup.job_raw, experiment_dir=exp,
-                             cores_actor=balancer.actor_name if balancer else None), trial_resources(config))
+                             cores_key=balancer.key if balancer else None), trial_resources(config))
     if restore:
         return tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True, resume_errored=True)
     metric, mode = space.metric, space.resolved_mode
@@ -232,18 +236,17 @@ def _tuner(setup: SweepSetup, *, restore: bool):
 
 
 def _core_balancer(setup: SweepSetup):
-    """In-process trials share the cores no waiting trial needs (:mod:`mmray.tune.cores`). The shares' actor is
-    named after the experiment, so a resumed sweep's trials find it under the same name."""
+    """In-process trials share the cores no waiting trial needs (:mod:`mmray.tune.cores`). The shares' key is
+    named after the experiment, so a resumed sweep's trials read it under the same name."""
     import hashlib
 
     import ray
 
-    from mmray.tune.cores import CoreBalancer, start_shares
+    from mmray.tune.cores import CoreBalancer
 
-    name = "mmray-cores-" + hashlib.sha1(setup.experiment_dir.encode()).hexdigest()[:12]
-    start_shares(name)
+    key = "cores-" + hashlib.sha1(setup.experiment_dir.encode()).hexdigest()[:12]
     return CoreBalancer(cpus=int(ray.cluster_resources().get("CPU", 1)), total_trials=setup.space.num_samples,
-                        actor_name=name, record=store.join(setup.experiment_dir, CORES_FILE))
+                        key=key, record=store.join(setup.experiment_dir, CORES_FILE))
 
 
 def _display(setup: SweepSetup):
@@ -277,7 +280,7 @@ def run_sweep(setup: SweepSetup, *, resume: bool = False, report: bool = True):
 
     # One sweep per experiment folder (a second one, or a --resume while it runs, is refused: exit 2).
     with store.folder_lock(setup.experiment_dir, what="experiment"):
-        ensure_ray()
+        ensure_ray(preload=() if distributed(validate_job(setup.job_raw)) else TRIAL_MODULES)
         _build_embedding_cache(setup)  # what every trial shares is prepared here, once, before the first trial
         try:
             results = _tuner(setup, restore=resume).fit()

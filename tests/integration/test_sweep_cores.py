@@ -46,7 +46,7 @@ class GatedContext(TuneTrialContext):
         if self.long and epoch > 1:
             wait_for("short-done")
             deadline = time.monotonic() + 300
-            while self.cores._ask() != CPUS and time.monotonic() < deadline:
+            while self.cores.share() != CPUS and time.monotonic() < deadline:
                 time.sleep(0.05)
         if not self.long and epoch == 1:
             wait_for("long-epoch-1")

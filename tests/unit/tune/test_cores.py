@@ -31,7 +31,7 @@ def trials(**status):
 def test_the_last_trial_gets_the_cores_the_others_leave_and_busy_time_is_measured(tmp_path):
     clock, published = Clock(), []
     record = tmp_path / "cores.json"
-    b = CoreBalancer(cpus=2, total_trials=3, actor_name="x", record=str(record), clock=clock,
+    b = CoreBalancer(cpus=2, total_trials=3, key="x", record=str(record), clock=clock,
                      publish=published.append)
     b.setup()
     b.on_step_end(0, trials(a="RUNNING", b="RUNNING"))  # a third trial is still to come
