@@ -171,6 +171,7 @@ def measure_overhead(data: str, storage: str, n: int) -> dict[str, Any]:
         fresh_ray()
         bare = overhead_runs(bare_trial, n=n, storage=storage, name=f"bare-reuse{int(reuse)}", reuse=reuse)
         # the same mmray trial on a plain Ray: what the preload changes, in the same run (same load)
+        fresh_ray()
         unwarmed = overhead_runs(mm, n=n, storage=storage, name=f"mmray-plain-reuse{int(reuse)}", reuse=reuse)
         fresh_ray(TRIAL_MODULES)
         mine = overhead_runs(mm, n=n, storage=storage, name=f"mmray-reuse{int(reuse)}", reuse=reuse)
