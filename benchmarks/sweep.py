@@ -4,9 +4,8 @@
     python benchmarks/sweep.py --rows 800 --epochs 4 --samples 6 --overhead-trials 3   # smaller, faster
 
 (a) Per-trial overhead: Tune runs ``--overhead-trials`` trials one after another, first a bare Ray Tune
-    function trial that does nothing but report (on a plain local Ray), then mmray's in-process trial (the real
-    ``mmray.tune.sweep._run_trial`` on a tiny job, on a local Ray started as ``mmray tune`` starts it: idle
-    workers preload ``TRIAL_MODULES``). Measured: from the moment the trial can start (``fit()``
+    function trial that does nothing but report, then mmray's in-process trial (the real
+    ``mmray.tune.sweep._run_trial`` on a tiny job). Measured: from the moment the trial can start (``fit()``
     for the first trial, the previous trial's end for the others) to the trial's entry (bare) or to its
     first training batch (mmray). Printed per phase, so the ratio says where the time goes.
 (b) Time to a target validation accuracy, same trial budget (``--samples`` trials of ``--epochs`` epochs):
@@ -139,15 +138,6 @@ def startup_seconds(rows: list[dict[str, float]], until: str) -> list[float]:
     return out
 
 
-def fresh_ray(preload: tuple[str, ...] = ()) -> None:
-    import ray
-
-    from mmray.runtime import ensure_ray
-
-    ray.shutdown()
-    ensure_ray(preload=preload)
-
-
 def measure_overhead(data: str, storage: str, n: int) -> dict[str, Any]:
     from mmray.tune.sweep import JOB_FILE
 
@@ -161,19 +151,9 @@ def measure_overhead(data: str, storage: str, n: int) -> dict[str, Any]:
         params = {"train.optimizer.lr": 3e-3}  # the grid index is not a job key
         mmray_trial(params, marks=marks, job_raw=job_raw, experiment_dir=exp)
 
-    from mmray.tune.sweep import TRIAL_MODULES
-
     out: dict[str, Any] = {}
     for reuse in (False, True):
-        # Each side on a Ray of its own, started as it would be: the bare trial on a plain local Ray, mmray's on
-        # the one `mmray tune` starts (its idle workers preload the trial's imports). A fresh Ray per run, so
-        # the first trial finds the idle workers Ray starts with; Ray's start-up is not charged to either.
-        fresh_ray()
         bare = overhead_runs(bare_trial, n=n, storage=storage, name=f"bare-reuse{int(reuse)}", reuse=reuse)
-        # the same mmray trial on a plain Ray: what the preload changes, in the same run (same load)
-        fresh_ray()
-        unwarmed = overhead_runs(mm, n=n, storage=storage, name=f"mmray-plain-reuse{int(reuse)}", reuse=reuse)
-        fresh_ray(TRIAL_MODULES)
         mine = overhead_runs(mm, n=n, storage=storage, name=f"mmray-reuse{int(reuse)}", reuse=reuse)
         phases = {
             "to trial entry": startup_seconds(mine, "entry"),
@@ -182,8 +162,7 @@ def measure_overhead(data: str, storage: str, n: int) -> dict[str, Any]:
             "to model built (tokenizer, encoders, fusion)": startup_seconds(mine, "model"),
             "to first training batch": startup_seconds(mine, "first_step"),
         }
-        out[f"reuse_actors={reuse}"] = {"bare": startup_seconds(bare, "entry"), "mmray": phases,
-                                        "mmray_without_preload": startup_seconds(unwarmed, "first_step")}
+        out[f"reuse_actors={reuse}"] = {"bare": startup_seconds(bare, "entry"), "mmray": phases}
     return out
 
 
@@ -308,9 +287,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"later median {median(bare[1:]):5.2f}")
             for phase, xs in r["mmray"].items():
                 print(f"    mmray trial, {phase:<44} first {xs[0]:5.2f}  later median {median(xs[1:]):5.2f}")
-            plain = r["mmray_without_preload"]
-            print(f"    mmray trial on a plain Ray (no preload), to first training batch: first {plain[0]:5.2f}  "
-                  f"later median {median(plain[1:]):5.2f}  (ratio to bare: first {plain[0] / bare[0]:.2f}x)")
             print(f"    ratio mmray / bare, same setting: first {mm[0] / bare[0]:.2f}x  "
                   f"later {median(mm[1:]) / median(bare[1:]):.2f}x  mean {statistics.mean(mm) / statistics.mean(bare):.2f}x")
         shipped = oh["reuse_actors=True"]["mmray"]["to first training batch"]  # what `mmray tune` does

@@ -97,13 +97,9 @@ def quiet_ray_logs() -> None:
         auth.addFilter(_DropTokenNotice())
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None, preload: tuple[str, ...] = ()):
+def ensure_ray(address: str | None = None, num_cpus: int | None = None):
     """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray if neither is set.
 
-    ``preload``: modules every worker process of a Ray started here imports when it starts, before any work is
-    given to it. Ray starts one idle worker per CPU as soon as the driver connects, and an actor (a sweep's
-    trial) takes an idle one: so the trials' imports run while the driver still prepares the sweep, not
-    after the trial is scheduled. Ignored when joining a running cluster (its workers are someone else's).
     Returns the Ray context. Inside an already initialised driver this is a no-op.
     """
     quiet_ray_logs()
@@ -118,8 +114,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, preload:
             ray.init(address=address, **kwargs)
         else:
             # "local": never join a cluster some other `ray start` left running on this host
-            system = {"preload_python_modules": list(preload)} if preload else None
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), _system_config=system, **kwargs)
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
         if not _verbose:
             _hide_worker_tracebacks()
     DataContext.get_current().enable_progress_bars = False

@@ -2,10 +2,10 @@
 
 Each in-process trial reserves one CPU from Ray and trains with one thread while more trials wait. Once no
 trial waits (the searcher has handed out its last one), :class:`CoreBalancer`, a Tune callback in the
-driver, splits the cluster's CPUs between the trials still running and publishes the shares in Ray's key-value
-store (no actor: an actor would take one of the worker processes warmed for the trials, see
-``mmray.tune.sweep.TRIAL_MODULES``); each trial reads its share at the start of every epoch and follows it with
-``torch.set_num_threads`` (:class:`ShareFollower`), and reports it as ``cpu_share`` with its metrics.
+driver, splits the cluster's CPUs between the trials still running and publishes the shares in Ray's
+key-value store (no actor: one would take one of the idle worker processes Ray starts for the first trials);
+each trial reads its share at the start of every epoch and follows it with ``torch.set_num_threads``
+(:class:`ShareFollower`), and reports it as ``cpu_share`` with its metrics.
 
 Why not Ray Tune's ``ResourceChangingScheduler``: it resizes a trial by pausing it, stopping its process and
 restoring it from its checkpoint in a new process, and it refuses ``reuse_actors``. mmray reuses each slot's

@@ -29,10 +29,6 @@ from mmray.tune.space import SpaceConfig, check_against_job
 JOB_FILE, SPACE_FILE, STUDY_FILE = "job.yaml", "space.yaml", "optuna.db"
 CORES_FILE = "cores.json"  # the sweep's busy-core fraction (mmray.tune.cores)
 CPUS_PER_TRIAL = 1.0  # an in-process trial: decode and train in one process
-# What an in-process trial imports before its first step, torch's compiler stack included (the first optimizer
-# imports torch._dynamo). A local Ray started for such a sweep preloads them in its idle worker processes, which
-# the first trials take (``benchmarks/sweep.py``, cold trial).
-TRIAL_MODULES = ("torch._dynamo", "mmray.tune.sweep", "mmray.tune.context", "mmray.train.loop")
 DATA_CPUS = 0.5  # kept free per distributed trial for its Ray Data decoding
 
 
@@ -280,7 +276,7 @@ def run_sweep(setup: SweepSetup, *, resume: bool = False, report: bool = True):
 
     # One sweep per experiment folder (a second one, or a --resume while it runs, is refused: exit 2).
     with store.folder_lock(setup.experiment_dir, what="experiment"):
-        ensure_ray(preload=() if distributed(validate_job(setup.job_raw)) else TRIAL_MODULES)
+        ensure_ray()
         _build_embedding_cache(setup)  # what every trial shares is prepared here, once, before the first trial
         try:
             results = _tuner(setup, restore=resume).fit()
