@@ -23,6 +23,7 @@ QUIET_ENV = {
 RAY_NOISE = (
     "Progress bars disabled. To enable",  # Ray Data, once per split coordinator: every epoch of `mmray train`
     "'PreemptionWatcher'",  # core_worker.cc error-level line from Ray Train's controller about its own actor
+    "RAW: Lock blocking",  # abseil's mutex debug line from a Ray process under load
 )
 TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"  # every local start; the default is safe
 
