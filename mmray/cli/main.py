@@ -6,11 +6,12 @@ import logging
 import sys
 from typing import Callable, Sequence
 
-from mmray.config.errors import RunError, UserError
+from mmray.config.errors import RunError, UserError, find_error, wrapped_errors
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
-# verb modules, each with register(subparsers) -> None; imported lazily so `mmray --help` is fast
+# verb modules, each with register(subparsers) -> None; imported lazily so `mmray --help` is fast. Each verb
+# imports the library inside its run() for the same reason (the one place function-level imports need no comment).
 VERBS = ("data", "validate", "render_config", "ls", "train", "tune", "report", "evaluate", "predict",
          "export", "submit", "jobs")
 
@@ -52,32 +53,14 @@ def add_verb(sub, name: str, *, help: str, example: str, run: Callable[[argparse
     return p
 
 
-def _related(e: BaseException) -> list[BaseException]:
-    """The exceptions ``e`` wraps: Ray's task errors (``cause``), Ray Train's worker and controller
-    failures, and ``raise ... from`` causes."""
-    found = [getattr(e, "cause", None), getattr(e, "controller_failure", None)]
-    failures = getattr(e, "worker_failures", None)
-    if isinstance(failures, dict):
-        found += [failures[k] for k in sorted(failures)]
-    found.append(e.__cause__)
-    return [x for x in found if isinstance(x, BaseException) and x is not e]
-
-
 def root_error(e: BaseException) -> BaseException:
     """The error to show for ``e``: the first mmray error (:class:`UserError`, :class:`RunError`) it wraps,
-    breadth first, as raised (not Ray's re-raised copy); else the innermost exception of its first chain."""
-    queue, seen = [e], set()
-    while queue:
-        err = queue.pop(0)
-        if id(err) in seen:
-            continue
-        seen.add(id(err))
-        copy_of_cause = isinstance(getattr(err, "cause", None), BaseException)  # Ray's RayTaskError(cause) copy
-        if isinstance(err, (UserError, RunError)) and not copy_of_cause:
-            return err
-        queue += _related(err)
+    as raised (not Ray's re-raised copy); else the innermost exception of its first chain."""
+    found = find_error(e, (UserError, RunError))
+    if found is not None:
+        return found
     innermost, seen = e, {id(e)}
-    while (inner := _related(innermost)) and id(inner[0]) not in seen:
+    while (inner := wrapped_errors(innermost)) and id(inner[0]) not in seen:
         innermost = inner[0]
         seen.add(id(innermost))
     return innermost

@@ -33,6 +33,11 @@ SHIFT_FRACTION = 0.125
 BRIGHTNESS_JITTER = 0.2
 
 
+# An extra input column the reader adds to the rows of a row group whose pages could not be read (a page
+# checksum mismatch, a damaged page): "<column>: <what and where>", None on sound rows.
+DAMAGED = "_damaged"
+
+
 class BadRecordError(RunError):
     """A record could not be decoded and ``data.on_bad_record`` is ``fail`` (a run-time failure: exit 1)."""
 
@@ -176,6 +181,12 @@ class Preprocessor:
         ids = batch["id"] if "id" in batch else [f"row-{i}" for i in range(n)]
         valid = np.ones(n, dtype=bool)
         out: dict[str, np.ndarray] = {}
+        for i, damage in enumerate(batch.get(DAMAGED, ())):
+            if damage is not None:  # the reader already said so once for the whole row group
+                if self.data.on_bad_record == "fail":
+                    column, _, reason = str(damage).partition(": ")
+                    raise BadRecordError(str(ids[i]), column, reason)
+                valid[i] = False
         for key in sorted(k for k in batch if k == "label" or k.startswith("label_")):
             out[key] = self._labels(key, batch[key], ids, valid)
         for m in self.data.modalities:
@@ -203,7 +214,8 @@ class Preprocessor:
         A list left out means that modality is missing in every row. No label keys are returned.
 
         Raises:
-            UserError: the given lists differ in length, or all are empty.
+            UserError: the given lists differ in length, or all are empty, or an input cannot be decoded
+                (the message names its row, ``input-<i>`` or the given id, and the reason).
         """
         given = {m: v for m, v in (("image", images), ("text", texts), ("audio", audios)) if v is not None}
         lengths = {m: len(v) for m, v in given.items()}
@@ -215,7 +227,10 @@ class Preprocessor:
             column = np.empty(n, dtype=object)  # filled item by item: numpy must not split bytes or strings
             column[:] = list(given.get(m, [None] * n))
             batch[m] = column
-        return self(batch)
+        try:
+            return self(batch)
+        except BadRecordError as e:  # a caller's own input, not a record of a run: bad input (exit 2)
+            raise UserError(f"{e.record_id}: {e.column}: {e.reason}") from None
 
     # -------------------------------------------------------------- per column
     def _bad(self, record_id: Any, column: str, reason: str, valid: np.ndarray, i: int) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,8 +27,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmray.config import JobConfig, to_yaml
-from mmray.config.errors import UserError
+from mmray import storage as store
+from mmray.config import JobConfig, from_yaml_text, to_yaml
+from mmray.config.errors import RunError, UserError
+from mmray.models.builder import build_as_trained, build_job_model
+from mmray.models.cached import weights_hash
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
@@ -43,8 +47,6 @@ def checkpoint_name(epoch: int) -> str:
 
 def kept_checkpoints(run_dir: str) -> dict[int, str]:
     """epoch -> folder of the checkpoints a run kept (local path or URI; {} when there are none)."""
-    from mmray import storage as store
-
     return {int(d[len(PREFIX):]): store.join(run_dir, d) for d in store.listdir(run_dir) if d.startswith(PREFIX)}
 
 
@@ -113,6 +115,59 @@ def save_checkpoint(
     return path
 
 
+class StorageFullError(RunError):
+    """The disk (or quota) filled up while an epoch's checkpoint was written. The partial checkpoint is
+    removed, never registered; a resume continues from ``resume_epoch``'s checkpoint."""
+
+    def __init__(self, path: str, epoch: int, resume_epoch: int):
+        self.path, self.epoch, self.resume_epoch = path, epoch, resume_epoch
+        start = f"epoch {resume_epoch}'s checkpoint" if resume_epoch else "the start"
+        super().__init__(f"storage full at {path} while writing epoch {epoch}'s checkpoint (the partial "
+                         f"checkpoint was removed); free some space and run the same command again: the resume "
+                         f"continues from {start}")
+
+    def __reduce__(self):  # pickles across Ray workers
+        return (type(self), (self.path, self.epoch, self.resume_epoch))
+
+
+def is_storage_full(error: BaseException) -> bool:
+    """Whether ``error`` is a disk-full or over-quota failure (``ENOSPC`` / ``EDQUOT``; pyarrow says it in words)."""
+    import errno
+
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(error) or "Disk quota exceeded" in str(error)
+
+
+def copy_checkpoint(local: str, target: str) -> str:
+    """Copy the checkpoint folder ``local`` to ``target`` (a local path or a URI) so that no reader ever sees it
+    half-written: a local copy is made in a hidden sibling and renamed into place; to a URI, ``state.pt`` is
+    uploaded last (objects appear whole), and a checkpoint without it is not one (:func:`is_complete`).
+    Returns ``target``."""
+    import shutil
+
+    if store.is_uri(target):
+        for name in sorted(os.listdir(local), key=lambda n: n == STATE):
+            store.upload(os.path.join(local, name), store.join(target, name))
+        return target
+    parent, name = os.path.split(os.path.normpath(target))
+    tmp = os.path.join(parent, f".tmp-{name}-{os.getpid()}")  # hidden: kept_checkpoints never lists it
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(local, tmp)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def is_complete(path: str) -> bool:
+    """Whether the checkpoint folder ``path`` (local path or URI) was written whole (it has its ``state.pt``)."""
+    return store.exists(store.join(path, STATE))
+
+
 def left_out(path: str) -> dict[str, str]:
     """Module name -> weights hash of the frozen modules the checkpoint at ``path`` leaves out ({} for a full one)."""
     file = os.path.join(path, FROZEN)
@@ -132,8 +187,6 @@ def load_weights(path: str, model: nn.Module, *, verify: bool = True) -> None:
     Raises:
         UserError: a left-out module of ``model`` differs from the one the checkpoint was trained with.
     """
-    from mmray.models.cached import weights_hash
-
     inner = unwrap(model)
     frozen = left_out(path)
     saved = load_file(os.path.join(path, WEIGHTS))
@@ -155,8 +208,6 @@ def load_weights(path: str, model: nn.Module, *, verify: bool = True) -> None:
 
 def load_model(config: JobConfig, tasks: dict[str, int], tokenizer: Any, path: str) -> nn.Module:
     """The job's model with the checkpoint at ``path`` (a local folder) loaded, slim or full."""
-    from mmray.models.builder import build_as_trained, build_job_model
-
     # A full checkpoint overwrites every weight: no need to read pretrained files. A slim one needs them.
     model = build_as_trained(config, tasks, tokenizer) if left_out(path) else \
         build_job_model(config, tasks, tokenizer, pretrained=False)
@@ -174,10 +225,6 @@ def read_state(path: str) -> dict[str, Any]:
     Raises:
         UserError: the file is not such a state (a planted or damaged pickle), naming it; nothing in it ran.
     """
-    import pickle
-
-    from mmray import storage as store
-
     file = store.join(path, STATE)
     with store.local_copy(file) as local:
         try:
@@ -191,6 +238,29 @@ def read_state(path: str) -> dict[str, Any]:
         raise UserError(f"{file}: not a training state mmray wrote (no train_state); delete that checkpoint "
                         "folder to resume from the one before, or train under another --name")
     return blob
+
+
+def read_train_state(checkpoint_dir: str) -> dict[str, Any]:
+    """The loop's train state saved in a checkpoint folder (a local path or a URI): epoch, history, ..."""
+    return read_state(checkpoint_dir)["train_state"]
+
+
+def checkpoint_epoch(checkpoint_dir: str) -> int:
+    """The epoch whose end the checkpoint at ``checkpoint_dir`` (a local path or a URI) holds."""
+    return int(read_train_state(checkpoint_dir)["epoch"])
+
+
+def read_config(checkpoint_dir: str) -> JobConfig:
+    """The resolved job config saved with the checkpoint at ``checkpoint_dir`` (a local folder).
+
+    Raises:
+        UserError: the checkpoint has no ``config.yaml``.
+    """
+    path = os.path.join(checkpoint_dir, CONFIG)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: missing; cannot tell which model the checkpoint holds")
+    with open(path) as f:
+        return from_yaml_text(f.read(), source=path)
 
 
 def load_checkpoint(path: str, *, model, optimizer, scheduler, scaler, verify: bool = True) -> TrainState:

@@ -6,6 +6,7 @@ comes in through a :class:`~mmray.train.context.WorkerContext`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -15,20 +16,29 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from mmray import storage as store
 from mmray.config import JobConfig
+from mmray.config.errors import RunError
 from mmray.config.schema import LRScheduleConfig, OptimizerConfig
 from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
 from mmray.data.tokenizer import TextTokenizer
 from mmray.models.builder import build_job_model, job_tasks
 from mmray.models.cached import check_cached_encoders, encoder_hashes
 from mmray.seeding import seed_everything
-from mmray.train.checkpoint import TrainState, checkpoint_name, load_checkpoint, save_checkpoint, unwrap
-from mmray.train.context import WorkerContext
+from mmray.train.checkpoint import (
+    StorageFullError,
+    TrainState,
+    checkpoint_name,
+    is_storage_full,
+    load_checkpoint,
+    save_checkpoint,
+    unwrap,
+)
+from mmray.train.context import LoopInputs, WorkerContext
 from mmray.train.device import DeviceMonitor, batch_to_device, maybe_compile, to_channels_last, uses_channels_last
-from mmray.train.metrics import ClassificationMetrics, metrics_from_confusion
+from mmray.train.evaluation import autocast_dtype, evaluate_model, task_losses
 from mmray.train.objectives import in_pretraining, step_losses
 from mmray.train.outputs import EpochOutputs
 
@@ -39,7 +49,7 @@ PROGRESS_EVERY_S = 1.0
 FINITE_CHECK_EVERY = 10
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunError):
     """The training loss became NaN or infinite: the run stops before that epoch is evaluated, checkpointed
     or exported. Raised on every rank at the same batch."""
 
@@ -163,31 +173,10 @@ def drop_modalities(batch: dict[str, Any], modalities: tuple[str, ...], p: float
         batch[f"{m}_present"] = keep[:, i]
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.precision``, or None for full fp32."""
-    if device.type != "cuda" or precision == "fp32":
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if precision == "bf16" else torch.float16
-
-
-def task_losses(logits: dict[str, torch.Tensor], batch: dict[str, Any], label_smoothing: float,
-                weights: dict[str, float] | None = None) -> torch.Tensor:
-    """Mean cross-entropy over valid rows, weighted-summed over tasks (``train.task_weights``; unlisted
-    tasks weigh 1). Invalid (undecodable) rows weigh zero, so every worker still runs forward/backward
-    on every batch and DDP stays in step."""
-    valid = batch["valid"].float()
-    total = logits[next(iter(logits))].new_zeros(())
-    for task, task_logits in logits.items():
-        per_row = F.cross_entropy(task_logits.float(), batch[task], label_smoothing=label_smoothing, reduction="none")
-        weight = (weights or {}).get(task, 1.0)
-        total = total + weight * (per_row * valid).sum() / valid.sum().clamp(min=1)
-    return total
-
-
 def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, config: JobConfig, ctx: WorkerContext,
-                state: TrainState, epoch: int, expected_rows: int, channels_last: bool = False) -> dict[str, float]:
+                state: TrainState, epoch: int, expected_rows: int, channels_last: bool = False,
+                from_cache: bool = False) -> dict[str, float]:
+    """One epoch of training on ``batches``; ``from_cache``: they are the embedding cache's (no encoder runs)."""
     model.train()
     for modality in frozen_encoders(config, epoch):  # fixed features: no dropout, no batch-norm updates
         unwrap(model).encoders[modality].eval()
@@ -212,11 +201,11 @@ def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, confi
         # Skip DDP's gradient all-reduce on micro-batches that only accumulate.
         no_sync = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
         with no_sync, torch.autocast(ctx.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            parts = step_losses(model, model(batch), batch, lambda logits: task_losses(
-                logits, batch, config.train.label_smoothing, config.train.task_weights),  # noqa: B023 - called at once
-                config, epoch, ctx)
+            supervised = functools.partial(task_losses, batch=batch, label_smoothing=config.train.label_smoothing,
+                                           weights=config.train.task_weights)
+            parts = step_losses(model, model(batch), batch, supervised, config, epoch, ctx)
             total = parts["total"]
-            if held and any(k.endswith(".pooled") for k in batch):
+            if held and from_cache:
                 # Cached embeddings: the encoders waiting to unfreeze did not run, but DDP expects a gradient
                 # for every weight it registered. Zero ones, dropped before the step like the rest of `held`.
                 total = total + 0.0 * sum(p.reshape(-1)[0] for p in held)
@@ -288,73 +277,6 @@ def _optimizer_step(model, optimizer, scheduler, scaler, config: JobConfig, held
     scheduler.step()
 
 
-def modality_ablations(modalities: Iterable[str]) -> dict[str, tuple[str, ...]]:
-    """``{"without_<m>": (m,), "only_<m>": (every other modality,)}``: what each diagnostic hides.
-
-    Empty for a single modality (there is nothing to remove).
-    """
-    mods = tuple(sorted(modalities))
-    if len(mods) < 2:
-        return {}
-    out = {f"without_{m}": (m,) for m in mods}
-    out |= {f"only_{m}": tuple(o for o in mods if o != m) for m in mods}
-    return out
-
-
-def hide_modalities(batch: dict[str, Any], hidden: Iterable[str]) -> dict[str, Any]:
-    """A shallow copy of ``batch`` in which ``hidden`` modalities are missing in every row (``<m>_present`` False)."""
-    out = dict(batch)
-    for m in hidden:
-        key = f"{m}_present"
-        like = batch.get(key, batch["valid"])
-        out[key] = torch.zeros_like(like, dtype=torch.bool)
-    return out
-
-
-@torch.inference_mode()
-def evaluate(model, batches: Iterable, *, tasks: dict[str, int], config: JobConfig, ctx: WorkerContext,
-             prefix: str = "val", diagnostics: bool = False, channels_last: bool = False) -> dict[str, Any]:
-    """Loss, accuracy and macro precision/recall/F1 per task, reduced across workers.
-
-    Keys are ``{prefix}.{metric}`` for the main task ``label`` and ``{prefix}.{task}.{metric}`` for others.
-    With ``diagnostics`` the main task is also scored with modalities masked as missing
-    (:func:`modality_ablations`): ``{prefix}.diagnostics.{without_<m>|only_<m>}.{accuracy|f1}``.
-    """
-    model.eval()
-    amp = autocast_dtype(config.train.precision, ctx.device)
-    acc = {t: ClassificationMetrics(n) for t, n in tasks.items()}
-    ablations = modality_ablations(config.data.modalities) if diagnostics else {}
-    ablated = {name: ClassificationMetrics(tasks["label"]) for name in ablations}
-    sums = torch.zeros(3, device=ctx.device)  # loss * rows, rows, bad rows
-    for batch in batches:
-        batch = batch_to_device(batch, ctx.device, channels_last=channels_last)
-        with torch.autocast(ctx.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(batch).logits
-        valid = batch["valid"]
-        n_valid = valid.sum()
-        sums += torch.stack([task_losses(logits, batch, 0.0) * n_valid, n_valid, (~valid).sum()]).float()
-        for t in tasks:
-            acc[t].update(logits[t][valid].float().cpu(), batch[t][valid].cpu())
-        for name, hidden in ablations.items():
-            with torch.autocast(ctx.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                masked = model(hide_modalities(batch, hidden)).logits["label"]
-            ablated[name].update(masked[valid].float().cpu(), batch["label"][valid].cpu())
-    sums = ctx.all_reduce(sums)
-    out: dict[str, Any] = {f"{prefix}.loss": (sums[0] / sums[1].clamp(min=1)).item(),
-                           f"{prefix}.rows": sums[1].item(), f"{prefix}.bad_records": sums[2].item()}
-    for t, m in acc.items():
-        scores = metrics_from_confusion(ctx.all_reduce(m.confusion.to(ctx.device)).cpu())
-        key = prefix if t == "label" else f"{prefix}.{t}"
-        for name in ("accuracy", "precision", "recall", "f1"):
-            out[f"{key}.{name}"] = float(scores[name])
-        out[f"{key}.confusion"] = scores["confusion"]
-    for name, m in ablated.items():
-        scores = metrics_from_confusion(ctx.all_reduce(m.confusion.to(ctx.device)).cpu())
-        out[f"{prefix}.diagnostics.{name}.accuracy"] = float(scores["accuracy"])
-        out[f"{prefix}.diagnostics.{name}.f1"] = float(scores["f1"])
-    return out
-
-
 def device_figures(mine: dict[str, float], ctx: WorkerContext) -> dict[str, float]:
     """This worker's :class:`~mmray.train.device.DeviceMonitor` figures averaged over the workers
     (every worker calls this: the all-reduce needs the same shape everywhere). {} on CPU."""
@@ -376,19 +298,77 @@ def improved(value: float, best: float | None, mode: str, min_delta: float) -> b
     return value > best + min_delta if mode == "max" else value < best - min_delta
 
 
-def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
+def _checkpoint_record_report(ctx: WorkerContext, epoch: int, scalars: dict[str, float], state: TrainState,
+                              outputs: EpochOutputs | None, save) -> None:
+    """End ``epoch``: rank 0 writes its checkpoint (``save(path)``) and makes it durable (``ctx.keep``), then
+    writes the epoch's record (``metrics.jsonl``, TensorBoard), then every rank reports.
+
+    The order is the guarantee: a recorded epoch always has its checkpoint, so a run or trial killed right
+    after the record resumes past it and never trains it again; and the record comes before report, inside
+    which a scheduler may stop a trial for good. A full disk is :class:`StorageFullError`."""
+    scratch = tempfile.mkdtemp(prefix="mmray-ckpt-") if ctx.rank == 0 else None
+    try:
+        ckpt = kept = None
+        if scratch is not None:  # one copy of the checkpoint, from rank 0 (Ray merges multi-rank folders)
+            with _storage_full_at(ctx, epoch, resume_epoch=epoch - 1):
+                ckpt = save(os.path.join(scratch, checkpoint_name(epoch)))
+                kept = ctx.keep(ckpt)
+        if outputs is not None:
+            outputs.write(epoch, scalars, state.history)
+        with _storage_full_at(ctx, epoch, resume_epoch=epoch if kept else epoch - 1, partial=not kept):
+            ctx.report(scalars, ckpt)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _report_again(ctx: WorkerContext, state: TrainState, resume_from: str) -> None:
+    """Report the last epoch of a finished run or trial once more: its record and checkpoint were written, but
+    a kill came before Ray or Tune recorded that report. Sent from a copy: Ray copies what is reported into
+    the run folder, where ``resume_from`` may already be."""
+    scratch = tempfile.mkdtemp(prefix="mmray-ckpt-") if ctx.rank == 0 else None
+    try:
+        again = shutil.copytree(resume_from, os.path.join(scratch, checkpoint_name(state.epoch))) \
+            if scratch is not None else None
+        ctx.report(state.history[-1], again)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _storage_full_at(ctx: WorkerContext, epoch: int, *, resume_epoch: int, partial: bool = True):
+    """Turn a full disk while ``epoch``'s checkpoint is written into :class:`StorageFullError` (one line),
+    first removing that epoch's partial checkpoint from the run folder (``partial``) so nothing half-written
+    is ever resumed from or exported."""
+    try:
+        yield
+    except Exception as e:
+        if not is_storage_full(e):
+            raise
+        target = store.join(ctx.run_dir, checkpoint_name(epoch)) if ctx.run_dir else ""
+        if partial and target:
+            with contextlib.suppress(Exception):
+                store.remove(target)
+        raise StorageFullError(getattr(e, "filename", None) or target or "the checkpoint folder", epoch,
+                               resume_epoch) from e
+
+
+def train_loop(config: JobConfig, ctx: WorkerContext, inputs: LoopInputs | None = None) -> TrainState:
     """Train ``config`` on this worker until ``train.epochs`` or early stopping; report every epoch.
 
+    ``inputs``: what the run was planned to read (the embedding cache); default none of it.
     Returns the final :class:`TrainState` (history of every epoch's metrics, best epoch).
     """
+    inputs = inputs or LoopInputs()
     info: DatasetInfo = read_dataset_info(config.data.path)
     seed_everything(config.train.seed + ctx.rank)
     tasks = job_tasks(info.tasks)
-    tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
+    tokenizer = TextTokenizer.for_job(config.data, info)
     model = build_job_model(config, tasks, tokenizer)
     # Rank 0's permanently frozen encoders (DDP copies them to every rank): checkpoints leave them out and
     # record these hashes; the embedding cache's batches must come from exactly these weights.
-    cached = getattr(ctx, "cached_encoders", None) or {}
+    cached = dict(inputs.cached_encoders)
     hashes = encoder_hashes(model, sorted(set(permanently_frozen(config)) | set(cached))) if ctx.rank == 0 else {}
     frozen = {m: hashes[m] for m in permanently_frozen(config)} if ctx.rank == 0 else {}
     if ctx.rank == 0:
@@ -407,60 +387,59 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=autocast_dtype(config.train.precision, ctx.device) == torch.float16)
 
     state = TrainState()
-    resume_from = ctx.latest_checkpoint()
-    if resume_from:
-        state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                verify=ctx.rank == 0)
-        ctx.progress({"type": "resumed", "epoch": state.epoch, "path": resume_from})
+    patience = config.train.early_stopping.patience
+    with ctx.resume_checkpoint() as resume_from:  # a temporary local copy lives for this block only
+        if resume_from:
+            state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
+                                    scaler=scaler, verify=ctx.rank == 0)
+            ctx.progress({"type": "resumed", "epoch": state.epoch, "path": resume_from})
+            if state.epoch >= config.train.epochs or (patience is not None
+                                                      and state.epochs_without_improvement >= patience):
+                _report_again(ctx, state, resume_from)  # finished: nothing is trained again
+                return state
+
+    def save(path: str) -> str:  # this epoch's checkpoint; frozen encoders are left out, named with their hashes
+        return save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                               state=state, config=config, frozen={f"encoders.{m}": d for m, d in frozen.items()})
 
     outputs = EpochOutputs(ctx.run_dir, first_epoch=state.epoch + 1) if ctx.rank == 0 else None
-    metric, mode = config.train.metric, config.train.mode
-    patience = config.train.early_stopping.patience
-    for epoch in range(state.epoch + 1, config.train.epochs + 1):
-        if patience is not None and state.epochs_without_improvement >= patience:
-            break  # resumed a run that had already stopped early
-        pretraining = in_pretraining(config, epoch)
-        phase = "contrastive pretraining" if pretraining else "supervised"
-        ctx.progress({"type": "epoch_start", "epoch": epoch, "epochs": config.train.epochs, "phase": phase})
-        metrics: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[-1]["lr"]}
-        if config.train.contrastive.pretrain_epochs:  # TensorBoard: train/contrastive_pretraining 1, then 0
-            metrics["train.contrastive_pretraining"] = float(pretraining)
-        monitor.start()
-        metrics |= train_epoch(model, ctx.train_batches(epoch), optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                               config=config, ctx=ctx, state=state, epoch=epoch, expected_rows=info.splits["train"].rows,
-                               channels_last=channels_last)
-        metrics |= evaluate(model, ctx.val_batches(epoch), tasks=tasks, config=config, ctx=ctx,
-                            channels_last=channels_last)
-        metrics |= device_figures(monitor.stop(), ctx)
+    try:
+        metric, mode = config.train.metric, config.train.mode
+        for epoch in range(state.epoch + 1, config.train.epochs + 1):
+            pretraining = in_pretraining(config, epoch)
+            phase = "contrastive pretraining" if pretraining else "supervised"
+            ctx.progress({"type": "epoch_start", "epoch": epoch, "epochs": config.train.epochs, "phase": phase})
+            metrics: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[-1]["lr"]}
+            if config.train.contrastive.pretrain_epochs:  # TensorBoard: train/contrastive_pretraining 1, then 0
+                metrics["train.contrastive_pretraining"] = float(pretraining)
+            monitor.start()
+            metrics |= train_epoch(model, ctx.train_batches(epoch), optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                   config=config, ctx=ctx, state=state, epoch=epoch, expected_rows=info.splits["train"].rows,
+                                   channels_last=channels_last, from_cache=inputs.from_cache_in(epoch))
+            metrics |= evaluate_model(model, ctx.val_batches(epoch), tasks=tasks, modalities=config.data.modalities,
+                                      device=ctx.device, precision=config.train.precision, all_reduce=ctx.all_reduce,
+                                      channels_last=channels_last)
+            metrics |= device_figures(monitor.stop(), ctx)
 
-        if pretraining:
-            pass  # untrained heads: not a candidate for the best epoch, and no early-stopping patience spent
-        elif improved(metrics[metric], state.best_value, mode, config.train.early_stopping.min_delta):
-            state.best_value, state.best_epoch, state.epochs_without_improvement = metrics[metric], epoch, 0
-        else:
-            state.epochs_without_improvement += 1
-        state.epoch = epoch
-        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        scalars["best_epoch"] = float(state.best_epoch or 0)  # 0 while pre-training: no candidate yet
-        state.history.append(scalars)
+            if pretraining:
+                pass  # untrained heads: not a candidate for the best epoch, and no early-stopping patience spent
+            elif improved(metrics[metric], state.best_value, mode, config.train.early_stopping.min_delta):
+                state.best_value, state.best_epoch, state.epochs_without_improvement = metrics[metric], epoch, 0
+            else:
+                state.epochs_without_improvement += 1
+            state.epoch = epoch
+            scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            scalars["best_epoch"] = float(state.best_epoch or 0)  # 0 while pre-training: no candidate yet
+            state.history.append(scalars)
 
-        if outputs is not None:  # before report: a scheduler may stop the trial inside report, for good
-            outputs.write(epoch, scalars, state.history)
-        scratch = tempfile.mkdtemp(prefix="mmray-ckpt-") if ctx.rank == 0 else None
-        ckpt = None
-        if scratch is not None:  # one copy of the checkpoint, from rank 0 (Ray merges multi-rank folders)
-            ckpt = save_checkpoint(os.path.join(scratch, checkpoint_name(epoch)), model=model,
-                                   optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state, config=config,
-                                   frozen={f"encoders.{m}": digest for m, digest in frozen.items()})
-        ctx.report(scalars, ckpt)
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-        ctx.progress({"type": "epoch_end", "epoch": epoch, "epochs": config.train.epochs, "metrics": scalars,
-                      "metric": metric, "phase": phase})
-        if patience is not None and state.epochs_without_improvement >= patience:
-            ctx.progress({"type": "early_stop", "epoch": epoch, "best_epoch": state.best_epoch})
-            break
-    if outputs is not None:
-        outputs.close()
+            _checkpoint_record_report(ctx, epoch, scalars, state, outputs, save)
+            ctx.progress({"type": "epoch_end", "epoch": epoch, "epochs": config.train.epochs, "metrics": scalars,
+                          "metric": metric, "phase": phase})
+            if patience is not None and state.epochs_without_improvement >= patience:
+                ctx.progress({"type": "early_stop", "epoch": epoch, "best_epoch": state.best_epoch})
+                break
+    finally:  # also on failure: a URI run's staging folder is uploaded and deleted
+        if outputs is not None:
+            outputs.close()
     return state
 

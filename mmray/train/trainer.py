@@ -11,7 +11,12 @@ import torch
 
 from mmray import storage as store
 from mmray.config import JobConfig
-from mmray.runtime import ensure_ray
+from mmray.config.errors import find_error
+from mmray.data.cache import build_cached_dataset, plan
+from mmray.data.dataset_dir import read_dataset_info
+from mmray.runtime import ensure_ray, is_verbose
+from mmray.train.checkpoint import PREFIX
+from mmray.train.context import LoopInputs
 from mmray.train.loop import train_loop
 
 RAW_SUFFIX = "_decoded"  # datasets read from the shards when a partial embedding cache serves the first epochs
@@ -20,7 +25,9 @@ RAW_SUFFIX = "_decoded"  # datasets read from the shards when a partial embeddin
 class RayWorkerContext:
     """:class:`~mmray.train.context.WorkerContext` for a Ray Train worker."""
 
-    def __init__(self, config: JobConfig, run_dir: str, relay: Any):
+    def __init__(self, config: JobConfig, run_dir: str, relay: Any, *, cached_epochs: int | None = None):
+        """``cached_epochs``: a partial embedding cache serves those epochs; later ones read the ``*_decoded``
+        datasets (:attr:`~mmray.train.context.LoopInputs.cached_epochs`)."""
         import ray.train
         import ray.train.torch
         from ray.data import DataContext
@@ -33,7 +40,7 @@ class RayWorkerContext:
         self.device = ray.train.torch.get_device()
         self.run_dir = run_dir
         self._config, self._relay = config, relay
-        self.cache_epochs: int | None = None  # a partial embedding cache: the epochs it serves
+        self._cached_epochs = cached_epochs
         if relay is not None:  # every rank: the driver recognises Ray's notice of this process's death by its pid
             relay.push.remote({"type": "worker_started", "rank": self.rank, "pid": os.getpid()})
 
@@ -41,7 +48,7 @@ class RayWorkerContext:
         import ray.train
 
         bs = self._config.train.batch_size
-        if self.cache_epochs is not None and epoch > self.cache_epochs:
+        if self._cached_epochs is not None and epoch > self._cached_epochs:
             split = f"{split}{RAW_SUFFIX}"  # the embedding cache served the epochs before: decode from now on
         return ray.train.get_dataset_shard(split).iter_torch_batches(
             batch_size=bs,
@@ -82,15 +89,44 @@ class RayWorkerContext:
         name = os.path.basename(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
-    def latest_checkpoint(self) -> str | None:
+    def keep(self, checkpoint_dir: str) -> None:
+        return None  # Ray Train stores and registers the checkpoint in report; a resume continues from the last one
+
+    @contextlib.contextmanager
+    def resume_checkpoint(self):
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        return checkpoint.to_directory() if checkpoint is not None else None
+        with local_checkpoint(ray.train.get_checkpoint()) as path:
+            yield path
 
     def progress(self, event: dict[str, Any]) -> None:
         if self.rank == 0 and self._relay is not None:
             self._relay.push.remote(event)
+
+
+@contextlib.contextmanager
+def local_checkpoint(checkpoint):
+    """A Ray ``Checkpoint`` (Train's or Tune's; None passes through) as a local folder for the ``with`` block.
+
+    A checkpoint on local storage is used where it is; one elsewhere is downloaded into a temporary folder
+    that is deleted at the end, also on failure (Ray's ``to_directory()`` leaves a ``checkpoint_tmp_*`` copy
+    of the whole checkpoint in the system temp folder on every resume, never deleted)."""
+    import shutil
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    if checkpoint is None:
+        yield None
+        return
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem) and os.path.isdir(checkpoint.path):
+        yield checkpoint.path
+        return
+    tmp = tempfile.mkdtemp(prefix="mmray-resume-")
+    try:
+        yield checkpoint.to_directory(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _silence_report_log() -> None:
@@ -155,24 +191,24 @@ class _ConsoleQuiet:
             logger.addFilter(cls())
 
 
-def _worker_failure_callback(relay: Any, max_failures: int):
+def _worker_failure_callback(relay: Any, max_failures: int, *, quiet: bool = True):
     """A Ray Train ``UserCallback`` (it runs on the controller) that sends one line per worker-group failure to
     the driver through ``relay``: ``worker 1 died (killed, out of memory or crashed; pid 4242); restarting from
-    epoch 1's checkpoint, failure 1 of 1``."""
+    epoch 1's checkpoint, failure 1 of 1``. With ``quiet`` (not ``--verbose``), Ray's traceback of the death
+    goes to Ray Train's log files only (:class:`_ConsoleQuiet`)."""
     from ray.train import UserCallback
 
     class WorkerFailureLine(UserCallback):
         def __init__(self):
-            self.relay, self.max_failures = relay, max_failures
+            self.relay, self.max_failures, self.quiet = relay, max_failures, quiet
             self.failures, self.epoch = 0, 0
 
         def __setstate__(self, state):  # unpickled on the controller: quiet its console there
             self.__dict__.update(state)
-            _ConsoleQuiet.install()
+            if self.quiet:
+                _ConsoleQuiet.install()
 
         def after_report(self, run_context, metrics, checkpoint) -> None:
-            from mmray.train.checkpoint import PREFIX
-
             name = os.path.basename(checkpoint.path.rstrip("/")) if checkpoint is not None else ""
             if name.startswith(PREFIX):
                 self.epoch = int(name[len(PREFIX):])
@@ -232,10 +268,9 @@ def _quiet_worker_deaths(pids: set[int] | None):
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
     config = JobConfig.model_validate(loop_config["config"])
-    ctx = RayWorkerContext(config, loop_config["run_dir"], loop_config["relay"])
-    ctx.cached_encoders = loop_config.get("cached_encoders")  # embedding cache: weights its batches came from
-    ctx.cache_epochs = loop_config.get("cache_epochs")
-    train_loop(config, ctx)
+    inputs: LoopInputs = loop_config["inputs"]  # planned once by fit(), the same on every worker
+    ctx = RayWorkerContext(config, loop_config["run_dir"], loop_config["relay"], cached_epochs=inputs.cached_epochs)
+    train_loop(config, ctx, inputs)
 
 
 def _progress_relay():
@@ -276,8 +311,7 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from mmray.data.dataset_dir import read_dataset_info
-    from mmray.data.pipeline import build_dataset
+    from mmray.data.pipeline import build_dataset  # imports Ray Data: only once a run starts
 
     info = read_dataset_info(config.data.path)
     cache = _embedding_cache(config, info, cache, on_event)
@@ -286,8 +320,6 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
                 f"val{suffix}": build_dataset(config.data, info, "val", train=False, seed=config.train.seed)}
 
     if cache.used:
-        from mmray.data.cache import build_cached_dataset
-
         datasets = {
             "train": build_cached_dataset(cache.entries, "train", train=True, seed=config.train.seed),
             "val": build_cached_dataset(cache.entries, "val", train=False),
@@ -304,7 +336,7 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "run_dir": run_dir, "relay": relay,
-                           "cached_encoders": cache.weights, "cache_epochs": cache.epochs if cache.partial else None},
+                           "inputs": LoopInputs.from_cache(cache)},
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=s.placement_strategy),
@@ -317,7 +349,8 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=[*(callbacks or []),
-                       *([_worker_failure_callback(relay, config.train.max_failures)] if relay is not None else [])],
+                       *([_worker_failure_callback(relay, config.train.max_failures, quiet=not is_verbose())]
+                         if relay is not None else [])],
         ),
         datasets=datasets,
     )
@@ -340,7 +373,7 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
         poller = threading.Thread(target=poll, name="mmray-progress", daemon=True)
         poller.start()
     try:
-        with _quiet_worker_deaths(worker_pids if relay is not None else None):
+        with _quiet_worker_deaths(worker_pids if relay is not None and not is_verbose() else None):
             result = trainer.fit()
     finally:
         stop.set()
@@ -352,28 +385,15 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     return FitOutcome(run_dir, best_path, result.error)
 
 
-def worker_error(error: BaseException | None, kind: type[BaseException]) -> BaseException | None:
-    """The ``kind`` exception a worker raised, found inside Ray Train's wrappers of ``error``
+def worker_error(error: BaseException | None, kind) -> BaseException | None:
+    """The ``kind`` exception (a class or a tuple of them) a worker raised, found inside Ray Train's wrappers of ``error``
     (``WorkerGroupError.worker_failures``, their ``UserExceptionWithTraceback``, ``__cause__`` chains);
     None when there is none."""
-    seen, todo = set(), [error]
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, kind):
-            return e
-        todo += list((getattr(e, "worker_failures", None) or {}).values())
-        # Train V2 wraps a worker's exception in UserExceptionWithTraceback (``_base_exc``)
-        todo += [getattr(e, "_base_exc", None), getattr(e, "cause", None), e.__cause__, e.__context__]
-    return None
+    return find_error(error, kind)
 
 
 def _embedding_cache(config: JobConfig, info, cache, on_event):
     """The cache plan (looked up when not given), announced in the run's log."""
-    from mmray.data.cache import plan
-
     if cache is None:
         cache = plan(config, info, build=False)
     if on_event is not None:

@@ -61,9 +61,10 @@ class CoreBalancer(Callback):
     sweep's busy-core fraction. ``publish`` receives each new ``{trial_id: cpus}`` (default: :func:`publish_shares`
     under ``key``)."""
 
-    def __init__(self, *, cpus: int, total_trials: int, key: str, record: str | None = None,
+    def __init__(self, *, cpus: int, total_trials: int, key: str, experiment_dir: str | None = None,
                  clock=time.monotonic, publish=None):
-        self.cpus, self.total_trials, self.key, self.record = cpus, total_trials, key, record
+        self.cpus, self.total_trials, self.key = cpus, total_trials, key
+        self.experiment_dir = experiment_dir  # where cores.json goes when the sweep ends
         self.clock, self._publish = clock, publish
         self.shares: dict[str, int] = {}
         self.start: float | None = None
@@ -91,8 +92,10 @@ class CoreBalancer(Callback):
         self._account()
         self.shares = {}
         self.end = self.clock()
-        if self.record:
-            write_record(self.record, self.figures())
+        if self.experiment_dir:
+            from mmray.tune.experiment import write_cores
+
+            write_cores(self.experiment_dir, self.figures())
 
     # measurement ------------------------------------------------------------------------
     def _account(self) -> None:
@@ -117,23 +120,6 @@ class CoreBalancer(Callback):
 
     def publish(self, shares: dict[str, int]) -> None:
         (self._publish or (lambda s: publish_shares(self.key, s)))(shares)
-
-
-def write_record(path: str, figures: dict[str, Any]) -> None:
-    import json
-
-    from mmray import storage as store
-
-    store.write_text(path, json.dumps(figures, indent=2) + "\n")
-
-
-def read_record(path: str) -> dict[str, Any] | None:
-    """The figures :class:`CoreBalancer` recorded (``cores.json``), or None where there are none."""
-    import json
-
-    from mmray import storage as store
-
-    return json.loads(store.read_text(path)) if store.is_file(path) else None
 
 
 class ShareFollower:

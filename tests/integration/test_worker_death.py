@@ -11,13 +11,12 @@ import time
 
 import pytest
 import yaml
+from helpers import small_job
 
 from mmray.data.synth import synth
 
-from helpers import small_job
-
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def _train_workers(pid: int) -> list[int]:

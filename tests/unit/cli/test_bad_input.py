@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import small_job
 
 from mmray.cli.main import main
 from mmray.data.synth import synth
-
-from helpers import small_job
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -116,9 +115,12 @@ def test_setting_the_jobs_name_keeps_the_job(job, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ files the model reads
-def test_missing_resnet_weights_exit_2_before_ray_naming_key_and_path(job, tmp_path, capsys):
+@pytest.mark.parametrize("verb", ["train", "tune", "validate"])
+def test_missing_resnet_weights_exit_2_before_ray_naming_key_and_path(job, tmp_path, capsys, verb):
     weights = tmp_path / "no-such.pth"
-    err = fails(capsys, "train", str(job), "--set", "model.encoders.image={name: resnet18, weights: %s}" % weights)
+    extra = ["--space", str(REPO / "search_spaces" / "quick.yaml")] if verb == "tune" else []
+    err = fails(capsys, verb, str(job), *extra,
+                "--set", "model.encoders.image={name: resnet18, weights: %s}" % weights)
     assert f"model.encoders.image.weights: {weights}: not found" in err
     assert written(tmp_path) == []
 

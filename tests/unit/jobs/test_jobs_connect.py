@@ -133,7 +133,7 @@ def test_a_token_about_to_cross_plain_http_off_this_machine_is_warned_about_firs
     monkeypatch.setenv("RAY_AUTH_TOKEN", "tok-123")
     said: list[str] = []
     try:
-        with pytest.raises(Exception):  # it is no Ray, so connecting fails after the warning
+        with pytest.raises(UserError):  # it is no Ray, so connecting fails after the warning
             connect(f"http://{remote_ip}:{server.server_port}", on_warning=said.append)
     finally:
         server.shutdown()

@@ -8,9 +8,16 @@ import pytest
 
 from mmray.cli.main import main
 from mmray.config.errors import UserError
-from mmray.jobs.submit import prepare
+from mmray.jobs.submit import prepare as prepare_job
 
 REPO = Path(__file__).resolve().parents[3]
+
+
+def prepare(args, **kw):
+    """What `mmray submit` does: the CLI's own parser reads the verb's arguments."""
+    from mmray.cli.main import build_parser
+
+    return prepare_job(args, parse=build_parser().parse_args, **kw)
 
 
 def _project(root: Path) -> Path:
@@ -70,7 +77,7 @@ def test_secrets_and_gitignored_files_are_never_packaged_and_the_summary_says_so
     assert names == {".gitignore", "jobs/quickstart.yaml", "search_spaces/quick.yaml", "mmray/data/pipeline.py",
                      "notes/readme.md"}
     summary = spec.package.summary()
-    assert summary.startswith(f"5 files, ") and str(root) in summary
+    assert summary.startswith("5 files, ") and str(root) in summary
     assert "left out: 12 that may hold secrets, 2 ignored by .gitignore/.rayignore" in summary
 
 
@@ -130,8 +137,8 @@ def test_a_token_over_plain_http_off_this_machine_is_warned_about_with_how_to_tu
 def test_arguments_are_quoted_for_the_cluster_shell(tmp_path):
     root = _project(tmp_path)
     spec = prepare(["tune", "jobs/quickstart.yaml", "--space", "search_spaces/quick.yaml", "--set",
-                    "data.path=/shared/my data", "--storage", "s3://b/runs", "--name", "a;b"], working_dir=str(root))
-    assert "'data.path=/shared/my data'" in spec.entrypoint and "'a;b'" in spec.entrypoint
+                    "data.path=/shared/my data", "--storage", "s3://b/runs;x", "--name", "a-b"], working_dir=str(root))
+    assert "'data.path=/shared/my data'" in spec.entrypoint and "'s3://b/runs;x'" in spec.entrypoint
     assert spec.runtime_env["env_vars"]["PYTHONUNBUFFERED"] == "1"
 
 
@@ -147,6 +154,7 @@ def test_paths_the_cluster_cannot_see_are_warned_about(tmp_path):
     (["evaluate", "x"], "got 'evaluate' (choose one of train, tune)"),
     (["train", "jobs/quickstart.yaml", "--set", "model.fusion.name=nope"], "model.fusion.name: 'nope'"),
     (["tune", "jobs/quickstart.yaml"], "give --space SPACE.yaml"),
+    (["train", "jobs/quickstart.yaml", "--name", "../elsewhere"], "--name: '../elsewhere' is not a run name"),
 ])
 def test_bad_commands_are_refused_before_anything_is_contacted(tmp_path, args, message):
     with pytest.raises(UserError, match=__import__("re").escape(message)):

@@ -6,13 +6,12 @@ import os
 
 import pytest
 import torch
+from helpers import small_job
 
 from mmray.data.reader import split_readers
 from mmray.data.synth import synth
 from mmray.train.context import LocalContext
 from mmray.train.loop import NonFiniteLossError, train_loop
-
-from helpers import small_job
 
 
 def _poisoned(batches, epoch: int, *, at_epoch: int, at_step: int):

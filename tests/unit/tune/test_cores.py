@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from mmray.tune.cores import CoreBalancer, read_record, split_cores
+from mmray.tune.cores import CoreBalancer, split_cores
+from mmray.tune.experiment import read_cores
 
 
 def test_one_core_each_while_trials_wait_then_the_free_cores_are_shared():
@@ -30,8 +31,7 @@ def trials(**status):
 
 def test_the_last_trial_gets_the_cores_the_others_leave_and_busy_time_is_measured(tmp_path):
     clock, published = Clock(), []
-    record = tmp_path / "cores.json"
-    b = CoreBalancer(cpus=2, total_trials=3, key="x", record=str(record), clock=clock,
+    b = CoreBalancer(cpus=2, total_trials=3, key="x", experiment_dir=str(tmp_path), clock=clock,
                      publish=published.append)
     b.setup()
     b.on_step_end(0, trials(a="RUNNING", b="RUNNING"))  # a third trial is still to come
@@ -47,9 +47,9 @@ def test_the_last_trial_gets_the_cores_the_others_leave_and_busy_time_is_measure
     assert published == [{"a": 1, "b": 1}, {"b": 1, "c": 1}, {"c": 2}, {}]
     # 2 cores for 30 s, then none for the last 10 s: 60 of 80 CPU-seconds
     assert b.busy_fraction() == pytest.approx(0.75)
-    assert read_record(str(record)) == {"cpus": 2, "wall_s": 40.0, "busy_cpu_s": 60.0, "busy_fraction": 0.75}
-    assert json.loads(record.read_text())["busy_fraction"] == 0.75
+    assert read_cores(str(tmp_path)) == {"cpus": 2, "wall_s": 40.0, "busy_cpu_s": 60.0, "busy_fraction": 0.75}
+    assert json.loads((tmp_path / "cores.json").read_text())["busy_fraction"] == 0.75
 
 
 def test_no_record_means_no_figure(tmp_path):
-    assert read_record(str(tmp_path / "cores.json")) is None
+    assert read_cores(str(tmp_path)) is None
