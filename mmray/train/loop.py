@@ -25,6 +25,7 @@ from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
 from mmray.data.tokenizer import TextTokenizer
 from mmray.models.builder import build_job_model, job_tasks
 from mmray.models.cached import check_cached_encoders, encoder_hashes
+from mmray.models.lora import base_hash
 from mmray.seeding import seed_everything
 from mmray.train.checkpoint import TrainState, checkpoint_name, load_checkpoint, save_checkpoint, unwrap
 from mmray.train.context import WorkerContext
@@ -102,6 +103,13 @@ def permanently_frozen(config: JobConfig) -> list[str]:
     """Modalities whose encoder never trains in this run (``freeze: true`` and no ``unfreeze_after_epochs``)."""
     encoders = [(m, getattr(config.model.encoders, m)) for m in config.data.modalities]
     return [m for m, enc in encoders if enc.freeze and enc.unfreeze_after_epochs is None]
+
+
+def lora_encoders(config: JobConfig) -> list[str]:
+    """Modalities whose encoder trains through LoRA adapters (``lora`` set, not permanently frozen)."""
+    never = permanently_frozen(config)
+    return [m for m in config.data.modalities
+            if getattr(getattr(config.model.encoders, m), "lora", None) is not None and m not in never]
 
 
 def frozen_encoders(config: JobConfig, epoch: int) -> list[str]:
@@ -392,6 +400,8 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
     cached = getattr(ctx, "cached_encoders", None) or {}
     hashes = encoder_hashes(model, sorted(set(permanently_frozen(config)) | set(cached))) if ctx.rank == 0 else {}
     frozen = {m: hashes[m] for m in permanently_frozen(config)} if ctx.rank == 0 else {}
+    # LoRA-adapted encoders that train: checkpoints hold their adapters, and the hash of the base weights.
+    lora_base = {f"encoders.{m}": base_hash(model.encoders[m]) for m in lora_encoders(config)} if ctx.rank == 0 else {}
     if ctx.rank == 0:
         check_cached_encoders(hashes, cached)
     groups = param_groups(model, config)  # before DDP: it must not register permanently frozen weights
@@ -452,7 +462,8 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
         if scratch is not None:  # one copy of the checkpoint, from rank 0 (Ray merges multi-rank folders)
             ckpt = save_checkpoint(os.path.join(scratch, checkpoint_name(epoch)), model=model,
                                    optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state, config=config,
-                                   frozen={f"encoders.{m}": digest for m, digest in frozen.items()})
+                                   frozen={f"encoders.{m}": digest for m, digest in frozen.items()},
+                                   lora_base=lora_base)
         ctx.report(scalars, ckpt)
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
