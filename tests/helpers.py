@@ -44,7 +44,7 @@ def corrupt_image(shard: str, row: int = 0) -> str:
 
 # Tiny random-init Hugging Face vision models (built from config classes, saved with save_pretrained,
 # loaded back by path: nothing is downloaded), with an image processor that feeds them 16 x 16 images.
-TINY_VISION = ("vit", "clip", "siglip", "dinov2", "convnext")
+TINY_VISION = ("vit", "clip", "siglip", "dinov2", "convnext", "swin")
 
 
 def save_tiny_vision(folder, kind: str = "vit", size: int = 16) -> str:
@@ -60,9 +60,13 @@ def save_tiny_vision(folder, kind: str = "vit", size: int = 16) -> str:
         "siglip": (t.SiglipVisionConfig, t.SiglipVisionModel, t.SiglipImageProcessor),
         "dinov2": (t.Dinov2Config, t.Dinov2Model, t.BitImageProcessor),
         "convnext": (t.ConvNextConfig, t.ConvNextModel, t.ConvNextImageProcessor),
+        "swin": (t.SwinConfig, t.SwinModel, t.ViTImageProcessor),
     }[kind]
     if kind == "convnext":
         common = {"hidden_sizes": [8, 32], "depths": [1, 1], "num_stages": 2, "patch_size": 4}
+    elif kind == "swin":  # 4x4 patches of 8, merged once to 2x2 of 16
+        common = {"image_size": size, "patch_size": 4, "embed_dim": 8, "depths": [1, 1], "num_heads": [2, 2],
+                  "window_size": 2}
     torch.manual_seed(0)
     model(config(**common)).save_pretrained(folder)
     if kind in ("clip", "dinov2"):  # resize the short side, then centre-crop to the model's size

@@ -33,8 +33,8 @@ ADAPTER = "default"  # peft's adapter name; one adapter per encoder
 # Attention query/value projections (LoRA paper; peft's defaults for BERT, ViT, CLIP, wav2vec2, Whisper...),
 # then ConvNeXt's pointwise convolutions (it has no attention).
 DEFAULT_TARGETS: tuple[tuple[str, ...], ...] = (
-    ("query", "value"),      # BERT, RoBERTa, Swin, older ViT / DINOv2
-    ("q_proj", "v_proj"),    # ViT, DINOv2, CLIP, SigLIP, wav2vec2, HuBERT, WavLM, Whisper
+    ("query", "value"),      # BERT, RoBERTa
+    ("q_proj", "v_proj"),    # ViT, DINOv2, Swin, CLIP, SigLIP, wav2vec2, HuBERT, WavLM, Whisper
     ("q_lin", "v_lin"),      # DistilBERT
     ("q", "v"),              # T5-style
     ("pwconv1", "pwconv2"),  # ConvNeXt

@@ -14,7 +14,7 @@ import inspect
 from typing import Any, Literal, Optional
 
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from mmray import hf_local
@@ -41,6 +41,14 @@ class HFEncoderConfig(EncoderConfig):
         False, description="recompute the model's layer activations in the backward pass instead of keeping "
         "them (less memory, about one more forward pass of time)",
     )
+
+    @field_validator("lora")
+    @classmethod
+    def _trains_something(cls, v: LoraConfig | None, info: ValidationInfo) -> LoraConfig | None:
+        if v is not None and info.data.get("freeze") and info.data.get("unfreeze_after_epochs") is None:
+            raise ValueError("adapters of an encoder frozen for the whole run (freeze: true) would never train; "
+                             "remove lora, or set freeze: false (or unfreeze_after_epochs)")
+        return v
 
     @classmethod
     def _path_fields(cls) -> tuple[str, ...]:

@@ -39,7 +39,8 @@ def images(n: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
 def test_hf_image_gives_pooled_and_patch_sequence_and_trains(kind, vision):
     enc = image_encoder(vision[kind], dim=24)
     out = enc(images())
-    tokens = {"vit": 17, "clip": 17, "dinov2": 17, "siglip": 16, "convnext": 4}[kind]  # 4x4 patches (+ [CLS])
+    # 4x4 patches (+ [CLS]); ConvNeXt and Swin downsample to 2x2
+    tokens = {"vit": 17, "clip": 17, "dinov2": 17, "siglip": 16, "convnext": 4, "swin": 4}[kind]
     assert out.pooled.shape == (3, 24) and out.sequence.shape == (3, tokens, 24) and enc.output_dim == 24
     assert out.sequence_mask.all()
     (out.pooled.sum() + out.sequence.sum()).backward()
@@ -81,6 +82,18 @@ def test_hf_image_refuses_a_model_that_does_not_read_images(tiny):
     path = tiny.hf["hf_text"]  # a BERT folder
     with pytest.raises(UserError, match=r"model\.encoders\.image\.path: .* does not read images"):
         ENCODERS.build(ENCODERS.entry("hf_image").config(path=path), ctx=BuildContext(image_size=SIZE))
+
+
+def test_a_whole_clip_model_contributes_its_vision_tower(tmp_path):
+    import transformers as t
+
+    layers = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 37}
+    t.CLIPModel(t.CLIPConfig(text_config={**layers, "vocab_size": 99, "bos_token_id": 0, "eos_token_id": 1},
+                             vision_config={**layers, "image_size": SIZE, "patch_size": 4})).save_pretrained(tmp_path)
+    t.CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}).save_pretrained(tmp_path)
+    enc = image_encoder(str(tmp_path), lora={"rank": 2})
+    assert not any("text" in n for n, _ in enc.named_parameters())
+    assert enc(images()).sequence.shape == (3, 17, 32)
 
 
 def test_a_vit_fed_another_size_interpolates_its_positions(vision):
@@ -143,6 +156,9 @@ def test_lora_keys_are_checked_and_sweepable():
     with pytest.raises(ConfigError) as info:
         validate_job(job({"path": "p", "lora": {"rank": 0, "alpha": 8}}))
     assert any(p.startswith("model.encoders.image.lora.rank") for p in info.value.problems)
+    with pytest.raises(ConfigError, match=r"model\.encoders\.image\.lora: .*would never train"):
+        validate_job(job({"path": "p", "lora": {}, "freeze": True}))
+    validate_job(job({"path": "p", "lora": {}, "freeze": True, "unfreeze_after_epochs": 1}))
     base = {"name": "t", "data": {"path": "d"}, "model": {"encoders": {"text": {"name": "hf_text", "path": "p"}}}}
     check_against_job(SpaceConfig.model_validate({"parameters": {"model.encoders.text.lora.rank": {"choice": [4, 8, 16]}}}), base)
     with pytest.raises(ConfigError) as info:
