@@ -252,10 +252,12 @@ class HFImageEncoder(nn.Module):
         pooled_out = getattr(out, "pooler_output", None)
         if self.pool == "model" and pooled_out is not None:
             pooled = self.proj(pooled_out.flatten(1))
-        elif self.pool == "cls":
-            pooled = seq[:, 0]
         else:
-            pooled = seq.mean(dim=1)
+            pooled = seq[:, 0] if self.pool == "cls" else seq.mean(dim=1)
+            if pooled_out is not None and pooled_out.requires_grad:
+                # The model's own pooling head (CLIP's post-layernorm, SigLIP's attention pool) is not used: a
+                # zero-weighted term gives its weights a (zero) gradient, which DDP needs of every trained weight.
+                pooled = pooled + 0.0 * pooled_out.sum()
         mask = torch.ones(seq.shape[:2], dtype=torch.bool, device=seq.device)
         return EncoderOutput(self.dropout(pooled), self.dropout(seq), mask)
 

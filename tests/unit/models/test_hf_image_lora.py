@@ -47,6 +47,16 @@ def test_hf_image_gives_pooled_and_patch_sequence_and_trains(kind, vision):
     assert all(p.grad is not None for p in enc.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("kind", ["vit", "clip", "siglip"])
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_pooling_over_tokens_leaves_no_trained_weight_without_a_gradient(kind, pool, vision):
+    enc = image_encoder(vision[kind], pool=pool)  # DDP fails on a trained weight that gets no gradient
+    out = enc(images())
+    assert torch.allclose(out.pooled, out.sequence[:, 0] if pool == "cls" else out.sequence.mean(dim=1), atol=1e-6)
+    out.pooled.sum().backward()
+    assert all(p.grad is not None for p in enc.parameters() if p.requires_grad)
+
+
 def test_hf_image_wires_its_image_processor_into_data_image(vision):
     from transformers import CLIPImageProcessor
 
