@@ -12,7 +12,7 @@ import os
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from mmray.config.errors import UserError
+from mmray.errors import UserError
 
 DOWNLOAD_ENV = "MMRAY_HF_DOWNLOAD"
 
@@ -22,10 +22,14 @@ def downloads_allowed() -> bool:
     return os.environ.get(DOWNLOAD_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
+def looks_local(path: str) -> bool:
+    """True if ``path`` names a local file or folder (existing, or spelt like a path: ``/``, ``.``, ``~``)
+    rather than a hub name or a URI."""
+    return "://" not in path and (path.startswith(("/", ".", "~")) or os.path.exists(path))
+
+
 def is_folder_path(path: str) -> bool:
     """``path`` names a local folder, or is spelt like a path (``/``, ``.``, ``~``) rather than a hub name."""
-    from mmray.models.encoders.base import looks_local
-
     return looks_local(path) or os.path.isdir(os.path.expanduser(path))
 
 

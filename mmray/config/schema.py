@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from mmray.config.errors import UserError
+from mmray.hf_local import looks_local
 from mmray.models.encoders import ENCODERS
 from mmray.models.fusion import FUSIONS
 from mmray.registry import StrictModel
@@ -270,8 +271,6 @@ def _part(node: Any, key: str) -> Any:
 
 def _same_source(a: str, b: str) -> bool:
     """Whether two tokenizer / model references name the same thing (local paths compared resolved)."""
-    from mmray.models.encoders.base import looks_local
-
     def norm(p: str) -> str:
         return os.path.realpath(os.path.expanduser(p)) if looks_local(p) else p.rstrip("/")
 

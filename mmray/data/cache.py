@@ -46,9 +46,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmray.config.errors import UserError
-from mmray.data.dataset_dir import DatasetInfo
-from mmray.data.reader import _batches, read_row_group, row_group_units, shuffled_units, table_columns
+from mmray.config import JobConfig
+from mmray.config.errors import RunError, UserError
+from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
+from mmray.data.decode import Preprocessor
+from mmray.data.reader import (
+    MIN_SHUFFLE_WINDOW, _batches, read_row_group, row_group_units, shuffled_units, split_readers, table_columns,
+)
+from mmray.data.tokenizer import TextTokenizer
+from mmray.models.builder import build_as_trained, job_tasks
+from mmray.models.cached import weights_hash
+from mmray.hf_local import looks_local
+from mmray.models.fusion import FUSIONS
+from mmray.runtime import ensure_ray
 
 CACHE_DIR = os.path.join(".cache", "embeddings")
 MANIFEST = "manifest.json"
@@ -97,8 +107,6 @@ def refuse_unless_usable(config) -> None:
 
 
 def fusion_needs_sequences(name: str) -> bool:
-    from mmray.models.fusion import FUSIONS
-
     return bool(getattr(FUSIONS.entry(name).builder, "uses_sequences", False))
 
 
@@ -145,8 +153,6 @@ def dataset_fingerprint(info: DatasetInfo) -> str:
 
 
 def _local_fingerprint(ref: str | None) -> str | None:
-    from mmray.models.encoders.base import looks_local
-
     if ref is None:
         return None
     if looks_local(ref) and os.path.exists(os.path.expanduser(ref)):
@@ -299,10 +305,7 @@ def _locked(path: str):
 
 def build_job_encoders(config, info: DatasetInfo):
     """The job's model as the training loop builds it on rank 0 (:func:`~mmray.models.builder.build_as_trained`)."""
-    from mmray.data.tokenizer import TextTokenizer
-    from mmray.models.builder import build_as_trained, job_tasks
-
-    tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
+    tokenizer = TextTokenizer.for_job(config.data, info)
     return build_as_trained(config, job_tasks(info.tasks), tokenizer)
 
 
@@ -312,8 +315,6 @@ def build_entries(config, info: DatasetInfo, modalities: list[str], *, sequences
     Holds a lock on the dataset's cache folder for the whole build: concurrent callers wait, then find
     the entries and build nothing.
     """
-    from mmray.models.cached import weights_hash
-
     root = cache_root(info)
     os.makedirs(root, exist_ok=True)
     with _locked(os.path.join(root, ".lock")):
@@ -403,8 +404,7 @@ def _run_ray(units: list[dict], kwargs: dict, progress: BuildProgress) -> None:
     """Batch inference with Ray Data: one actor per GPU (or per CPU), each encoding whole row groups."""
     import ray
 
-    from mmray.data.pipeline import configure_data_context
-    from mmray.runtime import ensure_ray
+    from mmray.data.pipeline import configure_data_context  # imports Ray Data: only when a cache is built
 
     ensure_ray()
     configure_data_context()
@@ -427,9 +427,6 @@ class _EncodeUnits:
     def __init__(self, config_json: dict, info: DatasetInfo, encoders: dict, staging: dict[str, str], sequences: bool,
                  threads: int | None = None):
         import torch
-
-        from mmray.config import JobConfig
-        from mmray.data.decode import Preprocessor
 
         if isinstance(encoders, list):  # [ObjectRef] from the Ray runner
             import ray
@@ -454,7 +451,7 @@ class _EncodeUnits:
             for m in self.encoders:
                 os.makedirs(os.path.join(self.staging[m], str(split)), exist_ok=True)
                 pq.write_table(_to_table(batch, m, table.column("id")),
-                               os.path.join(self.staging[m], str(split), str(part)))
+                               os.path.join(self.staging[m], str(split), str(part)), write_page_checksum=True)
             rows.append(table.num_rows)
         return {"rows": np.asarray(rows)}
 
@@ -496,7 +493,12 @@ def read_part(entries: dict[str, CacheEntry], split: str, part: str) -> pa.Table
     """The part ``part`` of every entry side by side (rows align: same row group, same order)."""
     table = None
     for m in sorted(entries):
-        t = pq.read_table(entries[m].part_path(split, part))
+        path = entries[m].part_path(split, part)
+        try:
+            t = pq.read_table(path, page_checksum_verification=True)
+        except (OSError, pa.ArrowException) as e:
+            raise RunError(f"embedding cache part {path} is damaged ({str(e).splitlines()[0]}); delete "
+                           f"{entries[m].path} and run again: it is rebuilt from the dataset") from None
         if table is None:
             table = t
             continue
@@ -542,8 +544,6 @@ def iter_cached_batches(entries: dict[str, CacheEntry], info: DatasetInfo, split
     """Like :func:`mmray.data.reader.iter_batches` (same order for the same seed and epoch), from the cache."""
     import torch
 
-    from mmray.data.reader import MIN_SHUFFLE_WINDOW
-
     rng = np.random.default_rng([seed, epoch])
     rng.integers(2**31)  # the raw reader draws its augmentation seed here: keep the streams in step
     first = next(iter(entries.values()))
@@ -561,9 +561,6 @@ def iter_cached_batches(entries: dict[str, CacheEntry], info: DatasetInfo, split
 def cached_readers(config, cache: CachePlan):
     """``(train_batches, val_batches)``: ``epoch -> batches``, as :func:`mmray.data.reader.split_readers`, read from
     the cache for the epochs it serves (``cache.epochs``) and from the dataset's shards after them."""
-    from mmray.data.dataset_dir import read_dataset_info
-    from mmray.data.reader import split_readers
-
     info = read_dataset_info(config.data.path)
     bs, seed = config.train.batch_size, config.train.seed
 
@@ -601,8 +598,6 @@ class _ReadCached:
 # --------------------------------------------------------------------------------------------- listing
 def list_caches(path: str) -> list[dict]:
     """The cache entries of the dataset at ``path``: name, modality, encoder, rows, bytes, built, stale."""
-    from mmray.data.dataset_dir import read_dataset_info
-
     info = read_dataset_info(path)
     root = cache_root(info)
     if not os.path.isdir(root):

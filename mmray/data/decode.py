@@ -33,6 +33,11 @@ SHIFT_FRACTION = 0.125
 BRIGHTNESS_JITTER = 0.2
 
 
+# An extra input column the reader adds to the rows of a row group whose pages could not be read (a page
+# checksum mismatch, a damaged page): "<column>: <what and where>", None on sound rows.
+DAMAGED = "_damaged"
+
+
 class BadRecordError(RunError):
     """A record could not be decoded and ``data.on_bad_record`` is ``fail`` (a run-time failure: exit 1)."""
 
@@ -176,6 +181,12 @@ class Preprocessor:
         ids = batch["id"] if "id" in batch else [f"row-{i}" for i in range(n)]
         valid = np.ones(n, dtype=bool)
         out: dict[str, np.ndarray] = {}
+        for i, damage in enumerate(batch.get(DAMAGED, ())):
+            if damage is not None:  # the reader already said so once for the whole row group
+                if self.data.on_bad_record == "fail":
+                    column, _, reason = str(damage).partition(": ")
+                    raise BadRecordError(str(ids[i]), column, reason)
+                valid[i] = False
         for key in sorted(k for k in batch if k == "label" or k.startswith("label_")):
             out[key] = self._labels(key, batch[key], ids, valid)
         for m in self.data.modalities:

@@ -7,6 +7,7 @@ from collections import Counter
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mmray.data.cache import CACHE_DIR, list_caches
 from mmray.data.dataset_dir import MEDIA_COLUMNS, DatasetInfo, read_dataset_info, resolve_fs
 
 SAMPLE_ROWS = 3
@@ -57,8 +58,6 @@ def inspect_dataset(path: str) -> str:
 
 def _caches_table(info: DatasetInfo) -> list[str]:
     """The embedding caches under ``.cache/embeddings`` with their sizes (see :mod:`mmray.data.cache`)."""
-    from mmray.data.cache import CACHE_DIR, list_caches
-
     caches = list_caches(info.path)
     if not caches:
         return ["embedding caches: none"]

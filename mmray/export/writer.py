@@ -31,12 +31,13 @@ from safetensors.torch import save_file
 
 from mmray import storage as store
 from mmray.config import JobConfig, UserError, to_yaml
+from mmray.models.encoders.hf import _feature_extractor, _load
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 LABELS_FILE = "labels.json"
 TOKENIZER_DIR = "tokenizer"
-METRICS_FILE = "metrics.json"
+EXPORT_METRICS_FILE = "metrics.json"  # not the run folder's per-epoch metrics.jsonl
 VERSIONS_FILE = "versions.json"
 ENCODERS_DIR = "encoders"
 HF_ENCODERS = ("hf_text", "hf_image", "hf_audio")
@@ -45,7 +46,7 @@ HF_ENCODERS = ("hf_text", "hf_image", "hf_audio")
 def export_files(modalities: tuple[str, ...], config: JobConfig | None = None) -> list[str]:
     """The names an export holds at its top level for a model over ``modalities`` (sorted); with ``config``,
     ``encoders`` too when it has a Hugging Face encoder."""
-    names = [WEIGHTS_FILE, CONFIG_FILE, LABELS_FILE, METRICS_FILE, VERSIONS_FILE]
+    names = [WEIGHTS_FILE, CONFIG_FILE, LABELS_FILE, EXPORT_METRICS_FILE, VERSIONS_FILE]
     if "text" in modalities:
         names.append(TOKENIZER_DIR)
     if config is not None and hf_encoders(config):
@@ -63,8 +64,6 @@ def save_hf_architecture(config: JobConfig, out: Path) -> None:
     """Save each Hugging Face encoder's ``config.json`` (and feature extractor config, if it has one) under
     ``out/encoders/<modality>/``: with them an export rebuilds the architecture without the original folder
     (the weights come from ``model.safetensors``; a text model's tokenizer is in ``tokenizer/``)."""
-    from mmray.models.encoders.hf import _feature_extractor, _load
-
     for modality, enc in hf_encoders(config).items():
         dest = out / ENCODERS_DIR / modality
         dest.mkdir(parents=True)
@@ -105,6 +104,15 @@ def weights_for_safetensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         t = t.clone(memory_format=torch.contiguous_format) if shared or not t.is_contiguous() else t
         out[name] = t
     return out
+
+
+def read_metrics(export_dir: str | Path) -> dict[str, Any]:
+    """The export's ``metrics.json`` (``epoch``, ``val.*``, ``test.*``); ``export_dir`` is a local path or a URI.
+
+    Raises:
+        OSError: no such file. ValueError: not valid JSON.
+    """
+    return json.loads(store.read_text(store.join(str(export_dir), EXPORT_METRICS_FILE)))
 
 
 def _package_version(name: str) -> str | None:
@@ -212,7 +220,7 @@ def write_export(
             (tmp / TOKENIZER_DIR).mkdir()
             tokenizer.save(str(tmp / TOKENIZER_DIR))
         save_hf_architecture(config, tmp)
-        _write_json(tmp / METRICS_FILE, {**dict(metrics), "epoch": epoch})
+        _write_json(tmp / EXPORT_METRICS_FILE, {**dict(metrics), "epoch": epoch})
         _write_json(tmp / VERSIONS_FILE, collect_versions())
         replace_dir(tmp, out)
     except BaseException:

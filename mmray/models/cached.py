@@ -15,7 +15,7 @@ import hashlib
 import torch
 from torch import nn
 
-from mmray.config.errors import UserError
+from mmray.errors import UserError
 from mmray.models.encoders.base import EncoderOutput
 
 

@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from mmray.config.errors import UserError
+from mmray.errors import UserError
 from mmray.registry import StrictModel
 
 ADAPTER = "default"  # peft's adapter name; one adapter per encoder

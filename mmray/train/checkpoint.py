@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +32,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmray.config import JobConfig, to_yaml
+from mmray import storage as store
+from mmray.config import JobConfig, from_yaml_text, to_yaml
 from mmray.config.errors import RunError, UserError
+from mmray.models.builder import build_as_trained, build_job_model
+from mmray.models.cached import weights_hash
+from mmray.models.lora import base_hash, base_parameter_names
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
@@ -48,8 +53,6 @@ def checkpoint_name(epoch: int) -> str:
 
 def kept_checkpoints(run_dir: str) -> dict[int, str]:
     """epoch -> folder of the checkpoints a run kept (local path or URI; {} when there are none)."""
-    from mmray import storage as store
-
     return {int(d[len(PREFIX):]): store.join(run_dir, d) for d in store.listdir(run_dir) if d.startswith(PREFIX)}
 
 
@@ -78,8 +81,6 @@ def state_dict_for_saving(model: nn.Module, leave_out=(), lora_base=()) -> dict[
 
 def _base_keys(inner: nn.Module, modules) -> set[str]:
     """State-dict keys of the base (non-training) weights of the LoRA-adapted ``modules`` of ``inner``."""
-    from mmray.models.lora import base_parameter_names
-
     return {f"{m}.{n}" for m in modules for n in base_parameter_names(inner.get_submodule(m))}
 
 
@@ -164,8 +165,6 @@ def copy_checkpoint(local: str, target: str) -> str:
     Returns ``target``."""
     import shutil
 
-    from mmray import storage as store
-
     if store.is_uri(target):
         for name in sorted(os.listdir(local), key=lambda n: n == STATE):
             store.upload(os.path.join(local, name), store.join(target, name))
@@ -185,8 +184,6 @@ def copy_checkpoint(local: str, target: str) -> str:
 
 def is_complete(path: str) -> bool:
     """Whether the checkpoint folder ``path`` (local path or URI) was written whole (it has its ``state.pt``)."""
-    from mmray import storage as store
-
     return store.exists(store.join(path, STATE))
 
 
@@ -219,9 +216,6 @@ def load_weights(path: str, model: nn.Module, *, verify: bool = True) -> None:
     Raises:
         UserError: a left-out module of ``model`` differs from the one the checkpoint was trained with.
     """
-    from mmray.models.cached import weights_hash
-    from mmray.models.lora import base_hash
-
     inner = unwrap(model)
     frozen, bases = left_out(path), lora_bases(path)
     saved = load_file(os.path.join(path, WEIGHTS))
@@ -247,8 +241,6 @@ def load_weights(path: str, model: nn.Module, *, verify: bool = True) -> None:
 
 def load_model(config: JobConfig, tasks: dict[str, int], tokenizer: Any, path: str) -> nn.Module:
     """The job's model with the checkpoint at ``path`` (a local folder) loaded, slim or full."""
-    from mmray.models.builder import build_as_trained, build_job_model
-
     # A full checkpoint overwrites every weight: no need to read pretrained files. A slim one needs them.
     model = build_as_trained(config, tasks, tokenizer) if left_out(path) or lora_bases(path) else \
         build_job_model(config, tasks, tokenizer, pretrained=False)
@@ -266,10 +258,6 @@ def read_state(path: str) -> dict[str, Any]:
     Raises:
         UserError: the file is not such a state (a planted or damaged pickle), naming it; nothing in it ran.
     """
-    import pickle
-
-    from mmray import storage as store
-
     file = store.join(path, STATE)
     with store.local_copy(file) as local:
         try:
@@ -283,6 +271,29 @@ def read_state(path: str) -> dict[str, Any]:
         raise UserError(f"{file}: not a training state mmray wrote (no train_state); delete that checkpoint "
                         "folder to resume from the one before, or train under another --name")
     return blob
+
+
+def read_train_state(checkpoint_dir: str) -> dict[str, Any]:
+    """The loop's train state saved in a checkpoint folder (a local path or a URI): epoch, history, ..."""
+    return read_state(checkpoint_dir)["train_state"]
+
+
+def checkpoint_epoch(checkpoint_dir: str) -> int:
+    """The epoch whose end the checkpoint at ``checkpoint_dir`` (a local path or a URI) holds."""
+    return int(read_train_state(checkpoint_dir)["epoch"])
+
+
+def read_config(checkpoint_dir: str) -> JobConfig:
+    """The resolved job config saved with the checkpoint at ``checkpoint_dir`` (a local folder).
+
+    Raises:
+        UserError: the checkpoint has no ``config.yaml``.
+    """
+    path = os.path.join(checkpoint_dir, CONFIG)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: missing; cannot tell which model the checkpoint holds")
+    with open(path) as f:
+        return from_yaml_text(f.read(), source=path)
 
 
 def load_checkpoint(path: str, *, model, optimizer, scheduler, scaler, verify: bool = True) -> TrainState:

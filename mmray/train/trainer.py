@@ -11,7 +11,12 @@ import torch
 
 from mmray import storage as store
 from mmray.config import JobConfig
+from mmray.config.errors import find_error
+from mmray.data.cache import build_cached_dataset, plan
+from mmray.data.dataset_dir import read_dataset_info
 from mmray.runtime import ensure_ray, is_verbose
+from mmray.train.checkpoint import PREFIX
+from mmray.train.context import LoopInputs
 from mmray.train.loop import train_loop
 
 RAW_SUFFIX = "_decoded"  # datasets read from the shards when a partial embedding cache serves the first epochs
@@ -20,7 +25,9 @@ RAW_SUFFIX = "_decoded"  # datasets read from the shards when a partial embeddin
 class RayWorkerContext:
     """:class:`~mmray.train.context.WorkerContext` for a Ray Train worker."""
 
-    def __init__(self, config: JobConfig, run_dir: str, relay: Any):
+    def __init__(self, config: JobConfig, run_dir: str, relay: Any, *, cached_epochs: int | None = None):
+        """``cached_epochs``: a partial embedding cache serves those epochs; later ones read the ``*_decoded``
+        datasets (:attr:`~mmray.train.context.LoopInputs.cached_epochs`)."""
         import ray.train
         import ray.train.torch
         from ray.data import DataContext
@@ -33,7 +40,7 @@ class RayWorkerContext:
         self.device = ray.train.torch.get_device()
         self.run_dir = run_dir
         self._config, self._relay = config, relay
-        self.cache_epochs: int | None = None  # a partial embedding cache: the epochs it serves
+        self._cached_epochs = cached_epochs
         if relay is not None:  # every rank: the driver recognises Ray's notice of this process's death by its pid
             relay.push.remote({"type": "worker_started", "rank": self.rank, "pid": os.getpid()})
 
@@ -41,7 +48,7 @@ class RayWorkerContext:
         import ray.train
 
         bs = self._config.train.batch_size
-        if self.cache_epochs is not None and epoch > self.cache_epochs:
+        if self._cached_epochs is not None and epoch > self._cached_epochs:
             split = f"{split}{RAW_SUFFIX}"  # the embedding cache served the epochs before: decode from now on
         return ray.train.get_dataset_shard(split).iter_torch_batches(
             batch_size=bs,
@@ -202,8 +209,6 @@ def _worker_failure_callback(relay: Any, max_failures: int, *, quiet: bool = Tru
                 _ConsoleQuiet.install()
 
         def after_report(self, run_context, metrics, checkpoint) -> None:
-            from mmray.train.checkpoint import PREFIX
-
             name = os.path.basename(checkpoint.path.rstrip("/")) if checkpoint is not None else ""
             if name.startswith(PREFIX):
                 self.epoch = int(name[len(PREFIX):])
@@ -263,10 +268,9 @@ def _quiet_worker_deaths(pids: set[int] | None):
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
     config = JobConfig.model_validate(loop_config["config"])
-    ctx = RayWorkerContext(config, loop_config["run_dir"], loop_config["relay"])
-    ctx.cached_encoders = loop_config.get("cached_encoders")  # embedding cache: weights its batches came from
-    ctx.cache_epochs = loop_config.get("cache_epochs")
-    train_loop(config, ctx)
+    inputs: LoopInputs = loop_config["inputs"]  # planned once by fit(), the same on every worker
+    ctx = RayWorkerContext(config, loop_config["run_dir"], loop_config["relay"], cached_epochs=inputs.cached_epochs)
+    train_loop(config, ctx, inputs)
 
 
 def _progress_relay():
@@ -307,8 +311,7 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from mmray.data.dataset_dir import read_dataset_info
-    from mmray.data.pipeline import build_dataset
+    from mmray.data.pipeline import build_dataset  # imports Ray Data: only once a run starts
 
     info = read_dataset_info(config.data.path)
     cache = _embedding_cache(config, info, cache, on_event)
@@ -317,8 +320,6 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
                 f"val{suffix}": build_dataset(config.data, info, "val", train=False, seed=config.train.seed)}
 
     if cache.used:
-        from mmray.data.cache import build_cached_dataset
-
         datasets = {
             "train": build_cached_dataset(cache.entries, "train", train=True, seed=config.train.seed),
             "val": build_cached_dataset(cache.entries, "val", train=False),
@@ -335,7 +336,7 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "run_dir": run_dir, "relay": relay,
-                           "cached_encoders": cache.weights, "cache_epochs": cache.epochs if cache.partial else None},
+                           "inputs": LoopInputs.from_cache(cache)},
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=s.placement_strategy),
@@ -388,15 +389,11 @@ def worker_error(error: BaseException | None, kind) -> BaseException | None:
     """The ``kind`` exception (a class or a tuple of them) a worker raised, found inside Ray Train's wrappers of ``error``
     (``WorkerGroupError.worker_failures``, their ``UserExceptionWithTraceback``, ``__cause__`` chains);
     None when there is none."""
-    from mmray.config.errors import find_error
-
     return find_error(error, kind)
 
 
 def _embedding_cache(config: JobConfig, info, cache, on_event):
     """The cache plan (looked up when not given), announced in the run's log."""
-    from mmray.data.cache import plan
-
     if cache is None:
         cache = plan(config, info, build=False)
     if on_event is not None:

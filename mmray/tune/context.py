@@ -10,6 +10,7 @@ from mmray.config import JobConfig
 from mmray.data.reader import split_readers
 from mmray.train.checkpoint import copy_checkpoint, is_complete, kept_checkpoints
 from mmray.train.context import LocalContext
+from mmray.train.trainer import local_checkpoint
 
 
 class TuneTrialContext(LocalContext):
@@ -43,8 +44,6 @@ class TuneTrialContext(LocalContext):
         """The newer of the trial's own copy and the checkpoint Tune recorded (Tune's record may lag)."""
         from ray import tune
 
-        from mmray.train.trainer import local_checkpoint
-
         own = {epoch: path for epoch, path in kept_checkpoints(self.run_dir).items() if is_complete(path)}
         if own:
             with store.local_copy(own[max(own)]) as path:  # a URI: a temporary download, deleted after
@@ -55,7 +54,3 @@ class TuneTrialContext(LocalContext):
 
     def progress(self, event: dict[str, Any]) -> None:
         pass  # Tune's own trial table is the progress display during a sweep
-
-
-def trial_dir(experiment_dir: str, trial_id: str) -> str:
-    return store.join(experiment_dir, "trials", trial_id)

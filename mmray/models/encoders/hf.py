@@ -18,7 +18,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from mmray import hf_local
-from mmray.config.errors import UserError
+from mmray.errors import UserError
 from mmray.models.encoders import ENCODERS
 from mmray.models.encoders.base import BuildContext, EncoderConfig, EncoderOutput, masked_mean
 from mmray.models.encoders.text import _text_inputs

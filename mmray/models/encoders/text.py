@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.utils.checkpoint import checkpoint
 
-from mmray.config.errors import UserError
+from mmray.errors import UserError
 from mmray.models.encoders import ENCODERS
 from mmray.models.encoders.base import BuildContext, EncoderConfig, EncoderOutput, masked_mean
 

@@ -8,9 +8,16 @@ import pytest
 
 from mmray.cli.main import main
 from mmray.config.errors import UserError
-from mmray.jobs.submit import prepare
+from mmray.jobs.submit import prepare as prepare_job
 
 REPO = Path(__file__).resolve().parents[3]
+
+
+def prepare(args, **kw):
+    """What `mmray submit` does: the CLI's own parser reads the verb's arguments."""
+    from mmray.cli.main import build_parser
+
+    return prepare_job(args, parse=build_parser().parse_args, **kw)
 
 
 def _project(root: Path) -> Path:
