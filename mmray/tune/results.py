@@ -59,6 +59,7 @@ class SweepSummary:
     report_verdicts: str = ""  # the report's winner-vs-control lines
     spending: list[str] = field(default_factory=list)  # how the sweep's time was spent (budget.json)
     ensemble: dict[str, Any] | None = None  # the ensemble arm (mmray.tune.ensemble), when the space asks for one
+    cores: dict[str, Any] | None = None  # in-process sweeps: cpus, wall_s, busy_fraction (mmray.tune.cores)
 
     @property
     def best_trial(self) -> TrialRecord | None:
@@ -237,6 +238,10 @@ def format_summary(summary: SweepSummary) -> str:
 
     lines += [f"ensemble:    {line}" if i == 0 else f"  {line}" for i, line in enumerate(arm_lines(summary.ensemble))]
     lines += [f"time:        {line}" if i == 0 else f"  {line}" for i, line in enumerate(summary.spending)]
+    if summary.cores and summary.cores.get("busy_fraction") is not None:
+        c = summary.cores
+        lines.append(f"cores busy:  {c['busy_fraction']:.0%} of {c['cpus']} CPUs over {c['wall_s']:.0f} s "
+                     f"(CPUs given to running trials, mean over the sweep)")
     lines.append(f"leaderboard: {store.join(summary.experiment_dir, LEADERBOARD)}")
     if summary.report_path:
         lines.append(f"report:      {summary.report_path}")
