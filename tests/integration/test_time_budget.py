@@ -37,7 +37,7 @@ def test_the_budget_stops_launching_trials_and_stops_the_running_ones(tmp_path, 
     from mmray.tune.budget import read_ledger
     from mmray.tune.space import SpaceConfig
 
-    def _endless_trial(params, *, job_raw, experiment_dir):  # a closure: shipped to the trial by value
+    def _endless_trial(params, *, job_raw, experiment_dir, **_):  # a closure: shipped to the trial by value
         """Reports epoch after epoch (a checkpoint with the first) and never finishes: only a stop ends it. Tune
         stops a function trial at its next report, as it stops a real one at the end of its epoch."""
         import tempfile
