@@ -82,6 +82,12 @@ class DataConfig(StrictModel):
         0.5, gt=0, description="CPUs each Ray Data decode task reserves; fractional, so decoding still fits "
         "beside train workers and a sweep trial's driver on a small cluster"
     )
+    decode_cache: Literal["auto", "on", "off"] = Field(
+        "auto", description="decode each row once into DATA/.cache/decoded (uint8 pixels, resampled waveforms, token "
+        "ids) and read every epoch, trial, sweep and evaluation from it; augmentation still runs every epoch. "
+        "auto = when its estimated size (rows x decoded bytes per row) fits 16 GiB and half the free disk; "
+        "on = whatever its size; off = decode every epoch (see README)"
+    )
 
     @field_validator("modalities")
     @classmethod

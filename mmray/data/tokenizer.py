@@ -168,6 +168,17 @@ class TextTokenizer:
         mask[rows] = np.array([e.attention_mask for e in encs], dtype=np.int64)
         return ids, mask
 
+    def fingerprint(self) -> str:
+        """sha256 of what decides the ids this tokenizer gives (its vocabulary, rules and pad id): a cache key part."""
+        import hashlib
+
+        from tokenizers import Tokenizer
+
+        clean = Tokenizer.from_str(self._tok.to_str())  # padding/truncation are set per call by encode()
+        clean.no_padding()
+        clean.no_truncation()
+        return hashlib.sha256(f"{self.pad_id}|{clean.to_str()}".encode()).hexdigest()
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of a row of ids, special and padding tokens dropped."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -11,6 +11,7 @@ from mmray.config.errors import RunError, UserError
 from mmray.config.schema import check_run_name
 from mmray.data.cache import plan
 from mmray.data.dataset_dir import DatasetInfo, check_shards, read_dataset_info
+from mmray.data.decoded import plan as decode_plan
 from mmray.data.tokenizer import TextTokenizer
 from mmray.export.writer import EXPORT_METRICS_FILE, read_metrics
 from mmray.hf_local import looks_local
@@ -139,7 +140,9 @@ def _train_locked(config: JobConfig, info: DatasetInfo, run_dir: str, state: str
     # Built once per dataset and key (a lock makes concurrent runs wait for one build); refused with a
     # reason when an encoder trains or augmentation changes a frozen encoder's inputs.
     cache = plan(config, info, build=True)
-    outcome = fit(config, run_dir=run_dir, on_event=on_event, cache=cache)
+    # Likewise each row's decoded inputs (data.decode_cache), unless the embedding cache leaves nothing to decode.
+    decoded = decode_plan(config, info, build=True, embedding=cache)
+    outcome = fit(config, run_dir=run_dir, on_event=on_event, cache=cache, decoded=decoded)
     if outcome.error is not None:
         # mmray's own errors: a bad record under on_bad_record: fail, a non-finite loss, a full disk (RunError)
         known = worker_error(outcome.error, (UserError, RunError))
@@ -150,5 +153,6 @@ def _train_locked(config: JobConfig, info: DatasetInfo, run_dir: str, state: str
         raise RuntimeError(f"training reported no checkpoint; see the logs under {run_dir}")
     export_dir = run_export_dir(run_dir)
     metrics = export_checkpoint(config, info, supervised_best(config, outcome.best_checkpoint), export_dir,
-                                tensorboard_dir=tensorboard_dir(run_dir), cache=cache)  # the run's plan, not a second
+                                tensorboard_dir=tensorboard_dir(run_dir), cache=cache,
+                                decoded=decoded)  # the run's plans, not second ones
     return RunResult(run_dir, export_dir, metrics, state == "resume")

@@ -7,6 +7,8 @@ from mmray import storage as store
 from mmray.config import JobConfig
 from mmray.data.cache import CachePlan, iter_cached_batches, plan
 from mmray.data.dataset_dir import DatasetInfo
+from mmray.data.decoded import DecodePlan, iter_decoded_batches
+from mmray.data.decoded import plan as decode_plan
 from mmray.data.reader import iter_batches
 from mmray.export import write_export
 from mmray.export.loader import load_trained
@@ -47,7 +49,8 @@ def supervised_best(config: JobConfig, best_checkpoint: str) -> str:
 
 
 def evaluate_splits(model, config: JobConfig, info: DatasetInfo, tasks: dict[str, int], splits=("val", "test"),
-                    verified: dict[str, str] | None = None, cache: CachePlan | None = None):
+                    verified: dict[str, str] | None = None, cache: CachePlan | None = None,
+                    decoded: DecodePlan | None = None):
     """``{split}.{metric}`` for each split present in the dataset, with the same code the loop uses, plus the
     modality diagnostics ``{split}.diagnostics.{without_<m>|only_<m>}.{accuracy|f1}``.
 
@@ -56,8 +59,10 @@ def evaluate_splits(model, config: JobConfig, info: DatasetInfo, tasks: dict[str
     so measuring the best epoch does not run every frozen encoder over val and test seven times.
     ``verified``: modality -> weights hash already checked for ``model`` (a slim checkpoint's), not hashed again.
     ``cache``: the run's embedding-cache plan (:func:`mmray.data.cache.plan`); looked up when not given.
+    Otherwise the splits are read from the decoded-input cache when there is one (``decoded``: the run's
+    :func:`mmray.data.decoded.plan`; looked up when not given), else decoded from the shards.
     """
-    batches = _eval_batches(model, config, info, verified or {}, cache or plan(config, info, build=False))
+    batches = _eval_batches(model, config, info, verified or {}, cache or plan(config, info, build=False), decoded)
     metrics: dict[str, Any] = {}
     for split in splits:
         if split in info.splits and info.split_rows(split) > 0:
@@ -66,16 +71,23 @@ def evaluate_splits(model, config: JobConfig, info: DatasetInfo, tasks: dict[str
     return metrics
 
 
-def _eval_batches(model, config: JobConfig, info: DatasetInfo, verified: dict[str, str], cache: CachePlan):
-    """``split -> batches``: from the embedding cache when this job trains from it, else decoded from the shards."""
+def _eval_batches(model, config: JobConfig, info: DatasetInfo, verified: dict[str, str], cache: CachePlan,
+                  decoded: DecodePlan | None):
+    """``split -> batches``: from the embedding cache when this job trains from it, else from the decoded-input
+    cache when there is one, else decoded from the shards."""
     usable = cache.used and not cache.partial  # encoders that unfroze have moved on from the cached outputs
     if usable:
         unknown = [m for m in cache.weights if m not in verified]
         check_cached_encoders(verified | encoder_hashes(model, unknown), cache.weights)
+    if decoded is None:
+        decoded = decode_plan(config, info, build=False, embedding=cache if usable else None)
 
     def batches(split: str):
         if usable and all(split in e.manifest["splits"] for e in cache.entries.values()):
             return iter_cached_batches(cache.entries, info, split, batch_size=EVAL_BATCH_SIZE, train=False)
+        if decoded.used and decoded.entry.has(split):
+            return iter_decoded_batches(decoded.entry, config.data, info, split, batch_size=EVAL_BATCH_SIZE,
+                                        train=False)
         return iter_batches(config.data, info, split, batch_size=EVAL_BATCH_SIZE, train=False)
     return batches
 
@@ -100,9 +112,11 @@ def write_diagnostics(tensorboard_dir: str, metrics: dict[str, Any], epoch: int,
         stage.close()
 
 
-def measure_checkpoint(config: JobConfig, info: DatasetInfo, checkpoint_dir: str, cache: CachePlan | None = None):
+def measure_checkpoint(config: JobConfig, info: DatasetInfo, checkpoint_dir: str, cache: CachePlan | None = None,
+                       decoded: DecodePlan | None = None):
     """Load ``checkpoint_dir`` (a local path or a URI) into the job's model and measure it on val and test
-    (from the embedding cache of the run's plan ``cache`` when it serves them; looked up when not given).
+    (from the embedding cache of the run's plan ``cache``, or its decoded-input cache ``decoded``, when they
+    serve them; looked up when not given).
 
     Returns ``(model, tokenizer, metrics)``; ``metrics["epoch"]`` is the checkpoint's epoch.
     """
@@ -110,19 +124,21 @@ def measure_checkpoint(config: JobConfig, info: DatasetInfo, checkpoint_dir: str
         loaded = load_trained(local, config=config)  # verifies the frozen encoders it left out
         verified = {name.removeprefix("encoders."): digest for name, digest in left_out(local).items()}
         epoch = checkpoint_epoch(local)
-    metrics = evaluate_splits(loaded.model, config, info, job_tasks(loaded.labels), verified=verified, cache=cache)
+    metrics = evaluate_splits(loaded.model, config, info, job_tasks(loaded.labels), verified=verified, cache=cache,
+                              decoded=decoded)
     return loaded.model, loaded.tokenizer, {"epoch": epoch, **metrics}
 
 
 def export_checkpoint(config: JobConfig, info: DatasetInfo, checkpoint_dir: str, export_dir: str,
-                      tensorboard_dir: str | None = None, cache: CachePlan | None = None) -> dict[str, Any]:
+                      tensorboard_dir: str | None = None, cache: CachePlan | None = None,
+                      decoded: DecodePlan | None = None) -> dict[str, Any]:
     """Load ``checkpoint_dir``, measure it on val and test, and write the export folder; returns its metrics.
 
     Either folder may be a local path or a URI. With ``tensorboard_dir``, the validation modality
-    diagnostics also go there (:func:`write_diagnostics`). ``cache``: the run's embedding-cache plan, as in
+    diagnostics also go there (:func:`write_diagnostics`). ``cache``, ``decoded``: the run's cache plans, as in
     :func:`measure_checkpoint`.
     """
-    model, tokenizer, metrics = measure_checkpoint(config, info, checkpoint_dir, cache)
+    model, tokenizer, metrics = measure_checkpoint(config, info, checkpoint_dir, cache, decoded)
     write_export(export_dir, model, config, info, tokenizer, metrics, epoch=metrics["epoch"])
     if tensorboard_dir is not None:
         write_diagnostics(tensorboard_dir, metrics, metrics["epoch"])

@@ -14,6 +14,8 @@ from mmray.config import JobConfig
 from mmray.config.errors import find_error
 from mmray.data.cache import build_cached_dataset, plan
 from mmray.data.dataset_dir import read_dataset_info
+from mmray.data.decoded import build_decoded_dataset
+from mmray.data.decoded import plan as decode_plan
 from mmray.runtime import ensure_ray, is_verbose
 from mmray.train.checkpoint import PREFIX
 from mmray.train.context import LoopInputs
@@ -301,11 +303,12 @@ class FitOutcome:
 
 
 def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]], None] | None = None,
-        callbacks: list | None = None, cache=None) -> FitOutcome:
+        callbacks: list | None = None, cache=None, decoded=None) -> FitOutcome:
     """Run the job on Ray Train; returns where the best checkpoint is (by ``train.metric``).
 
     ``callbacks`` are Ray Train ``UserCallback``s (a sweep passes Tune's report callback). ``cache`` is the
-    :class:`~mmray.data.cache.CachePlan` to train from; None looks one up (never builds: sweeps build first).
+    :class:`~mmray.data.cache.CachePlan` to train from, ``decoded`` the :class:`~mmray.data.decoded.DecodePlan`
+    whose cached inputs replace decoding; None looks each up (never builds: runs and sweeps build first).
     """
     ensure_ray()
     import ray.train
@@ -315,9 +318,14 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
 
     info = read_dataset_info(config.data.path)
     cache = _embedding_cache(config, info, cache, on_event)
-    def decoded(suffix: str = "") -> dict:
-        return {f"train{suffix}": build_dataset(config.data, info, "train", train=True, seed=config.train.seed),
-                f"val{suffix}": build_dataset(config.data, info, "val", train=False, seed=config.train.seed)}
+    inputs = _decode_cache(config, info, decoded, cache, on_event)
+
+    def input_datasets(suffix: str = "") -> dict:
+        def split(name: str, train: bool):
+            if inputs.used:
+                return build_decoded_dataset(config.data, info, inputs.entry, name, train=train, seed=config.train.seed)
+            return build_dataset(config.data, info, name, train=train, seed=config.train.seed)
+        return {f"train{suffix}": split("train", True), f"val{suffix}": split("val", False)}
 
     if cache.used:
         datasets = {
@@ -325,9 +333,9 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
             "val": build_cached_dataset(cache.entries, "val", train=False),
         }
         if cache.partial:  # the encoders unfreeze after cache.epochs: those epochs decode the dataset
-            datasets |= decoded(RAW_SUFFIX)
+            datasets |= input_datasets(RAW_SUFFIX)
     else:
-        datasets = decoded()
+        datasets = input_datasets()
     relay = _progress_relay() if on_event else None
     s = config.scaling
     resources = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
@@ -383,6 +391,17 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     # Ray's checkpoint path is inside its filesystem (no scheme): name it under run_dir instead
     best_path = store.join(run_dir, os.path.basename(best.path.rstrip("/"))) if best else None
     return FitOutcome(run_dir, best_path, result.error)
+
+
+def _decode_cache(config: JobConfig, info, decoded, cache, on_event):
+    """The decoded-input cache plan (looked up when not given), announced in the run's log."""
+    if decoded is None:
+        decoded = decode_plan(config, info, build=False, embedding=cache)
+    if on_event is not None:
+        on_event({"type": "decode_cache", "line": decoded.line()})
+    else:
+        print(f"mmray {decoded.line()}", flush=True)
+    return decoded
 
 
 def worker_error(error: BaseException | None, kind) -> BaseException | None:

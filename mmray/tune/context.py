@@ -19,7 +19,7 @@ class TuneTrialContext(LocalContext):
     cores = None  # a ShareFollower (mmray.tune.cores): the trial's CPU share, followed at each epoch
 
     def __init__(self, config: JobConfig, run_dir: str, readers=None):
-        # readers: (train_batches, val_batches) to use instead of the dataset's shards (the embedding cache)
+        # readers: (train_batches, val_batches) to use instead of the dataset's shards (the embedding or decoded-input cache)
         super().__init__(run_dir, *(readers or split_readers(config)))
 
     def train_batches(self, epoch: int):

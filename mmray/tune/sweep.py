@@ -15,6 +15,9 @@ from mmray.config import validate_job
 from mmray.config.loader import apply_overrides
 from mmray.data.cache import cached_readers, plan, shared_plan
 from mmray.data.dataset_dir import read_dataset_info
+from mmray.data.decoded import decoded_readers
+from mmray.data.decoded import plan as decode_plan
+from mmray.data.decoded import shared_plan as shared_decode_plan
 from mmray.runtime import ensure_ray
 from mmray.train.context import LoopInputs
 from mmray.train.loop import train_loop
@@ -56,11 +59,14 @@ def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_di
             raise outcome.error
         return
     torch.set_num_threads(max(1, int(CPUS_PER_TRIAL)))  # concurrent trials share the cores
-    # The trial's plan, made once: never built here (the sweep built what trials share before the first one).
-    cache = plan(config, read_dataset_info(config.data.path), build=False)
-    print(f"mmray {cache.line()}", flush=True)
+    # The trial's plans, made once: never built here (the sweep built what trials share before the first one).
+    info = read_dataset_info(config.data.path)
+    cache = plan(config, info, build=False)
+    decoded = decode_plan(config, info, build=False, embedding=cache)
+    print(f"mmray {cache.line()}\nmmray {decoded.line()}", flush=True)
+    readers = decoded_readers(config, decoded)  # the decoded-input cache's, or the shards'
     ctx = (context_class or TuneTrialContext)(config, run_dir,
-                                              readers=cached_readers(config, cache) if cache.used else None)
+                                              readers=cached_readers(config, cache, raw=readers) if cache.used else readers)
     ctx.cores = ShareFollower(cores_key, tune.get_context().get_trial_id())  # more once fewer trials remain
     try:
         train_loop(config, ctx, LoopInputs.from_cache(cache))
@@ -88,11 +94,14 @@ def release_trial_memory() -> None:
         pass  # not glibc (macOS, musl): its allocator returns memory its own way
 
 
-def _build_embedding_cache(setup: "SweepSetup") -> None:
-    """Before any trial: build the embedding cache all trials share (or say why there is none)."""
+def _build_shared_caches(setup: "SweepSetup") -> None:
+    """Before any trial: build the embedding and decoded-input caches all trials share (or say why not)."""
     config = validate_job(setup.job_raw)
+    info = read_dataset_info(config.data.path)
     swept = {k: spec.probe_values() for k, spec in setup.space.parameters.items()}
-    print(f"mmray sweep {shared_plan(config, read_dataset_info(config.data.path), swept).line()}", flush=True)
+    cache = shared_plan(config, info, swept)
+    print(f"mmray sweep {cache.line()}", flush=True)
+    print(f"mmray sweep {shared_decode_plan(config, info, swept, embedding=cache).line()}", flush=True)
 
 
 def distributed(config) -> bool:
@@ -226,7 +235,7 @@ def run_sweep(setup: SweepSetup, *, resume: bool = False, report: bool = True):
     # One sweep per experiment folder (a second one, or a --resume while it runs, is refused: exit 2).
     with store.folder_lock(setup.experiment_dir, what="experiment"):
         ensure_ray()
-        _build_embedding_cache(setup)  # what every trial shares is prepared here, once, before the first trial
+        _build_shared_caches(setup)  # what every trial shares is prepared here, once, before the first trial
         try:
             results = _tuner(setup, restore=resume).fit()
         finally:
