@@ -69,9 +69,9 @@ class TimedContext(TuneTrialContext):
 
     marks_file = ""
 
-    def __init__(self, config, run_dir):
+    def __init__(self, config, run_dir, **kwargs):
         self._t_init = time.time()
-        super().__init__(config, run_dir)
+        super().__init__(config, run_dir, **kwargs)
         self._first = True
 
     def prepare_model(self, model):

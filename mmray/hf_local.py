@@ -1,4 +1,5 @@
-"""Every Hugging Face load (tokenizers, text and audio models) goes through :func:`from_pretrained`.
+"""Every Hugging Face load (tokenizers, text, vision and audio models, image processors) goes through
+:func:`from_pretrained`.
 
 One behaviour for all of them: local files only. ``path`` is a local folder (as ``save_pretrained`` writes
 it) or a hub name already in the local Hugging Face cache; nothing is downloaded and no network connection
@@ -64,7 +65,8 @@ def from_pretrained(kind: str, path: str, key: str, what: str = "model", **kwarg
     """``transformers.<kind>.from_pretrained(path)`` from local files only (see the module docstring).
 
     Args:
-        kind: ``"AutoTokenizer"``, ``"AutoConfig"``, ``"AutoModel"``, ``"AutoFeatureExtractor"``.
+        kind: ``"AutoTokenizer"``, ``"AutoConfig"``, ``"AutoModel"``, ``"AutoFeatureExtractor"``,
+            ``"AutoImageProcessor"``.
         path: a local folder or a hub name.
         key: the dotted config key ``path`` came from; every error names it.
         what: what is loaded, for messages ("model", "tokenizer").

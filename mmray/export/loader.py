@@ -51,10 +51,11 @@ def read_labels(export_dir: Path) -> dict[str, list[str]]:
 
 def read_config(export_dir: Path) -> JobConfig:
     """The export's job config, with each Hugging Face encoder's ``path`` pointed at the architecture files the
-    export carries (``encoders/<modality>/``), so loading never needs the original model folder."""
+    export carries (``encoders/<modality>/``), so loading never needs the original model folder, and without
+    ``lora``: the export's weights have the adapters merged in (the model is built without them, no ``peft``)."""
     path = _require(export_dir / CONFIG_FILE, "resolved job config")
     config = from_yaml_text(path.read_bytes(), source=str(path))
-    local = {m: enc.model_copy(update={"path": str(export_dir / ENCODERS_DIR / m)})
+    local = {m: enc.model_copy(update={"path": str(export_dir / ENCODERS_DIR / m), "lora": None})
              for m, enc in hf_encoders(config).items() if (export_dir / ENCODERS_DIR / m / "config.json").is_file()}
     if not local:  # an export written before it carried them still reads the original folder
         return config

@@ -6,8 +6,11 @@ Layout (the product contract)::
     OUT/config.yaml         the resolved job config (every default written out)
     OUT/labels.json         {"label": [class names], "label_<task>": [...]}  index = label id
     OUT/tokenizer/          the text tokenizer's files (only when text is a modality)
-    OUT/encoders/<modality>/  for Hugging Face encoders (hf_text, hf_audio): the model's config.json (and
-                            preprocessor_config.json), so the architecture is rebuilt from the export alone
+    OUT/encoders/<modality>/  for Hugging Face encoders (hf_text, hf_image, hf_audio): the model's config.json
+                            (and preprocessor_config.json), so the architecture is rebuilt from the export alone
+
+LoRA adapters are merged into the weights they adapt (:func:`mmray.models.lora.merged_state_dict`): an export
+is read as the same model without adapters, and loading it needs no ``peft``.
     OUT/metrics.json        {"epoch": N, ...the metrics passed in (validation / test)}
     OUT/versions.json       {"mmray", "torch", "ray", "python", "git_commit"}
 """
@@ -37,7 +40,7 @@ TOKENIZER_DIR = "tokenizer"
 EXPORT_METRICS_FILE = "metrics.json"  # not the run folder's per-epoch metrics.jsonl
 VERSIONS_FILE = "versions.json"
 ENCODERS_DIR = "encoders"
-HF_ENCODERS = ("hf_text", "hf_audio")
+HF_ENCODERS = ("hf_text", "hf_image", "hf_audio")
 
 
 def export_files(modalities: tuple[str, ...], config: JobConfig | None = None) -> list[str]:
@@ -64,8 +67,11 @@ def save_hf_architecture(config: JobConfig, out: Path) -> None:
     for modality, enc in hf_encoders(config).items():
         dest = out / ENCODERS_DIR / modality
         dest.mkdir(parents=True)
-        _load("AutoConfig", enc.path, f"model.encoders.{modality}.path").save_pretrained(str(dest))
+        key = f"model.encoders.{modality}.path"
+        _load("AutoConfig", enc.path, key).save_pretrained(str(dest))
         fe = _feature_extractor(enc.path) if enc.name == "hf_audio" else None
+        if enc.name == "hf_image":  # the data.image settings are in config.yaml; the processor documents them
+            fe = _load("AutoImageProcessor", enc.path, key)
         if fe is not None:
             fe.save_pretrained(str(dest))
 
@@ -80,15 +86,17 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def weights_for_safetensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict as standalone contiguous CPU tensors.
+    """The model's state dict as standalone contiguous CPU tensors, LoRA adapters merged into their layers.
 
     safetensors refuses tensors that share storage (tied weights) or are views into a larger
     buffer; cloning those keeps every state-dict key, so ``load_state_dict(strict=True)`` works
     and tied parameters are simply restored twice with the same values.
     """
+    from mmray.models.lora import merged_state_dict
+
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for name, t in model.state_dict().items():
+    for name, t in merged_state_dict(model).items():
         t = t.detach().to("cpu")
         storage = t.untyped_storage()
         shared = storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size()

@@ -14,6 +14,11 @@ are usually well under 1 MB). ``frozen.json`` names each left-out module with th
 (:func:`mmray.models.builder.build_as_trained`) and :func:`load_weights` refuses a rebuild whose hash differs,
 so a checkpoint never silently pairs trained heads with other encoder weights. Exports always hold the
 full model.
+
+LoRA: an encoder trained through adapters (``model.encoders.<m>.lora``) keeps its pretrained weights as
+loaded, so its checkpoints hold only the adapters (and everything else that trains); ``frozen.json``'s
+``lora_base`` maps the encoder to the sha256 of the weights left out (:func:`mmray.models.lora.base_hash`),
+verified the same way when the checkpoint is loaded.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from mmray.config import JobConfig, from_yaml_text, to_yaml
 from mmray.config.errors import RunError, UserError
 from mmray.models.builder import build_as_trained, build_job_model
 from mmray.models.cached import weights_hash
+from mmray.models.lora import base_hash, base_parameter_names
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
@@ -63,11 +69,19 @@ def _under(key: str, prefixes) -> bool:
     return any(key.startswith(p + ".") for p in prefixes)
 
 
-def state_dict_for_saving(model: nn.Module, leave_out=()) -> dict[str, torch.Tensor]:
-    """The unwrapped model's weights on CPU, without the modules named in ``leave_out`` (dotted prefixes)."""
+def state_dict_for_saving(model: nn.Module, leave_out=(), lora_base=()) -> dict[str, torch.Tensor]:
+    """The unwrapped model's weights on CPU, without the modules named in ``leave_out`` (dotted prefixes) and
+    without the base weights of the LoRA-adapted modules named in ``lora_base``."""
+    inner = unwrap(model)
+    skip = _base_keys(inner, lora_base)
     # safetensors refuses shared storage and non-contiguous tensors; clone makes each tensor its own.
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in unwrap(model).state_dict().items()
-            if not _under(k, leave_out)}
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in inner.state_dict().items()
+            if not _under(k, leave_out) and k not in skip}
+
+
+def _base_keys(inner: nn.Module, modules) -> set[str]:
+    """State-dict keys of the base (non-training) weights of the LoRA-adapted ``modules`` of ``inner``."""
+    return {f"{m}.{n}" for m in modules for n in base_parameter_names(inner.get_submodule(m))}
 
 
 @dataclass
@@ -92,15 +106,20 @@ def save_checkpoint(
     state: TrainState,
     config: JobConfig,
     frozen: dict[str, str] | None = None,
+    lora_base: dict[str, str] | None = None,
 ) -> str:
     """Write a checkpoint folder at ``path``; ``frozen`` maps module name (``encoders.image``) -> weights hash
-    of modules left out of it (see the module docstring)."""
+    of modules left out of it, ``lora_base`` LoRA-adapted module name -> hash of its base weights, left out
+    too (see the module docstring)."""
     os.makedirs(path, exist_ok=True)
-    save_file(state_dict_for_saving(model, leave_out=frozen or ()), os.path.join(path, WEIGHTS))
-    if frozen:
+    save_file(state_dict_for_saving(model, leave_out=frozen or (), lora_base=lora_base or ()),
+              os.path.join(path, WEIGHTS))
+    if frozen or lora_base:
         with open(os.path.join(path, FROZEN), "w") as f:
-            json.dump({"left_out": frozen, "why": "permanently frozen: rebuilt from the job config and verified "
-                       "by sha256 when loaded"}, f, indent=1, sort_keys=True)
+            json.dump({"left_out": frozen or {}, "lora_base": lora_base or {},
+                       "why": "permanently frozen (left_out) or the pretrained weights under LoRA adapters "
+                       "(lora_base): rebuilt from the job config and verified by sha256 when loaded"},
+                      f, indent=1, sort_keys=True)
     torch.save(
         {
             "optimizer": optimizer.state_dict(),
@@ -170,11 +189,21 @@ def is_complete(path: str) -> bool:
 
 def left_out(path: str) -> dict[str, str]:
     """Module name -> weights hash of the frozen modules the checkpoint at ``path`` leaves out ({} for a full one)."""
+    return _frozen_json(path).get("left_out", {})
+
+
+def lora_bases(path: str) -> dict[str, str]:
+    """LoRA-adapted module name -> hash of the base weights the checkpoint at ``path`` leaves out ({} if none)."""
+    return _frozen_json(path).get("lora_base", {})
+
+
+def _frozen_json(path: str) -> dict[str, dict[str, str]]:
     file = os.path.join(path, FROZEN)
     if not os.path.isfile(file):
         return {}
     with open(file) as f:
-        return dict(json.load(f)["left_out"])
+        blob = json.load(f)
+    return {k: dict(blob.get(k) or {}) for k in ("left_out", "lora_base")}
 
 
 def load_weights(path: str, model: nn.Module, *, verify: bool = True) -> None:
@@ -188,20 +217,24 @@ def load_weights(path: str, model: nn.Module, *, verify: bool = True) -> None:
         UserError: a left-out module of ``model`` differs from the one the checkpoint was trained with.
     """
     inner = unwrap(model)
-    frozen = left_out(path)
+    frozen, bases = left_out(path), lora_bases(path)
     saved = load_file(os.path.join(path, WEIGHTS))
-    if not frozen:
+    if not frozen and not bases:
         inner.load_state_dict(saved)
         return
     missing, unexpected = inner.load_state_dict(saved, strict=False)
-    stray = [k for k in missing if not _under(k, frozen)]
+    base_keys = _base_keys(inner, bases)
+    stray = [k for k in missing if not _under(k, frozen) and k not in base_keys]
     if stray or unexpected:
         raise RuntimeError(f"{path}: checkpoint does not fit the model: missing {stray[:5]}, unexpected {unexpected[:5]}")
-    for name, digest in sorted(frozen.items()) if verify else ():
-        actual = weights_hash(inner.get_submodule(name))
+    checks = [(name, digest, weights_hash, "frozen weights") for name, digest in sorted(frozen.items())]
+    checks += [(name, digest, base_hash, "pretrained weights under the LoRA adapters")
+               for name, digest in sorted(bases.items())]
+    for name, digest, hash_of, what in checks if verify else ():
+        actual = hash_of(inner.get_submodule(name))
         if actual != digest:
             raise UserError(
-                f"{path} leaves out the frozen weights of {name} (sha256 {digest[:12]}), and rebuilding them from "
+                f"{path} leaves out the {what} of {name} (sha256 {digest[:12]}), and rebuilding them from "
                 f"the job config gives other weights ({actual[:12]}): the pretrained weights file, the encoder's "
                 "config or the torch version changed since training. Restore them, or train again.")
 
@@ -209,7 +242,7 @@ def load_weights(path: str, model: nn.Module, *, verify: bool = True) -> None:
 def load_model(config: JobConfig, tasks: dict[str, int], tokenizer: Any, path: str) -> nn.Module:
     """The job's model with the checkpoint at ``path`` (a local folder) loaded, slim or full."""
     # A full checkpoint overwrites every weight: no need to read pretrained files. A slim one needs them.
-    model = build_as_trained(config, tasks, tokenizer) if left_out(path) else \
+    model = build_as_trained(config, tasks, tokenizer) if left_out(path) or lora_bases(path) else \
         build_job_model(config, tasks, tokenizer, pretrained=False)
     load_weights(path, model)
     return model

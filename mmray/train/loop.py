@@ -26,6 +26,7 @@ from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
 from mmray.data.tokenizer import TextTokenizer
 from mmray.models.builder import build_job_model, job_tasks
 from mmray.models.cached import check_cached_encoders, encoder_hashes
+from mmray.models.lora import base_hash
 from mmray.seeding import seed_everything
 from mmray.train.checkpoint import (
     StorageFullError,
@@ -111,6 +112,13 @@ def permanently_frozen(config: JobConfig) -> list[str]:
     """Modalities whose encoder never trains in this run (``freeze: true`` and no ``unfreeze_after_epochs``)."""
     encoders = [(m, getattr(config.model.encoders, m)) for m in config.data.modalities]
     return [m for m, enc in encoders if enc.freeze and enc.unfreeze_after_epochs is None]
+
+
+def lora_encoders(config: JobConfig) -> list[str]:
+    """Modalities whose encoder trains through LoRA adapters (``lora`` set, not permanently frozen)."""
+    never = permanently_frozen(config)
+    return [m for m in config.data.modalities
+            if getattr(getattr(config.model.encoders, m), "lora", None) is not None and m not in never]
 
 
 def frozen_encoders(config: JobConfig, epoch: int) -> list[str]:
@@ -371,6 +379,8 @@ def train_loop(config: JobConfig, ctx: WorkerContext, inputs: LoopInputs | None 
     cached = dict(inputs.cached_encoders)
     hashes = encoder_hashes(model, sorted(set(permanently_frozen(config)) | set(cached))) if ctx.rank == 0 else {}
     frozen = {m: hashes[m] for m in permanently_frozen(config)} if ctx.rank == 0 else {}
+    # LoRA-adapted encoders that train: checkpoints hold their adapters, and the hash of the base weights.
+    lora_base = {f"encoders.{m}": base_hash(model.encoders[m]) for m in lora_encoders(config)} if ctx.rank == 0 else {}
     if ctx.rank == 0:
         check_cached_encoders(hashes, cached)
     groups = param_groups(model, config)  # before DDP: it must not register permanently frozen weights
@@ -400,7 +410,8 @@ def train_loop(config: JobConfig, ctx: WorkerContext, inputs: LoopInputs | None 
 
     def save(path: str) -> str:  # this epoch's checkpoint; frozen encoders are left out, named with their hashes
         return save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                               state=state, config=config, frozen={f"encoders.{m}": d for m, d in frozen.items()})
+                               state=state, config=config, frozen={f"encoders.{m}": d for m, d in frozen.items()},
+                               lora_base=lora_base)
 
     outputs = EpochOutputs(ctx.run_dir, first_epoch=state.epoch + 1) if ctx.rank == 0 else None
     try:

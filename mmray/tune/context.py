@@ -16,16 +16,25 @@ from mmray.train.trainer import local_checkpoint
 class TuneTrialContext(LocalContext):
     """Reads Parquet shards directly in the trial process; reports and checkpoints through Ray Tune."""
 
-    def __init__(self, config: JobConfig, run_dir: str, readers=None):
-        # readers: (train_batches, val_batches) to use instead of the dataset's shards (the embedding or decoded-input cache)
+    def __init__(self, config: JobConfig, run_dir: str, readers=None, cores=None):
+        """``readers``: (train_batches, val_batches) to use instead of the dataset's shards (the embedding or
+        decoded-input cache). ``cores``: a :class:`~mmray.tune.cores.ShareFollower`, the trial's CPU share,
+        followed at each epoch (None: the threads stay as they are)."""
         super().__init__(run_dir, *(readers or split_readers(config)))
+        self.cores = cores
+
+    def train_batches(self, epoch: int):
+        if self.cores is not None:
+            self.cores.follow()  # more threads once fewer trials remain than cores
+        return super().train_batches(epoch)
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         from ray import tune
 
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         self.history.append(dict(metrics))
-        tune.report(dict(metrics), checkpoint=checkpoint)
+        shown = {**metrics, "cpu_share": float(self.cores.threads)} if self.cores is not None else dict(metrics)
+        tune.report(shown, checkpoint=checkpoint)
 
     def keep(self, checkpoint_dir: str) -> str:
         """The trial's own copy of its newest checkpoint, in its folder (``trials/<id>/``), written whole before

@@ -9,6 +9,7 @@ Layout::
                                checkpoints (``checkpoint_NNNNNN``) and result.json
     trials/<trial_id>/         each trial's ``tensorboard/`` (scalars and HParams), and a distributed trial's
                                TorchTrainer run with its ``checkpoint_epoch_NNNN`` folders
+    cores.json                 in-process sweeps: CPUs, wall time and mean busy-core fraction of the last run
     leaderboard.csv, best/     written when the sweep ends (``best/`` is a model export)
     report/                    ``mmray report``: ``summary.md`` and the plots
 
@@ -39,6 +40,7 @@ JOB_FILE, SPACE_FILE, STUDY_FILE = "job.yaml", "space.yaml", "optuna.db"
 LEADERBOARD, BEST_DIR = "leaderboard.csv", "best"
 REPORT_DIR, SUMMARY = "report", "summary.md"
 TRIALS_DIR = "trials"
+CORES = "cores.json"  # mmray.tune.cores: how busy the cores were
 
 
 @dataclass
@@ -114,6 +116,16 @@ def write_leaderboard(path: str, trials: list, param_keys: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------- trials
+def write_cores(experiment_dir: str, figures: dict[str, Any]) -> None:
+    store.write_text(store.join(experiment_dir, CORES), json.dumps(figures, indent=2) + "\n")
+
+
+def read_cores(experiment_dir: str) -> dict[str, Any] | None:
+    """The busy-core figures of the sweep's last run (``cores.json``), or None where there are none."""
+    path = store.join(experiment_dir, CORES)
+    return json.loads(store.read_text(path)) if store.is_file(path) else None
+
+
 def trial_dir(experiment_dir: str, trial_id: str) -> str:
     """``EXPERIMENT/trials/<trial_id>``: the trial's run folder (:mod:`mmray.train.outputs`): its TensorBoard
     files and, for a distributed trial, its ``checkpoint_epoch_NNNN`` folders; a local path or a URI like the

@@ -50,6 +50,7 @@ class SweepSummary:
     baseline_metrics: dict[str, Any] = field(default_factory=dict)  # its best epoch on val and test
     report_path: str | None = None  # report/summary.md, once written
     report_verdicts: str = ""  # the report's winner-vs-control lines
+    cores: dict[str, Any] | None = None  # in-process sweeps: cpus, wall_s, busy_fraction (mmray.tune.cores)
 
     @property
     def best_trial(self) -> TrialRecord | None:
@@ -207,6 +208,10 @@ def format_summary(summary: SweepSummary) -> str:
             lines.append(f"best model:  test accuracy {m['test.accuracy']:.4f}  test F1 {m['test.f1']:.4f}")
         lines.append(f"export:      {summary.best_dir}")
     lines += _baseline_lines(summary)
+    if summary.cores and summary.cores.get("busy_fraction") is not None:
+        c = summary.cores
+        lines.append(f"cores busy:  {c['busy_fraction']:.0%} of {c['cpus']} CPUs over {c['wall_s']:.0f} s "
+                     f"(CPUs given to running trials, mean over the sweep)")
     lines.append(f"leaderboard: {store.join(summary.experiment_dir, LEADERBOARD)}")
     if summary.report_path:
         lines.append(f"report:      {summary.report_path}")

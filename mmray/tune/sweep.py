@@ -34,14 +34,17 @@ DATA_CPUS = 0.5  # kept free per distributed trial for its Ray Data decoding
 
 
 def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_dir: str,
-               context_class: type | None = None) -> None:
+               context_class: type | None = None, cores_key: str | None = None) -> None:
     """One trial: the job with this trial's parameters, trained in-process by the shared loop.
 
     ``context_class`` (default :class:`~mmray.tune.context.TuneTrialContext`) is the in-process trial's
     loop context; ``benchmarks/sweep.py`` passes a subclass that timestamps the first training batch.
+    ``cores_key`` is where the sweep publishes each trial's CPU share (:mod:`mmray.tune.cores`).
     """
     import torch
     from ray import tune
+
+    from mmray.tune.cores import ShareFollower
 
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # one INFO line per checkpoint
     config = validate_job(apply_overrides(job_raw, params.items()))
@@ -63,7 +66,9 @@ def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_di
     print(f"mmray {cache.line()}\nmmray {decoded.line()}", flush=True)
     readers = decoded_readers(config, decoded)  # the decoded-input cache's, or the shards'
     ctx = (context_class or TuneTrialContext)(config, run_dir,
-                                              readers=cached_readers(config, cache, raw=readers) if cache.used else readers)
+                                              readers=cached_readers(config, cache, raw=readers) if cache.used else readers,
+                                              # more threads once fewer trials remain than cores
+                                              cores=ShareFollower(cores_key, tune.get_context().get_trial_id()))
     try:
         train_loop(config, ctx, LoopInputs.from_cache(cache))
     finally:
@@ -139,16 +144,44 @@ def concurrency(space: SpaceConfig, config) -> int:
     return min(fit, space.max_concurrent_trials or fit, space.num_samples)
 
 
+def _core_balancer(setup: SweepSetup):
+    """In-process trials share the cores no waiting trial needs (:mod:`mmray.tune.cores`). The shares' key is
+    named after the experiment, so a resumed sweep's trials read it under the same name."""
+    import hashlib
+
+    import ray
+
+    from mmray.tune.cores import CoreBalancer
+
+    key = "cores-" + hashlib.sha1(setup.experiment_dir.encode()).hexdigest()[:12]
+    return CoreBalancer(cpus=int(ray.cluster_resources().get("CPU", 1)), total_trials=setup.space.num_samples,
+                        key=key, experiment_dir=setup.experiment_dir)
+
+
+def _display(setup: SweepSetup):
+    """The live sweep display (:mod:`mmray.tune.display`) for this sweep's metric and swept parameters."""
+    from mmray.tune.display import SweepDisplay, SweepProgress
+
+    space, job_raw = setup.space, setup.job_raw
+    progress = SweepProgress(metric=space.metric, mode=space.resolved_mode, total=space.num_samples,
+                             parameters=[k for k, _ in space.ordered_parameters()], scheduler=space.scheduler.name)
+    return SweepDisplay(progress, epochs_of=lambda params: validate_job(
+        apply_overrides(job_raw, (params or {}).items())).train.epochs)
+
+
 def _tuner(setup: SweepSetup, *, restore: bool):
+    import optuna
     from ray import tune
-    from ray.tune import CLIReporter
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.search.optuna import OptunaSearch
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" among the trials
     space, exp = setup.space, setup.experiment_dir
     config = validate_job(setup.job_raw)
+    balancer = None if distributed(config) else _core_balancer(setup)
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, job_raw=setup.job_raw, experiment_dir=exp), trial_resources(config))
+        tune.with_parameters(_run_trial, job_raw=setup.job_raw, experiment_dir=exp,
+                             cores_key=balancer.key if balancer else None), trial_resources(config))
     if restore:
         return tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True, resume_errored=True)
     metric, mode = space.metric, space.resolved_mode
@@ -179,12 +212,8 @@ def _tuner(setup: SweepSetup, *, restore: bool):
                                                     checkpoint_score_order=mode),
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
             # result.json/progress.csv per trial; no Tune TensorBoard logger: mmray writes its own, per trial
-            callbacks=[JsonLoggerCallback(), CSVLoggerCallback()],
-            progress_reporter=CLIReporter(
-                metric_columns={"epoch": "epoch", metric: metric, "val.loss": "val.loss"},
-                parameter_columns={k: k.split(".", 1)[-1] for k, _ in space.ordered_parameters()},
-                max_report_frequency=15, sort_by_metric=True, metric=metric, mode=mode),
-            verbose=1,
+            callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), _display(setup), *([balancer] if balancer else [])],
+            verbose=0,  # Tune's own trial tables off: the display above is the sweep's progress output
         ),
     )
 
@@ -196,8 +225,11 @@ def run_sweep(setup: SweepSetup, *, resume: bool = False, report: bool = True):
     report was written. Steps, in order: start Ray; prepare what the trials share (nothing yet); run the
     trials; rank them and export the best; write ``report/``.
     """
-    # Tune's legacy reporter honours the compact trial table configured in _tuner (the new one prints
-    # every trial's full result box); it must be chosen before the Tuner starts.
+    from mmray.tune.display import close_displays
+    from mmray.tune.experiment import read_cores
+
+    # Tune's legacy output engine at verbose=0 prints no progress of its own: mmray.tune.display is the sweep's
+    # progress output. The engine is chosen from this variable when the Tuner starts.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # per-epoch checkpoints with num_to_keep force frequent state snapshots; expected, not worth a warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -205,8 +237,12 @@ def run_sweep(setup: SweepSetup, *, resume: bool = False, report: bool = True):
     with store.folder_lock(setup.experiment_dir, what="experiment"):
         ensure_ray()
         _build_shared_caches(setup)  # what every trial shares is prepared here, once, before the first trial
-        results = _tuner(setup, restore=resume).fit()
+        try:
+            results = _tuner(setup, restore=resume).fit()
+        finally:
+            close_displays()  # a sweep that raised or was interrupted gives the terminal back
         summary = finish(setup, results)
+        summary.cores = read_cores(setup.experiment_dir)
         if report:
             summary.report_path, summary.report_verdicts = write_report_safely(setup.experiment_dir)
     return summary
