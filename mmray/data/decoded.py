@@ -44,6 +44,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
+from mmray.config.errors import RunError
 from mmray.config.schema import DataConfig
 from mmray.data.cache import (BuildProgress, dataset_fingerprint, digest, locked, log_build, part_name, part_units,
                               read_manifest)
@@ -368,8 +369,17 @@ def write_part(path: str, batch: dict[str, np.ndarray], ids: pa.ChunkedArray) ->
 # --------------------------------------------------------------------------------------------- reading
 def read_part(path: str, data) -> tuple[int, dict[str, np.ndarray]]:
     """A part file -> ``(rows, the decoded arrays of`` :meth:`~mmray.data.decode.Preprocessor.decode` ``)``, as
-    memory-mapped views: nothing is copied until a batch gathers its rows."""
-    table = pa.ipc.open_file(pa.memory_map(path)).read_all()
+    memory-mapped views: nothing is copied until a batch gathers its rows.
+
+    Raises:
+        RunError: the file is missing, truncated or not an Arrow file, naming it and the entry to delete.
+    """
+    try:
+        table = pa.ipc.open_file(pa.memory_map(path)).read_all()
+    except (OSError, pa.ArrowException) as e:
+        entry = os.path.dirname(os.path.dirname(path))
+        raise RunError(f"decoded-input cache part {path} is damaged ({str(e).splitlines()[0]}); delete {entry} "
+                       "and run again: it is rebuilt from the dataset") from None
     n = table.num_rows
     shapes = {"image": (data.image.size, data.image.size, 3), "input_ids": (data.text.max_length,),
               "attention_mask": (data.text.max_length,), "audio": (data.audio.num_samples,)}

@@ -6,6 +6,7 @@ import copy
 import json
 import multiprocessing
 import os
+import re
 
 import pytest
 import torch
@@ -254,3 +255,18 @@ def test_a_sweep_shares_one_entry_unless_it_sweeps_what_is_stored(tmp_path, swep
     assert plan.used is shared, plan.line()
     if not shared:
         assert f"parameters.{next(iter(swept))} is swept" in plan.reason and decoded.list_decoded(path) == []
+
+
+def test_a_damaged_part_names_itself_and_the_entry_to_delete(tmp_path):
+    from mmray.config.errors import RunError
+
+    path = str(tmp_path / "synth")
+    synth(path, rows=40, shards=1, seed=11)
+    config = validate_job(job(path))
+    plan = decoded.plan(config, read_dataset_info(path), build=True, runner="local")
+    part = plan.entry.part_path("train", plan.entry.parts("train")[0])
+    with open(part, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(RunError, match=f"decoded-input cache part {re.escape(part)} is damaged.*delete "
+                                       f"{re.escape(plan.entry.path)} and run again"):
+        next(iter(decoded.decoded_readers(config, plan)[0](1)))
