@@ -28,73 +28,28 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from mmray.config import UserError
+from mmray.export.codec import read_quantization
+from mmray.export.loader import read_config, read_labels
 from mmray.export.writer import (
+    COMBINE,
     CONFIG_FILE,
+    ENSEMBLE_FILE,
     EXPORT_METRICS_FILE,
     LABELS_FILE,
+    MEMBERS_DIR,
     TOKENIZER_DIR,
     VERSIONS_FILE,
     WEIGHTS_FILE,
     collect_versions,
+    is_ensemble,
     replace_dir,
 )
-from mmray.models.model import ModelOutput
-
-ENSEMBLE_FILE = "ensemble.json"
-MEMBERS_DIR = "members"
-COMBINE = "mean_probabilities"
-
-
-def is_ensemble(export_dir: str | Path) -> bool:
-    return (Path(export_dir) / ENSEMBLE_FILE).is_file()
-
-
-class EnsembleModel(nn.Module):
-    """Members' class probabilities averaged; ``logits`` = log of the mean (so softmax gives the mean back)."""
-
-    def __init__(self, members: Sequence[nn.Module]):
-        super().__init__()
-        self.members = nn.ModuleList(members)
-
-    @property
-    def tasks(self) -> tuple[str, ...]:
-        return tuple(self.members[0].tasks)
-
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        return tuple(self.members[0].modalities)
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
-        outs = [m(batch) for m in self.members]
-        logits = {t: torch.stack([o.logits[t].float().softmax(dim=-1) for o in outs]).mean(dim=0)
-                  .clamp_min(torch.finfo(torch.float32).tiny).log() for t in outs[0].logits}
-        return ModelOutput(logits, {}, torch.cat([o.fused for o in outs], dim=-1))
-
-
-def read_members(export_dir: str | Path) -> list[Path]:
-    """The member folders an ensemble export lists, in order. Raises :class:`UserError` if unreadable."""
-    root = Path(export_dir)
-    path = root / ENSEMBLE_FILE
-    try:
-        spec = json.loads(path.read_text())
-        members = [root / m for m in spec["members"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: not a readable ensemble description ({e})") from None
-    if spec.get("combine", COMBINE) != COMBINE or not members:
-        raise UserError(f"{path}: expected {{\"combine\": \"{COMBINE}\", \"members\": [...]}} with members")
-    for m in members:
-        if not m.is_dir():
-            raise UserError(f"{m}: missing; the ensemble {root} lists it as a member")
-    return members
 
 
 def _same_inputs(first: Path, other: Path) -> str | None:
     """Why ``other`` cannot share ``first``'s decoded batches (None when it can)."""
-    from mmray.export.loader import read_config, read_labels
-
     a, b = read_config(first), read_config(other)
     da, db = a.data.model_dump(mode="json"), b.data.model_dump(mode="json")
     diff = sorted(k for k in set(da) | set(db) if da.get(k) != db.get(k) and k != "path")
@@ -157,20 +112,8 @@ def write_ensemble(out_dir: str | Path, members: Sequence[str | Path], *, metric
     return out
 
 
-def load_ensemble(root: Path, device: str | torch.device):
-    """The :class:`~mmray.export.loader.Predictor` of an ensemble export: its members loaded one by one."""
-    from mmray.export.loader import Predictor, load_model
-
-    loaded = [load_model(m, device) for m in read_members(root)]
-    first = loaded[0]
-    model = EnsembleModel([p.model for p in loaded]).eval()
-    return Predictor(model, first.config, first.labels, first.tokenizer, first.preprocessor, first.device)
-
-
 def _architecture_difference(first: Path, other: Path, a: dict[str, torch.Tensor],
                              b: dict[str, torch.Tensor]) -> str | None:
-    from mmray.export.loader import read_config
-
     ma, mb = read_config(first).model.model_dump(mode="json"), read_config(other).model.model_dump(mode="json")
     for section in ("fusion", "encoders"):
         if ma[section] != mb[section]:
@@ -201,8 +144,6 @@ def write_soup(out_dir: str | Path, members: Sequence[str | Path]) -> Path:
         UserError: fewer than two members, a compressed or ensemble member, or members whose architectures
             differ (the message names the first setting or weight that differs).
     """
-    from mmray.export.quantize import read_quantization
-
     members = [Path(m) for m in members]
     if len(members) < 2:
         raise UserError(f"a weight soup needs at least two member exports, got {len(members)}")

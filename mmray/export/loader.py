@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch import nn
 
 from mmray import storage
 from mmray.config import JobConfig, UserError, from_yaml_text
@@ -23,8 +24,18 @@ from mmray.data.dataset_dir import read_dataset_info
 from mmray.data.decode import Preprocessor
 from mmray.data.tokenizer import TextTokenizer
 from mmray.export.codec import load_compressed_state, read_quantization
-from mmray.export.writer import CONFIG_FILE, ENCODERS_DIR, LABELS_FILE, TOKENIZER_DIR, WEIGHTS_FILE, hf_encoders
+from mmray.export.writer import (
+    CONFIG_FILE,
+    ENCODERS_DIR,
+    LABELS_FILE,
+    TOKENIZER_DIR,
+    WEIGHTS_FILE,
+    hf_encoders,
+    is_ensemble,
+    read_members,
+)
 from mmray.models.builder import build_job_model, job_tasks
+from mmray.models.model import ModelOutput
 from mmray.train.checkpoint import STATE as CHECKPOINT_STATE
 from mmray.train.checkpoint import load_model as load_checkpoint_model
 from mmray.train.checkpoint import read_config as read_checkpoint_config
@@ -217,8 +228,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Predicto
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"{root}: no such model export folder")
-    from mmray.export.ensemble import is_ensemble, load_ensemble
-
     if is_ensemble(root):  # several members' probabilities averaged (mmray.export.ensemble)
         return load_ensemble(root, device)
     weights_path = _require(root / WEIGHTS_FILE, "weights")
@@ -258,3 +267,33 @@ def _load_tokenizer(root: Path, config: JobConfig) -> Any:
         return None
     return TextTokenizer.from_dir(str(_require(root / TOKENIZER_DIR, "tokenizer files")))
 
+
+# ------------------------------------------------------------------ ensemble exports (written by mmray.export.ensemble)
+class EnsembleModel(nn.Module):
+    """Members' class probabilities averaged; ``logits`` = log of the mean (so softmax gives the mean back)."""
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.members[0].tasks)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.members[0].modalities)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+        outs = [m(batch) for m in self.members]
+        logits = {t: torch.stack([o.logits[t].float().softmax(dim=-1) for o in outs]).mean(dim=0)
+                  .clamp_min(torch.finfo(torch.float32).tiny).log() for t in outs[0].logits}
+        return ModelOutput(logits, {}, torch.cat([o.fused for o in outs], dim=-1))
+
+
+def load_ensemble(root: Path, device: str | torch.device):
+    """The :class:`Predictor` of an ensemble export: its members loaded one by one."""
+    loaded = [load_model(m, device) for m in read_members(root)]
+    first = loaded[0]
+    model = EnsembleModel([p.model for p in loaded]).eval()
+    return Predictor(model, first.config, first.labels, first.tokenizer, first.preprocessor, first.device)

@@ -47,8 +47,11 @@ from mmray.export.writer import (
     CONFIG_FILE,
     EXPORT_METRICS_FILE,
     LABELS_FILE,
+    MEMBERS_DIR,
     WEIGHTS_FILE,
     collect_versions,
+    is_ensemble,
+    read_members,
     replace_dir,
 )
 
@@ -100,7 +103,6 @@ def quantize_export(model_dir: str | Path, mode: str, out: str | Path | None = N
             ``out`` is ``model_dir`` or holds something that is not an export.
     """
     check_mode(mode)
-    from mmray.export.ensemble import is_ensemble
 
     if is_ensemble(model_dir):
         return _quantize_ensemble(Path(model_dir), mode, out, min_kernel_elements)
@@ -146,7 +148,6 @@ def quantize_export(model_dir: str | Path, mode: str, out: str | Path | None = N
 
 def _quantize_ensemble(src: Path, mode: str, out: str | Path | None, min_kernel_elements: int) -> dict[str, Any]:
     """An ensemble export compressed member by member (``members/<i>/`` each a compressed export)."""
-    from mmray.export.ensemble import MEMBERS_DIR, read_members
 
     dest = Path(out) if out is not None else default_out(src, mode)
     if dest.resolve() == src.resolve():

@@ -240,3 +240,30 @@ def _write_remote(uri: str, model, config, info, tokenizer, metrics, epoch) -> s
         store.remove(uri)
         store.upload(str(local), uri)
     return uri
+
+
+# ------------------------------------------------------------------ ensemble exports (mmray.export.ensemble)
+ENSEMBLE_FILE = "ensemble.json"
+MEMBERS_DIR = "members"
+COMBINE = "mean_probabilities"
+
+
+def is_ensemble(export_dir: str | Path) -> bool:
+    return (Path(export_dir) / ENSEMBLE_FILE).is_file()
+
+
+def read_members(export_dir: str | Path) -> list[Path]:
+    """The member folders an ensemble export lists, in order. Raises :class:`UserError` if unreadable."""
+    root = Path(export_dir)
+    path = root / ENSEMBLE_FILE
+    try:
+        spec = json.loads(path.read_text())
+        members = [root / m for m in spec["members"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a readable ensemble description ({e})") from None
+    if spec.get("combine", COMBINE) != COMBINE or not members:
+        raise UserError(f"{path}: expected {{\"combine\": \"{COMBINE}\", \"members\": [...]}} with members")
+    for m in members:
+        if not m.is_dir():
+            raise UserError(f"{m}: missing; the ensemble {root} lists it as a member")
+    return members

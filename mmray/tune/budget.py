@@ -15,30 +15,12 @@ when the sweep ends (:func:`read_ledger` reads it back). Without a budget it onl
 from __future__ import annotations
 
 import json
-import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from mmray import storage as store
-from mmray.config.errors import UserError
-
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(text: str | float | int, flag: str = "--time-budget") -> float:
-    """``"90s"``, ``"5m"``, ``"1.5h"`` (or a bare number of seconds) -> seconds. Raises :class:`UserError`
-    naming ``flag`` for anything else, zero or a negative duration."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        seconds = float(text)
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", str(text).lower())
-        if m is None:
-            raise UserError(f"{flag}: expected a duration such as 90s, 5m or 1.5h (s, m or h), got {text!r}")
-        seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise UserError(f"{flag}: must be longer than 0 seconds, got {text!r}")
-    return seconds
+from mmray.tune.experiment import BUDGET_FILE
+from mmray.tune.space import parse_duration  # noqa: F401 - the budget's parser, re-exported
 
 
 def format_duration(seconds: float) -> str:
@@ -52,8 +34,6 @@ def format_duration(seconds: float) -> str:
 
 
 def write_ledger(experiment_dir: str, ledger: dict[str, Any]) -> None:
-    from mmray.tune.experiment import BUDGET_FILE
-
     store.write_text(store.join(experiment_dir, BUDGET_FILE), json.dumps(ledger, indent=2) + "\n")
 
 
@@ -69,8 +49,6 @@ class Ledger:
 
 
 def read_ledger(experiment_dir: str) -> Ledger:
-    from mmray.tune.experiment import BUDGET_FILE
-
     path = store.join(experiment_dir, BUDGET_FILE)
     if not store.is_file(path):
         return Ledger()

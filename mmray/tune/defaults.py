@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from importlib import resources
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -63,10 +63,13 @@ def _widen(spec: dict[str, Any], value: Any) -> dict[str, Any] | None:
     return {**spec, kind: [min(lo, value), max(hi, value)]}
 
 
-def fit_to_job(raw: dict[str, Any], job_raw: dict[str, Any]) -> dict[str, Any]:
-    """A space document (the default space's layout) fitted to the job; see the module docstring."""
-    from mmray.tune.space import SpaceConfig
+def fit_to_job(raw: dict[str, Any], job_raw: dict[str, Any],
+               dependency_order: Callable[[dict[str, Any]], list[str]]) -> dict[str, Any]:
+    """A space document (the default space's layout) fitted to the job; see the module docstring.
 
+    ``dependency_order``: a space document -> its parameter keys, each after the keys its ``when`` names
+    (:func:`mmray.tune.space.default_space` passes the space schema's order; this module sits below it).
+    """
     raw = copy.deepcopy(raw)
     config = validate_job(job_raw)
     kept = _kept_encoders(raw, config)
@@ -74,9 +77,8 @@ def fit_to_job(raw: dict[str, Any], job_raw: dict[str, Any]) -> dict[str, Any]:
               if not k.startswith("model.encoders.") or k.split(".")[2] in kept}
     job = config.model_dump(mode="json")
     # widen in dependency order, following the job's own values through the `when` conditions
-    order = SpaceConfig.model_validate({**raw, "parameters": params})
     values: dict[str, Any] = {}
-    for key, _ in order.ordered_parameters():
+    for key in dependency_order({**raw, "parameters": params}):
         spec = params[key]
         if not all(_holds(values, c, w) for c, w in spec.get("when", {}).items()):
             continue
@@ -97,7 +99,7 @@ def _holds(values: dict[str, Any], cond: str, wanted: Any) -> bool:
     return cond in values and values[cond] in (wanted if isinstance(wanted, list) else [wanted])
 
 
-def default_space(job_raw: dict[str, Any]) -> dict[str, Any]:
+def default_space(job_raw: dict[str, Any], dependency_order: Callable[[dict[str, Any]], list[str]]) -> dict[str, Any]:
     """The default space fitted to ``job_raw`` (a raw space document; :func:`mmray.tune.space.load_space`
     validates it against the job like any space file)."""
-    return fit_to_job(default_space_raw(), job_raw)
+    return fit_to_job(default_space_raw(), job_raw, dependency_order)

@@ -22,6 +22,15 @@ from typing import Any
 from mmray import storage as store
 from mmray.config import UserError, validate_job
 from mmray.config.loader import apply_overrides
+from mmray.data.dataset_dir import read_dataset_info
+from mmray.export.ensemble import write_ensemble
+from mmray.export.evaluate import evaluate, split_batches
+from mmray.export.loader import load_model
+from mmray.train.evaluation import RowPredictions
+from mmray.train.finalize import export_checkpoint, supervised_best
+from mmray.tune.control_arms import compare
+from mmray.tune.experiment import BEST_DIR, ENSEMBLE_ARM_FILE
+from mmray.tune.finalists import pick
 
 SINGLE_DIR, ENSEMBLE_DIR = "best-single", "best-ensemble"
 
@@ -30,9 +39,6 @@ def test_rows(export_dir: str, data_dir: str):
     """An export's prediction for every decodable test row (the rows the control arms' CI pairs)."""
     import torch
 
-    from mmray.export.evaluate import split_batches
-    from mmray.export.loader import load_model
-    from mmray.train.evaluation import RowPredictions
 
     predictor = load_model(export_dir)
     out = RowPredictions()
@@ -49,13 +55,6 @@ def ensemble_arm(setup, trials: list, single_metrics: dict[str, Any]) -> dict[st
     """Write ``best-single/``, ``best-ensemble/`` and choose ``best/`` (see the module docstring); returns what
     ``ensemble.json`` records, or None when there is no ensemble to make (fewer than two scored trials, or an
     experiment in object storage)."""
-    from mmray.data.dataset_dir import read_dataset_info
-    from mmray.export.ensemble import write_ensemble
-    from mmray.export.evaluate import evaluate
-    from mmray.train.finalize import export_checkpoint, supervised_best
-    from mmray.tune.control_arms import compare
-    from mmray.tune.experiment import BEST_DIR, ENSEMBLE_ARM_FILE
-    from mmray.tune.finalists import pick
 
     space, exp = setup.space, setup.experiment_dir
     members = [t for t in pick(trials, space.ensemble) if t.best_checkpoint]
@@ -107,7 +106,6 @@ def ensemble_arm(setup, trials: list, single_metrics: dict[str, Any]) -> dict[st
 
 
 def read_arm(experiment_dir: str) -> dict[str, Any] | None:
-    from mmray.tune.experiment import ENSEMBLE_ARM_FILE
 
     path = os.path.join(experiment_dir, ENSEMBLE_ARM_FILE)
     if not os.path.isfile(path):

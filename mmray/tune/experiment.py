@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -127,8 +128,6 @@ def write_leaderboard(path: str, trials: list, param_keys: list[str], metric: st
 
 
 def _checked(trial, metric: str) -> list:
-    from mmray.tune.finalists import mean_sd
-
     if not trial.rechecks:
         return ["", "", 1]
     scores = trial.scores(metric)
@@ -211,3 +210,11 @@ def tune_checkpoint_name(trial_folder_path: str, epoch: int) -> str | None:
             if int(row.get("epoch", -1)) == epoch and row.get("checkpoint_dir_name"):
                 name = row["checkpoint_dir_name"]
     return name
+
+
+def mean_sd(scores: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one score)."""
+    mean = sum(scores) / len(scores)
+    if len(scores) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((s - mean) ** 2 for s in scores) / (len(scores) - 1))

@@ -11,12 +11,12 @@ stopped before it reached its finalist's best epoch is left out of the mean (it 
 """
 from __future__ import annotations
 
-import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 from mmray import storage as store
 from mmray.config import validate_job
+from mmray.tune.experiment import mean_sd
 
 FINALISTS_DIR = "finalists"
 SEARCH_SHARE = 0.75  # of a time budget, when finalists are re-checked: the rest is theirs
@@ -34,14 +34,6 @@ def pick(trials: list, k: int) -> list:
     return [t for t in trials if t.best_epoch is not None and t.status != "error"][:k]
 
 
-def mean_sd(scores: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one score)."""
-    mean = sum(scores) / len(scores)
-    if len(scores) < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((s - mean) ** 2 for s in scores) / (len(scores) - 1))
-
-
 def rank(trials: list, metric: str, mode: str) -> list:
     """Re-checked trials first, by the mean of all their runs; then the rest by their one run, as before."""
     sign = 1 if mode == "max" else -1
@@ -50,12 +42,10 @@ def rank(trials: list, metric: str, mode: str) -> list:
 
 
 def _run_recheck(config: dict[str, Any], *, finalist_params: dict[str, dict[str, Any]], job_raw: dict[str, Any],
-                 experiment_dir: str) -> None:
-    """One re-run: a finalist's parameters with another seed, trained as a sweep trial is."""
-    from mmray.tune.sweep import _run_trial
-
+                 experiment_dir: str, run_trial: Callable[..., None]) -> None:
+    """One re-run: a finalist's parameters with another seed, trained as a sweep trial is (``run_trial``)."""
     params = {**finalist_params[config["finalist"]], "train.seed": config["train.seed"]}
-    _run_trial(params, job_raw=job_raw, experiment_dir=experiment_dir)
+    run_trial(params, job_raw=job_raw, experiment_dir=experiment_dir)
 
 
 def _score(result, metric: str, mode: str) -> tuple[float | None, int]:
@@ -71,14 +61,17 @@ def _score(result, metric: str, mode: str) -> tuple[float | None, int]:
     return max(sign * float(r[metric]) for r in rows) * sign, max(int(r.get("epoch", 0)) for r in rows)
 
 
-def recheck(setup, trials: list, *, budget_left: float | None = None) -> None:
+def recheck(setup, trials: list, *, run_trial: Callable[..., None], resources: dict[str, float],
+            max_concurrent: int, budget_left: float | None = None) -> None:
     """Train the top ``space.finalists`` of the ranked ``trials`` again with ``space.finalist_seeds`` other seeds
-    and set each finalist's ``rechecks`` (the re-runs' scores). Needs Ray running (the sweep's)."""
+    and set each finalist's ``rechecks`` (the re-runs' scores). Needs Ray running (the sweep's).
+
+    ``run_trial``, ``resources`` and ``max_concurrent``: the sweep's own trial function, per-trial resources
+    and concurrency (:mod:`mmray.tune.sweep` passes them; this module sits below it)."""
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    from mmray.tune.clock import SweepClock
-    from mmray.tune.sweep import concurrency, trial_resources
+    from mmray.tune.clock import SweepClock  # imports Ray (a Tune stopper)
 
     space = setup.space
     chosen = pick(trials, space.finalists)
@@ -91,8 +84,9 @@ def recheck(setup, trials: list, *, budget_left: float | None = None) -> None:
     seeds = [config.train.seed + i for i in range(1, space.finalist_seeds + 1)]
     params = {t.trial_id: dict(t.params) for t in chosen}
     trainable = tune.with_resources(
-        tune.with_parameters(_run_recheck, finalist_params=params, job_raw=setup.job_raw, experiment_dir=exp),
-        trial_resources(config))
+        tune.with_parameters(_run_recheck, finalist_params=params, job_raw=setup.job_raw, experiment_dir=exp,
+                             run_trial=run_trial),
+        resources)
     clock = SweepClock(exp, budget_left, metric, mode)
     print(f"mmray: checking the top {len(chosen)} trials twice: {len(seeds)} more seed(s) each "
           f"({len(chosen) * len(seeds)} runs)", flush=True)
@@ -100,7 +94,7 @@ def recheck(setup, trials: list, *, budget_left: float | None = None) -> None:
     results = tune.Tuner(
         trainable,
         param_space={"finalist": tune.grid_search(list(params)), "train.seed": tune.grid_search(seeds)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency(space, config), reuse_actors=True),
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=store.split(exp)[1], storage_path=store.split(exp)[0], stop=clock,
                                   callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), clock], verbose=0,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),

@@ -29,6 +29,7 @@ from mmray.export.writer import EXPORT_METRICS_FILE, read_metrics
 from mmray.tune import control_arms as arms
 from mmray.tune import report_plots as plots
 from mmray.tune.budget import read_ledger, spending_lines
+from mmray.tune.ensemble import arm_lines, read_arm
 from mmray.tune.experiment import (
     BEST_DIR,
     LEADERBOARD,
@@ -458,7 +459,6 @@ def render_markdown(rep: Report, leaderboard: list[dict[str, str]], space: Space
         lines += [f"No completed trial used {rep.notes['fusions_missing']}.", ""]
     lines += _image(rep, "fusions", "best score per fusion method")
     lines += ["## Control arms", ""] + _arms_md(rep)
-    from mmray.tune.ensemble import arm_lines, read_arm
 
     ensemble = arm_lines(read_arm(exp))
     if ensemble:

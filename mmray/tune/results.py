@@ -15,6 +15,7 @@ from mmray.train.outputs import tensorboard_dir
 from mmray.tune import finalists
 from mmray.tune.baseline import is_baseline
 from mmray.tune.budget import read_ledger, spending_lines
+from mmray.tune.ensemble import arm_lines, ensemble_arm
 from mmray.tune.experiment import (
     BEST_DIR,
     LEADERBOARD,
@@ -199,7 +200,6 @@ def finish(setup, results, recheck=None) -> SweepSummary:
         summary.best_metrics = export_checkpoint(config, info, supervised_best(config, winner.best_checkpoint),
                                                 summary.best_dir)
         if space.ensemble >= 2:
-            from mmray.tune.ensemble import ensemble_arm
 
             summary.ensemble = ensemble_arm(setup, trials, summary.best_metrics)
     base = summary.baseline_trial
@@ -234,7 +234,6 @@ def format_summary(summary: SweepSummary) -> str:
             lines.append(f"best model:  test accuracy {m['test.accuracy']:.4f}  test F1 {m['test.f1']:.4f}")
         lines.append(f"export:      {summary.best_dir}")
     lines += _baseline_lines(summary)
-    from mmray.tune.ensemble import arm_lines
 
     lines += [f"ensemble:    {line}" if i == 0 else f"  {line}" for i, line in enumerate(arm_lines(summary.ensemble))]
     lines += [f"time:        {line}" if i == 0 else f"  {line}" for i, line in enumerate(summary.spending)]

@@ -16,6 +16,7 @@ value (or each choice) is applied to the job, with its ``when`` conditions, and 
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -24,6 +25,7 @@ from mmray.config.errors import ConfigError, UserError
 from mmray.config.loader import apply_overrides, format_errors, read_yaml, validate_job
 from mmray.config.schema import METRICS
 from mmray.registry import StrictModel
+from mmray.tune import defaults
 from mmray.tune.algorithms import SCHEDULERS, SEARCHERS
 
 Scalar = Union[bool, int, float, str, None]
@@ -291,11 +293,8 @@ def load_space(path: str | None, job_raw: dict[str, Any], *, num_samples: int | 
     ``time_budget`` (``"20m"`` or seconds): the sweep's wall-clock budget; without ``num_samples`` trials are
     launched while it allows, with it whichever ends first. ``finalists``, ``ensemble``: the space's, replaced.
     """
-    from mmray.tune.budget import parse_duration
-    from mmray.tune.defaults import SOURCE, default_space
-
     raw = read_yaml(path) if path is not None else default_space(job_raw)
-    source = path if path is not None else SOURCE
+    source = path if path is not None else defaults.SOURCE
     if num_samples is not None:
         if num_samples < 1:
             raise UserError(f"--num-samples: must be at least 1, got {num_samples}")
@@ -328,3 +327,26 @@ def grid_size(space: SpaceConfig) -> float:
         elif spec.value is None:
             return math.inf
     return n
+
+
+def default_space(job_raw: dict[str, Any]) -> dict[str, Any]:
+    """The built-in default space (:mod:`mmray.tune.defaults`) fitted to ``job_raw``: a raw space document."""
+    return defaults.default_space(job_raw, lambda raw: [k for k, _ in SpaceConfig.model_validate(raw).ordered_parameters()])
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str | float | int, flag: str = "--time-budget") -> float:
+    """``"90s"``, ``"5m"``, ``"1.5h"`` (or a bare number of seconds) -> seconds. Raises :class:`UserError`
+    naming ``flag`` for anything else, zero or a negative duration."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", str(text).lower())
+        if m is None:
+            raise UserError(f"{flag}: expected a duration such as 90s, 5m or 1.5h (s, m or h), got {text!r}")
+        seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise UserError(f"{flag}: must be longer than 0 seconds, got {text!r}")
+    return seconds

@@ -23,8 +23,10 @@ from mmray.train.context import LoopInputs
 from mmray.train.loop import train_loop
 from mmray.train.trainer import fit
 from mmray.tune.algorithms import SCHEDULERS, SEARCHERS
+from mmray.tune.budget import read_ledger
 from mmray.tune.context import TuneTrialContext
 from mmray.tune.experiment import SweepSetup, read_cores, trial_dir
+from mmray.tune.finalists import recheck, search_budget
 from mmray.tune.report import build_report, format_verdicts
 from mmray.tune.results import finish
 from mmray.tune.space import SpaceConfig
@@ -176,8 +178,7 @@ def _tuner(setup: SweepSetup, *, restore: bool):
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.search.optuna import OptunaSearch
 
-    from mmray.tune.clock import SweepClock
-    from mmray.tune.finalists import search_budget
+    from mmray.tune.clock import SweepClock  # imports Ray (a Tune stopper)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" among the trials
     space, exp = setup.space, setup.experiment_dir
@@ -258,13 +259,13 @@ def run_sweep(setup: SweepSetup, *, resume: bool = False, report: bool = True):
 
 def _recheck(setup: SweepSetup):
     """The finalists' re-check (:mod:`mmray.tune.finalists`), given what the search left of the time budget."""
-    from mmray.tune.budget import read_ledger
-    from mmray.tune.finalists import recheck
 
     def run(trials) -> None:
         budget, used = setup.space.time_budget_s, read_ledger(setup.experiment_dir).elapsed_s
         left = None if budget is None else max(budget - (used or 0.0), 1.0)
-        recheck(setup, trials, budget_left=left)
+        config = validate_job(setup.job_raw)
+        recheck(setup, trials, run_trial=_run_trial, resources=trial_resources(config),
+                max_concurrent=concurrency(setup.space, config), budget_left=left)
     return run
 
 

@@ -8,8 +8,8 @@ import pytest
 from mmray.config.loader import read_yaml
 from mmray.tune.algorithms import grace_period
 from mmray.tune.baseline import is_baseline
-from mmray.tune.defaults import default_space, default_space_raw
-from mmray.tune.space import SchedulerConfig, SpaceConfig, check_against_job, load_space
+from mmray.tune.defaults import default_space_raw
+from mmray.tune.space import SchedulerConfig, SpaceConfig, check_against_job, default_space, load_space
 
 REPO = Path(__file__).resolve().parents[3]
 JOBS = sorted((REPO / "jobs").glob("*.yaml"))
