@@ -15,9 +15,10 @@ T = TypeVar("T")
 
 
 class StrictModel(BaseModel):
-    """Base of every config section: unknown keys are errors and validated configs are immutable."""
+    """Base of every config section: unknown keys are errors, floats are finite (no inf or nan: a learning
+    rate, weight or ratio of inf/nan only trains a NaN model) and validated configs are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class ComponentConfig(StrictModel):

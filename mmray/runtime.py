@@ -18,6 +18,59 @@ QUIET_ENV = {
 }
 
 
+_verbose = False
+
+
+def set_verbose(flag: bool) -> None:
+    """``mmray --verbose``: Ray processes' tracebacks are printed too (Ray's log files always keep them)."""
+    global _verbose
+    _verbose = flag
+
+
+class TracebackFilter:
+    """Wraps the driver's printer of Ray processes' output: drops Python tracebacks (tracked per process,
+    as one may span several batches of lines) and Ray's lines announcing the same failure; keeps every
+    other line. The CLI tells a failure once, naming its cause: the same traceback from each worker and
+    data task would bury it. Ray's log files keep everything; ``--verbose`` prints it all."""
+
+    CHAIN = ("Traceback (most recent call last)", "During handling of the above exception",
+             "The above exception was the direct cause")
+    # Ray Train's and Ray Data's own lines about a failure the traceback belongs to
+    ANNOUNCEMENTS = ("Error in training function", "Failed to apply UDF transform", "To change retry attempts",
+                     "An exception was raised from a task of operator", "get() failed after")
+
+    def __init__(self, printer):
+        self.printer = printer
+        self._inside: dict[tuple, bool] = {}
+
+    def __call__(self, data: dict) -> None:
+        key = (data.get("ip"), data.get("pid"))
+        inside, kept = self._inside.get(key, False), []
+        for line in data.get("lines", []):
+            if line.startswith(self.CHAIN) or (line[:1].isspace() and line.strip()):
+                inside = True  # a traceback's header, a frame, its source line or caret marker
+            elif not line.strip(" ^~"):
+                pass  # a blank or caret line
+            elif inside:
+                inside = False  # the exception line ends the traceback
+            elif not any(a in line for a in self.ANNOUNCEMENTS):
+                kept.append(line)
+        self._inside[key] = inside
+        if kept:
+            self.printer({**data, "lines": kept})
+
+
+def _hide_worker_tracebacks() -> None:
+    try:  # Ray's driver-side printer of worker output has no public hook; without one, output is unfiltered
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    for name, printer in list(dispatcher.handlers):
+        if name == "ray_print_logs" and not isinstance(printer, TracebackFilter):
+            dispatcher.remove_handler(name)
+            dispatcher.add_handler(name, TracebackFilter(printer))
+
+
 def quiet_ray_logs() -> None:
     """Keep Ray's own chatter (progress bars, info logs, deprecation notices) out of the user's terminal."""
     for key, value in QUIET_ENV.items():
@@ -45,5 +98,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None):
         else:
             # "local": never join a cluster some other `ray start` left running on this host
             ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
+        if not _verbose:
+            _hide_worker_tracebacks()
     DataContext.get_current().enable_progress_bars = False
     return ray

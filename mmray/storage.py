@@ -14,11 +14,15 @@ No Ray here: export loading and the data reader use this module too.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import posixpath
 import shutil
+import socket
+import sys
 import tempfile
 import threading
+import time
 from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
@@ -288,6 +292,78 @@ class StagedDir:
         if self.remote:
             self.sync()
             shutil.rmtree(self.local, ignore_errors=True)
+
+
+LOCK_FILE = ".mmray-lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str, *, what: str, say: Callable[[str], object] | None = None) -> Iterator[None]:
+    """Hold ``folder`` (a run or an experiment) for this process while the block runs.
+
+    The lock is an exclusive ``flock`` on ``folder/.mmray-lock``, which also records the holder (pid, host,
+    start time, command) for the message a second user gets. The kernel releases it when the holder dies,
+    however it dies, so a lock file left behind by a killed holder is taken over, with a message naming
+    that holder. It works on local disks and on shared folders whose filesystem supports locks (NFS does).
+    Object stores (``s3://``, ``gs://``) have no such primitive: a URI folder is not locked.
+
+    Raises:
+        UserError: another live process holds it; names ``what``, the folder and the holder's pid and host.
+    """
+    if is_uri(folder):
+        yield
+        return
+    folder = normalize(folder)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_FILE)
+    fd = _acquire(path, what, folder, say or (lambda m: print(f"mmray: {m}", file=sys.stderr, flush=True)))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # still holding it: nobody can be between their open and their flock on this file
+        os.close(fd)  # releases the flock
+
+
+def _acquire(path: str, what: str, folder: str, say: Callable[[str], object]) -> int:
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd) or {}
+            os.close(fd)
+            raise UserError(
+                f"{what} {folder} is in use by pid {holder.get('pid', '?')} on host {holder.get('host', '?')} "
+                f"(since {holder.get('started', '?')}: {holder.get('command', '?')}); two processes in one {what} "
+                f"folder would mix their checkpoints. Wait for it to end, or choose another --name") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # the holder released and deleted it between our open and our flock: try the new file
+            os.close(fd)
+            continue
+        previous = _holder(fd)
+        if previous:
+            say(f"{what} {folder}: taking over the lock of pid {previous.get('pid', '?')} on host "
+                f"{previous.get('host', '?')} (since {previous.get('started', '?')}), which is no longer running")
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "command": " ".join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        os.fsync(fd)
+        return fd
+
+
+def _holder(fd: int) -> dict | None:
+    try:
+        data = os.pread(fd, 1 << 16, 0)
+        return json.loads(data) if data.strip() else None
+    except (OSError, ValueError):
+        return None
 
 
 def check_writable(path: str, *, what: str = "--storage", min_free_bytes: int = MIN_FREE_BYTES) -> None:

@@ -36,6 +36,7 @@ def run(args) -> int:
     spec = prepare(command)  # a bad verb, flag or config is exit 2 before any connection
     for w in spec.warnings:
         print(f"mmray: warning: {w}", file=sys.stderr)
+    print(f"package:    {spec.package.summary()}", flush=True)
     cluster = connect(args.address, insecure=args.insecure)
     job_id = submit(cluster, spec)
     auth = f"token auth ({cluster.token.source})" if cluster.token else "no auth"

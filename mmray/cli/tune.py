@@ -34,11 +34,11 @@ def run(args) -> int:
         from mmray.config.loader import apply_overrides, read_yaml
         from mmray.tune.space import load_space
 
-        job_raw = apply_overrides(read_yaml(args.job), args.overrides)
+        job_raw = apply_overrides(read_yaml(args.job), args.overrides, warn=True)
         config = validate_job(job_raw, args.job)  # exit 2 on a bad job, before anything starts
         space = load_space(args.space, job_raw, num_samples=args.num_samples)
-        setup = prepare(job_raw, space, name=args.name or f"{config.name}-sweep",
-                        storage=args.storage or config.storage, explicit_name=bool(args.name))
+        setup = prepare(job_raw, space, name=f"{config.name}-sweep" if args.name is None else args.name,
+                        storage=args.storage or config.storage, explicit_name=args.name is not None)
         summary = run_sweep(setup)
     print()
     print(format_summary(summary))

@@ -18,9 +18,10 @@ def run(args) -> int:
     import os
 
     from mmray.config import load_job
-    from mmray.train.api import absolute_paths, check_dataset
+    from mmray.train.api import absolute_paths, check_dataset, check_model_files
 
     config = absolute_paths(load_job(args.job, args.overrides))
+    check_model_files(config)  # weights files, model folders, tokenizers: from local files, before anything starts
     print(f"{args.job}: ok (job {config.name!r}, fusion {config.model.fusion.name}, "
           f"modalities {', '.join(config.data.modalities)})")
     if args.space:

@@ -9,6 +9,7 @@ from mmray._lazy import lazy_exports
 
 _EXPORTS = {
     "ConfigError": "mmray.config.errors",
+    "RunError": "mmray.config.errors",
     "UserError": "mmray.config.errors",
     "JobConfig": "mmray.config.schema",
     "METRICS": "mmray.config.schema",

@@ -7,10 +7,12 @@ selectable by name and its own keys are checked.
 from __future__ import annotations
 
 import os
+import re
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from mmray.config.errors import UserError
 from mmray.models.encoders import ENCODERS
 from mmray.models.fusion import FUSIONS
 from mmray.registry import StrictModel
@@ -314,8 +316,24 @@ def _wire_hf_tokenizer(raw: Any) -> Any:
     return {**raw, "data": {**data, "text": text}}
 
 
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_run_name(name: Any, key: str) -> str:
+    """A run or sweep name is one path component: it names a folder directly under the storage folder.
+
+    Raises:
+        UserError: naming ``key``: empty, a path (``/``, ``..``) or other characters than letters, digits,
+            ``.``, ``_`` and ``-`` (starting with a letter or digit).
+    """
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise UserError(f"{key}: {name!r} is not a run name: a run or sweep name is one path component "
+                        "(letters, digits, '.', '_' and '-', starting with a letter or digit; no '/' or '..')")
+    return name
+
+
 class JobConfig(StrictModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(description="the run's name: one path component (the run folder under storage)")
     storage: str = Field("runs", description="local path or pyarrow URI (s3://, gs://) for runs")
     data: DataConfig
     model: ModelConfig = ModelConfig()
@@ -324,6 +342,14 @@ class JobConfig(StrictModel):
     checkpoint: CheckpointConfig = CheckpointConfig()
 
     _hf_tokenizer = model_validator(mode="before")(_wire_hf_tokenizer)
+
+    @field_validator("name")
+    @classmethod
+    def _one_path_component(cls, v: str) -> str:
+        try:
+            return check_run_name(v, "name")
+        except UserError as e:
+            raise ValueError(str(e)) from None
 
     @model_validator(mode="after")
     def _contrastive_needs_pairs(self) -> "JobConfig":

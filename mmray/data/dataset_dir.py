@@ -205,6 +205,64 @@ def _parse(path: str, doc: Any) -> DatasetInfo:
     )
 
 
+# Column kinds a shard may hold, by what decoding reads: any width of integer labels, (large) strings, bytes.
+_COLUMN_KINDS: dict[str, tuple[str, Any]] = {
+    "id": ("string", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)),
+    "label": ("int64", pa.types.is_integer),
+    "image": ("binary", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)),
+    "audio": ("binary", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)),
+    "text": ("string", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)),
+}
+HOW_TO_MAKE = ("remake the dataset with `mmray data prepare MANIFEST --out DIR --split-fractions 0.8,0.1,0.1` "
+               "(or `mmray data synth --out DIR`)")
+
+
+def check_shards(info: DatasetInfo, modalities: Iterable[str], required: Iterable[str] = ("train", "val")) -> dict[str, int]:
+    """Every shard of every split is there, is Parquet, and has the columns ``dataset.json`` promises with the
+    types decoding reads; each ``required`` split has rows. Only the Parquet footers are read.
+
+    Returns:
+        split -> rows, as counted from the footers.
+
+    Raises:
+        UserError: naming the shard (missing, truncated or damaged, a column missing or of another type),
+            or the split that has 0 rows and how to make one.
+    """
+    columns = ["id", *info.tasks, *modalities]
+    rows: dict[str, int] = {}
+    for split in info.splits:
+        rows[split] = 0
+        for rel, shard in zip(info.splits[split].files, info.split_files(split)):
+            if not storage.is_file(shard):
+                raise UserError(f"{shard}: shard missing (dataset.json lists {rel} in split {split!r}); "
+                                f"restore it or {HOW_TO_MAKE}")
+            fs, inner = resolve_fs(shard)
+            try:
+                with fs.open_input_file(inner) as fh:
+                    meta = pq.ParquetFile(fh).metadata
+                    schema = meta.schema.to_arrow_schema()
+            except (pa.ArrowException, OSError) as e:
+                raise UserError(f"{shard}: not a readable Parquet shard, truncated or damaged ({e}); "
+                                f"restore it or {HOW_TO_MAKE}") from None
+            for column in columns:
+                expected, fits = _COLUMN_KINDS["label" if column.startswith("label") else column]
+                if column not in schema.names:
+                    raise UserError(f"{shard}: column {column!r} missing (dataset.json promises it; "
+                                    f"the shard has {', '.join(schema.names)})")
+                actual = schema.field(column).type
+                if not fits(actual):
+                    raise UserError(f"{shard}: column {column!r} is {actual}, expected {expected} "
+                                    f"(the shard does not match dataset.json)")
+            rows[split] += meta.num_rows
+    for split in required:
+        if split not in rows:
+            raise UserError(f"{info.path}: no {split} split in dataset.json; a run needs train and val rows: {HOW_TO_MAKE}")
+        if rows[split] == 0:
+            raise UserError(f"{info.path}: {split} split has 0 rows; a run needs rows in train and val "
+                            f"(val picks the best epoch): {HOW_TO_MAKE}")
+    return rows
+
+
 def write_dataset_info(info: DatasetInfo) -> str:
     """Write ``info.path/dataset.json`` (atomically for local paths); returns its path."""
     text = json.dumps(info.to_json(), indent=2) + "\n"

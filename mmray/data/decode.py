@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from mmray.config.errors import UserError
+from mmray.config.errors import RunError, UserError
 from mmray.config.schema import AudioPreprocess, DataConfig, ImagePreprocess
 from mmray.data.dataset_dir import DatasetInfo
 from mmray.data.tokenizer import TextTokenizer
@@ -33,8 +33,8 @@ SHIFT_FRACTION = 0.125
 BRIGHTNESS_JITTER = 0.2
 
 
-class BadRecordError(UserError):
-    """A record could not be decoded and ``data.on_bad_record`` is ``fail``."""
+class BadRecordError(RunError):
+    """A record could not be decoded and ``data.on_bad_record`` is ``fail`` (a run-time failure: exit 1)."""
 
     def __init__(self, record_id: str, column: str, reason: str):
         self.record_id, self.column, self.reason = record_id, column, reason
@@ -203,7 +203,8 @@ class Preprocessor:
         A list left out means that modality is missing in every row. No label keys are returned.
 
         Raises:
-            UserError: the given lists differ in length, or all are empty.
+            UserError: the given lists differ in length, or all are empty, or an input cannot be decoded
+                (the message names its row, ``input-<i>`` or the given id, and the reason).
         """
         given = {m: v for m, v in (("image", images), ("text", texts), ("audio", audios)) if v is not None}
         lengths = {m: len(v) for m, v in given.items()}
@@ -215,7 +216,10 @@ class Preprocessor:
             column = np.empty(n, dtype=object)  # filled item by item: numpy must not split bytes or strings
             column[:] = list(given.get(m, [None] * n))
             batch[m] = column
-        return self(batch)
+        try:
+            return self(batch)
+        except BadRecordError as e:  # a caller's own input, not a record of a run: bad input (exit 2)
+            raise UserError(f"{e.record_id}: {e.column}: {e.reason}") from None
 
     # -------------------------------------------------------------- per column
     def _bad(self, record_id: Any, column: str, reason: str, valid: np.ndarray, i: int) -> None:

@@ -47,7 +47,7 @@ class TextTokenizer:
 
         Args:
             text_cfg: ``data.text``; ``tokenizer: null`` means the dataset's own tokenizer, otherwise
-                a Hugging Face tokenizer name (from the local cache, offline) or local folder.
+                a Hugging Face tokenizer name (from the local cache, never downloaded) or local folder.
             info: the dataset, for its own tokenizer.
             local_dir: a folder written by :meth:`save` (an export's ``tokenizer/``); when given it
                 wins over everything else.
@@ -87,20 +87,16 @@ class TextTokenizer:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str) -> "TextTokenizer":
-        """A Hugging Face tokenizer by hub name (local cache only when offline) or local folder.
+        """A Hugging Face tokenizer from a local folder or a hub name in the local cache (never downloaded
+        unless the user opts in, see :mod:`mmray.hf_local`).
 
         Raises:
-            UserError: it cannot be loaded, or it has no fast (Rust) implementation.
+            UserError: naming ``data.text.tokenizer``: not available locally, cannot be loaded, or it has no
+                fast (Rust) implementation.
         """
-        try:
-            from transformers import AutoTokenizer
+        from mmray import hf_local
 
-            hf = AutoTokenizer.from_pretrained(name_or_path, local_files_only=os.path.isdir(name_or_path))
-        except Exception as e:  # OSError, ValueError, HF hub errors: all mean "cannot load it"
-            raise UserError(
-                f"data.text.tokenizer: cannot load {name_or_path!r} (a Hugging Face name in the local cache "
-                f"or a local folder; no download happens with HF_HUB_OFFLINE=1): {e}"
-            ) from None
+        hf = hf_local.from_pretrained("AutoTokenizer", name_or_path, "data.text.tokenizer", "tokenizer")
         if not getattr(hf, "is_fast", False):
             raise UserError(f"data.text.tokenizer: {name_or_path!r} has no fast tokenizer (tokenizer.json); use one that does")
         pad = hf.pad_token_id if hf.pad_token_id is not None else 0

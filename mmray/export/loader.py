@@ -44,7 +44,7 @@ def read_config(export_dir: Path) -> JobConfig:
     """The export's job config, with each Hugging Face encoder's ``path`` pointed at the architecture files the
     export carries (``encoders/<modality>/``), so loading never needs the original model folder."""
     path = _require(export_dir / CONFIG_FILE, "resolved job config")
-    config = from_yaml_text(path.read_text(), source=str(path))
+    config = from_yaml_text(path.read_bytes(), source=str(path))
     local = {m: enc.model_copy(update={"path": str(export_dir / ENCODERS_DIR / m)})
              for m, enc in hf_encoders(config).items() if (export_dir / ENCODERS_DIR / m / "config.json").is_file()}
     if not local:  # an export written before it carried them still reads the original folder

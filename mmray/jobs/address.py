@@ -66,6 +66,17 @@ def is_loopback(url: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
 
 
+def plain_http_warning(url: str) -> str | None:
+    """What to tell a user whose token would cross a network unencrypted: ``url`` is ``http://`` and not
+    on loopback. None otherwise (``https://``, or this machine)."""
+    if not url.startswith("http://") or is_loopback(url):
+        return None
+    return (f"the auth token goes to {url} over plain HTTP, readable by anyone on the network path; reach the "
+            "cluster through a tunnel on 127.0.0.1 instead: `ray dashboard CLUSTER.yaml` (cluster launcher), "
+            "`kubectl port-forward svc/RAYCLUSTER-head-svc 8265:8265` (KubeRay) or `ssh -L 8265:localhost:8265 "
+            "HEAD`, then --address http://127.0.0.1:8265; or put HTTPS in front of the dashboard")
+
+
 def find_token() -> Token | None:
     """The token Ray's own clients would send: ``RAY_AUTH_TOKEN``, else the file at ``RAY_AUTH_TOKEN_PATH``,
     else ``~/.ray/auth_token``. None when there is none."""

@@ -7,10 +7,10 @@ import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from mmray.config.errors import UserError
-from mmray.jobs.address import CVE_NOTE, Token, default_address, find_token, is_http, is_loopback
+from mmray.jobs.address import CVE_NOTE, Token, default_address, find_token, is_http, is_loopback, plain_http_warning
 
 START_HINT = ("start one with `ray start --head --dashboard-host=127.0.0.1` (its Jobs API is then "
               "http://127.0.0.1:8265), or point to yours with --address http://HEAD:8265 or RAY_ADDRESS")
@@ -82,12 +82,20 @@ def resolve_url(address: str) -> str:
         os.environ.update({k: v for k, v in saved.items() if v is not None})
 
 
-def connect(address: str | None = None, *, insecure: bool = False) -> Cluster:
+def _warn(message: str) -> None:
+    import sys
+
+    print(f"mmray: warning: {message}", file=sys.stderr, flush=True)
+
+
+def connect(address: str | None = None, *, insecure: bool = False,
+            on_warning: Callable[[str], None] = _warn) -> Cluster:
     """A Jobs API client for ``address`` (default: ``RAY_ADDRESS``, then ``http://127.0.0.1:8265``).
 
     The cluster's own answer decides auth: if it asks for a token, the token is sent (from
     ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``); if it does not, it is used only
-    on loopback unless ``insecure``.
+    on loopback unless ``insecure``. A token about to cross a non-loopback ``http://`` link is announced
+    through ``on_warning`` (with how to tunnel) before anything is sent with it.
 
     Raises:
         ClusterUnreachable: nothing answers at the address.
@@ -107,6 +115,8 @@ def connect(address: str | None = None, *, insecure: bool = False) -> Cluster:
                         f"{CVE_NOTE}. Turn on token auth on the cluster (RAY_AUTH_MODE=token when starting "
                         f"it), or reach it through an SSH tunnel on 127.0.0.1, or pass --insecure if this "
                         f"network is private and you accept the risk")
+    if token is not None and plain_http_warning(url):
+        on_warning(plain_http_warning(url))
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 

@@ -1,9 +1,15 @@
-"""``mmray submit``: run ``mmray train|tune ...`` on a Ray cluster with this folder as its working directory."""
+"""``mmray submit``: run ``mmray train|tune ...`` on a Ray cluster with this folder as its working directory.
+
+What goes up is decided file by file in :mod:`mmray.jobs.package` (no secrets, nothing ignored, a size limit)
+and staged; the auth token travels only in the request header, never in the job spec.
+"""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -11,27 +17,24 @@ from typing import Callable, Sequence
 
 from mmray.config.errors import UserError
 from mmray.jobs.client import Cluster
+from mmray.jobs.package import Package, package_files, stage
 
 VERBS = ("train", "tune")
-
-# Never uploaded: environments, datasets, results, VCS and caches. Anchored ("/data") where a package folder
-# of the same name (mmray/data) must still go up. Ray also skips what .gitignore / .rayignore list.
-EXCLUDES = (
-    "/.venv", "/venv", "/.git", "/data", "/datasets", "/runs", "/build", "/dist",
-    "__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache", ".ruff_cache", "*.egg-info", "node_modules",
-    ".ipynb_checkpoints",
-)
+# Environment variables a job spec never carries: anyone who can list the cluster's jobs reads the spec.
+TOKEN_VARS = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 @dataclass
 class JobSpec:
-    """What is sent: the command, the runtime env (working dir + excludes), and warnings for the user."""
+    """What is sent: the command, the runtime env (environment variables; the working dir is the staged
+    :attr:`package`), and warnings for the user."""
 
     entrypoint: str
     runtime_env: dict
     verb: str
     warnings: list[str]
+    package: Package
 
 
 def entrypoint(args: Sequence[str]) -> str:
@@ -48,9 +51,9 @@ def entrypoint(args: Sequence[str]) -> str:
     return shlex.join(["mmray", *args])
 
 
-def check_command(args: Sequence[str], working_dir: str) -> list[str]:
-    """Validate the job (and space) here before anything is uploaded; returns warnings about paths the
-    cluster will not see. Raises :class:`UserError` (exit 2) for a bad flag or config."""
+def check_command(args: Sequence[str], working_dir: str) -> list[tuple[str, str]]:
+    """Validate the job (and space) here before anything is uploaded; returns the ``(key, path)`` pairs the
+    cluster must see (data, storage). Raises :class:`UserError` (exit 2) for a bad flag or config."""
     from mmray.cli.main import build_parser
 
     parser = build_parser()
@@ -61,7 +64,7 @@ def check_command(args: Sequence[str], working_dir: str) -> list[str]:
             raise
         raise UserError(f"bad arguments for `{shlex.join(['mmray', *args])}` (see above)") from None
     if ns.verb == "tune" and ns.resume:
-        return _path_warnings([("--resume", ns.resume)], working_dir)
+        return [("--resume", ns.resume)]
     from mmray.config import load_job
 
     old = os.getcwd()
@@ -70,6 +73,10 @@ def check_command(args: Sequence[str], working_dir: str) -> list[str]:
         if not ns.job:
             raise UserError("give JOB.yaml after the verb: mmray submit -- train JOB.yaml")
         config = load_job(ns.job, ns.overrides)
+        if ns.name is not None:
+            from mmray.config.schema import check_run_name
+
+            check_run_name(ns.name, "--name")  # one path component, as `mmray train|tune` will insist
         if ns.verb == "tune":
             if not ns.space:
                 raise UserError("give --space SPACE.yaml: mmray submit -- tune JOB.yaml --space SPACE.yaml")
@@ -79,17 +86,10 @@ def check_command(args: Sequence[str], working_dir: str) -> list[str]:
             load_space(ns.space, apply_overrides(read_yaml(ns.job), ns.overrides), num_samples=ns.num_samples)
     finally:
         os.chdir(old)
-    return _path_warnings([("data.path", config.data.path),
-                           ("--storage" if ns.storage else "storage", ns.storage or config.storage)],
-                          working_dir)
+    return [("data.path", config.data.path), ("--storage" if ns.storage else "storage", ns.storage or config.storage)]
 
 
-def _path_warnings(paths: list[tuple[str, str]], working_dir: str) -> list[str]:
-    from pathlib import Path
-
-    from ray._private.runtime_env.packaging import _get_excludes  # Ray's own matcher: the same decision
-
-    excluded = _get_excludes(Path(working_dir), list(EXCLUDES))
+def _path_warnings(paths: list[tuple[str, str]], package: Package) -> list[str]:
     out = []
     for key, path in paths:
         if "://" in path or os.path.isabs(path):
@@ -98,33 +98,60 @@ def _path_warnings(paths: list[tuple[str, str]], working_dir: str) -> list[str]:
             out.append(f"{key} {path} is relative: on the cluster it is inside the job's temporary working "
                        f"directory, and the run is lost when the job ends; use a folder every node shares or "
                        f"s3://... (--storage /shared/runs)")
-        elif excluded(Path(working_dir, path)):
+        elif not _uploaded(os.path.normpath(path).replace(os.sep, "/"), package):
             out.append(f"{key} {path} is not uploaded (datasets never are); use a path every node can read "
                        f"(a shared folder or s3://...)")
     return out
 
 
+def _uploaded(rel: str, package: Package) -> bool:
+    return any(f == rel or f.startswith(rel.rstrip("/") + "/") for f, _ in package.files)
+
+
 def prepare(args: Sequence[str], *, working_dir: str | None = None, env: dict[str, str] | None = None) -> JobSpec:
-    """Check ``mmray ARGS`` here and describe the job: ``working_dir`` (default: the current folder) becomes
-    its working directory on the cluster, without :data:`EXCLUDES`.
+    """Check ``mmray ARGS`` here and describe the job: the files of ``working_dir`` (default: the current
+    folder) that :func:`~mmray.jobs.package.package_files` keeps become its working directory on the cluster.
 
     Raises:
-        UserError: bad verb, flag or config (nothing is contacted or uploaded).
+        UserError: bad verb, flag or config; ``env`` names an auth-token variable; the package is too large
+            (nothing is contacted or uploaded).
     """
     command = entrypoint(args)
     working_dir = os.path.abspath(working_dir or os.getcwd())
-    warnings = check_command(args, working_dir)
+    paths = check_command(args, working_dir)
+    token_vars = sorted(set(env or {}) & set(TOKEN_VARS))
+    if token_vars:
+        raise UserError(f"{', '.join(token_vars)} would be stored in the job spec, where anyone who can list the "
+                        "cluster's jobs reads it; the token is sent in the request header only")
+    package = package_files(working_dir)
     from mmray.runtime import QUIET_ENV
 
-    runtime_env = {"working_dir": working_dir, "excludes": list(EXCLUDES),
-                   "env_vars": {**QUIET_ENV, "PYTHONUNBUFFERED": "1", **(env or {})}}
-    return JobSpec(command, runtime_env, args[0], warnings)
+    runtime_env = {"env_vars": {**QUIET_ENV, "PYTHONUNBUFFERED": "1", **(env or {})}}
+    return JobSpec(command, runtime_env, args[0], _path_warnings(paths, package), package)
+
+
+def request(spec: JobSpec, working_dir: str) -> dict:
+    """The arguments of the Jobs API submission (``working_dir``: the staged package)."""
+    return {"entrypoint": spec.entrypoint, "runtime_env": {**spec.runtime_env, "working_dir": working_dir},
+            "metadata": {"mmray": spec.verb}}
 
 
 def submit(cluster: Cluster, spec: JobSpec) -> str:
-    """Submit the job; returns its id (``raysubmit_...``)."""
-    return cluster.client.submit_job(entrypoint=spec.entrypoint, runtime_env=spec.runtime_env,
-                                     metadata={"mmray": spec.verb})
+    """Stage the package, submit the job, delete the staged copy; returns the job's id (``raysubmit_...``).
+
+    Raises:
+        UserError: the cluster's token appears in the job spec (it must only ever be in the header).
+    """
+    staged = stage(spec.package)
+    try:
+        body = request(spec, staged)
+        if cluster.token is not None and cluster.token.value in json.dumps(body):
+            raise UserError("the cluster's auth token appears in the job spec (the command or an environment "
+                            "variable), where anyone who can list jobs reads it; remove it: the token is sent "
+                            "in the request header only")
+        return cluster.client.submit_job(**body)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 def follow_logs(cluster: Cluster, job_id: str, write: Callable[[str], object] = sys.stdout.write) -> str:

@@ -7,8 +7,9 @@ from typing import Any, Callable
 
 from mmray import storage as store
 from mmray.config import JobConfig
-from mmray.config.errors import UserError
-from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
+from mmray.config.errors import RunError, UserError
+from mmray.config.schema import check_run_name
+from mmray.data.dataset_dir import DatasetInfo, check_shards, read_dataset_info
 
 EXPORT_DIR = "export"
 
@@ -60,10 +61,19 @@ def check_dataset(config: JobConfig) -> DatasetInfo:
             f"data.modalities: {missing} not in dataset {config.data.path} (it has {list(info.modalities)}); "
             f"set data.modalities to a subset of those"
         )
-    for split in ("train", "val"):
-        if info.split_rows(split) == 0:
-            raise UserError(f"data.path: {config.data.path} has no rows in split {split!r}")
+    check_shards(info, config.data.modalities)  # footers only: missing, damaged or mismatched shards, empty splits
     return info
+
+
+def check_model_files(config: JobConfig) -> None:
+    """Every local file and Hugging Face model or tokenizer the job reads is there (from local files only,
+    never the network). Raises :class:`UserError` naming the dotted key before anything starts."""
+    for modality in config.data.modalities:
+        getattr(config.model.encoders, modality).check_files(f"model.encoders.{modality}")
+    if "text" in config.data.modalities and config.data.text.tokenizer is not None:
+        from mmray.data.tokenizer import TextTokenizer
+
+        TextTokenizer.from_pretrained(config.data.text.tokenizer)
 
 
 def resolve_run_dir(storage: str, name: str, *, explicit_name: bool) -> tuple[str, str]:
@@ -84,6 +94,20 @@ def resolve_run_dir(storage: str, name: str, *, explicit_name: bool) -> tuple[st
             return run_dir, "finished"
         n += 1
         candidate = f"{name}-{n}"
+
+
+def check_resume_point(run_dir: str) -> None:
+    """The checkpoint a resume continues from (the latest kept) holds a plain training state; checked here,
+    before Ray starts, so a planted or damaged ``state.pt`` is exit 2 naming the file, not a worker failure.
+
+    Raises:
+        UserError: from :func:`mmray.train.checkpoint.read_state`.
+    """
+    from mmray.train.checkpoint import kept_checkpoints, read_state
+
+    kept = kept_checkpoints(run_dir)
+    if kept:
+        read_state(kept[max(kept)])
 
 
 def finished_run(run_dir: str) -> RunResult:
@@ -111,25 +135,43 @@ def train(
     """Train ``config`` on Ray (a local cluster unless ``RAY_ADDRESS`` is set) and export the best epoch.
 
     Raises:
-        UserError: bad dataset, or storage that cannot be written or is nearly full (nothing started).
+        UserError: bad dataset, storage that cannot be written or is nearly full, or a run folder another
+            process is using (nothing started).
+        RunError: a run-time failure mmray names itself (a bad record under ``on_bad_record: fail``), raised
+            as the worker raised it, not wrapped by Ray.
         RuntimeError: training failed; the run folder keeps its checkpoints for a resume.
     """
+    if name is not None:
+        check_run_name(name, "--name")
     config = absolute_paths(config)
     info = check_dataset(config)
+    check_model_files(config)
     root = store.normalize(storage or config.storage)
     store.check_writable(root, what="--storage" if storage else "storage")  # before Ray starts, not after an epoch
     run_dir, state = resolve_run_dir(root, name or config.name, explicit_name=name is not None)
     if state == "finished":
         return finished_run(run_dir)
+    # One process per run folder: a second `mmray train --name X` is refused, naming the holder (exit 2).
+    with store.folder_lock(run_dir, what="run"):
+        if state == "resume":
+            check_resume_point(run_dir)
+        return _train_locked(config, info, run_dir, state, on_event)
+
+
+def _train_locked(config: JobConfig, info: DatasetInfo, run_dir: str, state: str, on_event) -> RunResult:
     from mmray.data.cache import plan
     from mmray.train.finalize import export_checkpoint, supervised_best
-    from mmray.train.trainer import fit
+    from mmray.train.trainer import fit, worker_error
 
     # Built once per dataset and key (a lock makes concurrent runs wait for one build); refused with a
     # reason when an encoder trains or augmentation changes a frozen encoder's inputs.
     cache = plan(config, info, build=True)
     outcome = fit(config, run_dir=run_dir, on_event=on_event, cache=cache)
     if outcome.error is not None:
+        # e.g. a bad record under on_bad_record: fail, or a non-finite loss (both RunErrors)
+        known = worker_error(outcome.error, UserError) or worker_error(outcome.error, RunError)
+        if known is not None:  # mmray's own message, not Ray's wrapping of it
+            raise known from None
         raise RuntimeError(f"training failed: {outcome.error}") from outcome.error
     if outcome.best_checkpoint is None:
         raise RuntimeError(f"training reported no checkpoint; see the logs under {run_dir}")

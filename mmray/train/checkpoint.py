@@ -1,8 +1,11 @@
 """Training checkpoints: weights as safetensors plus the state needed to resume.
 
 A checkpoint folder holds ``model.safetensors`` (the unwrapped model's weights), ``state.pt``
-(optimizer, LR schedule, grad scaler, epoch, early-stopping state; a torch pickle, read back
-only by mmray itself) and ``config.yaml`` (the resolved job config that produced it).
+(optimizer, LR schedule, grad scaler, epoch, early-stopping state) and ``config.yaml`` (the resolved job
+config that produced it). ``state.pt`` is written by ``torch.save`` but only ever read with
+``torch.load(weights_only=True)`` (:func:`read_state`): tensors, numbers, strings, lists, tuples and dicts
+and nothing else, so a pickle planted in shared or object storage never runs code on whoever resumes,
+exports, reports or compares that run; it is refused, naming the file.
 
 Slim checkpoints: the weights of permanently frozen encoders never change during a run, so they are left
 out of ``model.safetensors`` (a frozen ResNet-18 + MiniLM is 135 MB per epoch; the fusion and heads
@@ -161,10 +164,43 @@ def load_model(config: JobConfig, tasks: dict[str, int], tokenizer: Any, path: s
     return model
 
 
+def read_state(path: str) -> dict[str, Any]:
+    """The ``state.pt`` of the checkpoint folder ``path`` (a local path or a URI): ``optimizer``,
+    ``scheduler``, ``scaler`` and ``train_state`` (epoch, history, best epoch, ...).
+
+    Read with ``weights_only=True``: plain containers, numbers, strings and tensors only, never an
+    arbitrary pickle (see the module docstring).
+
+    Raises:
+        UserError: the file is not such a state (a planted or damaged pickle), naming it; nothing in it ran.
+    """
+    import pickle
+
+    from mmray import storage as store
+
+    file = store.join(path, STATE)
+    with store.local_copy(file) as local:
+        try:
+            blob = torch.load(local, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{file}: not a training state mmray wrote (refused to unpickle it: {first}); "
+                            "nothing in it was run. Delete that checkpoint folder to resume from the one "
+                            "before, or train under another --name") from None
+    if not isinstance(blob, dict) or not isinstance(blob.get("train_state"), dict):
+        raise UserError(f"{file}: not a training state mmray wrote (no train_state); delete that checkpoint "
+                        "folder to resume from the one before, or train under another --name")
+    return blob
+
+
 def load_checkpoint(path: str, *, model, optimizer, scheduler, scaler, verify: bool = True) -> TrainState:
-    """Restore weights and optimizer/schedule state in place; returns the saved :class:`TrainState`."""
+    """Restore weights and optimizer/schedule state in place; returns the saved :class:`TrainState`.
+
+    Raises:
+        UserError: ``state.pt`` is not a plain training state (:func:`read_state`).
+    """
+    blob = read_state(path)  # before the weights: a planted state file stops the resume at once
     load_weights(path, model, verify=verify)
-    blob = torch.load(os.path.join(path, STATE), map_location="cpu", weights_only=False)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     if scaler is not None and blob["scaler"] is not None:

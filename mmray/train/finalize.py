@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from mmray import storage as store
 from mmray.config import JobConfig
 from mmray.data.dataset_dir import DatasetInfo
@@ -12,7 +10,7 @@ from mmray.data.reader import iter_batches
 from mmray.data.tokenizer import TextTokenizer
 from mmray.export import write_export
 from mmray.models.builder import job_tasks
-from mmray.train.checkpoint import STATE, kept_checkpoints, left_out, load_model
+from mmray.train.checkpoint import kept_checkpoints, left_out, load_model, read_state
 from mmray.train.context import LocalContext
 from mmray.train.loop import evaluate
 
@@ -21,8 +19,7 @@ EVAL_BATCH_SIZE = 256
 
 def train_state(checkpoint_dir: str) -> dict[str, Any]:
     """The loop's train state saved in a checkpoint folder (a local path or a URI): epoch, history, ..."""
-    with store.local_copy(store.join(checkpoint_dir, STATE)) as local:
-        return torch.load(local, map_location="cpu", weights_only=False)["train_state"]
+    return read_state(checkpoint_dir)["train_state"]
 
 
 def checkpoint_epoch(checkpoint_dir: str) -> int:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmray.config import JobConfig
+from mmray.config.errors import RunError
 from mmray.config.schema import LRScheduleConfig, OptimizerConfig
 from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
 from mmray.data.tokenizer import TextTokenizer
@@ -33,6 +34,27 @@ from mmray.train.objectives import in_pretraining, step_losses
 from mmray.train.outputs import EpochOutputs
 
 PROGRESS_EVERY_S = 1.0
+# Batches between checks that the training loss is finite. A check reads one number from the device
+# (a sync) and, with several workers, gathers it from all of them so that every rank stops at the same
+# batch; the first non-finite batch is recorded exactly on the device in between, without a sync.
+FINITE_CHECK_EVERY = 10
+
+
+class NonFiniteLossError(RunError):
+    """The training loss became NaN or infinite: the run stops before that epoch is evaluated, checkpointed
+    or exported. Raised on every rank at the same batch."""
+
+    def __init__(self, epoch: int, step: int, value: float, lr: float, precision: str):
+        self.epoch, self.step, self.value, self.lr, self.precision = epoch, step, value, lr, precision
+        super().__init__(
+            f"training loss became {value} at epoch {epoch}, step {step}; stopped before evaluating, "
+            f"checkpointing or exporting that epoch. Usual causes: a learning rate too high (lr {lr:g}, "
+            f"train.optimizer.lr), half precision overflowing (train.precision {precision}: try bf16 or fp32), "
+            "no train.grad_clip, or non-finite values in the data. The run keeps the checkpoints of the epochs "
+            "before; fix the cause and train under a new --name")
+
+    def __reduce__(self):  # pickles across Ray workers
+        return (type(self), (self.epoch, self.step, self.value, self.lr, self.precision))
 
 
 @dataclass
@@ -181,7 +203,8 @@ def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, confi
     # Encoders frozen for now (unfreeze_after_epochs) still get gradients (DDP needs every registered weight to);
     # they are dropped before each step, so neither clipping nor the optimizer's moments see them.
     held = [p for m in frozen_encoders(config, epoch) for p in unwrap(model).encoders[m].parameters() if p.requires_grad]
-    for batch in batches:
+    first_bad = torch.tensor([math.inf, 0.0], device=ctx.device)  # [batch, loss] of the first non-finite loss
+    for step, batch in enumerate(batches, start=1):
         batch = batch_to_device(batch, ctx.device, channels_last=channels_last)
         if config.train.modality_dropout > 0:
             drop_modalities(batch, config.data.modalities, config.train.modality_dropout)
@@ -200,6 +223,10 @@ def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, confi
                 total = total + 0.0 * sum(p.reshape(-1)[0] for p in held)
             scaler.scale(total / accum).backward()
             loss = parts["supervised"]
+        seen = torch.stack([torch.tensor(float(step), device=ctx.device), total.detach().float()])
+        first_bad = torch.where(torch.isfinite(total.detach()) | (first_bad[0] < step), first_bad, seen)
+        if step % FINITE_CHECK_EVERY == 0:
+            _stop_if_not_finite(first_bad, ctx, epoch, optimizer, config)
         if sync:
             _optimizer_step(model, optimizer, scheduler, scaler, config, held)
             state.global_step += 1
@@ -215,6 +242,7 @@ def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, confi
             # .item() syncs with the GPU: only once a second, for the person watching.
             ctx.progress({"type": "step", "epoch": epoch, "rows": int(rows.item()) * ctx.world_size,
                           "rows_total": expected_rows, "loss": (loss_sum / rows.clamp(min=1)).item()})
+    _stop_if_not_finite(first_bad, ctx, epoch, optimizer, config)  # every rank, at the same point
     if pending:  # a partial accumulation at the end of the epoch: average it in by hand across workers
         for p in model.parameters():
             if p.grad is not None:
@@ -231,6 +259,14 @@ def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, confi
     for i, name in enumerate(extras):  # train.contrastive_loss, train.adversarial_loss
         out[f"train.{name}_loss"] = (totals[3 + i] / totals[1].clamp(min=1)).item()
     return out
+
+
+def _stop_if_not_finite(first_bad: torch.Tensor, ctx: WorkerContext, epoch: int, optimizer, config: JobConfig) -> None:
+    """Raise :class:`NonFiniteLossError` on every rank when any rank has seen a non-finite loss (the earliest
+    batch across ranks is named). Every rank must call this at the same batches."""
+    step, value = min((tuple(t.tolist()) for t in ctx.all_gather(first_bad)), key=lambda t: t[0])
+    if math.isfinite(step):
+        raise NonFiniteLossError(epoch, int(step), value, optimizer.param_groups[-1]["lr"], config.train.precision)
 
 
 def _extra_losses(config: JobConfig, epoch: int) -> list[str]:

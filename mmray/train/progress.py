@@ -22,7 +22,8 @@ def _duration(seconds: float) -> str:
 
 
 class ProgressPrinter:
-    """Renders loop events (``epoch_start``, ``step``, ``epoch_end``, ``early_stop``, ``resumed``)."""
+    """Renders loop events (``epoch_start``, ``step``, ``epoch_end``, ``early_stop``, ``resumed``) and the
+    driver's (``embedding_cache``, ``worker_failed``)."""
 
     def __init__(self, stream: TextIO | None = None, tty: bool | None = None, width: int = 24):
         self.stream = stream or sys.stdout
@@ -72,6 +73,10 @@ class ProgressPrinter:
             parts += [f"bad_records={int(m.get('train.bad_records', 0) + m.get('val.bad_records', 0))}",
                       f"eta_s={eta:.0f}", f"best={int(best)}"]
             self._line("mmray " + " ".join(parts))
+
+    def _on_worker_failed(self, e: dict[str, Any]) -> None:
+        where = f" (Ray's full report: {e['log_dir']})" if e.get("log_dir") else ""
+        self._line(f"{e['line']}{where}")
 
     def _on_embedding_cache(self, e: dict[str, Any]) -> None:
         self._line(e["line"])

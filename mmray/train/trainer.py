@@ -1,6 +1,7 @@
 """The thin Ray layer around the loop: Ray Data in, ``TorchTrainer`` workers, progress out, export at the end."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ class RayWorkerContext:
         self.run_dir = run_dir
         self._config, self._relay = config, relay
         self.cache_epochs: int | None = None  # a partial embedding cache: the epochs it serves
+        if relay is not None:  # every rank: the driver recognises Ray's notice of this process's death by its pid
+            relay.push.remote({"type": "worker_started", "rank": self.rank, "pid": os.getpid()})
 
     def _batches(self, split: str, train: bool, epoch: int):
         import ray.train
@@ -98,6 +101,133 @@ def _silence_report_log() -> None:
     from ray.train.v2._internal.execution import context
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+# Ray's words for why a worker process ended, in a person's words.
+EXIT_CAUSES = {"SYSTEM_ERROR": "killed, out of memory or crashed", "NODE_DIED": "its node was lost",
+               "USER_ERROR": "its process failed", "INTENDED_USER_EXIT": "stopped"}
+
+
+def _worker_death(error: BaseException) -> str | None:
+    """``"died (killed, out of memory or crashed)"`` when ``error`` says a worker's process is gone; None for an
+    exception the training code raised."""
+    import re
+
+    from ray.exceptions import RayActorError
+
+    text = str(error)
+    gone = isinstance(error, RayActorError) or isinstance(getattr(error, "failure", None), RayActorError) \
+        or "actor died" in text.lower()
+    if not gone:
+        return None
+    kind = re.search(r"Worker exit type: (\w+)", text)
+    pid = re.search(r"\bpid: (\d+)", text)
+    cause = EXIT_CAUSES.get(kind.group(1), kind.group(1)) if kind else "its process ended"
+    return f"died ({cause}{f'; pid {pid.group(1)}' if pid else ''})"
+
+
+class _ConsoleQuiet:
+    """On Ray Train's controller: its "Graceful shutdown of backend failed" warning, which carries a 20-line
+    ``ActorDiedError`` traceback whenever a worker died, goes to Ray Train's log files only (the session's
+    ``logs/train/``); mmray prints one line about the death instead (:class:`WorkerFailureLine`)."""
+
+    LOGGER = "ray.train.v2._internal.callbacks.backend_setup"
+
+    def filter(self, record) -> bool:
+        import logging
+
+        from ray.exceptions import RayActorError
+        from ray.train.v2._internal.logging.logging import SessionFileHandler
+
+        if not (record.exc_info and isinstance(record.exc_info[1], RayActorError)):
+            return True
+        for handler in logging.getLogger("ray.train").handlers:
+            if isinstance(handler, SessionFileHandler):
+                handler.handle(record)
+        return False
+
+    @classmethod
+    def install(cls) -> None:
+        import logging
+
+        logger = logging.getLogger(cls.LOGGER)
+        if not any(isinstance(f, cls) for f in logger.filters):
+            logger.addFilter(cls())
+
+
+def _worker_failure_callback(relay: Any, max_failures: int):
+    """A Ray Train ``UserCallback`` (it runs on the controller) that sends one line per worker-group failure to
+    the driver through ``relay``: ``worker 1 died (killed, out of memory or crashed; pid 4242); restarting from
+    epoch 1's checkpoint, failure 1 of 1``."""
+    from ray.train import UserCallback
+
+    class WorkerFailureLine(UserCallback):
+        def __init__(self):
+            self.relay, self.max_failures = relay, max_failures
+            self.failures, self.epoch = 0, 0
+
+        def __setstate__(self, state):  # unpickled on the controller: quiet its console there
+            self.__dict__.update(state)
+            _ConsoleQuiet.install()
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            from mmray.train.checkpoint import PREFIX
+
+            name = os.path.basename(checkpoint.path.rstrip("/")) if checkpoint is not None else ""
+            if name.startswith(PREFIX):
+                self.epoch = int(name[len(PREFIX):])
+
+        def after_exception(self, run_context, worker_exceptions) -> None:
+            self.failures += 1
+            what = "; ".join(f"worker {rank} " + (_worker_death(e) or f"raised {type(e).__name__}")
+                             for rank, e in sorted(worker_exceptions.items()))
+            limit = "unlimited" if self.max_failures < 0 else str(self.max_failures)
+            if self.max_failures >= 0 and self.failures > self.max_failures:
+                then = f"no restarts left (train.max_failures {self.max_failures})"
+            else:
+                start = f"epoch {self.epoch}'s checkpoint" if self.epoch else "the start"
+                then = f"restarting from {start}, failure {self.failures} of {limit}"
+            from ray.train.v2._internal.logging.logging import LoggingManager
+
+            logs = LoggingManager.get_log_directory()
+            self.relay.push.remote({"type": "worker_failed", "line": f"{what}; {then}",
+                                    "log_dir": logs})
+
+    return WorkerFailureLine()
+
+
+@contextlib.contextmanager
+def _quiet_worker_deaths(pids: set[int] | None):
+    """While the run trains, Ray's own notice that one of its Train workers (``pids``) died ("A worker died
+    or was killed while executing a task by an unexpected system error ...", printed by the driver) is
+    left to the raylet's log file: the controller's :class:`WorkerFailureLine` says it in one line."""
+    if pids is None:
+        yield
+        return
+    import re
+
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+
+    def about_our_worker(line: str) -> bool:
+        found = re.search(r"Worker PID: (\d+)", line)
+        return "A worker died or was killed" in line and found is not None and int(found.group(1)) in pids
+
+    def filtered(data, *args, **kwargs):
+        if data.get("pid") == "raylet":
+            lines = [line for line in data.get("lines", []) if not about_our_worker(line)]
+            if not lines:
+                return None
+            data = dict(data, lines=lines)
+        return original(data, *args, **kwargs)
+
+    ray_worker.print_to_stdstream = filtered
+    try:
+        yield
+    finally:
+        if ray_worker.print_to_stdstream is filtered:
+            ray_worker.print_to_stdstream = original
 
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
@@ -186,23 +316,32 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
                 checkpoint_score_order=config.train.mode),
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            callbacks=callbacks or [],
+            callbacks=[*(callbacks or []),
+                       *([_worker_failure_callback(relay, config.train.max_failures)] if relay is not None else [])],
         ),
         datasets=datasets,
     )
     stop = threading.Event()
     poller = None
+    worker_pids: set[int] = set()
     if relay is not None:
+        def deliver(event: dict[str, Any]) -> None:
+            if event["type"] == "worker_started":
+                worker_pids.add(int(event["pid"]))
+            else:
+                on_event(event)
+
         def poll() -> None:
             while not stop.wait(0.5):
                 for event in ray.get(relay.drain.remote()):
-                    on_event(event)
+                    deliver(event)
             for event in ray.get(relay.drain.remote()):
-                on_event(event)
+                deliver(event)
         poller = threading.Thread(target=poll, name="mmray-progress", daemon=True)
         poller.start()
     try:
-        result = trainer.fit()
+        with _quiet_worker_deaths(worker_pids if relay is not None else None):
+            result = trainer.fit()
     finally:
         stop.set()
         if poller is not None:
@@ -211,6 +350,15 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     # Ray's checkpoint path is inside its filesystem (no scheme): name it under run_dir instead
     best_path = store.join(run_dir, os.path.basename(best.path.rstrip("/"))) if best else None
     return FitOutcome(run_dir, best_path, result.error)
+
+
+def worker_error(error: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """The ``kind`` exception a worker raised, found inside Ray Train's wrappers of ``error``
+    (``WorkerGroupError.worker_failures``, their ``UserExceptionWithTraceback``, ``__cause__`` chains);
+    None when there is none."""
+    from mmray.config.errors import find_error
+
+    return find_error(error, kind)
 
 
 def _embedding_cache(config: JobConfig, info, cache, on_event):

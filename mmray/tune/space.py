@@ -230,8 +230,13 @@ def _parse(raw: dict[str, Any], source: str | None) -> SpaceConfig:
 
 
 def check_against_job(space: SpaceConfig, job_raw: dict[str, Any], source: str | None = None) -> None:
-    """Every parameter value the space can produce yields a valid job. Raises :class:`ConfigError`."""
-    problems: list[str] = []
+    """Every parameter value the space can produce yields a valid job, and every parameter can vary per trial.
+    Raises :class:`ConfigError`."""
+    problems: list[str] = [
+        f"parameters.{key}: trial resources come from the job's scaling section and cannot be swept; set it in the job"
+        for key in space.parameters if key.startswith("scaling.")]
+    if problems:
+        raise ConfigError(problems, source)
     broken: set[str] = set()
     for key, spec in space.parameters.items():
         for cond, wanted in spec.when.items():

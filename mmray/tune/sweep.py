@@ -21,7 +21,7 @@ import yaml
 from mmray import storage as store
 from mmray.config import validate_job
 from mmray.config.errors import UserError
-from mmray.config.loader import apply_overrides
+from mmray.config.loader import apply_overrides, parse_yaml
 from mmray.tune.algorithms import SCHEDULERS, SEARCHERS
 from mmray.tune.space import SpaceConfig, check_against_job
 
@@ -121,10 +121,13 @@ def prepare(job_raw: dict[str, Any], space: SpaceConfig, *, name: str, storage: 
     An existing experiment is never reused: with ``explicit_name`` that is an error (continue it with
     ``--resume``), otherwise the next free ``NAME-2``, ``NAME-3``... is used.
     """
-    from mmray.train.api import absolute_paths, check_dataset
+    from mmray.config.schema import check_run_name
+    from mmray.train.api import absolute_paths, check_dataset, check_model_files
 
+    check_run_name(name, "--name" if explicit_name else "name")
     config = absolute_paths(validate_job(job_raw))
     check_dataset(config)
+    check_model_files(config)
     job_raw = apply_overrides(job_raw, [("data.path", config.data.path)])
     store.check_writable(storage)  # before Ray starts
     root = store.normalize(storage)
@@ -133,6 +136,8 @@ def prepare(job_raw: dict[str, Any], space: SpaceConfig, *, name: str, storage: 
         n += 1
         experiment_dir = store.join(root, f"{name}-{n}")
     if store.exists(store.join(experiment_dir, JOB_FILE)):
+        with store.folder_lock(experiment_dir, what="experiment"):  # in use: that message, naming the holder
+            pass
         raise UserError(f"experiment {experiment_dir} exists; continue it with `mmray tune --resume {experiment_dir}` "
                         f"or choose another --name")
     store.makedirs(experiment_dir)
@@ -146,8 +151,9 @@ def load_setup(experiment_dir: str) -> SweepSetup:
     experiment_dir = store.normalize(experiment_dir)
     if not store.is_file(store.join(experiment_dir, JOB_FILE)):
         raise UserError(f"{experiment_dir}: not an mmray experiment (no {JOB_FILE})")
-    job_raw = yaml.safe_load(store.read_text(store.join(experiment_dir, JOB_FILE)))
-    space = SpaceConfig.model_validate(yaml.safe_load(store.read_text(store.join(experiment_dir, SPACE_FILE))))
+    job_file, space_file = store.join(experiment_dir, JOB_FILE), store.join(experiment_dir, SPACE_FILE)
+    job_raw = parse_yaml(store.read_text(job_file), job_file)
+    space = SpaceConfig.model_validate(parse_yaml(store.read_text(space_file), space_file))
     check_against_job(space, job_raw)
     return SweepSetup(experiment_dir, job_raw, space)
 
@@ -177,10 +183,6 @@ def _tuner(setup: SweepSetup, *, restore: bool):
 
     space, exp = setup.space, setup.experiment_dir
     config = validate_job(setup.job_raw)
-    scaling_swept = sorted(k for k in space.parameters if k.startswith("scaling."))
-    if scaling_swept:
-        raise UserError(f"parameters.{scaling_swept[0]}: trial resources come from the job's scaling section "
-                        f"and cannot be swept; set it in the job")
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, job_raw=setup.job_raw, experiment_dir=exp), trial_resources(config))
     if restore:
@@ -238,12 +240,14 @@ def run_sweep(setup: SweepSetup, *, resume: bool = False, report: bool = True):
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # per-epoch checkpoints with num_to_keep force frequent state snapshots; expected, not worth a warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    ensure_ray()
-    _build_embedding_cache(setup)  # what every trial shares is prepared here, once, before the first trial
-    results = _tuner(setup, restore=resume).fit()
-    summary = finish(setup, results)
-    if report:
-        summary.report_path, summary.report_verdicts = write_report_safely(setup.experiment_dir)
+    # One sweep per experiment folder (a second one, or a --resume while it runs, is refused: exit 2).
+    with store.folder_lock(setup.experiment_dir, what="experiment"):
+        ensure_ray()
+        _build_embedding_cache(setup)  # what every trial shares is prepared here, once, before the first trial
+        results = _tuner(setup, restore=resume).fit()
+        summary = finish(setup, results)
+        if report:
+            summary.report_path, summary.report_verdicts = write_report_safely(setup.experiment_dir)
     return summary
 
 

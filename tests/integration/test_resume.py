@@ -37,11 +37,12 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     first = subprocess.Popen(mmray_train(str(job), storage), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, env=env, start_new_session=True)
     deadline = time.time() + 300
-    while not os.path.isdir(os.path.join(run_dir, "checkpoint_epoch_0002")):
+    snapshot = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
+    # the event: Ray has recorded epoch 2's checkpoint in its snapshot (the folder alone is not yet registered)
+    while not (os.path.isfile(snapshot) and "checkpoint_epoch_0002" in open(snapshot).read()):
         assert first.poll() is None, first.stdout.read()
         assert time.time() < deadline, "no checkpoint within 300 s"
         time.sleep(0.5)
-    time.sleep(2)  # let Ray record the checkpoint in its snapshot
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert not os.path.isdir(os.path.join(run_dir, "export"))

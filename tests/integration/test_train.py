@@ -120,3 +120,25 @@ def test_two_ray_workers_share_contrastive_negatives(dataset, tmp_path):
     losses = [m["train.contrastive_loss"] for m in epoch_metrics(events)]
     assert len(losses) == 2 and all(0 < x < 10 for x in losses) and losses[1] < losses[0]
     assert result.metrics["test.accuracy"] > 0
+
+
+def test_a_bad_record_under_fail_is_one_mmray_line_not_worker_tracebacks(dataset, tmp_path):
+    """Through Ray Data and Ray Train the BadRecordError reaches the CLI wrapped several times: it prints one
+    line naming the record, column and reason, exit 1; the workers' tracebacks only with --verbose."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    raw = small_job(dataset[0], epochs=1, workers=1).model_dump(mode="json")
+    raw["data"]["on_bad_record"] = "fail"
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "mmray.cli.main", "train", str(job), "--storage", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    mmray_lines = [line for line in proc.stderr.splitlines() if line.startswith("mmray:")]
+    assert mmray_lines[0].startswith(f"mmray: bad record {dataset[1]!r}: column 'image': cannot decode image")
+    assert mmray_lines[1].startswith("mmray: run again with --verbose for the full traceback")
+    assert "Traceback" not in proc.stderr and "BadRecordError" not in proc.stderr
+    assert not (tmp_path / "runs" / raw["name"] / "export").exists()

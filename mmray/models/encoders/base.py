@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
+from mmray.config.errors import UserError
 from mmray.registry import ComponentConfig
 
 if TYPE_CHECKING:  # the schema imports the registries, which import this module
@@ -53,6 +54,17 @@ class EncoderConfig(ComponentConfig):
     @classmethod
     def _path_fields(cls) -> tuple[str, ...]:
         return ()
+
+    def check_files(self, key: str) -> None:
+        """The local files this encoder reads are there; checked before Ray starts (``key``: its dotted section).
+
+        Raises:
+            UserError: naming ``key.<field>``, the path and "not found".
+        """
+        for field in self._path_fields():
+            path = getattr(self, field)
+            if path is not None and not os.path.exists(os.path.expanduser(path)):
+                raise UserError(f"{key}.{field}: {path}: not found")
 
 
 def _absolute(path: str) -> str:

@@ -1,22 +1,23 @@
 """Pretrained Hugging Face encoders (``hf_text``, ``hf_audio``), loaded from local files only.
 
 ``path`` is a local model folder (``config.json`` + weights, as ``save_pretrained`` writes it) or a hub name
-already in the local Hugging Face cache. Nothing is ever downloaded: a hub name missing from the cache is a
-:class:`UserError` at once, never a network wait. No model code from the folder is run (no remote code).
+already in the local Hugging Face cache. Loading follows :mod:`mmray.hf_local`: nothing is downloaded unless
+the user opts in; a hub name missing from the cache is a :class:`UserError` at once, never a network wait.
+No model code from the folder is run (no remote code).
 """
 from __future__ import annotations
 
 import inspect
-import os
 from typing import Any, Literal, Optional
 
 import torch
 from pydantic import Field
 from torch import nn
 
+from mmray import hf_local
 from mmray.config.errors import UserError
 from mmray.models.encoders import ENCODERS
-from mmray.models.encoders.base import BuildContext, EncoderConfig, EncoderOutput, looks_local, masked_mean
+from mmray.models.encoders.base import BuildContext, EncoderConfig, EncoderOutput, masked_mean
 from mmray.models.encoders.text import _text_inputs
 
 # Speech models are trained on 16 kHz audio; used when a folder has no preprocessor_config.json.
@@ -36,6 +37,10 @@ class HFTextConfig(EncoderConfig):
     def _path_fields(cls) -> tuple[str, ...]:
         return ("path",)
 
+    def check_files(self, key: str) -> None:
+        """The model's config is there: a local folder, or a hub name in the local cache (no network)."""
+        _load("AutoConfig", self.path, f"{key}.path")
+
 
 class HFAudioConfig(EncoderConfig):
     """Pretrained Hugging Face speech encoder (wav2vec2, HuBERT, WavLM, Whisper's encoder...) from a local folder."""
@@ -49,34 +54,15 @@ class HFAudioConfig(EncoderConfig):
     def _path_fields(cls) -> tuple[str, ...]:
         return ("path",)
 
+    def check_files(self, key: str) -> None:
+        """The model's config is there: a local folder, or a hub name in the local cache (no network)."""
+        _load("AutoConfig", self.path, f"{key}.path")
+
 
 # ------------------------------------------------------------------------------------ loading
 def _load(kind: str, path: str, key: str, **kwargs: Any) -> Any:
-    """``Auto<kind>.from_pretrained(path, local_files_only=True)``, every failure a UserError naming ``key``."""
-    import transformers
-    from transformers.utils import logging as hf_logging
-
-    local = looks_local(path)
-    if local and not os.path.isdir(os.path.expanduser(path)):
-        raise UserError(f"{key}: {path}: no such folder (expected a Hugging Face model folder with config.json)")
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # one bar per worker per load would flood the run's log
-    try:
-        loader = getattr(transformers, kind)
-        return loader.from_pretrained(
-            os.path.expanduser(path) if local else path, local_files_only=True, trust_remote_code=False, **kwargs
-        )
-    except Exception as e:  # OSError, ValueError, hub errors: all mean "cannot load it from here"
-        if local:
-            raise UserError(f"{key}: cannot load {path}: {e}") from None
-        raise UserError(
-            f"{key}: {path!r} was not found locally: it is not a folder and not in the local Hugging Face cache, "
-            "and mmray never downloads. Pass the path of a local model folder (one written by save_pretrained, "
-            "or downloaded on a machine with internet)"
-        ) from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+    """``Auto<kind>.from_pretrained(path)`` from local files only; every failure a UserError naming ``key``."""
+    return hf_local.from_pretrained(kind, path, key, "model", **kwargs)
 
 
 def load_pretrained(path: str, key: str, ctx: BuildContext, **config_updates: Any) -> nn.Module:

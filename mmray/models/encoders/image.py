@@ -78,6 +78,10 @@ class ResNetConfig(EncoderConfig):
     def _path_fields(cls) -> tuple[str, ...]:
         return ("weights",)
 
+    def check_files(self, key: str) -> None:
+        if self.weights is not None and not os.path.isfile(os.path.expanduser(self.weights)):
+            raise UserError(f"{key}.weights: {self.weights}: not found (a local .pth or .safetensors state dict)")
+
 
 class ResNet18Config(ResNetConfig):
     """ResNet-18 (torchvision, 11M params, 512-d features); pretrained weights from a local file via `weights`."""
@@ -107,7 +111,7 @@ def load_state_dict_file(path: str, key: str) -> dict[str, torch.Tensor]:
         UserError: naming ``key`` and ``path`` if the file is missing or unreadable.
     """
     if not os.path.isfile(path):
-        raise UserError(f"{key}: {path}: no such file (a local .pth or .safetensors state dict)")
+        raise UserError(f"{key}: {path}: not found (a local .pth or .safetensors state dict)")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file

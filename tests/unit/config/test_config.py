@@ -91,3 +91,43 @@ def test_config_error_pickles_across_processes():
     e = ConfigError(["a.b: bad"], "job.yaml")
     again = pickle.loads(pickle.dumps(e))
     assert again.problems == ["a.b: bad"] and str(again) == str(e)
+
+
+# ------------------------------------------------------------------ --set NAME: what a switch keeps
+def test_setting_the_jobs_own_name_drops_nothing():
+    raw = {**MINIMAL, "train": {"epochs": 3, "optimizer": {"lr": 3e-3}}}
+    config = validate_job(apply_overrides(raw, ["name=tiny2"]))
+    assert config.name == "tiny2" and config.data.path == "data/x"
+    assert config.train.epochs == 3 and config.train.optimizer.lr == 3e-3
+
+
+def test_switching_the_optimizer_keeps_the_keys_both_have(caplog):
+    raw = {**MINIMAL, "train": {"optimizer": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.1}}}
+    config = validate_job(apply_overrides(raw, ["train.optimizer.name=sgd"], warn=True))
+    assert config.train.optimizer.name == "sgd"
+    assert config.train.optimizer.lr == 3e-3 and config.train.optimizer.weight_decay == 0.1
+    assert "warning" not in caplog.text
+
+
+def test_switching_a_fusion_keeps_shared_keys_and_names_each_one_dropped(caplog):
+    raw = {**MINIMAL, "model": {"fusion": {"name": "low_rank_tensor", "rank": 3, "hidden_dim": 64}}}
+    with caplog.at_level("WARNING"):
+        config = validate_job(apply_overrides(raw, ["model.fusion.name=concat"], warn=True))
+    assert config.model.fusion.name == "concat" and config.model.fusion.hidden_dim == 64
+    assert "model.fusion.rank is not a key of 'concat'" in caplog.text
+
+
+def test_switching_from_an_implicit_default_component_drops_only_what_the_new_one_lacks(caplog):
+    raw = {**MINIMAL, "model": {"encoders": {"text": {"heads": 2, "dim": 64}}}}  # no name: the default transformer
+    with caplog.at_level("WARNING"):
+        config = validate_job(apply_overrides(raw, ["model.encoders.text.name=gru"], warn=True))
+    assert config.model.encoders.text.dim == 64
+    assert "model.encoders.text.heads is not a key of 'gru'" in caplog.text
+
+
+@pytest.mark.parametrize("key", ["train.optimizer.lr", "train.grad_clip", "model.fusion.dropout",
+                                 "data.audio.seconds", "train.task_weights.label", "model.encoders.text.lr_mult"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", ".inf", ".nan"])
+def test_every_float_key_is_finite_only(key, value):
+    (msg,) = problems([f"{key}={value}"])
+    assert msg.startswith(f"{key}: ") and "finite numbers only" in msg

@@ -220,3 +220,22 @@ def test_hugging_face_encoders_predict_from_the_export_alone(exported, tmp_path)
     p = load_model(out)
     assert torch.allclose(p.predict_batch(batch), expected, atol=1e-6)
     assert p.config.model.encoders.text.path == str(out / "encoders" / "text")
+
+
+@pytest.mark.parametrize("text", ["name: !!python/object/apply:os.system ['touch {marker}']\n", "name: [unclosed\n",
+                                  b"\x89PNG\r\n\x1a\n\xff\x00"])
+@pytest.mark.parametrize("verb", ["evaluate", "predict"])
+def test_an_exports_config_that_is_not_plain_yaml_exits_2_naming_the_file(exported, tmp_path, capsys, text, verb):
+    from mmray.cli.main import main
+
+    copy = tmp_path / "export"
+    shutil.copytree(exported.export_dir, copy)
+    marker = tmp_path / "ran"
+    config = copy / "config.yaml"
+    config.write_bytes(text if isinstance(text, bytes) else text.format(marker=marker).encode())
+    out = tmp_path / "preds.jsonl"
+    extra = ["--out", str(out)] if verb == "predict" else []
+    assert main([verb, str(copy), "--data", str(exported.data_dir), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mmray: {config}: not ") and "Traceback" not in err and "ConstructorError" not in err
+    assert not marker.exists() and not out.exists()

@@ -126,3 +126,16 @@ def test_nothing_listening_names_the_address_and_how_to_start_a_cluster(capsys):
         connect(f"http://127.0.0.1:{port}")
     assert main(["jobs", "status", "raysubmit_x", "--address", f"http://127.0.0.1:{port}"]) == 2
     assert "ray start --head" in capsys.readouterr().err
+
+
+def test_a_token_about_to_cross_plain_http_off_this_machine_is_warned_about_first(remote_ip, monkeypatch):
+    server = _serve(401, "0.0.0.0")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "tok-123")
+    said: list[str] = []
+    try:
+        with pytest.raises(UserError):  # it is no Ray, so connecting fails after the warning
+            connect(f"http://{remote_ip}:{server.server_port}", on_warning=said.append)
+    finally:
+        server.shutdown()
+    assert len(said) == 1 and "plain HTTP" in said[0] and "kubectl port-forward" in said[0]
+    assert "tok-123" not in said[0]

@@ -1,0 +1,69 @@
+"""A Ray Train worker SIGKILLed mid-run (``train.max_failures: 1``): the run restarts from its checkpoint and
+the user reads one line about it, not Ray's 20-line ``ActorDiedError`` traceback (which stays in Ray's logs)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from helpers import small_job
+
+from mmray.data.synth import synth
+
+ray = pytest.importorskip("ray")
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+def _train_workers(pid: int) -> list[int]:
+    sys.path.insert(0, os.path.join(os.path.dirname(ray.__file__), "thirdparty_files"))
+    import psutil
+
+    out = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(child.cmdline()):
+                out.append(child.pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_a_killed_worker_is_one_line_and_the_run_finishes(tmp_path):
+    data = str(tmp_path / "synth")
+    synth(data, rows=600, shards=2, seed=0)
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(small_job(data, name="k", epochs=3, workers=1, batch_size=8,
+                                            max_failures=1).model_dump(mode="json")))
+    snapshot = tmp_path / "runs" / "k" / "checkpoint_manager_snapshot.json"
+    proc = subprocess.Popen([sys.executable, "-m", "mmray.cli.main", "train", str(job), "--storage",
+                             str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    killed = None
+    try:
+        deadline = time.monotonic() + 400
+        # the event: Ray has registered epoch 1's checkpoint (so the restart has something to resume from)
+        while not (snapshot.is_file() and "checkpoint_epoch_0001" in snapshot.read_text()):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "epoch 1's checkpoint never registered"
+            time.sleep(0.2)
+        workers = _train_workers(proc.pid)
+        assert len(workers) == 1, workers
+        killed = workers[0]
+        os.kill(killed, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out
+    lines = [ln for ln in out.splitlines() if "died" in ln]
+    assert len(lines) == 1, out
+    assert re.match(rf"worker 0 died \(killed, out of memory or crashed; pid {killed}\); restarting from epoch "
+                    r"\d's checkpoint, failure 1 of 1 \(Ray's full report: .*logs/train\)$", lines[0]), lines[0]
+    assert "ActorDiedError" not in out and "A worker died or was killed" not in out, out
+    assert [int(n) for n in re.findall(r"^mmray epoch=(\d+)/", out, re.M)] == [1, 2, 3]
