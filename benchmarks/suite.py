@@ -199,14 +199,18 @@ def _s(x: Any) -> str:
     return f"{x:.0f} s" if isinstance(x, (int, float)) else "not reached"
 
 
+def _params(p: Any) -> str:
+    return ", ".join(f"{k} {v:.3g}" for k, v in p.items()) if isinstance(p, dict) else "-"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = ["| dataset | arm | val acc | test acc | wall | notes |", "|---|---|---|---|---|---|"]
     for r in results:
         ref, study, tr, tu = r["reference"], r["study"], r["train"], r["tune"]
         arms = [
-            ("reference script", ref, f"{ref.get('epochs')} epochs, {ref.get('threads')} thread"),
-            ("reference + Optuna", study, f"{study.get('trials')} trials x {study.get('epochs')} epochs; "
-                                          f"best {study.get('params')}"),
+            ("reference script", ref, f"{ref.get('epochs')} epoch(s), {ref.get('threads')} thread"),
+            ("reference + Optuna", study, f"{study.get('trials')} trials x {study.get('epochs')} epoch(s); "
+                                          f"best {_params(study.get('params'))}"),
             ("mmray train (quickstart defaults)", tr, f"best epoch {tr.get('epoch')}"),
             ("mmray tune", tu, f"{tu.get('trials')} trials; {tu.get('how')}"),
         ]
