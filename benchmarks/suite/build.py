@@ -135,8 +135,8 @@ def load_photos() -> list[np.ndarray]:
 
 
 def _sox_to_array(src: list[str], stdin: bytes | None = None) -> np.ndarray:
-    """Run sox on ``src`` (an input spec) and return 16 kHz mono float32 samples."""
-    out = subprocess.run(["sox", *src, "-t", "wav", "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", "-"],
+    """Run sox on ``src`` (an input spec) and return 16 kHz mono float32 samples (no dither, repeatable)."""
+    out = subprocess.run(["sox", "-R", "-D", *src, "-t", "wav", "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", "-"],
                          input=stdin, capture_output=True, check=True).stdout
     x, sr = sf.read(io.BytesIO(out), dtype="float32")
     return x
