@@ -171,14 +171,21 @@ def bench(name: str, data: str, work: str, args: argparse.Namespace, budget_flag
     logs = os.path.join(work, "logs")
     os.makedirs(logs, exist_ok=True)
     r: dict[str, Any] = {"dataset": name}
-    r["reference"] = reference(data, f"{logs}/{name}-reference.log", epochs=args.ref_epochs, trials=0)
-    r["study"] = reference(data, f"{logs}/{name}-study.log", epochs=args.ref_epochs, trials=args.ref_trials)
+
+    def arm(key: str, value: dict[str, Any]) -> None:  # kept as each arm ends: a stopped run still has them
+        r[key] = value
+        print(f"  {key}: {_line(value)}", flush=True)
+        with open(os.path.join(work, f"{name}.json"), "w") as f:
+            json.dump(r, f, indent=2)
+
+    arm("reference", reference(data, f"{logs}/{name}-reference.log", epochs=args.ref_epochs, trials=0))
+    arm("study", reference(data, f"{logs}/{name}-study.log", epochs=args.ref_epochs, trials=args.ref_trials))
     job = write_job(data, f"suite-{name}", work)
     overrides = [f"train.epochs={args.mmray_epochs}"] if args.mmray_epochs else []
-    r["train"] = mmray_train(job, os.path.join(work, "runs"), f"{name}-job", f"{logs}/{name}-train.log", overrides)
+    arm("train", mmray_train(job, os.path.join(work, "runs"), f"{name}-job", f"{logs}/{name}-train.log", overrides))
     budget = r["study"].get("wall") if budget_flag else None
-    r["tune"] = mmray_tune(job, os.path.join(work, "runs"), f"{name}-sweep", f"{logs}/{name}-tune.log", overrides,
-                           budget_s=budget, num_samples=args.num_samples)
+    arm("tune", mmray_tune(job, os.path.join(work, "runs"), f"{name}-sweep", f"{logs}/{name}-tune.log", overrides,
+                           budget_s=budget, num_samples=args.num_samples))
     target = r["reference"].get("val_accuracy")
     if target is not None:
         r["target"] = target
@@ -197,6 +204,12 @@ def _acc(x: Any) -> str:
 
 def _s(x: Any) -> str:
     return f"{x:.0f} s" if isinstance(x, (int, float)) else "not reached"
+
+
+def _line(x: dict[str, Any]) -> str:
+    if "error" in x:
+        return x["error"]
+    return f"val {_acc(x.get('val_accuracy'))}  test {_acc(x.get('test_accuracy'))}  wall {_s(x.get('wall'))}"
 
 
 def _params(p: Any) -> str:
