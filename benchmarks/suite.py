@@ -170,7 +170,9 @@ def bench(name: str, data: str, work: str, args: argparse.Namespace, budget_flag
     print(f"\n== {name} ({data})", flush=True)
     logs = os.path.join(work, "logs")
     os.makedirs(logs, exist_ok=True)
-    r: dict[str, Any] = {"dataset": name}
+    with open(os.path.join(data, "dataset.json")) as f:
+        rows = "/".join(str(v["rows"]) for v in json.load(f)["splits"].values())
+    r: dict[str, Any] = {"dataset": name, "rows": rows}
 
     def arm(key: str, value: dict[str, Any]) -> None:  # kept as each arm ends: a stopped run still has them
         r[key] = value
@@ -230,7 +232,8 @@ def table(results: list[dict[str, Any]]) -> str:
         for i, (arm, x, note) in enumerate(arms):
             if "error" in x:
                 note = x["error"]
-            lines.append(f"| {r['dataset'] if i == 0 else ''} | {arm} | {_acc(x.get('val_accuracy'))} | "
+            where = f"{r['dataset']} ({r.get('rows')} rows)" if i == 0 else ""
+            lines.append(f"| {where} | {arm} | {_acc(x.get('val_accuracy'))} | "
                          f"{_acc(x.get('test_accuracy'))} | {_s(x.get('wall'))} | {note} |")
         if "target" in r:
             lines.append(f"| | time to reference val acc {r['target']:.3f} | | | | mmray tune "
@@ -239,11 +242,13 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def record(results: list[dict[str, Any]], argv: list[str], load: tuple[float, float]) -> None:
+    shared = (" The box was shared with other heavy jobs (load above the core count): the numbers are indicative."
+              if max(load) > (os.cpu_count() or 1) else "")
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (f"\n## Benchmark suite ({when})\n\n"
             f"**Command:** `python benchmarks/suite.py {' '.join(argv)}`  \n"
             f"**Machine:** {os.cpu_count()} CPU cores; load average {load[0]:.1f} at the start, {load[1]:.1f} at "
-            "the end. The box was shared with other heavy jobs: the numbers are indicative.\n\n"
+            f"the end.{shared}\n\n"
             f"{table(results)}\n")
     with open(RESULTS, "a") as f:
         f.write(text)
