@@ -27,6 +27,11 @@ def set_verbose(flag: bool) -> None:
     _verbose = flag
 
 
+def is_verbose() -> bool:
+    """Whether ``mmray --verbose`` asked for Ray's own output unfiltered."""
+    return _verbose
+
+
 class TracebackFilter:
     """Wraps the driver's printer of Ray processes' output: drops Python tracebacks (tracked per process,
     as one may span several batches of lines) and Ray's lines announcing the same failure; keeps every

@@ -168,8 +168,8 @@ def _train_locked(config: JobConfig, info: DatasetInfo, run_dir: str, state: str
     cache = plan(config, info, build=True)
     outcome = fit(config, run_dir=run_dir, on_event=on_event, cache=cache)
     if outcome.error is not None:
-        # e.g. a bad record under on_bad_record: fail, or a non-finite loss (both RunErrors)
-        known = worker_error(outcome.error, UserError) or worker_error(outcome.error, RunError)
+        # mmray's own errors: a bad record under on_bad_record: fail, a non-finite loss, a full disk (RunError)
+        known = worker_error(outcome.error, (UserError, RunError))
         if known is not None:  # mmray's own message, not Ray's wrapping of it
             raise known from None
         raise RuntimeError(f"training failed: {outcome.error}") from outcome.error

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmray.config import JobConfig, to_yaml
-from mmray.config.errors import UserError
+from mmray.config.errors import RunError, UserError
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
@@ -111,6 +111,63 @@ def save_checkpoint(
     with open(os.path.join(path, CONFIG), "w") as f:
         f.write(to_yaml(config))
     return path
+
+
+class StorageFullError(RunError):
+    """The disk (or quota) filled up while an epoch's checkpoint was written. The partial checkpoint is
+    removed, never registered; a resume continues from ``resume_epoch``'s checkpoint."""
+
+    def __init__(self, path: str, epoch: int, resume_epoch: int):
+        self.path, self.epoch, self.resume_epoch = path, epoch, resume_epoch
+        start = f"epoch {resume_epoch}'s checkpoint" if resume_epoch else "the start"
+        super().__init__(f"storage full at {path} while writing epoch {epoch}'s checkpoint (the partial "
+                         f"checkpoint was removed); free some space and run the same command again: the resume "
+                         f"continues from {start}")
+
+    def __reduce__(self):  # pickles across Ray workers
+        return (type(self), (self.path, self.epoch, self.resume_epoch))
+
+
+def is_storage_full(error: BaseException) -> bool:
+    """Whether ``error`` is a disk-full or over-quota failure (``ENOSPC`` / ``EDQUOT``; pyarrow says it in words)."""
+    import errno
+
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(error) or "Disk quota exceeded" in str(error)
+
+
+def copy_checkpoint(local: str, target: str) -> str:
+    """Copy the checkpoint folder ``local`` to ``target`` (a local path or a URI) so that no reader ever sees it
+    half-written: a local copy is made in a hidden sibling and renamed into place; to a URI, ``state.pt`` is
+    uploaded last (objects appear whole), and a checkpoint without it is not one (:func:`is_complete`).
+    Returns ``target``."""
+    import shutil
+
+    from mmray import storage as store
+
+    if store.is_uri(target):
+        for name in sorted(os.listdir(local), key=lambda n: n == STATE):
+            store.upload(os.path.join(local, name), store.join(target, name))
+        return target
+    parent, name = os.path.split(os.path.normpath(target))
+    tmp = os.path.join(parent, f".tmp-{name}-{os.getpid()}")  # hidden: kept_checkpoints never lists it
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(local, tmp)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def is_complete(path: str) -> bool:
+    """Whether the checkpoint folder ``path`` (local path or URI) was written whole (it has its ``state.pt``)."""
+    from mmray import storage as store
+
+    return store.exists(store.join(path, STATE))
 
 
 def left_out(path: str) -> dict[str, str]:

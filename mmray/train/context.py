@@ -6,14 +6,14 @@ Parquet reader; used by tests, by in-process sweep trials and on a laptop with n
 """
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
 
-from mmray.train.checkpoint import kept_checkpoints
+from mmray.train.checkpoint import copy_checkpoint, kept_checkpoints
 
 Batch = dict[str, Any]
 
@@ -33,11 +33,17 @@ class WorkerContext(Protocol):
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         """Every worker's ``t`` (same shape on all) in rank order, without gradient ([t] with one worker)."""
         ...
+    def keep(self, checkpoint_dir: str) -> str | None:
+        """Rank 0, before the epoch's record (``metrics.jsonl``) is written: make the checkpoint durable
+        where :meth:`resume_checkpoint` will find it, so a recorded epoch always has its checkpoint. Returns
+        that durable copy, or None where :meth:`report` is what stores it."""
+        ...
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         """Publish one epoch's metrics and (from rank 0) its checkpoint folder. A barrier across workers."""
         ...
-    def latest_checkpoint(self) -> str | None:
-        """A local folder holding the checkpoint to resume from, or None for a fresh start."""
+    def resume_checkpoint(self) -> ContextManager[str | None]:
+        """A local folder holding the checkpoint to resume from (None for a fresh start), for the ``with``
+        block only: a temporary copy is deleted when it ends, also on failure."""
         ...
     def progress(self, event: dict[str, Any]) -> None:
         """Non-blocking progress event (rank 0) for the person watching."""
@@ -90,20 +96,28 @@ class LocalContext:
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         return [t]
 
+    def keep(self, checkpoint_dir: str) -> str:
+        """Copy the checkpoint into ``run_dir`` (whole or not at all: :func:`copy_checkpoint`)."""
+        path = os.path.join(self.run_dir, os.path.basename(checkpoint_dir))
+        if os.path.abspath(path) != os.path.abspath(checkpoint_dir):
+            copy_checkpoint(checkpoint_dir, path)
+        return path
+
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         path = None
         if checkpoint_dir is not None:
             path = os.path.join(self.run_dir, os.path.basename(checkpoint_dir))
-            if os.path.abspath(path) != os.path.abspath(checkpoint_dir):
-                shutil.copytree(checkpoint_dir, path, dirs_exist_ok=True)
+            if not os.path.isdir(path):
+                self.keep(checkpoint_dir)
             self.checkpoints.append(path)
         self.history.append(dict(metrics))
         if self._on_report:
             self._on_report(metrics, path)
 
-    def latest_checkpoint(self) -> str | None:
+    @contextlib.contextmanager
+    def resume_checkpoint(self) -> Iterator[str | None]:
         kept = kept_checkpoints(self.run_dir) if os.path.isdir(self.run_dir) else {}
-        return kept[max(kept)] if kept else None
+        yield kept[max(kept)] if kept else None
 
     def progress(self, event: dict[str, Any]) -> None:
         if self._on_progress:

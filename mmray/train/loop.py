@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmray import storage as store
 from mmray.config import JobConfig
 from mmray.config.errors import RunError
 from mmray.config.schema import LRScheduleConfig, OptimizerConfig
@@ -26,7 +27,15 @@ from mmray.data.tokenizer import TextTokenizer
 from mmray.models.builder import build_job_model, job_tasks
 from mmray.models.cached import check_cached_encoders, encoder_hashes
 from mmray.seeding import seed_everything
-from mmray.train.checkpoint import TrainState, checkpoint_name, load_checkpoint, save_checkpoint, unwrap
+from mmray.train.checkpoint import (
+    StorageFullError,
+    TrainState,
+    checkpoint_name,
+    is_storage_full,
+    load_checkpoint,
+    save_checkpoint,
+    unwrap,
+)
 from mmray.train.context import WorkerContext
 from mmray.train.device import DeviceMonitor, batch_to_device, maybe_compile, to_channels_last, uses_channels_last
 from mmray.train.metrics import ClassificationMetrics, metrics_from_confusion
@@ -377,6 +386,62 @@ def improved(value: float, best: float | None, mode: str, min_delta: float) -> b
     return value > best + min_delta if mode == "max" else value < best - min_delta
 
 
+def _checkpoint_record_report(ctx: WorkerContext, epoch: int, scalars: dict[str, float], state: TrainState,
+                              outputs: EpochOutputs | None, save) -> None:
+    """End ``epoch``: rank 0 writes its checkpoint (``save(path)``) and makes it durable (``ctx.keep``), then
+    writes the epoch's record (``metrics.jsonl``, TensorBoard), then every rank reports.
+
+    The order is the guarantee: a recorded epoch always has its checkpoint, so a run or trial killed right
+    after the record resumes past it and never trains it again; and the record comes before report, inside
+    which a scheduler may stop a trial for good. A full disk is :class:`StorageFullError`."""
+    scratch = tempfile.mkdtemp(prefix="mmray-ckpt-") if ctx.rank == 0 else None
+    try:
+        ckpt = kept = None
+        if scratch is not None:  # one copy of the checkpoint, from rank 0 (Ray merges multi-rank folders)
+            with _storage_full_at(ctx, epoch, resume_epoch=epoch - 1):
+                ckpt = save(os.path.join(scratch, checkpoint_name(epoch)))
+                kept = ctx.keep(ckpt)
+        if outputs is not None:
+            outputs.write(epoch, scalars, state.history)
+        with _storage_full_at(ctx, epoch, resume_epoch=epoch if kept else epoch - 1, partial=not kept):
+            ctx.report(scalars, ckpt)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _report_again(ctx: WorkerContext, state: TrainState, resume_from: str) -> None:
+    """Report the last epoch of a finished run or trial once more: its record and checkpoint were written, but
+    a kill came before Ray or Tune recorded that report. Sent from a copy: Ray copies what is reported into
+    the run folder, where ``resume_from`` may already be."""
+    scratch = tempfile.mkdtemp(prefix="mmray-ckpt-") if ctx.rank == 0 else None
+    try:
+        again = shutil.copytree(resume_from, os.path.join(scratch, checkpoint_name(state.epoch))) \
+            if scratch is not None else None
+        ctx.report(state.history[-1], again)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _storage_full_at(ctx: WorkerContext, epoch: int, *, resume_epoch: int, partial: bool = True):
+    """Turn a full disk while ``epoch``'s checkpoint is written into :class:`StorageFullError` (one line),
+    first removing that epoch's partial checkpoint from the run folder (``partial``) so nothing half-written
+    is ever resumed from or exported."""
+    try:
+        yield
+    except Exception as e:
+        if not is_storage_full(e):
+            raise
+        target = store.join(ctx.run_dir, checkpoint_name(epoch)) if ctx.run_dir else ""
+        if partial and target:
+            with contextlib.suppress(Exception):
+                store.remove(target)
+        raise StorageFullError(getattr(e, "filename", None) or target or "the checkpoint folder", epoch,
+                               resume_epoch) from e
+
+
 def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
     """Train ``config`` on this worker until ``train.epochs`` or early stopping; report every epoch.
 
@@ -408,60 +473,58 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=autocast_dtype(config.train.precision, ctx.device) == torch.float16)
 
     state = TrainState()
-    resume_from = ctx.latest_checkpoint()
-    if resume_from:
-        state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                verify=ctx.rank == 0)
-        ctx.progress({"type": "resumed", "epoch": state.epoch, "path": resume_from})
+    patience = config.train.early_stopping.patience
+    with ctx.resume_checkpoint() as resume_from:  # a temporary local copy lives for this block only
+        if resume_from:
+            state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
+                                    scaler=scaler, verify=ctx.rank == 0)
+            ctx.progress({"type": "resumed", "epoch": state.epoch, "path": resume_from})
+            if state.epoch >= config.train.epochs or (patience is not None
+                                                      and state.epochs_without_improvement >= patience):
+                _report_again(ctx, state, resume_from)  # finished: nothing is trained again
+                return state
+
+    def save(path: str) -> str:  # this epoch's checkpoint; frozen encoders are left out, named with their hashes
+        return save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                               state=state, config=config, frozen={f"encoders.{m}": d for m, d in frozen.items()})
 
     outputs = EpochOutputs(ctx.run_dir, first_epoch=state.epoch + 1) if ctx.rank == 0 else None
-    metric, mode = config.train.metric, config.train.mode
-    patience = config.train.early_stopping.patience
-    for epoch in range(state.epoch + 1, config.train.epochs + 1):
-        if patience is not None and state.epochs_without_improvement >= patience:
-            break  # resumed a run that had already stopped early
-        pretraining = in_pretraining(config, epoch)
-        phase = "contrastive pretraining" if pretraining else "supervised"
-        ctx.progress({"type": "epoch_start", "epoch": epoch, "epochs": config.train.epochs, "phase": phase})
-        metrics: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[-1]["lr"]}
-        if config.train.contrastive.pretrain_epochs:  # TensorBoard: train/contrastive_pretraining 1, then 0
-            metrics["train.contrastive_pretraining"] = float(pretraining)
-        monitor.start()
-        metrics |= train_epoch(model, ctx.train_batches(epoch), optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                               config=config, ctx=ctx, state=state, epoch=epoch, expected_rows=info.splits["train"].rows,
-                               channels_last=channels_last)
-        metrics |= evaluate(model, ctx.val_batches(epoch), tasks=tasks, config=config, ctx=ctx,
-                            channels_last=channels_last)
-        metrics |= device_figures(monitor.stop(), ctx)
+    try:
+        metric, mode = config.train.metric, config.train.mode
+        for epoch in range(state.epoch + 1, config.train.epochs + 1):
+            pretraining = in_pretraining(config, epoch)
+            phase = "contrastive pretraining" if pretraining else "supervised"
+            ctx.progress({"type": "epoch_start", "epoch": epoch, "epochs": config.train.epochs, "phase": phase})
+            metrics: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[-1]["lr"]}
+            if config.train.contrastive.pretrain_epochs:  # TensorBoard: train/contrastive_pretraining 1, then 0
+                metrics["train.contrastive_pretraining"] = float(pretraining)
+            monitor.start()
+            metrics |= train_epoch(model, ctx.train_batches(epoch), optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                   config=config, ctx=ctx, state=state, epoch=epoch, expected_rows=info.splits["train"].rows,
+                                   channels_last=channels_last)
+            metrics |= evaluate(model, ctx.val_batches(epoch), tasks=tasks, config=config, ctx=ctx,
+                                channels_last=channels_last)
+            metrics |= device_figures(monitor.stop(), ctx)
 
-        if pretraining:
-            pass  # untrained heads: not a candidate for the best epoch, and no early-stopping patience spent
-        elif improved(metrics[metric], state.best_value, mode, config.train.early_stopping.min_delta):
-            state.best_value, state.best_epoch, state.epochs_without_improvement = metrics[metric], epoch, 0
-        else:
-            state.epochs_without_improvement += 1
-        state.epoch = epoch
-        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        scalars["best_epoch"] = float(state.best_epoch or 0)  # 0 while pre-training: no candidate yet
-        state.history.append(scalars)
+            if pretraining:
+                pass  # untrained heads: not a candidate for the best epoch, and no early-stopping patience spent
+            elif improved(metrics[metric], state.best_value, mode, config.train.early_stopping.min_delta):
+                state.best_value, state.best_epoch, state.epochs_without_improvement = metrics[metric], epoch, 0
+            else:
+                state.epochs_without_improvement += 1
+            state.epoch = epoch
+            scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            scalars["best_epoch"] = float(state.best_epoch or 0)  # 0 while pre-training: no candidate yet
+            state.history.append(scalars)
 
-        if outputs is not None:  # before report: a scheduler may stop the trial inside report, for good
-            outputs.write(epoch, scalars, state.history)
-        scratch = tempfile.mkdtemp(prefix="mmray-ckpt-") if ctx.rank == 0 else None
-        ckpt = None
-        if scratch is not None:  # one copy of the checkpoint, from rank 0 (Ray merges multi-rank folders)
-            ckpt = save_checkpoint(os.path.join(scratch, checkpoint_name(epoch)), model=model,
-                                   optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state, config=config,
-                                   frozen={f"encoders.{m}": digest for m, digest in frozen.items()})
-        ctx.report(scalars, ckpt)
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-        ctx.progress({"type": "epoch_end", "epoch": epoch, "epochs": config.train.epochs, "metrics": scalars,
-                      "metric": metric, "phase": phase})
-        if patience is not None and state.epochs_without_improvement >= patience:
-            ctx.progress({"type": "early_stop", "epoch": epoch, "best_epoch": state.best_epoch})
-            break
-    if outputs is not None:
-        outputs.close()
+            _checkpoint_record_report(ctx, epoch, scalars, state, outputs, save)
+            ctx.progress({"type": "epoch_end", "epoch": epoch, "epochs": config.train.epochs, "metrics": scalars,
+                          "metric": metric, "phase": phase})
+            if patience is not None and state.epochs_without_improvement >= patience:
+                ctx.progress({"type": "early_stop", "epoch": epoch, "best_epoch": state.best_epoch})
+                break
+    finally:  # also on failure: a URI run's staging folder is uploaded and deleted
+        if outputs is not None:
+            outputs.close()
     return state
 

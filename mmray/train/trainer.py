@@ -11,7 +11,7 @@ import torch
 
 from mmray import storage as store
 from mmray.config import JobConfig
-from mmray.runtime import ensure_ray
+from mmray.runtime import ensure_ray, is_verbose
 from mmray.train.loop import train_loop
 
 RAW_SUFFIX = "_decoded"  # datasets read from the shards when a partial embedding cache serves the first epochs
@@ -82,15 +82,44 @@ class RayWorkerContext:
         name = os.path.basename(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
-    def latest_checkpoint(self) -> str | None:
+    def keep(self, checkpoint_dir: str) -> None:
+        return None  # Ray Train stores and registers the checkpoint in report; a resume continues from the last one
+
+    @contextlib.contextmanager
+    def resume_checkpoint(self):
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        return checkpoint.to_directory() if checkpoint is not None else None
+        with local_checkpoint(ray.train.get_checkpoint()) as path:
+            yield path
 
     def progress(self, event: dict[str, Any]) -> None:
         if self.rank == 0 and self._relay is not None:
             self._relay.push.remote(event)
+
+
+@contextlib.contextmanager
+def local_checkpoint(checkpoint):
+    """A Ray ``Checkpoint`` (Train's or Tune's; None passes through) as a local folder for the ``with`` block.
+
+    A checkpoint on local storage is used where it is; one elsewhere is downloaded into a temporary folder
+    that is deleted at the end, also on failure (Ray's ``to_directory()`` leaves a ``checkpoint_tmp_*`` copy
+    of the whole checkpoint in the system temp folder on every resume, never deleted)."""
+    import shutil
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    if checkpoint is None:
+        yield None
+        return
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem) and os.path.isdir(checkpoint.path):
+        yield checkpoint.path
+        return
+    tmp = tempfile.mkdtemp(prefix="mmray-resume-")
+    try:
+        yield checkpoint.to_directory(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _silence_report_log() -> None:
@@ -155,20 +184,22 @@ class _ConsoleQuiet:
             logger.addFilter(cls())
 
 
-def _worker_failure_callback(relay: Any, max_failures: int):
+def _worker_failure_callback(relay: Any, max_failures: int, *, quiet: bool = True):
     """A Ray Train ``UserCallback`` (it runs on the controller) that sends one line per worker-group failure to
     the driver through ``relay``: ``worker 1 died (killed, out of memory or crashed; pid 4242); restarting from
-    epoch 1's checkpoint, failure 1 of 1``."""
+    epoch 1's checkpoint, failure 1 of 1``. With ``quiet`` (not ``--verbose``), Ray's traceback of the death
+    goes to Ray Train's log files only (:class:`_ConsoleQuiet`)."""
     from ray.train import UserCallback
 
     class WorkerFailureLine(UserCallback):
         def __init__(self):
-            self.relay, self.max_failures = relay, max_failures
+            self.relay, self.max_failures, self.quiet = relay, max_failures, quiet
             self.failures, self.epoch = 0, 0
 
         def __setstate__(self, state):  # unpickled on the controller: quiet its console there
             self.__dict__.update(state)
-            _ConsoleQuiet.install()
+            if self.quiet:
+                _ConsoleQuiet.install()
 
         def after_report(self, run_context, metrics, checkpoint) -> None:
             from mmray.train.checkpoint import PREFIX
@@ -317,7 +348,8 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=[*(callbacks or []),
-                       *([_worker_failure_callback(relay, config.train.max_failures)] if relay is not None else [])],
+                       *([_worker_failure_callback(relay, config.train.max_failures, quiet=not is_verbose())]
+                         if relay is not None else [])],
         ),
         datasets=datasets,
     )
@@ -340,7 +372,7 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
         poller = threading.Thread(target=poll, name="mmray-progress", daemon=True)
         poller.start()
     try:
-        with _quiet_worker_deaths(worker_pids if relay is not None else None):
+        with _quiet_worker_deaths(worker_pids if relay is not None and not is_verbose() else None):
             result = trainer.fit()
     finally:
         stop.set()
@@ -352,8 +384,8 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     return FitOutcome(run_dir, best_path, result.error)
 
 
-def worker_error(error: BaseException | None, kind: type[BaseException]) -> BaseException | None:
-    """The ``kind`` exception a worker raised, found inside Ray Train's wrappers of ``error``
+def worker_error(error: BaseException | None, kind) -> BaseException | None:
+    """The ``kind`` exception (a class or a tuple of them) a worker raised, found inside Ray Train's wrappers of ``error``
     (``WorkerGroupError.worker_failures``, their ``UserExceptionWithTraceback``, ``__cause__`` chains);
     None when there is none."""
     from mmray.config.errors import find_error

@@ -1,11 +1,14 @@
 """The loop's context inside a Tune trial that trains in-process (one worker, no TorchTrainer start-up)."""
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import os
+from typing import Any, Iterator
 
 from mmray import storage as store
 from mmray.config import JobConfig
 from mmray.data.reader import split_readers
+from mmray.train.checkpoint import copy_checkpoint, is_complete, kept_checkpoints
 from mmray.train.context import LocalContext
 
 
@@ -23,11 +26,32 @@ class TuneTrialContext(LocalContext):
         self.history.append(dict(metrics))
         tune.report(dict(metrics), checkpoint=checkpoint)
 
-    def latest_checkpoint(self) -> str | None:
+    def keep(self, checkpoint_dir: str) -> str:
+        """The trial's own copy of its newest checkpoint, in its folder (``trials/<id>/``), written whole before
+        the epoch's record: a sweep killed after a trial recorded its last epoch, but before Tune recorded
+        that checkpoint, resumes from it and trains nothing again (:meth:`resume_checkpoint`). Older own
+        copies are deleted: Tune keeps the trial's checkpoints."""
+        name = os.path.basename(checkpoint_dir)
+        target = copy_checkpoint(checkpoint_dir, store.join(self.run_dir, name))
+        for path in kept_checkpoints(self.run_dir).values():
+            if store.split(path)[1] != name:
+                store.remove(path)
+        return target
+
+    @contextlib.contextmanager
+    def resume_checkpoint(self) -> Iterator[str | None]:
+        """The newer of the trial's own copy and the checkpoint Tune recorded (Tune's record may lag)."""
         from ray import tune
 
-        checkpoint = tune.get_checkpoint()
-        return checkpoint.to_directory() if checkpoint is not None else None
+        from mmray.train.trainer import local_checkpoint
+
+        own = {epoch: path for epoch, path in kept_checkpoints(self.run_dir).items() if is_complete(path)}
+        if own:
+            with store.local_copy(own[max(own)]) as path:  # a URI: a temporary download, deleted after
+                yield path
+            return
+        with local_checkpoint(tune.get_checkpoint()) as path:  # an experiment from before own copies
+            yield path
 
     def progress(self, event: dict[str, Any]) -> None:
         pass  # Tune's own trial table is the progress display during a sweep
