@@ -355,7 +355,8 @@ class ShardWriter:
             self.files.append(rel)
             # Media bytes are already compressed (PNG/WAV...); zstd still shrinks text and WAV a little.
             self._writer = pq.ParquetWriter(
-                os.path.join(self.root, rel), self.schema, compression="zstd", write_statistics=["id", "label"]
+                os.path.join(self.root, rel), self.schema, compression="zstd", write_statistics=["id", "label"],
+                write_page_checksum=True,  # readers verify every page: damaged bytes are never decoded as data
             )
         self._writer.write_table(table, row_group_size=self._buf_rows)
         self.rows += self._buf_rows

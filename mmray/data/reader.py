@@ -5,6 +5,7 @@ thousand rows), never by the size of the split.
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterator
 
 import numpy as np
@@ -14,7 +15,9 @@ import pyarrow.parquet as pq
 from mmray.config.errors import UserError
 from mmray.config.schema import DataConfig
 from mmray.data.dataset_dir import DatasetInfo, read_dataset_info, resolve_fs
-from mmray.data.decode import Preprocessor
+from mmray.data.decode import DAMAGED, Preprocessor
+
+log = logging.getLogger(__name__)
 
 # Rows held for shuffling: a window of whole row groups is permuted before batching.
 MIN_SHUFFLE_WINDOW = 1024
@@ -83,12 +86,42 @@ def row_group_units(info: DatasetInfo, split: str) -> list[tuple[str, int]]:
 
 
 def read_row_group(path: str, group: int, data: DataConfig, info: DatasetInfo) -> pa.Table:
-    """One row group of a shard, only the columns decoding needs (id, label columns, configured modalities)."""
+    """One row group of a shard, only the columns decoding needs (id, label columns, configured modalities).
+
+    Pages are verified against their checksums (shards mmray writes carry them). A row group that does not
+    read whole comes back with its unreadable columns as nulls and a :data:`~mmray.data.decode.DAMAGED`
+    column naming the damage on every row: the decoder counts those rows as bad records, or fails naming
+    the shard and row group under ``data.on_bad_record: fail``. Said once per row group in the log.
+    """
     fs, inner = resolve_fs(path)
     with fs.open_input_file(inner) as fh:
-        pf = pq.ParquetFile(fh)
+        pf = pq.ParquetFile(fh, page_checksum_verification=True)
         wanted = {"id", *data.modalities, *info.tasks}
-        return pf.read_row_group(int(group), columns=[c for c in pf.schema_arrow.names if c in wanted])
+        columns = [c for c in pf.schema_arrow.names if c in wanted]
+        try:
+            return pf.read_row_group(int(group), columns=columns)
+        except (OSError, pa.ArrowException):
+            return _salvaged(pf, path, int(group), columns)
+
+
+def _salvaged(pf: pq.ParquetFile, path: str, group: int, columns: list[str]) -> pa.Table:
+    """The damaged row group ``group`` of ``path``: each column read alone, the unreadable ones as nulls."""
+    n = pf.metadata.row_group(group).num_rows
+    arrays, damaged, first = [], [], ""
+    for name in columns:
+        try:
+            arrays.append(pf.read_row_group(group, columns=[name]).column(name))
+        except (OSError, pa.ArrowException) as e:
+            damaged.append(name)
+            first = first or str(e).splitlines()[0]
+            arrays.append(pa.nulls(n, pf.schema_arrow.field(name).type))
+    table = pa.Table.from_arrays(arrays, names=columns)
+    if "id" in damaged:  # rows still need names for the record of what was skipped
+        table = table.set_column(columns.index("id"), "id",
+                                 pa.array([f"{path}#row-group-{group}/{i}" for i in range(n)], pa.string()))
+    where = f"damaged data in shard {path}, row group {group} ({n} rows): {first}"
+    log.warning("skipping %s rows of %s: %s", n, ", ".join(damaged) or "every column", where)
+    return table.append_column(DAMAGED, pa.array([f"{','.join(damaged)}: {where}"] * n, pa.string()))
 
 
 def table_columns(table: pa.Table) -> dict[str, np.ndarray]:
@@ -119,25 +152,72 @@ def shuffled_units(units: list[tuple[str, int]], rng: np.random.Generator) -> li
 
 def _batches(chunks: Iterator[pa.Table], batch_size: int, window: int, rng: np.random.Generator | None):
     """Re-cut tables into ``batch_size`` rows; with ``rng``, permute each window of >= ``window`` rows first."""
-    pending: list[pa.Table] = []
-    rows = 0
-    for chunk in chunks:
-        pending.append(chunk)
-        rows += chunk.num_rows
-        if rows >= window:
-            table = _permuted(pa.concat_tables(pending), rng)
-            full = (table.num_rows // batch_size) * batch_size
+    held = Held()
+    for ids in batch_rows((held.add(c, c.num_rows) for c in chunks), batch_size, window, rng):
+        numbers, local = held.locate(ids)
+        used = sorted(set(numbers.tolist()))
+        offsets = np.cumsum([0] + [held.chunks[k].num_rows for k in used])
+        where = np.searchsorted(used, numbers)
+        yield _concat([held.chunks[k] for k in used]).take(offsets[where] + local)
+        held.done(numbers)
+
+
+class Held:
+    """The chunks a reader holds while :func:`batch_rows` may still hand out one of their rows; a chunk is let go
+    once every one of its rows went out in a batch (memory stays at about one shuffle window)."""
+
+    def __init__(self):
+        self.chunks: dict[int, object] = {}
+        self.starts: list[int] = []
+        self.left: dict[int, int] = {}
+        self.total = 0
+
+    def add(self, chunk, rows: int) -> int:
+        number = len(self.starts)
+        self.chunks[number], self.left[number] = chunk, rows
+        self.starts.append(self.total)
+        self.total += rows
+        if rows == 0:
+            self.done(np.zeros(0, dtype=np.int64))
+        return rows
+
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row numbers -> (chunk numbers, rows within those chunks)."""
+        numbers = np.searchsorted(self.starts, ids, side="right") - 1
+        return numbers, ids - np.asarray(self.starts)[numbers]
+
+    def done(self, numbers: np.ndarray) -> None:
+        for k, n in zip(*np.unique(numbers, return_counts=True)):
+            self.left[int(k)] -= int(n)
+        for k in [k for k, n in self.left.items() if n == 0]:
+            del self.left[k], self.chunks[k]
+
+
+def batch_rows(sizes: Iterator[int], batch_size: int, window: int, rng: np.random.Generator | None) -> Iterator[np.ndarray]:
+    """The order of every reader: chunks of ``sizes`` rows (numbered on from 0 across chunks) -> each batch's row
+    numbers. Rows gather until ``window`` are pending; with ``rng`` the pending rows are permuted; full batches go
+    out and the rest waits for the next window. Readers of shards and of caches share it, so the same seed gives
+    the same batches whichever of them serves an epoch."""
+    pending = np.zeros(0, dtype=np.int64)
+    total = 0
+    for n in sizes:
+        pending = np.concatenate([pending, np.arange(total, total + n, dtype=np.int64)])
+        total += n
+        if len(pending) >= window:
+            order = pending if rng is None else pending[rng.permutation(len(pending))]
+            full = (len(order) // batch_size) * batch_size
             for start in range(0, full, batch_size):
-                yield table.slice(start, batch_size)
-            pending, rows = ([table.slice(full)], table.num_rows - full) if full < table.num_rows else ([], 0)
-    if rows:
-        table = _permuted(pa.concat_tables(pending), rng)
-        for start in range(0, table.num_rows, batch_size):
-            yield table.slice(start, batch_size)
+                yield order[start:start + batch_size]
+            pending = order[full:]
+    if len(pending):
+        order = pending if rng is None else pending[rng.permutation(len(pending))]
+        for start in range(0, len(order), batch_size):
+            yield order[start:start + batch_size]
 
 
-def _permuted(table: pa.Table, rng: np.random.Generator | None) -> pa.Table:
-    return table if rng is None else table.take(rng.permutation(table.num_rows))
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    # a damaged row group carries one more column (DAMAGED): the others get nulls there
+    return pa.concat_tables(tables, promote_options="default")
 
 
 def split_readers(config):

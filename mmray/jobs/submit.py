@@ -13,11 +13,16 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
+from mmray.config import load_job
 from mmray.config.errors import UserError
+from mmray.config.loader import apply_overrides, read_yaml
+from mmray.config.schema import check_run_name
 from mmray.jobs.client import Cluster
 from mmray.jobs.package import Package, package_files, stage
+from mmray.runtime import QUIET_ENV
+from mmray.tune.space import load_space
 
 VERBS = ("train", "tune")
 # Environment variables a job spec never carries: anyone who can list the cluster's jobs reads the spec.
@@ -51,41 +56,30 @@ def entrypoint(args: Sequence[str]) -> str:
     return shlex.join(["mmray", *args])
 
 
-def check_command(args: Sequence[str], working_dir: str) -> list[tuple[str, str]]:
+def check_command(ns: Any, working_dir: str) -> list[tuple[str, str]]:
     """Validate the job (and space) here before anything is uploaded; returns the ``(key, path)`` pairs the
-    cluster must see (data, storage). Raises :class:`UserError` (exit 2) for a bad flag or config."""
-    from mmray.cli.main import build_parser
+    cluster must see (data, storage). ``ns``: ``mmray train|tune ARGS`` as the CLI's parser parsed them.
+    Relative files are read from ``working_dir``, where the job runs on the cluster.
 
-    parser = build_parser()
-    try:
-        ns = parser.parse_args(list(args))
-    except SystemExit as e:
-        if not e.code:  # --help: argparse printed it
-            raise
-        raise UserError(f"bad arguments for `{shlex.join(['mmray', *args])}` (see above)") from None
+    Raises:
+        UserError: a bad flag, config or space (exit 2).
+    """
     if ns.verb == "tune" and ns.resume:
         return [("--resume", ns.resume)]
-    from mmray.config import load_job
 
-    old = os.getcwd()
-    os.chdir(working_dir)  # the job's relative paths mean the same on the cluster: it runs in this folder
-    try:
-        if not ns.job:
-            raise UserError("give JOB.yaml after the verb: mmray submit -- train JOB.yaml")
-        config = load_job(ns.job, ns.overrides)
-        if ns.name is not None:
-            from mmray.config.schema import check_run_name
+    def here(path: str) -> str:
+        return path if os.path.isabs(path) else os.path.join(working_dir, path)
 
-            check_run_name(ns.name, "--name")  # one path component, as `mmray train|tune` will insist
-        if ns.verb == "tune":
-            if not ns.space:
-                raise UserError("give --space SPACE.yaml: mmray submit -- tune JOB.yaml --space SPACE.yaml")
-            from mmray.config.loader import apply_overrides, read_yaml
-            from mmray.tune.space import load_space
-
-            load_space(ns.space, apply_overrides(read_yaml(ns.job), ns.overrides), num_samples=ns.num_samples)
-    finally:
-        os.chdir(old)
+    if not ns.job:
+        raise UserError("give JOB.yaml after the verb: mmray submit -- train JOB.yaml")
+    config = load_job(here(ns.job), ns.overrides)
+    if ns.name is not None:
+        check_run_name(ns.name, "--name")  # one path component, as `mmray train|tune` will insist
+    if ns.verb == "tune":
+        # no --space: the built-in default space, fitted to the job
+        load_space(here(ns.space) if ns.space else None, apply_overrides(read_yaml(here(ns.job)), ns.overrides),
+                   num_samples=ns.num_samples, time_budget=ns.time_budget, finalists=ns.finalists,
+                   ensemble=ns.ensemble)
     return [("data.path", config.data.path), ("--storage" if ns.storage else "storage", ns.storage or config.storage)]
 
 
@@ -108,9 +102,13 @@ def _uploaded(rel: str, package: Package) -> bool:
     return any(f == rel or f.startswith(rel.rstrip("/") + "/") for f, _ in package.files)
 
 
-def prepare(args: Sequence[str], *, working_dir: str | None = None, env: dict[str, str] | None = None) -> JobSpec:
+def prepare(args: Sequence[str], *, parse: Callable[[list[str]], Any], working_dir: str | None = None,
+            env: dict[str, str] | None = None) -> JobSpec:
     """Check ``mmray ARGS`` here and describe the job: the files of ``working_dir`` (default: the current
     folder) that :func:`~mmray.jobs.package.package_files` keeps become its working directory on the cluster.
+
+    ``parse``: the CLI's argument parser (``build_parser().parse_args``), so each verb's flags are declared
+    once, in :mod:`mmray.cli`.
 
     Raises:
         UserError: bad verb, flag or config; ``env`` names an auth-token variable; the package is too large
@@ -118,13 +116,18 @@ def prepare(args: Sequence[str], *, working_dir: str | None = None, env: dict[st
     """
     command = entrypoint(args)
     working_dir = os.path.abspath(working_dir or os.getcwd())
-    paths = check_command(args, working_dir)
+    try:
+        ns = parse(list(args))
+    except SystemExit as e:
+        if not e.code:  # --help: argparse printed it
+            raise
+        raise UserError(f"bad arguments for `{shlex.join(['mmray', *args])}` (see above)") from None
+    paths = check_command(ns, working_dir)
     token_vars = sorted(set(env or {}) & set(TOKEN_VARS))
     if token_vars:
         raise UserError(f"{', '.join(token_vars)} would be stored in the job spec, where anyone who can list the "
                         "cluster's jobs reads it; the token is sent in the request header only")
     package = package_files(working_dir)
-    from mmray.runtime import QUIET_ENV
 
     runtime_env = {"env_vars": {**QUIET_ENV, "PYTHONUNBUFFERED": "1", **(env or {})}}
     return JobSpec(command, runtime_env, args[0], _path_warnings(paths, package), package)

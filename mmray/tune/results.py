@@ -1,21 +1,30 @@
 """After a sweep: the leaderboard (ranked by each trial's best epoch), HParams for TensorBoard, and ``best/``."""
 from __future__ import annotations
 
-import csv
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from mmray import storage as store
 from mmray.config import validate_job
 from mmray.config.loader import apply_overrides
-from mmray.train.checkpoint import kept_checkpoints
-from mmray.train.finalize import best_kept, train_state
-from mmray.tune.context import trial_dir
-from mmray.tune.space import is_baseline
+from mmray.data.dataset_dir import read_dataset_info
+from mmray.train.checkpoint import read_train_state
+from mmray.train.finalize import best_kept, export_checkpoint, measure_checkpoint, supervised_best
+from mmray.train.outputs import tensorboard_dir
+from mmray.tune import finalists
+from mmray.tune.baseline import is_baseline
+from mmray.tune.budget import read_ledger, spending_lines
+from mmray.tune.experiment import (
+    BEST_DIR,
+    LEADERBOARD,
+    STUDY_FILE,
+    trial_checkpoints,
+    trial_dir,
+    trial_id_of,
+    write_leaderboard,
+)
 
-LEADERBOARD, BEST_DIR = "leaderboard.csv", "best"
 SHOWN = ("val.accuracy", "val.f1", "val.loss", "test.accuracy")
 
 
@@ -23,13 +32,18 @@ SHOWN = ("val.accuracy", "val.f1", "val.loss", "test.accuracy")
 class TrialRecord:
     trial_id: str
     params: dict[str, Any]
-    status: str  # completed | stopped (early: scheduler or patience) | error | pending
+    status: str  # completed | stopped (early: scheduler or patience) | budget (the time budget ran out) | error | pending
     epochs_run: int
     best_epoch: int | None
     best: dict[str, float]  # the best epoch's metrics
     best_checkpoint: str | None
     error: str | None = None
     baseline: bool = False  # the job's own values (``baseline: true`` in the space)
+    rechecks: list[float] = field(default_factory=list)  # a finalist's re-runs' scores (mmray.tune.finalists)
+
+    def scores(self, metric: str) -> list[float]:
+        """Every run's best-epoch ``metric``: this trial's, then its re-runs' (finalists only)."""
+        return [float(self.best[metric]), *self.rechecks] if metric in self.best else list(self.rechecks)
 
 
 @dataclass
@@ -43,6 +57,9 @@ class SweepSummary:
     baseline_metrics: dict[str, Any] = field(default_factory=dict)  # its best epoch on val and test
     report_path: str | None = None  # report/summary.md, once written
     report_verdicts: str = ""  # the report's winner-vs-control lines
+    spending: list[str] = field(default_factory=list)  # how the sweep's time was spent (budget.json)
+    ensemble: dict[str, Any] | None = None  # the ensemble arm (mmray.tune.ensemble), when the space asks for one
+    cores: dict[str, Any] | None = None  # in-process sweeps: cpus, wall_s, busy_fraction (mmray.tune.cores)
 
     @property
     def best_trial(self) -> TrialRecord | None:
@@ -60,15 +77,15 @@ class SweepSummary:
 def _record(result, setup, metric: str, mode: str) -> TrialRecord:
     params = dict(result.config or {})
     metrics = result.metrics or {}
-    trial_id = metrics.get("trial_id") or re.search(r"_run_trial_([0-9a-f]+)_", os.path.basename(result.path)).group(1)
+    trial_id = metrics.get("trial_id") or trial_id_of(result.path)
     sign = 1 if mode == "max" else -1
     if result.checkpoint is not None:  # in-process trial: checkpoints are Tune's
-        history = train_state(_location(result.checkpoint))["history"]
+        history = read_train_state(_location(result.checkpoint))["history"]
         best_ckpt = result.get_best_checkpoint(metric=metric, mode=mode)
         best_path = _location(best_ckpt) if best_ckpt else None
     else:  # distributed trial: checkpoints are its TorchTrainer run's (Tune only sees their paths)
-        kept = kept_checkpoints(trial_dir(setup.experiment_dir, trial_id))
-        history = train_state(kept[max(kept)])["history"] if kept else []
+        kept = trial_checkpoints(setup.experiment_dir, trial_id)
+        history = read_train_state(kept[max(kept)])["history"] if kept else []
         best_path = best_kept(kept, metric, mode)
     epochs = validate_job(apply_overrides(setup.job_raw, params.items())).train.epochs
     # contrastive pre-training epochs (untrained heads) never rank a trial; the export skips them too
@@ -122,19 +139,6 @@ def store_study(path: str, name: str, space, trials: list[TrialRecord]) -> None:
                         "baseline": t.baseline}))
 
 
-def write_leaderboard(path: str, trials: list[TrialRecord], param_keys: list[str]) -> None:
-    metric_keys = sorted({k for t in trials for k in t.best if k.startswith(("val.", "train.loss"))
-                          and not k.endswith(("confusion", ".rows"))})
-    role = ["role"] if any(t.baseline for t in trials) else []  # only in sweeps with a baseline trial
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["rank", "trial_id", "status", *role, *param_keys, "best_epoch", "epochs_run", *metric_keys])
-        for rank, t in enumerate(trials, 1):
-            w.writerow([rank, t.trial_id, t.status, *(["baseline" if t.baseline else ""] if role else []),
-                        *(t.params.get(k, "") for k in param_keys),
-                        t.best_epoch or "", t.epochs_run, *(t.best.get(k, "") for k in metric_keys)])
-
-
 def write_hparams(experiment_dir: str, trial: TrialRecord, metric: str) -> None:
     """HParams plugin data in the trial's TensorBoard folder: its parameters and its best-epoch metrics."""
     from torch.utils.tensorboard import SummaryWriter
@@ -144,7 +148,7 @@ def write_hparams(experiment_dir: str, trial: TrialRecord, metric: str) -> None:
         return
     params = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in trial.params.items()}
     best = {f"best/{k}": float(trial.best[k]) for k in ("val.accuracy", "val.f1", "val.loss") if k in trial.best}
-    writer = SummaryWriter(os.path.join(trial_dir(experiment_dir, trial.trial_id), "tensorboard"))
+    writer = SummaryWriter(tensorboard_dir(trial_dir(experiment_dir, trial.trial_id)))
     for summary in hparams(params, best):
         writer.file_writer.add_summary(summary)
     for k, v in best.items():
@@ -152,39 +156,52 @@ def write_hparams(experiment_dir: str, trial: TrialRecord, metric: str) -> None:
     writer.close()
 
 
-def finish(setup, results) -> SweepSummary:
-    """Rank trials by their best epoch, write ``leaderboard.csv``, HParams and the best trial's export."""
-    from mmray.data.dataset_dir import read_dataset_info
-    from mmray.train.finalize import export_checkpoint, supervised_best
+def finish(setup, results, recheck=None) -> SweepSummary:
+    """Rank trials by their best epoch, write ``leaderboard.csv``, HParams and the best trial's export.
 
+    ``recheck(trials)``: called with the ranked trials before anything is written; it sets the finalists'
+    ``rechecks`` (:func:`mmray.tune.finalists.recheck`), and they are ranked by their mean."""
     space, exp = setup.space, setup.experiment_dir
     metric, mode = space.metric, space.resolved_mode
     trials = [_record(r, setup, metric, mode) for r in results]
+    ledger = read_ledger(exp)
+    for t in trials:  # cut short by the time budget rather than by the scheduler
+        if t.status == "stopped" and t.trial_id in ledger.stopped_by_budget:
+            t.status = "budget"
     if space.baseline:
         point = space.baseline_point(setup.job_raw)
         for t in trials:
             t.baseline = is_baseline(t.params, point)
     keep = validate_job(setup.job_raw).checkpoint.num_to_keep
     for r, t in zip(results, trials):
-        if t.status in ("completed", "stopped") and r.checkpoint is not None:
+        if t.status in ("completed", "stopped", "budget") and r.checkpoint is not None:
             prune_checkpoints(r, keep, metric, mode)
     sign = 1 if mode == "max" else -1
     trials.sort(key=lambda t: (t.best_epoch is None, -sign * t.best.get(metric, 0.0)))
+    if recheck is not None:
+        recheck(trials)
+        trials = finalists.rank(trials, metric, mode)
     param_keys = [k for k, _ in space.ordered_parameters()]
     staged = store.StagedDir(exp)  # written locally, uploaded when exp is a URI
-    write_leaderboard(staged.path(LEADERBOARD), trials, param_keys)
-    store_study(staged.path("optuna.db"), store.split(exp)[1], space, trials)
+    write_leaderboard(staged.path(LEADERBOARD), trials, param_keys, metric)
+    store_study(staged.path(STUDY_FILE), store.split(exp)[1], space, trials)
     for t in trials:
         write_hparams(staged.local, t, metric)
     staged.close()
     summary = SweepSummary(exp, metric, mode, trials, None)
     winner = summary.best_trial
+    summary.spending = spending_lines(ledger, {t.trial_id: t.status for t in trials},
+                                      winner.trial_id if winner else None)
     if winner is not None and winner.best_checkpoint:
         config = validate_job(apply_overrides(setup.job_raw, winner.params.items()))
         info = read_dataset_info(config.data.path)
         summary.best_dir = store.join(exp, BEST_DIR)
         summary.best_metrics = export_checkpoint(config, info, supervised_best(config, winner.best_checkpoint),
                                                 summary.best_dir)
+        if space.ensemble >= 2:
+            from mmray.tune.ensemble import ensemble_arm
+
+            summary.ensemble = ensemble_arm(setup, trials, summary.best_metrics)
     base = summary.baseline_trial
     if base is not None and base.best_checkpoint:
         summary.baseline_metrics = (summary.best_metrics if base is winner
@@ -194,22 +211,22 @@ def finish(setup, results) -> SweepSummary:
 
 def checkpoint_metrics(setup, trial: TrialRecord) -> dict[str, Any]:
     """A trial's best checkpoint measured on val and test, as the export measures the winner's."""
-    from mmray.data.dataset_dir import read_dataset_info
-    from mmray.train.finalize import measure_checkpoint
-
     config = validate_job(apply_overrides(setup.job_raw, trial.params.items()))
     return measure_checkpoint(config, read_dataset_info(config.data.path), trial.best_checkpoint)[2]
 
 
 def format_summary(summary: SweepSummary) -> str:
+    """The terminal summary ``mmray tune`` prints: trials by status, the winner and its export, the baseline,
+    the leaderboard, the report and the TensorBoard command."""
     lines = [f"experiment:  {summary.experiment_dir}",
              f"trials:      {len(summary.trials)} ("
              + ", ".join(f"{s} {sum(t.status == s for t in summary.trials)}"
-                         for s in ("completed", "stopped", "error", "pending")
+                         for s in ("completed", "stopped", "budget", "error", "pending")
                          if any(t.status == s for t in summary.trials)) + ")"]
     w = summary.best_trial
     if w is not None:
         lines.append(f"best trial:  {w.trial_id}  epoch {w.best_epoch}  {summary.metric} {w.best[summary.metric]:.4f}")
+        lines += finalist_lines(summary)
         for k, v in w.params.items():
             lines.append(f"  {k} = {v}")
         m = summary.best_metrics
@@ -217,12 +234,34 @@ def format_summary(summary: SweepSummary) -> str:
             lines.append(f"best model:  test accuracy {m['test.accuracy']:.4f}  test F1 {m['test.f1']:.4f}")
         lines.append(f"export:      {summary.best_dir}")
     lines += _baseline_lines(summary)
+    from mmray.tune.ensemble import arm_lines
+
+    lines += [f"ensemble:    {line}" if i == 0 else f"  {line}" for i, line in enumerate(arm_lines(summary.ensemble))]
+    lines += [f"time:        {line}" if i == 0 else f"  {line}" for i, line in enumerate(summary.spending)]
+    if summary.cores and summary.cores.get("busy_fraction") is not None:
+        c = summary.cores
+        lines.append(f"cores busy:  {c['busy_fraction']:.0%} of {c['cpus']} CPUs over {c['wall_s']:.0f} s "
+                     f"(CPUs given to running trials, mean over the sweep)")
     lines.append(f"leaderboard: {store.join(summary.experiment_dir, LEADERBOARD)}")
     if summary.report_path:
         lines.append(f"report:      {summary.report_path}")
         lines += [f"  {v}" for v in summary.report_verdicts.splitlines() if v]
     lines.append(f"tensorboard: {summary.tensorboard_command}")
     return "\n".join(lines)
+
+
+def finalist_lines(summary: SweepSummary) -> list[str]:
+    """The re-checked finalists, mean +- sd of their runs, the winner first."""
+    checked = [t for t in summary.trials if t.rechecks]
+    if not checked:
+        return []
+    lines = [f"finalists:   the top {len(checked)} trained again with other seeds; {summary.metric} over each "
+             f"one's runs, mean +- sd (the best mean wins):"]
+    for t in checked:
+        mean, sd = finalists.mean_sd(t.scores(summary.metric))
+        lines.append(f"  {t.trial_id}  {mean:.4f} +- {sd:.4f}  ({len(t.scores(summary.metric))} runs: "
+                     + ", ".join(f"{v:.4f}" for v in t.scores(summary.metric)) + ")")
+    return lines
 
 
 def _baseline_lines(summary: SweepSummary) -> list[str]:

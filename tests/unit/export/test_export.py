@@ -239,3 +239,28 @@ def test_an_exports_config_that_is_not_plain_yaml_exits_2_naming_the_file(export
     err = capsys.readouterr().err
     assert err.startswith(f"mmray: {config}: not ") and "Traceback" not in err and "ConstructorError" not in err
     assert not marker.exists() and not out.exists()
+
+
+class _Payload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("verb", ["evaluate", "predict", "export"])
+def test_a_pickle_planted_as_the_weights_is_refused_by_every_verb_and_never_runs(exported, tmp_path, verb, capsys):
+    from mmray.cli.main import main
+
+    planted = tmp_path / "export"
+    shutil.copytree(exported.export_dir, planted)
+    marker = tmp_path / "pwned"
+    torch.save({"x": _Payload(str(marker))}, planted / "model.safetensors")
+    args = {"evaluate": ["evaluate", str(planted), "--data", str(exported.data_dir)],
+            "predict": ["predict", str(planted), "--data", str(exported.data_dir), "--out", str(tmp_path / "p.jsonl")],
+            "export": ["export", str(planted), "--quantize", "fp16", "--out", str(tmp_path / "q")]}[verb]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmray: ") and "model.safetensors" in err
+    assert not marker.exists() and not (tmp_path / "q").exists() and not (tmp_path / "p.jsonl").exists()
