@@ -138,11 +138,14 @@ def has_time_budget() -> bool:
 
 
 def mmray_tune(job: str, storage: str, name: str, log: str, overrides: list[str], *, budget_s: float | None,
-               num_samples: int | None) -> dict[str, Any]:
+               num_samples: int | None, budget_note: str = "") -> dict[str, Any]:
     cmd = [*MMRAY, "tune", job, "--storage", storage, "--name", name]
     if budget_s is not None:
         cmd += ["--time-budget", f"{max(1, round(budget_s))}s"]
-        how = f"--time-budget {max(1, round(budget_s))}s (the reference study's wall time), built-in space"
+        how = f"--time-budget {max(1, round(budget_s))}s ({budget_note}), built-in space"
+        if num_samples:  # whichever comes first
+            cmd += ["--num-samples", str(num_samples)]
+            how += f", at most {num_samples} trials"
     else:
         cmd += ["--space", QUICKSTART_SPACE]
         if num_samples:
@@ -159,6 +162,8 @@ def mmray_tune(job: str, storage: str, name: str, log: str, overrides: list[str]
         return {"error": f"exit {rc}, see {log}", "wall": wall, "how": how}
     with open(board) as f:
         rows = list(csv.DictReader(f))
+    if not rows or not rows[0].get("val.accuracy"):
+        return {"error": f"no trial finished an epoch ({len(rows)} trials), see {log}", "wall": wall, "how": how}
     best = _export_metrics(os.path.join(exp, "best"))
     return {"val_accuracy": _flat(best, "val.accuracy") if best else float(rows[0]["val.accuracy"]),
             "test_accuracy": _flat(best, "test.accuracy") if best else None, "trials": len(rows),
@@ -185,9 +190,11 @@ def bench(name: str, data: str, work: str, args: argparse.Namespace, budget_flag
     job = write_job(data, f"suite-{name}", work)
     overrides = [f"train.epochs={args.mmray_epochs}"] if args.mmray_epochs else []
     arm("train", mmray_train(job, os.path.join(work, "runs"), f"{name}-job", f"{logs}/{name}-train.log", overrides))
-    budget = r["study"].get("wall") if budget_flag else None
+    budget = max(r["study"].get("wall", 0.0), args.min_budget) if budget_flag else None
+    note = ("the reference study's wall time" if budget is None or budget > args.min_budget
+            else f"--min-budget {args.min_budget:.0f}s, above the reference study's wall time")
     arm("tune", mmray_tune(job, os.path.join(work, "runs"), f"{name}-sweep", f"{logs}/{name}-tune.log", overrides,
-                           budget_s=budget, num_samples=args.num_samples))
+                           budget_s=budget, num_samples=args.num_samples, budget_note=note))
     target = r["reference"].get("val_accuracy")
     if target is not None:
         r["target"] = target
@@ -264,15 +271,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ref-trials", type=int, default=16, help="reference Optuna study trials (default 16)")
     ap.add_argument("--mmray-epochs", type=int, help="override train.epochs of the mmray job and sweep "
                                                      "(default: the quickstart job's)")
-    ap.add_argument("--num-samples", type=int, help="sweep trials when there is no --time-budget "
-                                                    "(default: the space's num_samples)")
-    ap.add_argument("--smoke", action="store_true", help="1 epoch everywhere, 2 reference trials, 2 sweep trials")
+    ap.add_argument("--num-samples", type=int, help="sweep trials (with --time-budget: at most this many; "
+                                                    "without: default the space's num_samples)")
+    ap.add_argument("--min-budget", type=float, default=0.0,
+                    help="seconds: the sweep's --time-budget is at least this (default 0)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="1 epoch everywhere, 2 reference trials, 2 sweep trials, a budget of at least 180 s")
     ap.add_argument("--work", help="folder for jobs, runs and logs (default: a new temporary folder)")
     ap.add_argument("--record", action="store_true", help=f"append the table to {os.path.relpath(RESULTS, REPO)}")
     ap.add_argument("--json", help="also write the raw results (curves included) here")
     args = ap.parse_args(argv)
     if args.smoke:
         args.ref_epochs, args.ref_trials, args.mmray_epochs, args.num_samples = 1, 2, 1, 2
+        args.min_budget = max(args.min_budget, 180.0)  # a study of seconds leaves no time to start a trial
     names = args.only or DATASETS
     missing = [n for n in names if not os.path.isfile(os.path.join(args.data, n, "dataset.json"))]
     if missing:
