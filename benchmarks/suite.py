@@ -12,7 +12,8 @@ own process, timed from its start to its exit:
 2. **reference + Optuna**: the same script with ``--optuna-trials`` (its wall time is the sweep's budget);
 3. **mmray train**: a job written for the dataset from ``jobs/quickstart.yaml``'s defaults (its encoders for
    the dataset's modalities, ``scaling.num_workers=1`` and ``train.batch_size=64``, the job's global batch);
-4. **mmray tune** of that job: ``--time-budget`` equal to the reference study's wall time when
+4. **mmray tune** of that job with no ``--space`` (the built-in space) and ``--time-budget`` equal to the
+   reference study's wall time when
    ``mmray tune --help`` lists that flag, else ``--space search_spaces/quickstart.yaml --num-samples N``
    (the output says which);
 5. **time to the reference**: seconds from the sweep's start to the first epoch of any trial whose
