@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from mmray.config.errors import UserError
-from mmray.hf_local import looks_local
+from mmray.hf_local import image_settings, looks_local
 from mmray.models.encoders import ENCODERS
 from mmray.models.fusion import FUSIONS
 from mmray.registry import StrictModel
@@ -323,7 +323,7 @@ def _wire_hf_tokenizer(raw: Any) -> Any:
 
 def _wire_hf_image(raw: Any) -> Any:
     """``hf_image`` reads images as its image processor prepares them: ``data.image.size``, ``mean`` and ``std``
-    unset -> the processor's (:func:`mmray.models.encoders.hf.image_settings`).
+    unset -> the processor's (:func:`mmray.hf_local.image_settings`).
 
     A model folder that cannot be read here is left to the model-file check before the run starts (and an
     export's config carries the values written out).
@@ -367,9 +367,6 @@ def _wire_hf_image(raw: Any) -> Any:
 
 
 def _image_settings_cached(path: str) -> dict[str, Any]:
-    from mmray.models.encoders.base import looks_local
-    from mmray.models.encoders.hf import image_settings
-
     key = os.path.realpath(os.path.expanduser(path)) if looks_local(path) else path
     if key not in _IMAGE_SETTINGS:
         _IMAGE_SETTINGS[key] = image_settings(path, "model.encoders.image.path")

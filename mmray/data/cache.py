@@ -55,7 +55,7 @@ from mmray.data.reader import (
 )
 from mmray.data.tokenizer import TextTokenizer
 from mmray.models.builder import build_as_trained, job_tasks
-from mmray.models.cached import weights_hash
+from mmray.models.hashing import weights_hash
 from mmray.hf_local import looks_local
 from mmray.models.fusion import FUSIONS
 from mmray.runtime import ensure_ray

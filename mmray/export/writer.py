@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from mmray import storage as store
 from mmray.config import JobConfig, UserError, to_yaml
 from mmray.models.encoders.hf import _feature_extractor, _load
+from mmray.models.lora import merged_state_dict
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -92,7 +93,6 @@ def weights_for_safetensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     buffer; cloning those keeps every state-dict key, so ``load_state_dict(strict=True)`` works
     and tied parameters are simply restored twice with the same values.
     """
-    from mmray.models.lora import merged_state_dict
 
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()

@@ -25,6 +25,7 @@ from pydantic import Field
 from torch import nn
 
 from mmray.errors import UserError
+from mmray.models.hashing import tensors_hash
 from mmray.registry import StrictModel
 
 ADAPTER = "default"  # peft's adapter name; one adapter per encoder
@@ -132,7 +133,6 @@ def base_parameter_names(module: nn.Module) -> list[str]:
 
 def base_hash(module: nn.Module) -> str:
     """sha256 over the names, dtypes, shapes and bytes of :func:`base_parameter_names` (in name order)."""
-    from mmray.models.cached import tensors_hash
 
     params = dict(module.named_parameters(remove_duplicate=False))
     return tensors_hash({name: params[name] for name in base_parameter_names(module)})

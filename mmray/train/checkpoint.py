@@ -10,7 +10,7 @@ exports, reports or compares that run; it is refused, naming the file.
 Slim checkpoints: the weights of permanently frozen encoders never change during a run, so they are left
 out of ``model.safetensors`` (a frozen ResNet-18 + MiniLM is 135 MB per epoch; the fusion and heads
 are usually well under 1 MB). ``frozen.json`` names each left-out module with the sha256 of its weights
-(:func:`mmray.models.cached.weights_hash`); :func:`load_model` rebuilds them as training did
+(:func:`mmray.models.hashing.weights_hash`); :func:`load_model` rebuilds them as training did
 (:func:`mmray.models.builder.build_as_trained`) and :func:`load_weights` refuses a rebuild whose hash differs,
 so a checkpoint never silently pairs trained heads with other encoder weights. Exports always hold the
 full model.
@@ -36,7 +36,7 @@ from mmray import storage as store
 from mmray.config import JobConfig, from_yaml_text, to_yaml
 from mmray.config.errors import RunError, UserError
 from mmray.models.builder import build_as_trained, build_job_model
-from mmray.models.cached import weights_hash
+from mmray.models.hashing import weights_hash
 from mmray.models.lora import base_hash, base_parameter_names
 
 WEIGHTS = "model.safetensors"

@@ -26,6 +26,8 @@ from typing import Any
 
 from ray.tune import Callback
 
+from mmray.tune.experiment import write_cores
+
 NAMESPACE = "mmray"  # Ray key-value store namespace of the shares
 
 
@@ -93,7 +95,6 @@ class CoreBalancer(Callback):
         self.shares = {}
         self.end = self.clock()
         if self.experiment_dir:
-            from mmray.tune.experiment import write_cores
 
             write_cores(self.experiment_dir, self.figures())
 

@@ -24,7 +24,7 @@ from mmray.train.loop import train_loop
 from mmray.train.trainer import fit
 from mmray.tune.algorithms import SCHEDULERS, SEARCHERS
 from mmray.tune.context import TuneTrialContext
-from mmray.tune.experiment import SweepSetup, trial_dir
+from mmray.tune.experiment import SweepSetup, read_cores, trial_dir
 from mmray.tune.report import build_report, format_verdicts
 from mmray.tune.results import finish
 from mmray.tune.space import SpaceConfig
@@ -44,7 +44,7 @@ def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_di
     import torch
     from ray import tune
 
-    from mmray.tune.cores import ShareFollower
+    from mmray.tune.cores import ShareFollower  # imports Ray (a Tune callback / Ray's key-value store)
 
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # one INFO line per checkpoint
     config = validate_job(apply_overrides(job_raw, params.items()))
@@ -151,7 +151,7 @@ def _core_balancer(setup: SweepSetup):
 
     import ray
 
-    from mmray.tune.cores import CoreBalancer
+    from mmray.tune.cores import CoreBalancer  # imports Ray (a Tune callback / Ray's key-value store)
 
     key = "cores-" + hashlib.sha1(setup.experiment_dir.encode()).hexdigest()[:12]
     return CoreBalancer(cpus=int(ray.cluster_resources().get("CPU", 1)), total_trials=setup.space.num_samples,
@@ -160,7 +160,7 @@ def _core_balancer(setup: SweepSetup):
 
 def _display(setup: SweepSetup):
     """The live sweep display (:mod:`mmray.tune.display`) for this sweep's metric and swept parameters."""
-    from mmray.tune.display import SweepDisplay, SweepProgress
+    from mmray.tune.display import SweepDisplay, SweepProgress  # imports Ray (a Tune callback / Ray's key-value store)
 
     space, job_raw = setup.space, setup.job_raw
     progress = SweepProgress(metric=space.metric, mode=space.resolved_mode, total=space.num_samples,
@@ -225,8 +225,7 @@ def run_sweep(setup: SweepSetup, *, resume: bool = False, report: bool = True):
     report was written. Steps, in order: start Ray; prepare what the trials share (nothing yet); run the
     trials; rank them and export the best; write ``report/``.
     """
-    from mmray.tune.display import close_displays
-    from mmray.tune.experiment import read_cores
+    from mmray.tune.display import close_displays  # imports Ray (a Tune callback / Ray's key-value store)
 
     # Tune's legacy output engine at verbose=0 prints no progress of its own: mmray.tune.display is the sweep's
     # progress output. The engine is chosen from this variable when the Tuner starts.

@@ -84,7 +84,7 @@ class HFImageConfig(HFEncoderConfig):
     def check_files(self, key: str) -> None:
         """The model's config and its image processor (``data.image`` comes from it) are there, locally."""
         super().check_files(key)
-        image_settings(self.path, f"{key}.path")
+        hf_local.image_settings(self.path, f"{key}.path")
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -204,7 +204,7 @@ class HFImageEncoder(nn.Module):
     """Hugging Face vision model (ViT, CLIP/SigLIP vision tower, DINOv2, ConvNeXt, Swin): pooled + patch sequence.
 
     Reads ``batch["image"]`` float ``[B, 3, S, S]``, resized and normalised as the model's image processor
-    does (the schema sets ``data.image.size/mean/std`` from it, :func:`image_settings`). A full CLIP or SigLIP
+    does (the schema sets ``data.image.size/mean/std`` from it, :func:`mmray.hf_local.image_settings`). A full CLIP or SigLIP
     model (text and vision) contributes its vision tower only. Returns ``sequence [B, T, D]`` = the (projected)
     last hidden states: the tokens of a ViT-style model, the ``h x w`` feature map of ConvNeXt flattened; all
     real. ``pooled [B, D]`` per ``pool``. A ViT-style model fed another size than it was trained at
@@ -260,44 +260,6 @@ class HFImageEncoder(nn.Module):
                 pooled = pooled + 0.0 * pooled_out.sum()
         mask = torch.ones(seq.shape[:2], dtype=torch.bool, device=seq.device)
         return EncoderOutput(self.dropout(pooled), self.dropout(seq), mask)
-
-
-def image_settings(path: str, key: str) -> dict[str, Any]:
-    """``{"size", "mean", "std"}`` for ``data.image`` from the image processor of the model at ``path``.
-
-    ``size`` is the side the model is fed (its centre crop when it crops, else its resize target); ``mean``
-    and ``std`` its normalisation ((0, 0, 0) and (1, 1, 1) when it does not normalise).
-
-    Raises:
-        UserError: naming ``key``: the processor cannot be loaded, or its input is not square.
-    """
-    proc = hf_local.from_pretrained("AutoImageProcessor", path, key, "image processor")
-    crop = getattr(proc, "crop_size", None) if getattr(proc, "do_center_crop", False) else None
-    size = _side(crop) or _side(getattr(proc, "size", None))
-    if size is None:
-        raise UserError(f"{key}: {path}: its image processor names no square input size; set data.image.size")
-    normalize = getattr(proc, "do_normalize", True)
-    mean = tuple(float(v) for v in _three(proc.image_mean)) if normalize else (0.0, 0.0, 0.0)
-    std = tuple(float(v) for v in _three(proc.image_std)) if normalize else (1.0, 1.0, 1.0)
-    return {"size": size, "mean": mean, "std": std}
-
-
-def _three(v: Any) -> tuple:
-    return tuple(v) * 3 if isinstance(v, (int, float)) else tuple(v)
-
-
-def _side(size: Any) -> int | None:
-    """A processor's ``size`` / ``crop_size`` (int, dict or SizeDict) as one square side; None if it is not."""
-    if size is None:
-        return None
-    if isinstance(size, int):
-        return size
-    get = size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))
-    h, w = get("height"), get("width")
-    if h and w:
-        return int(h) if h == w else None
-    edge = get("shortest_edge")
-    return int(edge) if edge else None
 
 
 # ------------------------------------------------------------------------------------ audio
