@@ -30,7 +30,8 @@ def run(args) -> int:
 
         job_raw = apply_overrides(read_yaml(args.job), args.overrides)
         space = load_space(args.space, job_raw)  # ConfigError (exit 2) naming parameters.<key>
-        print(f"{args.space}: ok ({len(space.parameters)} parameters, {space.num_samples} trials, "
+        trials = space.num_samples if space.num_samples is not None else "as many as the time budget allows"
+        print(f"{args.space}: ok ({len(space.parameters)} parameters, {trials} trials, "
               f"searcher {space.search.name}, scheduler {space.scheduler.name})")
     if "://" in config.data.path or os.path.exists(config.data.path):
         info = check_dataset(config)  # UserError (exit 2) if it lacks what the job needs

@@ -217,6 +217,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Predicto
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"{root}: no such model export folder")
+    from mmray.export.ensemble import is_ensemble, load_ensemble
+
+    if is_ensemble(root):  # several members' probabilities averaged (mmray.export.ensemble)
+        return load_ensemble(root, device)
     weights_path = _require(root / WEIGHTS_FILE, "weights")
     config = read_config(root)
     labels = read_labels(root)

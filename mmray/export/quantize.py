@@ -100,6 +100,10 @@ def quantize_export(model_dir: str | Path, mode: str, out: str | Path | None = N
             ``out`` is ``model_dir`` or holds something that is not an export.
     """
     check_mode(mode)
+    from mmray.export.ensemble import is_ensemble
+
+    if is_ensemble(model_dir):
+        return _quantize_ensemble(Path(model_dir), mode, out, min_kernel_elements)
     src = check_export_dir(model_dir)
     if read_quantization(src) is not None:
         raise UserError(f"{src}: already a compressed export ({QUANTIZATION_FILE}); compress the original instead")
@@ -138,6 +142,34 @@ def quantize_export(model_dir: str | Path, mode: str, out: str | Path | None = N
         "source_weights_bytes": spec["source_weights_bytes"],
         "weights_bytes": (dest / WEIGHTS_FILE).stat().st_size,
     }
+
+
+def _quantize_ensemble(src: Path, mode: str, out: str | Path | None, min_kernel_elements: int) -> dict[str, Any]:
+    """An ensemble export compressed member by member (``members/<i>/`` each a compressed export)."""
+    from mmray.export.ensemble import MEMBERS_DIR, read_members
+
+    dest = Path(out) if out is not None else default_out(src, mode)
+    if dest.resolve() == src.resolve():
+        raise UserError(f"--out {dest}: is the source export itself; choose another folder")
+    members = read_members(src)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp.chmod(0o755)
+    totals = {"linear_layers": 0, "int8_weights": 0, "source_weights_bytes": 0, "weights_bytes": 0}
+    try:
+        for item in src.iterdir():
+            if item.name == MEMBERS_DIR or any(item.match(p) for p in _NOT_COPIED):
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        for member in members:
+            done = quantize_export(member, mode, out=tmp / member.relative_to(src), min_kernel_elements=min_kernel_elements)
+            for k in totals:
+                totals[k] += done[k]
+        replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"out": str(dest), "mode": mode, **totals}
 
 
 def _copy_export_files(src: Path, dest: Path) -> None:

@@ -168,7 +168,8 @@ def _write_json(path: Path, obj: Any) -> None:
 def replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished ``tmp`` folder to ``out``, replacing an earlier export there."""
     if out.exists():
-        if not (out / WEIGHTS_FILE).is_file() and any(out.iterdir()):
+        # an export: one model's weights, or an ensemble's description (mmray.export.ensemble)
+        if not (out / WEIGHTS_FILE).is_file() and not (out / "ensemble.json").is_file() and any(out.iterdir()):
             raise UserError(f"{out}: exists, is not empty and is not a model export; choose another folder")
         shutil.rmtree(out)
     os.replace(tmp, out)

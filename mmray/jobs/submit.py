@@ -76,10 +76,10 @@ def check_command(ns: Any, working_dir: str) -> list[tuple[str, str]]:
     if ns.name is not None:
         check_run_name(ns.name, "--name")  # one path component, as `mmray train|tune` will insist
     if ns.verb == "tune":
-        if not ns.space:
-            raise UserError("give --space SPACE.yaml: mmray submit -- tune JOB.yaml --space SPACE.yaml")
-        load_space(here(ns.space), apply_overrides(read_yaml(here(ns.job)), ns.overrides),
-                   num_samples=ns.num_samples)
+        # no --space: the built-in default space, fitted to the job
+        load_space(here(ns.space) if ns.space else None, apply_overrides(read_yaml(here(ns.job)), ns.overrides),
+                   num_samples=ns.num_samples, time_budget=ns.time_budget, finalists=ns.finalists,
+                   ensemble=ns.ensemble)
     return [("data.path", config.data.path), ("--storage" if ns.storage else "storage", ns.storage or config.storage)]
 
 

@@ -42,13 +42,20 @@ def cmaes(search) -> Any:
     return _sampler("cmaes", search)
 
 
+def grace_period(sched, max_t: int) -> int:
+    """Epochs a trial runs before a scheduler may stop it: the space's ``grace_period``, or with ``auto``
+    a quarter of the longest trial's epochs (at least 2), never more than ``max_t``."""
+    grace = max(2, max_t // 4) if sched.grace_period == "auto" else sched.grace_period
+    return max(1, min(grace, max_t))
+
+
 @SCHEDULERS.register("asha", config=_Named)
 def asha(sched, *, metric: str, mode: str, max_t: int, baseline: dict[str, Any] | None = None) -> Any:
     """Asynchronous successive halving: stops the worse trials at each rung of epochs."""
     from mmray.tune.schedulers import ASHAKeepingBaseline  # imports Ray Tune: only when a sweep builds its scheduler
 
     return ASHAKeepingBaseline(
-        time_attr="epoch", metric=metric, mode=mode, max_t=max_t, grace_period=min(sched.grace_period, max_t),
+        time_attr="epoch", metric=metric, mode=mode, max_t=max_t, grace_period=grace_period(sched, max_t),
         reduction_factor=sched.reduction_factor, baseline=baseline)
 
 
@@ -57,7 +64,7 @@ def median(sched, *, metric: str, mode: str, max_t: int, baseline: dict[str, Any
     """Median stopping: stops a trial whose best result is below the median of the others' at the same epoch."""
     from mmray.tune.schedulers import MedianKeepingBaseline  # imports Ray Tune: only when a sweep builds its scheduler
 
-    return MedianKeepingBaseline(time_attr="epoch", metric=metric, mode=mode, grace_period=sched.grace_period,
+    return MedianKeepingBaseline(time_attr="epoch", metric=metric, mode=mode, grace_period=grace_period(sched, max_t),
                                  baseline=baseline)
 
 

@@ -7,6 +7,7 @@ from typing import Iterable
 from mmray.config import validate_job
 from mmray.config.errors import UserError
 from mmray.config.loader import apply_overrides, read_yaml
+from mmray.tune.budget import parse_duration
 from mmray.tune.experiment import load_setup, prepare
 from mmray.tune.results import SweepSummary
 from mmray.tune.space import load_space
@@ -19,6 +20,9 @@ def tune_job(
     *,
     overrides: Iterable[str] = (),
     num_samples: int | None = None,
+    time_budget: str | float | None = None,
+    finalists: int | None = None,
+    ensemble: int | None = None,
     name: str | None = None,
     storage: str | None = None,
     resume: str | None = None,
@@ -29,9 +33,18 @@ def tune_job(
 
     Args:
         job: the job YAML (a path); not with ``resume``.
-        space: the search-space YAML (a path); not with ``resume``.
+        space: the search-space YAML (a path); not with ``resume``. None: the built-in default space
+            (``mmray/tune/default_space.yaml``) fitted to the job.
         overrides: ``KEY=VALUE`` settings applied to the job, as ``--set`` does.
-        num_samples: trials to run (default: the space's ``num_samples``).
+        num_samples: trials to run (default: the space's ``num_samples``; with ``time_budget``, as many as
+            it allows).
+        time_budget: the sweep's wall-clock budget, ``"90s"``, ``"20m"``, ``"1.5h"`` or seconds: no trial starts
+            after it and unfinished trials are stopped, their checkpoints kept and ranked. With
+            ``num_samples``, whichever ends first. With finalists, the search gets three quarters of it.
+        finalists: train the top ``finalists`` trials again with other seeds before naming the winner (the
+            best mean wins); 0 = off. Default: the space's ``finalists`` (3 in the built-in space).
+        ensemble: also export the top ``ensemble`` trials as one ensemble (probabilities averaged); ``best/``
+            is the better of it and the single winner on validation; 0 = off. Default: the space's.
         name: the experiment's name; an existing experiment of that name is an error. Default:
             ``<job name>-sweep``, or the next free ``-2``, ``-3``...
         storage: where experiments go (a folder or a URI); default the job's ``storage``.
@@ -43,17 +56,20 @@ def tune_job(
         metrics, the report's path (:func:`~mmray.tune.results.format_summary` prints it).
 
     Raises:
-        UserError: a bad job, space or dataset, or an experiment that exists (nothing started).
+        UserError: a bad job, space, time budget or dataset, or an experiment that exists (nothing started).
     """
     if resume:
-        if job or space:
-            raise UserError("--resume takes only EXPERIMENT_DIR: the job and space are read from it")
+        if job or space or time_budget is not None or num_samples is not None or finalists is not None \
+                or ensemble is not None:
+            raise UserError("--resume takes only EXPERIMENT_DIR: the job, space and budget are read from it")
         return run_sweep(load_setup(str(resume)), resume=True, report=report)
-    if not job or not space:
-        raise UserError("give JOB.yaml and --space SPACE.yaml (or --resume EXPERIMENT_DIR)")
+    if not job:
+        raise UserError("give JOB.yaml (and optionally --space SPACE.yaml), or --resume EXPERIMENT_DIR")
+    budget = parse_duration(time_budget) if time_budget is not None else None  # a bad one: exit 2 first
     job_raw = apply_overrides(read_yaml(job), overrides, warn=True)
     config = validate_job(job_raw, str(job))  # a bad job is refused before anything starts
-    sweep_space = load_space(str(space), job_raw, num_samples=num_samples)
+    sweep_space = load_space(str(space) if space is not None else None, job_raw, num_samples=num_samples,
+                             time_budget=budget, finalists=finalists, ensemble=ensemble)
     setup = prepare(job_raw, sweep_space, name=f"{config.name}-sweep" if name is None else name,
                     storage=storage or config.storage, explicit_name=name is not None)
     return run_sweep(setup, report=report)

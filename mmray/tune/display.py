@@ -64,7 +64,7 @@ def _metric(v: float | None) -> str:
 class SweepProgress:
     """The sweep's trials as a person follows them; every method that changes state returns the event line."""
 
-    def __init__(self, *, metric: str, mode: str, parameters: list[str], total: int, scheduler: str = "",
+    def __init__(self, *, metric: str, mode: str, parameters: list[str], total: int | None, scheduler: str = "",
                  clock: Callable[[], float] = time.monotonic):
         self.metric, self.mode, self.parameters, self.total = metric, mode, parameters, total
         self.scheduler = SCHEDULER_NAMES.get(scheduler, scheduler or "the scheduler")
@@ -139,7 +139,8 @@ class SweepProgress:
     def counts(self) -> dict[str, int]:
         rows = self.rows.values()
         out = {s: sum(r.status == s for r in rows) for s in ("running", *FINISHED)}
-        out["pending"] = max(0, self.total - sum(r.status != "pending" for r in rows))
+        # total None: trials start while a time budget lasts, so none is counted as waiting
+        out["pending"] = max(0, (self.total or 0) - sum(r.status != "pending" for r in rows))
         return out
 
     def best_row(self) -> TrialRow | None:
@@ -166,7 +167,7 @@ class SweepProgress:
     def header(self) -> str:
         c = self.counts()
         done = sum(c[s] for s in FINISHED)
-        parts = [f"{done}/{self.total} trials done ({c['completed']} completed, "
+        parts = [f"{done}/{self.total if self.total else 'until the time budget'} trials done ({c['completed']} completed, "
                  f"{c['stopped'] + c['early-stopped']} stopped, {c['failed']} failed)",
                  f"{c['running']} running", f"{c['pending']} pending"]
         best = self.best_row()
@@ -174,7 +175,7 @@ class SweepProgress:
             parts.append(f"best {self.metric} {_metric(best.best)} (trial {best.trial_id})")
         parts.append(f"elapsed {_duration(self.clock() - self.start)}")
         eta = self.eta()
-        if eta is not None and done < self.total:
+        if eta is not None and self.total and done < self.total:
             parts.append(f"ETA {_duration(eta)}")
         return ", ".join(parts)
 

@@ -11,6 +11,9 @@ Layout::
                                TorchTrainer run with its ``checkpoint_epoch_NNNN`` folders
     cores.json                 in-process sweeps: CPUs, wall time and mean busy-core fraction of the last run
     leaderboard.csv, best/     written when the sweep ends (``best/`` is a model export)
+    budget.json                how the sweep's time was spent (:mod:`mmray.tune.budget` reads and writes it)
+    best-single/, best-ensemble/, ensemble-arm.json   with ``ensemble: K``: the winner's and the top K's exports
+                               and which one ``best/`` is (:mod:`mmray.tune.ensemble`)
     report/                    ``mmray report``: ``summary.md`` and the plots
 
 No Ray: the report reads a finished experiment with none running.
@@ -39,6 +42,8 @@ from mmray.tune.space import SpaceConfig, check_against_job
 JOB_FILE, SPACE_FILE, STUDY_FILE = "job.yaml", "space.yaml", "optuna.db"
 LEADERBOARD, BEST_DIR = "leaderboard.csv", "best"
 REPORT_DIR, SUMMARY = "report", "summary.md"
+BUDGET_FILE = "budget.json"
+ENSEMBLE_ARM_FILE = "ensemble-arm.json"
 TRIALS_DIR = "trials"
 CORES = "cores.json"  # mmray.tune.cores: how busy the cores were
 
@@ -78,6 +83,8 @@ def prepare(job_raw: dict[str, Any], space: SpaceConfig, *, name: str, storage: 
     store.makedirs(experiment_dir)
     store.write_text(store.join(experiment_dir, JOB_FILE), yaml.safe_dump(job_raw, sort_keys=False))
     space_doc = space.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if space.num_samples is None:
+        space_doc["num_samples"] = None  # as many as the time budget allows (not the default 8)
     store.write_text(store.join(experiment_dir, SPACE_FILE), yaml.safe_dump(space_doc, sort_keys=False))
     return SweepSetup(experiment_dir, job_raw, space)
 
@@ -100,19 +107,33 @@ def read_leaderboard(experiment_dir: str) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def write_leaderboard(path: str, trials: list, param_keys: list[str]) -> None:
+def write_leaderboard(path: str, trials: list, param_keys: list[str], metric: str | None = None) -> None:
     """``leaderboard.csv`` at ``path`` (a local file): one row per trial (:class:`~mmray.tune.results.TrialRecord`),
     ranked, with its parameters and its best epoch's validation metrics."""
     metric_keys = sorted({k for t in trials for k in t.best if k.startswith(("val.", "train.loss"))
                           and not k.endswith(("confusion", ".rows"))})
     role = ["role"] if any(t.baseline for t in trials) else []  # only in sweeps with a baseline trial
+    # re-checked finalists (mmray.tune.finalists): the mean and sd of the metric over their runs, and how many
+    checked = [f"{metric}.mean", f"{metric}.sd", "runs"] if metric and any(t.rechecks for t in trials) else []
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["rank", "trial_id", "status", *role, *param_keys, "best_epoch", "epochs_run", *metric_keys])
+        w.writerow(["rank", "trial_id", "status", *role, *param_keys, "best_epoch", "epochs_run", *checked,
+                    *metric_keys])
         for rank, t in enumerate(trials, 1):
             w.writerow([rank, t.trial_id, t.status, *(["baseline" if t.baseline else ""] if role else []),
                         *(t.params.get(k, "") for k in param_keys),
-                        t.best_epoch or "", t.epochs_run, *(t.best.get(k, "") for k in metric_keys)])
+                        t.best_epoch or "", t.epochs_run, *(_checked(t, metric) if checked else []),
+                        *(t.best.get(k, "") for k in metric_keys)])
+
+
+def _checked(trial, metric: str) -> list:
+    from mmray.tune.finalists import mean_sd
+
+    if not trial.rechecks:
+        return ["", "", 1]
+    scores = trial.scores(metric)
+    mean, sd = mean_sd(scores)
+    return [round(mean, 6), round(sd, 6), len(scores)]
 
 
 # ----------------------------------------------------------------------------- trials

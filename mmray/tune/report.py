@@ -28,6 +28,7 @@ from mmray.config.loader import apply_overrides
 from mmray.export.writer import EXPORT_METRICS_FILE, read_metrics
 from mmray.tune import control_arms as arms
 from mmray.tune import report_plots as plots
+from mmray.tune.budget import read_ledger, spending_lines
 from mmray.tune.experiment import (
     BEST_DIR,
     LEADERBOARD,
@@ -380,9 +381,19 @@ def _leaderboard_md(rep: Report, rows: list[dict[str, str]], space: SpaceConfig)
     metrics = [m for m in dict.fromkeys([rep.metric, "val.accuracy", "val.f1", "val.loss"]) if rows and m in rows[0]]
     role = ["role"] if rows and "role" in rows[0] else []
     header = ["rank", "trial_id", "status", *role, *params, "best_epoch", "epochs_run", *metrics]
+    mean = f"{rep.metric}.mean"
+    if rows and mean in rows[0]:  # finalists checked twice (mmray.tune.finalists): mean +- sd over their runs
+        header.append(f"{rep.metric} mean ± sd (runs)")
     return _table(header, [[_num(r.get(h, "")) if h not in ("trial_id", "status", "role") else r.get(h, "")
-                            for h in header]
+                            for h in header if not h.endswith("(runs)")]
+                           + ([_mean_sd(r, rep.metric)] if header[-1].endswith("(runs)") else [])
                            for r in rows[:TOP]])
+
+
+def _mean_sd(row: dict[str, str], metric: str) -> str:
+    if not row.get(f"{metric}.mean"):
+        return ""
+    return f"{float(row[metric + '.mean']):.4f} ± {float(row[metric + '.sd']):.4f} ({row['runs']})"
 
 
 def _arms_md(rep: Report) -> list[str]:
@@ -414,6 +425,8 @@ def render_markdown(rep: Report, leaderboard: list[dict[str, str]], space: Space
              f"- experiment: `{shown}`",
              f"- metric: `{rep.metric}` ({rep.mode}); each trial is scored by its best epoch",
              f"- trials: {len(rep.trials)} (" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")"]
+    lines += [f"- {line}" for line in spending_lines(read_ledger(exp), {t.trial_id: t.status for t in rep.trials},
+                                                     w.trial_id if w is not None else None)]
     if w is not None:
         lines.append(f"- winner: trial `{w.trial_id}`, epoch {w.best_epoch}, {rep.metric} {w.value:.4f}")
     lines += ["", "## Winner", ""]
@@ -445,6 +458,11 @@ def render_markdown(rep: Report, leaderboard: list[dict[str, str]], space: Space
         lines += [f"No completed trial used {rep.notes['fusions_missing']}.", ""]
     lines += _image(rep, "fusions", "best score per fusion method")
     lines += ["## Control arms", ""] + _arms_md(rep)
+    from mmray.tune.ensemble import arm_lines, read_arm
+
+    ensemble = arm_lines(read_arm(exp))
+    if ensemble:
+        lines += ["## Ensemble vs single winner", "", *[f"- {line}" for line in ensemble], ""]
     lines += ["## Look further", "", "```bash",
               f"tensorboard --logdir {shown}",
               f"optuna-dashboard sqlite:///{STUDY_FILE}   # a local copy of {store.join(shown, STUDY_FILE)}"

@@ -12,7 +12,9 @@ from mmray.data.dataset_dir import read_dataset_info
 from mmray.train.checkpoint import read_train_state
 from mmray.train.finalize import best_kept, export_checkpoint, measure_checkpoint, supervised_best
 from mmray.train.outputs import tensorboard_dir
+from mmray.tune import finalists
 from mmray.tune.baseline import is_baseline
+from mmray.tune.budget import read_ledger, spending_lines
 from mmray.tune.experiment import (
     BEST_DIR,
     LEADERBOARD,
@@ -30,13 +32,18 @@ SHOWN = ("val.accuracy", "val.f1", "val.loss", "test.accuracy")
 class TrialRecord:
     trial_id: str
     params: dict[str, Any]
-    status: str  # completed | stopped (early: scheduler or patience) | error | pending
+    status: str  # completed | stopped (early: scheduler or patience) | budget (the time budget ran out) | error | pending
     epochs_run: int
     best_epoch: int | None
     best: dict[str, float]  # the best epoch's metrics
     best_checkpoint: str | None
     error: str | None = None
     baseline: bool = False  # the job's own values (``baseline: true`` in the space)
+    rechecks: list[float] = field(default_factory=list)  # a finalist's re-runs' scores (mmray.tune.finalists)
+
+    def scores(self, metric: str) -> list[float]:
+        """Every run's best-epoch ``metric``: this trial's, then its re-runs' (finalists only)."""
+        return [float(self.best[metric]), *self.rechecks] if metric in self.best else list(self.rechecks)
 
 
 @dataclass
@@ -50,6 +57,8 @@ class SweepSummary:
     baseline_metrics: dict[str, Any] = field(default_factory=dict)  # its best epoch on val and test
     report_path: str | None = None  # report/summary.md, once written
     report_verdicts: str = ""  # the report's winner-vs-control lines
+    spending: list[str] = field(default_factory=list)  # how the sweep's time was spent (budget.json)
+    ensemble: dict[str, Any] | None = None  # the ensemble arm (mmray.tune.ensemble), when the space asks for one
     cores: dict[str, Any] | None = None  # in-process sweeps: cpus, wall_s, busy_fraction (mmray.tune.cores)
 
     @property
@@ -147,36 +156,52 @@ def write_hparams(experiment_dir: str, trial: TrialRecord, metric: str) -> None:
     writer.close()
 
 
-def finish(setup, results) -> SweepSummary:
-    """Rank trials by their best epoch, write ``leaderboard.csv``, HParams and the best trial's export."""
+def finish(setup, results, recheck=None) -> SweepSummary:
+    """Rank trials by their best epoch, write ``leaderboard.csv``, HParams and the best trial's export.
+
+    ``recheck(trials)``: called with the ranked trials before anything is written; it sets the finalists'
+    ``rechecks`` (:func:`mmray.tune.finalists.recheck`), and they are ranked by their mean."""
     space, exp = setup.space, setup.experiment_dir
     metric, mode = space.metric, space.resolved_mode
     trials = [_record(r, setup, metric, mode) for r in results]
+    ledger = read_ledger(exp)
+    for t in trials:  # cut short by the time budget rather than by the scheduler
+        if t.status == "stopped" and t.trial_id in ledger.stopped_by_budget:
+            t.status = "budget"
     if space.baseline:
         point = space.baseline_point(setup.job_raw)
         for t in trials:
             t.baseline = is_baseline(t.params, point)
     keep = validate_job(setup.job_raw).checkpoint.num_to_keep
     for r, t in zip(results, trials):
-        if t.status in ("completed", "stopped") and r.checkpoint is not None:
+        if t.status in ("completed", "stopped", "budget") and r.checkpoint is not None:
             prune_checkpoints(r, keep, metric, mode)
     sign = 1 if mode == "max" else -1
     trials.sort(key=lambda t: (t.best_epoch is None, -sign * t.best.get(metric, 0.0)))
+    if recheck is not None:
+        recheck(trials)
+        trials = finalists.rank(trials, metric, mode)
     param_keys = [k for k, _ in space.ordered_parameters()]
     staged = store.StagedDir(exp)  # written locally, uploaded when exp is a URI
-    write_leaderboard(staged.path(LEADERBOARD), trials, param_keys)
+    write_leaderboard(staged.path(LEADERBOARD), trials, param_keys, metric)
     store_study(staged.path(STUDY_FILE), store.split(exp)[1], space, trials)
     for t in trials:
         write_hparams(staged.local, t, metric)
     staged.close()
     summary = SweepSummary(exp, metric, mode, trials, None)
     winner = summary.best_trial
+    summary.spending = spending_lines(ledger, {t.trial_id: t.status for t in trials},
+                                      winner.trial_id if winner else None)
     if winner is not None and winner.best_checkpoint:
         config = validate_job(apply_overrides(setup.job_raw, winner.params.items()))
         info = read_dataset_info(config.data.path)
         summary.best_dir = store.join(exp, BEST_DIR)
         summary.best_metrics = export_checkpoint(config, info, supervised_best(config, winner.best_checkpoint),
                                                 summary.best_dir)
+        if space.ensemble >= 2:
+            from mmray.tune.ensemble import ensemble_arm
+
+            summary.ensemble = ensemble_arm(setup, trials, summary.best_metrics)
     base = summary.baseline_trial
     if base is not None and base.best_checkpoint:
         summary.baseline_metrics = (summary.best_metrics if base is winner
@@ -196,11 +221,12 @@ def format_summary(summary: SweepSummary) -> str:
     lines = [f"experiment:  {summary.experiment_dir}",
              f"trials:      {len(summary.trials)} ("
              + ", ".join(f"{s} {sum(t.status == s for t in summary.trials)}"
-                         for s in ("completed", "stopped", "error", "pending")
+                         for s in ("completed", "stopped", "budget", "error", "pending")
                          if any(t.status == s for t in summary.trials)) + ")"]
     w = summary.best_trial
     if w is not None:
         lines.append(f"best trial:  {w.trial_id}  epoch {w.best_epoch}  {summary.metric} {w.best[summary.metric]:.4f}")
+        lines += finalist_lines(summary)
         for k, v in w.params.items():
             lines.append(f"  {k} = {v}")
         m = summary.best_metrics
@@ -208,6 +234,10 @@ def format_summary(summary: SweepSummary) -> str:
             lines.append(f"best model:  test accuracy {m['test.accuracy']:.4f}  test F1 {m['test.f1']:.4f}")
         lines.append(f"export:      {summary.best_dir}")
     lines += _baseline_lines(summary)
+    from mmray.tune.ensemble import arm_lines
+
+    lines += [f"ensemble:    {line}" if i == 0 else f"  {line}" for i, line in enumerate(arm_lines(summary.ensemble))]
+    lines += [f"time:        {line}" if i == 0 else f"  {line}" for i, line in enumerate(summary.spending)]
     if summary.cores and summary.cores.get("busy_fraction") is not None:
         c = summary.cores
         lines.append(f"cores busy:  {c['busy_fraction']:.0%} of {c['cpus']} CPUs over {c['wall_s']:.0f} s "
@@ -218,6 +248,20 @@ def format_summary(summary: SweepSummary) -> str:
         lines += [f"  {v}" for v in summary.report_verdicts.splitlines() if v]
     lines.append(f"tensorboard: {summary.tensorboard_command}")
     return "\n".join(lines)
+
+
+def finalist_lines(summary: SweepSummary) -> list[str]:
+    """The re-checked finalists, mean +- sd of their runs, the winner first."""
+    checked = [t for t in summary.trials if t.rechecks]
+    if not checked:
+        return []
+    lines = [f"finalists:   the top {len(checked)} trained again with other seeds; {summary.metric} over each "
+             f"one's runs, mean +- sd (the best mean wins):"]
+    for t in checked:
+        mean, sd = finalists.mean_sd(t.scores(summary.metric))
+        lines.append(f"  {t.trial_id}  {mean:.4f} +- {sd:.4f}  ({len(t.scores(summary.metric))} runs: "
+                     + ", ".join(f"{v:.4f}" for v in t.scores(summary.metric)) + ")")
+    return lines
 
 
 def _baseline_lines(summary: SweepSummary) -> list[str]:

@@ -16,7 +16,7 @@ value (or each choice) is applied to the job, with its ``when`` conditions, and 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -138,7 +138,9 @@ class SearchConfig(StrictModel):
 
 class SchedulerConfig(StrictModel):
     name: str = Field("asha", description="a registered scheduler (`mmray ls`)")
-    grace_period: int = Field(1, ge=1, description="epochs every trial runs before it can be stopped")
+    grace_period: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = Field(
+        1, description="epochs every trial runs before it can be stopped; auto = max(2, epochs // 4) of the "
+                       "longest trial, so a slow starter is not judged before its curve shows anything")
     reduction_factor: float = Field(2.0, gt=1, description="asha: keep the top 1/reduction_factor at each rung")
 
     _name = field_validator("name")(lambda v: _registered(SCHEDULERS)(v))
@@ -147,14 +149,28 @@ class SchedulerConfig(StrictModel):
 class SpaceConfig(StrictModel):
     metric: Literal[tuple(METRICS)] = "val.accuracy"  # type: ignore[valid-type]
     mode: Optional[Literal["max", "min"]] = Field(None, description="default: the metric's natural direction")
-    num_samples: int = Field(8, ge=1)
+    num_samples: Optional[int] = Field(8, ge=1, description="trials to run; null = as many as time_budget_s allows")
+    time_budget_s: Optional[float] = Field(None, gt=0, description="wall-clock seconds for the whole sweep: no "
+                                           "trial starts after it, running ones are stopped (`--time-budget`)")
     max_concurrent_trials: Optional[int] = Field(None, ge=1, description="default: from the cluster's CPUs/GPUs")
     max_failures: int = Field(1, ge=0, description="retries of a failed trial (from its checkpoint)")
     baseline: bool = Field(False, description="the first trial is the job's own value of every drawn parameter "
                                               "(the control): never stopped early, compared with the winner")
+    finalists: int = Field(0, ge=0, description="the top trials trained again with other seeds before the winner "
+                                                "is named (the best mean wins); 0 = off (`--finalists K`)")
+    finalist_seeds: int = Field(2, ge=1, description="re-runs per finalist, each with another train.seed")
+    ensemble: int = Field(0, ge=0, description="the top K trials' probabilities averaged as an ensemble export, "
+                                               "against the single winner; best/ is the better on validation; "
+                                               "0 or 1 = off (`--ensemble K`)")
     search: SearchConfig = SearchConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     parameters: dict[str, ParamSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> "SpaceConfig":
+        if self.num_samples is None and self.time_budget_s is None:
+            raise ValueError("num_samples: null needs a time budget (time_budget_s, `--time-budget`)")
+        return self
 
     @property
     def resolved_mode(self) -> str:
@@ -266,15 +282,38 @@ def check_against_job(space: SpaceConfig, job_raw: dict[str, Any], source: str |
         raise ConfigError(sorted(set(problems), key=problems.index), source)
 
 
-def load_space(path: str, job_raw: dict[str, Any], *, num_samples: int | None = None) -> SpaceConfig:
-    """Read, validate and check a space YAML against the (already valid) raw job config."""
-    raw = read_yaml(path)
+def load_space(path: str | None, job_raw: dict[str, Any], *, num_samples: int | None = None,
+               time_budget: str | float | None = None, finalists: int | None = None,
+               ensemble: int | None = None) -> SpaceConfig:
+    """Read, validate and check a space YAML against the (already valid) raw job config.
+
+    ``path`` None: the built-in default space fitted to the job (:mod:`mmray.tune.defaults`).
+    ``time_budget`` (``"20m"`` or seconds): the sweep's wall-clock budget; without ``num_samples`` trials are
+    launched while it allows, with it whichever ends first. ``finalists``, ``ensemble``: the space's, replaced.
+    """
+    from mmray.tune.budget import parse_duration
+    from mmray.tune.defaults import SOURCE, default_space
+
+    raw = read_yaml(path) if path is not None else default_space(job_raw)
+    source = path if path is not None else SOURCE
     if num_samples is not None:
         if num_samples < 1:
             raise UserError(f"--num-samples: must be at least 1, got {num_samples}")
         raw["num_samples"] = num_samples
-    space = _parse(raw, path)
-    check_against_job(space, job_raw, path)
+    if time_budget is not None:
+        raw["time_budget_s"] = parse_duration(time_budget) if isinstance(time_budget, str) else time_budget
+        if num_samples is None:
+            raw["num_samples"] = None  # as many trials as the budget allows
+    if finalists is not None:
+        if finalists < 0:
+            raise UserError(f"--finalists: must be 0 (off) or more, got {finalists}")
+        raw["finalists"] = finalists
+    if ensemble is not None:
+        if ensemble < 0:
+            raise UserError(f"--ensemble: must be 0 (off) or more, got {ensemble}")
+        raw["ensemble"] = ensemble
+    space = _parse(raw, source)
+    check_against_job(space, job_raw, source)
     return space
 
 

@@ -141,7 +141,7 @@ def concurrency(space: SpaceConfig, config) -> int:
     cluster = ray.cluster_resources()
     fit = min(math.floor(cluster.get(k, 0.0) / v) for k, v in trial_footprint(config).items() if v > 0)
     fit = max(1, fit)
-    return min(fit, space.max_concurrent_trials or fit, space.num_samples)
+    return min(fit, space.max_concurrent_trials or fit, space.num_samples or fit)
 
 
 def _core_balancer(setup: SweepSetup):
@@ -154,7 +154,8 @@ def _core_balancer(setup: SweepSetup):
     from mmray.tune.cores import CoreBalancer  # imports Ray (a Tune callback / Ray's key-value store)
 
     key = "cores-" + hashlib.sha1(setup.experiment_dir.encode()).hexdigest()[:12]
-    return CoreBalancer(cpus=int(ray.cluster_resources().get("CPU", 1)), total_trials=setup.space.num_samples,
+    # with a time budget (num_samples None) the searcher always has another trial waiting
+    return CoreBalancer(cpus=int(ray.cluster_resources().get("CPU", 1)), total_trials=setup.space.num_samples or 10**6,
                         key=key, experiment_dir=setup.experiment_dir)
 
 
@@ -174,6 +175,9 @@ def _tuner(setup: SweepSetup, *, restore: bool):
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.search.optuna import OptunaSearch
+
+    from mmray.tune.clock import SweepClock
+    from mmray.tune.finalists import search_budget
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" among the trials
     space, exp = setup.space, setup.experiment_dir
@@ -195,9 +199,12 @@ def _tuner(setup: SweepSetup, *, restore: bool):
                             points_to_evaluate=[baseline] if baseline else None)
     scheduler = SCHEDULERS.entry(space.scheduler.name).builder(space.scheduler, metric=metric, mode=mode,
                                                                max_t=max_epochs(setup), baseline=baseline)
+    # the time budget (if any) and the ledger of how the sweep's time was spent (budget.json)
+    clock = SweepClock(exp, search_budget(space), metric, mode)
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=space.num_samples,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                    num_samples=space.num_samples or -1,  # -1: until the budget stops it
                                     max_concurrent_trials=concurrency(space, config),
                                     # An in-process trial's next trial runs in the same process: torch, its
                                     # compiler stack (imported by the first optimizer) and the decoders are
@@ -211,8 +218,10 @@ def _tuner(setup: SweepSetup, *, restore: bool):
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None, checkpoint_score_attribute=metric,
                                                     checkpoint_score_order=mode),
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
+            stop=clock,
             # result.json/progress.csv per trial; no Tune TensorBoard logger: mmray writes its own, per trial
-            callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), _display(setup), *([balancer] if balancer else [])],
+            callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), _display(setup), *([balancer] if balancer else []),
+                       clock],
             verbose=0,  # Tune's own trial tables off: the display above is the sweep's progress output
         ),
     )
@@ -240,11 +249,23 @@ def run_sweep(setup: SweepSetup, *, resume: bool = False, report: bool = True):
             results = _tuner(setup, restore=resume).fit()
         finally:
             close_displays()  # a sweep that raised or was interrupted gives the terminal back
-        summary = finish(setup, results)
+        summary = finish(setup, results, recheck=_recheck(setup) if setup.space.finalists else None)
         summary.cores = read_cores(setup.experiment_dir)
         if report:
             summary.report_path, summary.report_verdicts = write_report_safely(setup.experiment_dir)
     return summary
+
+
+def _recheck(setup: SweepSetup):
+    """The finalists' re-check (:mod:`mmray.tune.finalists`), given what the search left of the time budget."""
+    from mmray.tune.budget import read_ledger
+    from mmray.tune.finalists import recheck
+
+    def run(trials) -> None:
+        budget, used = setup.space.time_budget_s, read_ledger(setup.experiment_dir).elapsed_s
+        left = None if budget is None else max(budget - (used or 0.0), 1.0)
+        recheck(setup, trials, budget_left=left)
+    return run
 
 
 def write_report_safely(experiment_dir: str) -> tuple[str | None, str]:

@@ -234,3 +234,10 @@ def test_an_empty_split_exits_2_saying_how_to_make_one(job, data_dir, tmp_path, 
     err = fails(capsys, "train", str(_job_on(job, data)))
     assert f"{split} split has 0 rows" in err and "mmray data prepare" in err
     assert written(tmp_path) == []
+
+
+@pytest.mark.parametrize("value", ["soon", "5 minutes", "0s", "-3m", "1d"])
+def test_a_bad_time_budget_exits_2_naming_the_flag_before_anything_is_written(job, tmp_path, capsys, value):
+    err = fails(capsys, "tune", str(job), f"--time-budget={value}")
+    assert err.startswith("mmray: --time-budget: ") and repr(value) in err
+    assert written(tmp_path) == []

@@ -153,7 +153,7 @@ def test_paths_the_cluster_cannot_see_are_warned_about(tmp_path):
     ([], "give the command to run after `--`"),
     (["evaluate", "x"], "got 'evaluate' (choose one of train, tune)"),
     (["train", "jobs/quickstart.yaml", "--set", "model.fusion.name=nope"], "model.fusion.name: 'nope'"),
-    (["tune", "jobs/quickstart.yaml"], "give --space SPACE.yaml"),
+    (["tune", "jobs/quickstart.yaml", "--time-budget", "soon"], "--time-budget: expected a duration"),
     (["train", "jobs/quickstart.yaml", "--name", "../elsewhere"], "--name: '../elsewhere' is not a run name"),
 ])
 def test_bad_commands_are_refused_before_anything_is_contacted(tmp_path, args, message):

@@ -1,0 +1,67 @@
+"""Finalists checked twice: who is re-checked, how they are ranked, and what the leaderboard and summary show."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from mmray.tune.experiment import write_leaderboard
+from mmray.tune.finalists import mean_sd, pick, rank, search_budget
+from mmray.tune.results import SweepSummary, TrialRecord, format_summary
+from mmray.tune.space import SpaceConfig
+
+
+def _trial(trial_id, score, rechecks=(), status="completed"):
+    return TrialRecord(trial_id, {"train.optimizer.lr": 0.001}, status, 4, 3 if score is not None else None,
+                       {"val.accuracy": score, "val.loss": 1.0} if score is not None else {}, None,
+                       rechecks=list(rechecks))
+
+
+def test_the_finalists_are_the_top_scored_trials():
+    ranked = [_trial("a", 0.9), _trial("b", 0.8, status="error"), _trial("c", 0.7), _trial("d", None),
+              _trial("e", 0.6)]
+    assert [t.trial_id for t in pick(ranked, 3)] == ["a", "c", "e"]
+
+
+def test_mean_and_sample_sd():
+    assert mean_sd([0.9]) == (0.9, 0.0)
+    mean, sd = mean_sd([0.8, 0.9, 1.0])
+    assert mean == pytest.approx(0.9) and sd == pytest.approx(0.1)
+
+
+def test_the_winner_is_the_best_mean_not_the_luckiest_run():
+    lucky = _trial("lucky", 0.95, rechecks=[0.80, 0.82])  # one good seed
+    steady = _trial("steady", 0.90, rechecks=[0.91, 0.89])
+    rest = _trial("rest", 0.85)
+    ranked = rank([lucky, steady, rest], "val.accuracy", "max")
+    assert [t.trial_id for t in ranked] == ["steady", "lucky", "rest"]
+    assert [t.trial_id for t in rank([lucky, steady], "val.loss", "min")][0] in ("lucky", "steady")
+
+
+def test_the_leaderboard_and_summary_show_mean_and_sd(tmp_path):
+    trials = rank([_trial("lucky", 0.95, [0.80, 0.82]), _trial("steady", 0.90, [0.91, 0.89]), _trial("rest", 0.85)],
+                  "val.accuracy", "max")
+    path = tmp_path / "leaderboard.csv"
+    write_leaderboard(str(path), trials, ["train.optimizer.lr"], "val.accuracy")
+    rows = list(csv.DictReader(path.open()))
+    assert [r["trial_id"] for r in rows] == ["steady", "lucky", "rest"]
+    assert float(rows[0]["val.accuracy.mean"]) == pytest.approx(0.9)
+    assert float(rows[0]["val.accuracy.sd"]) == pytest.approx(0.01)
+    assert rows[0]["runs"] == "3" and rows[2]["runs"] == "1" and rows[2]["val.accuracy.mean"] == ""
+    text = format_summary(SweepSummary(str(tmp_path), "val.accuracy", "max", trials, None))
+    assert "finalists:   the top 2 trained again with other seeds" in text
+    assert "steady  0.9000 +- 0.0100  (3 runs: 0.9000, 0.9100, 0.8900)" in text
+
+
+def test_without_rechecks_the_leaderboard_is_unchanged(tmp_path):
+    path = tmp_path / "leaderboard.csv"
+    write_leaderboard(str(path), [_trial("a", 0.9)], ["train.optimizer.lr"], "val.accuracy")
+    assert "runs" not in path.read_text().splitlines()[0]
+
+
+def test_with_finalists_the_search_leaves_a_quarter_of_the_budget_to_them():
+    params = {"train.optimizer.lr": {"loguniform": [1e-4, 1e-2]}}
+    assert search_budget(SpaceConfig.model_validate({"parameters": params})) is None
+    assert search_budget(SpaceConfig.model_validate({"parameters": params, "time_budget_s": 400})) == 400
+    assert search_budget(SpaceConfig.model_validate({"parameters": params, "time_budget_s": 400,
+                                                     "finalists": 3})) == 300
