@@ -58,15 +58,15 @@ def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_di
             raise outcome.error
         return
     torch.set_num_threads(max(1, int(CPUS_PER_TRIAL)))  # concurrent trials share the cores
-    try:
-        train_loop(config, _embedding_cache_context(config, run_dir, context_class or TuneTrialContext))
-    finally:
-        release_trial_memory()  # the next trial reuses this process
+    # What the trial before left in this reused process: released here, not as that trial ended, because Tune
+    # gives a stopped trial's thread 2 s to end before it refuses to reuse the process for the next trial.
+    release_trial_memory()
+    train_loop(config, _embedding_cache_context(config, run_dir, context_class or TuneTrialContext))
 
 
 def release_trial_memory() -> None:
-    """After an in-process trial, in the process the next trial reuses: collect the trial's model, optimizer
-    and readers (all locals of the loop, unreachable now) and give freed memory back to the OS: pyarrow's
+    """Before an in-process trial, in a process an earlier trial used: collect that trial's model, optimizer
+    and readers (all locals of its loop, unreachable now) and give freed memory back to the OS: pyarrow's
     pool keeps freed buffers, and glibc keeps freed arenas, unless asked (``malloc_trim``).
 
     What stays, once per process: torch, the decoders, pyarrow and their caches (about 1.1 GB RSS on CPU).
