@@ -89,7 +89,8 @@ def space(args) -> SpaceConfig:
 
 
 def run_arm(name: str, data: str, weights: str, args, cache: str, storage: str) -> dict:
-    from mmray.tune.sweep import prepare, run_sweep
+    from mmray.tune.experiment import prepare
+    from mmray.tune.sweep import run_sweep
 
     setup = prepare(job(data, weights, args, cache), space(args), name=name, storage=storage)
     start = time.perf_counter()

@@ -29,8 +29,10 @@ from pathlib import Path
 import torch
 
 from mmray.export import load_model
+from mmray.export.codec import MODES
+from mmray.export.compare import latency_ms
 from mmray.export.evaluate import _batches
-from mmray.export.quantize import MODES, folder_bytes, latency_ms, quantize_export
+from mmray.export.quantize import folder_bytes, quantize_export
 
 
 def _rows(batch: dict, n: int) -> dict:
@@ -141,7 +143,7 @@ def main(argv=None) -> int:
 
 def _layers(args, clock) -> None:
     """One linear layer, float32 vs the int8 module `load_model` builds: where int8 compute pays off."""
-    from mmray.export.quantize import _replace_linear, quantize_weight_int8
+    from mmray.export.codec import _replace_linear, quantize_weight_int8
 
     print("\n| linear layer (in x out) | batch | float32 us/call | int8 us/call | speed-up |")
     print("|---|---|---|---|---|")

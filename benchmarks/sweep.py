@@ -69,9 +69,9 @@ class TimedContext(TuneTrialContext):
 
     marks_file = ""
 
-    def __init__(self, config, run_dir):
+    def __init__(self, config, run_dir, **kwargs):
         self._t_init = time.time()
-        super().__init__(config, run_dir)
+        super().__init__(config, run_dir, **kwargs)
         self._first = True
 
     def prepare_model(self, model):
@@ -139,7 +139,7 @@ def startup_seconds(rows: list[dict[str, float]], until: str) -> list[float]:
 
 
 def measure_overhead(data: str, storage: str, n: int) -> dict[str, Any]:
-    from mmray.tune.sweep import JOB_FILE
+    from mmray.tune.experiment import JOB_FILE
 
     exp = os.path.join(storage, "mmray-overhead")
     os.makedirs(exp, exist_ok=True)
@@ -188,8 +188,9 @@ def tensorboard_curves(exp: str, t0: float) -> list[list[tuple[float, float]]]:
 
 def mmray_sweep(data: str, storage: str, *, name: str, epochs: int, samples: int, search: str,
                 scheduler: str) -> dict[str, Any]:
+    from mmray.tune.experiment import prepare
     from mmray.tune.space import SpaceConfig, check_against_job
-    from mmray.tune.sweep import prepare, run_sweep
+    from mmray.tune.sweep import run_sweep
 
     job_raw = job(data, name=name, epochs=epochs)
     space = SpaceConfig.model_validate({

@@ -1,4 +1,5 @@
-"""Every Hugging Face load (tokenizers, text and audio models) goes through :func:`from_pretrained`.
+"""Every Hugging Face load (tokenizers, text, vision and audio models, image processors) goes through
+:func:`from_pretrained`.
 
 One behaviour for all of them: local files only. ``path`` is a local folder (as ``save_pretrained`` writes
 it) or a hub name already in the local Hugging Face cache; nothing is downloaded and no network connection
@@ -11,7 +12,7 @@ import os
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from mmray.config.errors import UserError
+from mmray.errors import UserError
 
 DOWNLOAD_ENV = "MMRAY_HF_DOWNLOAD"
 
@@ -21,10 +22,14 @@ def downloads_allowed() -> bool:
     return os.environ.get(DOWNLOAD_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
+def looks_local(path: str) -> bool:
+    """True if ``path`` names a local file or folder (existing, or spelt like a path: ``/``, ``.``, ``~``)
+    rather than a hub name or a URI."""
+    return "://" not in path and (path.startswith(("/", ".", "~")) or os.path.exists(path))
+
+
 def is_folder_path(path: str) -> bool:
     """``path`` names a local folder, or is spelt like a path (``/``, ``.``, ``~``) rather than a hub name."""
-    from mmray.models.encoders.base import looks_local
-
     return looks_local(path) or os.path.isdir(os.path.expanduser(path))
 
 
@@ -60,7 +65,8 @@ def from_pretrained(kind: str, path: str, key: str, what: str = "model", **kwarg
     """``transformers.<kind>.from_pretrained(path)`` from local files only (see the module docstring).
 
     Args:
-        kind: ``"AutoTokenizer"``, ``"AutoConfig"``, ``"AutoModel"``, ``"AutoFeatureExtractor"``.
+        kind: ``"AutoTokenizer"``, ``"AutoConfig"``, ``"AutoModel"``, ``"AutoFeatureExtractor"``,
+            ``"AutoImageProcessor"``.
         path: a local folder or a hub name.
         key: the dotted config key ``path`` came from; every error names it.
         what: what is loaded, for messages ("model", "tokenizer").
@@ -90,3 +96,41 @@ def from_pretrained(kind: str, path: str, key: str, what: str = "model", **kwarg
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def image_settings(path: str, key: str) -> dict[str, Any]:
+    """``{"size", "mean", "std"}`` for ``data.image`` from the image processor of the model at ``path``.
+
+    ``size`` is the side the model is fed (its centre crop when it crops, else its resize target); ``mean``
+    and ``std`` its normalisation ((0, 0, 0) and (1, 1, 1) when it does not normalise).
+
+    Raises:
+        UserError: naming ``key``: the processor cannot be loaded, or its input is not square.
+    """
+    proc = from_pretrained("AutoImageProcessor", path, key, "image processor")
+    crop = getattr(proc, "crop_size", None) if getattr(proc, "do_center_crop", False) else None
+    size = _side(crop) or _side(getattr(proc, "size", None))
+    if size is None:
+        raise UserError(f"{key}: {path}: its image processor names no square input size; set data.image.size")
+    normalize = getattr(proc, "do_normalize", True)
+    mean = tuple(float(v) for v in _three(proc.image_mean)) if normalize else (0.0, 0.0, 0.0)
+    std = tuple(float(v) for v in _three(proc.image_std)) if normalize else (1.0, 1.0, 1.0)
+    return {"size": size, "mean": mean, "std": std}
+
+
+def _three(v: Any) -> tuple:
+    return tuple(v) * 3 if isinstance(v, (int, float)) else tuple(v)
+
+
+def _side(size: Any) -> int | None:
+    """A processor's ``size`` / ``crop_size`` (int, dict or SizeDict) as one square side; None if it is not."""
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return size
+    get = size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))
+    h, w = get("height"), get("width")
+    if h and w:
+        return int(h) if h == w else None
+    edge = get("shortest_edge")
+    return int(edge) if edge else None

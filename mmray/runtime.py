@@ -18,6 +18,21 @@ QUIET_ENV = {
 }
 
 
+# Lines Ray's own processes print that tell a user nothing they can act on; they stay in Ray's session log
+# files (/tmp/ray/session_*/logs), only their copy on the user's terminal is dropped. Substrings of the line.
+RAY_NOISE = (
+    "Progress bars disabled. To enable",  # Ray Data, once per split coordinator: every epoch of `mmray train`
+    "'PreemptionWatcher'",  # core_worker.cc error-level line from Ray Train's controller about its own actor
+    "RAW: Lock blocking",  # abseil's mutex debug line from a Ray process under load
+)
+TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"  # every local start; the default is safe
+
+
+class _DropTokenNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return TOKEN_NOTICE not in record.getMessage()
+
+
 _verbose = False
 
 
@@ -34,8 +49,8 @@ def is_verbose() -> bool:
 
 class TracebackFilter:
     """Wraps the driver's printer of Ray processes' output: drops Python tracebacks (tracked per process,
-    as one may span several batches of lines) and Ray's lines announcing the same failure; keeps every
-    other line. The CLI tells a failure once, naming its cause: the same traceback from each worker and
+    as one may span several batches of lines), Ray's lines announcing the same failure and its
+    :data:`RAY_NOISE`; keeps every other line. The CLI tells a failure once, naming its cause: the same traceback from each worker and
     data task would bury it. Ray's log files keep everything; ``--verbose`` prints it all."""
 
     CHAIN = ("Traceback (most recent call last)", "During handling of the above exception",
@@ -58,7 +73,7 @@ class TracebackFilter:
                 pass  # a blank or caret line
             elif inside:
                 inside = False  # the exception line ends the traceback
-            elif not any(a in line for a in self.ANNOUNCEMENTS):
+            elif not any(a in line for a in (*self.ANNOUNCEMENTS, *RAY_NOISE)):
                 kept.append(line)
         self._inside[key] = inside
         if kept:
@@ -83,6 +98,9 @@ def quiet_ray_logs() -> None:
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray")
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenNotice) for f in auth.filters):
+        auth.addFilter(_DropTokenNotice())
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None):

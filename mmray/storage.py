@@ -398,3 +398,12 @@ def check_writable(path: str, *, what: str = "--storage", min_free_bytes: int = 
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+def human_size(n: float) -> str:
+    """``n`` bytes for a person: ``512 B``, ``3.4 KiB``, ``67.3 MiB``, ``1.2 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

@@ -40,3 +40,40 @@ def corrupt_image(shard: str, row: int = 0) -> str:
                              __import__("pyarrow").array(images, type=table.schema.field("image").type))
     pq.write_table(table, shard)
     return table.column("id")[row].as_py()
+
+
+# Tiny random-init Hugging Face vision models (built from config classes, saved with save_pretrained,
+# loaded back by path: nothing is downloaded), with an image processor that feeds them 16 x 16 images.
+TINY_VISION = ("vit", "clip", "siglip", "dinov2", "convnext", "swin")
+
+
+def save_tiny_vision(folder, kind: str = "vit", size: int = 16) -> str:
+    """A 1-layer, 32-wide random ``kind`` vision model and its image processor, saved as a model folder."""
+    import torch
+    import transformers as t
+
+    common = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 37,
+              "image_size": size, "patch_size": 4}
+    config, model, processor = {
+        "vit": (t.ViTConfig, t.ViTModel, t.ViTImageProcessor),
+        "clip": (t.CLIPVisionConfig, t.CLIPVisionModel, t.CLIPImageProcessor),
+        "siglip": (t.SiglipVisionConfig, t.SiglipVisionModel, t.SiglipImageProcessor),
+        "dinov2": (t.Dinov2Config, t.Dinov2Model, t.BitImageProcessor),
+        "convnext": (t.ConvNextConfig, t.ConvNextModel, t.ConvNextImageProcessor),
+        "swin": (t.SwinConfig, t.SwinModel, t.ViTImageProcessor),
+    }[kind]
+    if kind == "convnext":
+        common = {"hidden_sizes": [8, 32], "depths": [1, 1], "num_stages": 2, "patch_size": 4}
+    elif kind == "swin":  # 4x4 patches of 8, merged once to 2x2 of 16
+        common = {"image_size": size, "patch_size": 4, "embed_dim": 8, "depths": [1, 1], "num_heads": [2, 2],
+                  "window_size": 2}
+    torch.manual_seed(0)
+    model(config(**common)).save_pretrained(folder)
+    if kind in ("clip", "dinov2"):  # resize the short side, then centre-crop to the model's size
+        proc = processor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    elif kind == "convnext":
+        proc = processor(size={"shortest_edge": size})
+    else:
+        proc = processor(size={"height": size, "width": size})
+    proc.save_pretrained(folder)
+    return str(folder)

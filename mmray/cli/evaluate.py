@@ -19,7 +19,8 @@ def run(args) -> int:
 
     result = evaluate(args.model_dir, args.data, split=args.split, diagnostics=args.diagnostics)
     print(format_evaluation(result))
-    from mmray.export.quantize import compare_with_source, format_comparison, read_quantization
+    from mmray.export.codec import read_quantization
+    from mmray.export.compare import compare_with_source, format_comparison
 
     if read_quantization(args.model_dir) is not None:  # a compressed copy: show it next to its original
         print(format_comparison(compare_with_source(args.model_dir, args.data, split=args.split)))

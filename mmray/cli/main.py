@@ -10,7 +10,8 @@ from mmray.config.errors import RunError, UserError, find_error, wrapped_errors
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
-# verb modules, each with register(subparsers) -> None; imported lazily so `mmray --help` is fast
+# verb modules, each with register(subparsers) -> None; imported lazily so `mmray --help` is fast. Each verb
+# imports the library inside its run() for the same reason (the one place function-level imports need no comment).
 VERBS = ("data", "validate", "render_config", "ls", "train", "tune", "report", "evaluate", "predict",
          "export", "submit", "jobs")
 

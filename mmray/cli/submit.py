@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmray.cli.main import add_verb
+from mmray.cli.main import add_verb, build_parser
 
 EXIT_BY_STATUS = {"SUCCEEDED": 0}
 
@@ -33,7 +33,6 @@ def run(args) -> int:
     from mmray.jobs import connect, follow_logs, prepare, submit
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    from mmray.cli.main import build_parser
 
     spec = prepare(command, parse=build_parser().parse_args)  # a bad verb, flag or config: exit 2, nothing sent
     for w in spec.warnings:

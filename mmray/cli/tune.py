@@ -18,28 +18,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from mmray.config.errors import UserError
+    from mmray.tune.api import tune_job
     from mmray.tune.results import format_summary
-    from mmray.tune.sweep import load_setup, prepare, run_sweep
 
-    if args.resume:
-        if args.job or args.space:
-            raise UserError("--resume takes only EXPERIMENT_DIR: the job and space are read from it")
-        setup = load_setup(args.resume)
-        summary = run_sweep(setup, resume=True)
-    else:
-        if not args.job or not args.space:
-            raise UserError("give JOB.yaml and --space SPACE.yaml (or --resume EXPERIMENT_DIR)")
-        from mmray.config import validate_job
-        from mmray.config.loader import apply_overrides, read_yaml
-        from mmray.tune.space import load_space
-
-        job_raw = apply_overrides(read_yaml(args.job), args.overrides, warn=True)
-        config = validate_job(job_raw, args.job)  # exit 2 on a bad job, before anything starts
-        space = load_space(args.space, job_raw, num_samples=args.num_samples)
-        setup = prepare(job_raw, space, name=f"{config.name}-sweep" if args.name is None else args.name,
-                        storage=args.storage or config.storage, explicit_name=args.name is not None)
-        summary = run_sweep(setup)
+    summary = tune_job(args.job, args.space, overrides=args.overrides, num_samples=args.num_samples,
+                       name=args.name, storage=args.storage, resume=args.resume)
     print()
     print(format_summary(summary))
     return 0

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from mmray.config.errors import UserError
+from mmray.hf_local import image_settings, looks_local
 from mmray.models.encoders import ENCODERS
 from mmray.models.fusion import FUSIONS
 from mmray.registry import StrictModel
@@ -80,6 +81,12 @@ class DataConfig(StrictModel):
     decode_cpus: float = Field(
         0.5, gt=0, description="CPUs each Ray Data decode task reserves; fractional, so decoding still fits "
         "beside train workers and a sweep trial's driver on a small cluster"
+    )
+    decode_cache: Literal["auto", "on", "off"] = Field(
+        "auto", description="decode each row once into DATA/.cache/decoded (uint8 pixels, resampled waveforms, token "
+        "ids) and read every epoch, trial, sweep and evaluation from it; augmentation still runs every epoch. "
+        "auto = when its estimated size (rows x decoded bytes per row) fits 16 GiB and half the free disk; "
+        "on = whatever its size; off = decode every epoch (see README)"
     )
 
     @field_validator("modalities")
@@ -270,8 +277,6 @@ def _part(node: Any, key: str) -> Any:
 
 def _same_source(a: str, b: str) -> bool:
     """Whether two tokenizer / model references name the same thing (local paths compared resolved)."""
-    from mmray.models.encoders.base import looks_local
-
     def norm(p: str) -> str:
         return os.path.realpath(os.path.expanduser(p)) if looks_local(p) else p.rstrip("/")
 
@@ -316,6 +321,75 @@ def _wire_hf_tokenizer(raw: Any) -> Any:
     return {**raw, "data": {**data, "text": text}}
 
 
+def _wire_hf_image(raw: Any) -> Any:
+    """``hf_image`` reads images as its image processor prepares them: ``data.image.size``, ``mean`` and ``std``
+    unset -> the processor's (:func:`mmray.hf_local.image_settings`).
+
+    A model folder that cannot be read here is left to the model-file check before the run starts (and an
+    export's config carries the values written out).
+
+    Raises:
+        ValueError: one of them is set and differs from the processor's (naming the key and both values).
+    """
+    if not isinstance(raw, dict):
+        return raw
+    encoder = _part(_part(_part(raw, "model"), "encoders"), "image")
+    data = _part(raw, "data")
+    path = _part(encoder, "path")
+    if _part(encoder, "name") != "hf_image" or not isinstance(path, str) or not isinstance(data, (dict, DataConfig)):
+        return raw
+    modalities = _part(data, "modalities")
+    if modalities is not None and not isinstance(modalities, str) and "image" not in modalities:
+        return raw  # the image encoder is not built
+    try:
+        wanted = _image_settings_cached(path)
+    except UserError:
+        return raw
+    image = _part(data, "image")
+    if isinstance(image, ImagePreprocess):
+        given = {k: getattr(image, k) for k in image.model_fields_set if k in wanted}
+        base = image.model_dump()
+    elif image is None or isinstance(image, dict):
+        given = {k: v for k, v in (image or {}).items() if k in wanted}
+        base = dict(image or {})
+    else:
+        return raw  # not a mapping: field validation reports it
+    for key, value in given.items():
+        if not _same_setting(value, wanted[key]):
+            raise ValueError(
+                f"data.image.{key}: {_show(value)} differs from {_show(wanted[key])}, the {key} of the image "
+                f"processor of model.encoders.image.path: {path!r}; remove data.image.{key} (it defaults to the "
+                "model's) or make them equal")
+    image_new = {**base, **wanted}
+    if isinstance(data, DataConfig):
+        return {**raw, "data": data.model_copy(update={"image": ImagePreprocess(**image_new)})}
+    return {**raw, "data": {**data, "image": image_new}}
+
+
+def _image_settings_cached(path: str) -> dict[str, Any]:
+    key = os.path.realpath(os.path.expanduser(path)) if looks_local(path) else path
+    if key not in _IMAGE_SETTINGS:
+        _IMAGE_SETTINGS[key] = image_settings(path, "model.encoders.image.path")
+    return _IMAGE_SETTINGS[key]
+
+
+_IMAGE_SETTINGS: dict[str, dict[str, Any]] = {}  # one read of each processor per process (configs validate often)
+
+
+def _same_setting(given: Any, wanted: Any) -> bool:
+    if isinstance(wanted, tuple):
+        try:
+            return len(given) == len(wanted) and all(abs(float(a) - b) <= 1e-6 * max(1.0, abs(b))
+                                                     for a, b in zip(given, wanted))
+        except (TypeError, ValueError):
+            return False
+    return given == wanted
+
+
+def _show(v: Any) -> str:
+    return str([round(float(x), 8) for x in v]) if isinstance(v, (tuple, list)) else repr(v)
+
+
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -342,6 +416,7 @@ class JobConfig(StrictModel):
     checkpoint: CheckpointConfig = CheckpointConfig()
 
     _hf_tokenizer = model_validator(mode="before")(_wire_hf_tokenizer)
+    _hf_image = model_validator(mode="before")(_wire_hf_image)
 
     @field_validator("name")
     @classmethod

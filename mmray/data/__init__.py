@@ -6,6 +6,9 @@ Modules: ``dataset_dir`` (dataset.json + shard writer), ``synth`` (the built-in 
 manifest -> a dataset directory), ``pipeline`` (Ray Data; the only module here that imports Ray),
 ``inspect`` (the ``mmray data inspect`` report).
 
+``synth`` and ``prepare`` are reached through their modules (``mmray.data.synth.synth``): a package
+name that is also a submodule's would be the function on one access and the module on the next.
+
 Names are imported lazily so that ``import mmray.data`` stays cheap and never imports Ray.
 """
 from __future__ import annotations
@@ -19,8 +22,6 @@ _EXPORTS = {
     "read_dataset_info": ".dataset_dir",
     "write_dataset_info": ".dataset_dir",
     "shard_schema": ".dataset_dir",
-    "synth": ".synth",
-    "prepare": ".prepare",
     "TextTokenizer": ".tokenizer",
     "Preprocessor": ".decode",
     "BadRecordError": ".decode",

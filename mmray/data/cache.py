@@ -46,9 +46,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmray.config import JobConfig
 from mmray.config.errors import RunError, UserError
-from mmray.data.dataset_dir import DatasetInfo
-from mmray.data.reader import _batches, read_row_group, row_group_units, shuffled_units, table_columns
+from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
+from mmray.data.decode import Preprocessor
+from mmray.data.reader import (
+    MIN_SHUFFLE_WINDOW, _batches, read_row_group, row_group_units, shuffled_units, split_readers, table_columns,
+)
+from mmray.data.tokenizer import TextTokenizer
+from mmray.models.builder import build_as_trained, job_tasks
+from mmray.models.hashing import weights_hash
+from mmray.hf_local import looks_local
+from mmray.models.fusion import FUSIONS
+from mmray.runtime import ensure_ray
 
 CACHE_DIR = os.path.join(".cache", "embeddings")
 MANIFEST = "manifest.json"
@@ -97,13 +107,12 @@ def refuse_unless_usable(config) -> None:
 
 
 def fusion_needs_sequences(name: str) -> bool:
-    from mmray.models.fusion import FUSIONS
-
     return bool(getattr(FUSIONS.entry(name).builder, "uses_sequences", False))
 
 
 # ---------------------------------------------------------------------------------------------- keys
-def _sha(obj: Any) -> str:
+def digest(obj: Any) -> str:
+    """sha256 of ``obj`` as sorted JSON: the hash of a cache key."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -120,7 +129,7 @@ def file_fingerprint(path: str) -> str:
             for f in sorted(files):
                 full = os.path.join(base, f)
                 parts.append((os.path.relpath(full, path), file_fingerprint(full)))
-        return _sha(parts)
+        return digest(parts)
     st = os.stat(path)
     memo = (path, st.st_size, st.st_mtime_ns)
     if memo not in _FILE_HASHES:
@@ -140,13 +149,11 @@ def dataset_fingerprint(info: DatasetInfo) -> str:
             st = os.stat(f)
             files.append((split, os.path.basename(f), st.st_size, st.st_mtime_ns))
     tok = info.tokenizer_path
-    return _sha({"dataset": info.to_json(), "files": files,
+    return digest({"dataset": info.to_json(), "files": files,
                  "tokenizer": file_fingerprint(tok) if tok and os.path.exists(tok) else None})
 
 
 def _local_fingerprint(ref: str | None) -> str | None:
-    from mmray.models.encoders.base import looks_local
-
     if ref is None:
         return None
     if looks_local(ref) and os.path.exists(os.path.expanduser(ref)):
@@ -180,7 +187,7 @@ def key_parts(config, info: DatasetInfo, modality: str, *, sequences: bool, data
 
 
 def entry_name(config, modality: str, parts: dict) -> str:
-    return f"{modality}-{getattr(config.model.encoders, modality).name}-{_sha(parts)[:16]}"
+    return f"{modality}-{getattr(config.model.encoders, modality).name}-{digest(parts)[:16]}"
 
 
 # -------------------------------------------------------------------------------------------- entries
@@ -206,12 +213,18 @@ class CacheEntry:
         return os.path.join(self.path, split, part)
 
 
-def _read_entry(path: str) -> CacheEntry | None:
+def read_manifest(path: str) -> dict | None:
+    """The manifest of the cache entry folder ``path``, or None when it has none (not built, or being built)."""
     try:
         with open(os.path.join(path, MANIFEST)) as f:
-            return CacheEntry(path, json.load(f))
+            return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def _read_entry(path: str) -> CacheEntry | None:
+    manifest = read_manifest(path)
+    return None if manifest is None else CacheEntry(path, manifest)
 
 
 def cache_root(info: DatasetInfo) -> str:
@@ -288,7 +301,8 @@ def plan(config, info: DatasetInfo, *, build: bool, sequences: bool | None = Non
 
 # ---------------------------------------------------------------------------------------------- build
 @contextlib.contextmanager
-def _locked(path: str):
+def locked(path: str):
+    """An exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block: one builder at a time."""
     with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
@@ -299,10 +313,7 @@ def _locked(path: str):
 
 def build_job_encoders(config, info: DatasetInfo):
     """The job's model as the training loop builds it on rank 0 (:func:`~mmray.models.builder.build_as_trained`)."""
-    from mmray.data.tokenizer import TextTokenizer
-    from mmray.models.builder import build_as_trained, job_tasks
-
-    tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
+    tokenizer = TextTokenizer.for_job(config.data, info)
     return build_as_trained(config, job_tasks(info.tasks), tokenizer)
 
 
@@ -312,11 +323,9 @@ def build_entries(config, info: DatasetInfo, modalities: list[str], *, sequences
     Holds a lock on the dataset's cache folder for the whole build: concurrent callers wait, then find
     the entries and build nothing.
     """
-    from mmray.models.cached import weights_hash
-
     root = cache_root(info)
     os.makedirs(root, exist_ok=True)
-    with _locked(os.path.join(root, ".lock")):
+    with locked(os.path.join(root, ".lock")):
         _, still = find_entries(config, info, sequences=sequences)
         todo = [m for m in modalities if m in still]
         if not todo:
@@ -327,7 +336,7 @@ def build_entries(config, info: DatasetInfo, modalities: list[str], *, sequences
         parts = {m: key_parts(config, info, m, sequences=sequences, dataset_fp=fp) for m in todo}
         final = {m: os.path.join(root, entry_name(config, m, parts[m])) for m in todo}
         staging = {m: f"{final[m]}.tmp-{uuid.uuid4().hex[:8]}" for m in todo}
-        units = [{"split": s, "path": p, "row_group": g, "part": _part_name(info, s, p, g)}
+        units = [{"split": s, "path": p, "row_group": g, "part": part_name(info, s, p, g)}
                  for s in SPLITS if s in info.splits for p, g in row_group_units(info, s)]
         encoders = {m: model.encoders[m].eval() for m in todo}
         kwargs = dict(config_json=config.model_dump(mode="json"), info=info, encoders=encoders,
@@ -347,17 +356,22 @@ def build_entries(config, info: DatasetInfo, modalities: list[str], *, sequences
                 with open(os.path.join(staging[m], MANIFEST), "w") as f:
                     json.dump(manifest, f, indent=1, sort_keys=True)
                 os.replace(staging[m], final[m])
-                with open(os.path.join(root, BUILDS_LOG), "a") as f:
-                    f.write(json.dumps({"entry": os.path.basename(final[m]), "modality": m, "seconds": round(seconds, 2),
-                                        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid()}) + "\n")
+                log_build(root, {"entry": os.path.basename(final[m]), "modality": m, "seconds": round(seconds, 2)})
         finally:
             for path in staging.values():
                 shutil.rmtree(path, ignore_errors=True)
         return seconds
 
 
-def _part_name(info: DatasetInfo, split: str, path: str, group: int) -> str:
-    return f"part-{info.split_files(split).index(path):05d}-{int(group):04d}.parquet"
+def part_name(info: DatasetInfo, split: str, path: str, group: int, ext: str = "parquet") -> str:
+    """The file of one row group in a cache: ``part-<shard number>-<row group>.<ext>``."""
+    return f"part-{info.split_files(split).index(path):05d}-{int(group):04d}.{ext}"
+
+
+def log_build(root: str, record: dict) -> None:
+    """One line in ``root/builds.jsonl`` for a finished build (``record`` plus when and which process)."""
+    with open(os.path.join(root, BUILDS_LOG), "a") as f:
+        f.write(json.dumps({**record, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid()}) + "\n")
 
 
 def _manifest(config, info, m, parts, units, staging, encoder, seconds) -> dict:
@@ -378,8 +392,10 @@ class BuildProgress:
         mmray embedding cache: 3,456/12,000 rows encoded (29%; audio, image, text), 118 rows/s, ETA 1m12s
     """
 
-    def __init__(self, total: int, modalities, *, every_s: float = 10.0, out=None, clock=time.monotonic):
+    def __init__(self, total: int, modalities, *, every_s: float = 10.0, out=None, clock=time.monotonic,
+                 what: str = "embedding cache", verb: str = "encoded"):
         self.total, self.modalities, self.every_s = max(1, total), ", ".join(sorted(modalities)), every_s
+        self.what, self.verb = what, verb
         self.out, self.clock = out, clock
         self.done = 0
         self.start = self.last = clock()
@@ -394,7 +410,7 @@ class BuildProgress:
         self.last = now
         rate = self.done / max(now - self.start, 1e-9)
         eta = int(round(max(self.total - self.done, 0) / max(rate, 1e-9)))
-        print(f"mmray embedding cache: {self.done:,}/{self.total:,} rows encoded ({self.done / self.total:.0%}; "
+        print(f"mmray {self.what}: {self.done:,}/{self.total:,} rows {self.verb} ({self.done / self.total:.0%}; "
               f"{self.modalities}), {rate:,.0f} rows/s, ETA {eta // 60}m{eta % 60:02d}s", file=self.out or sys.stdout,
               flush=True)
 
@@ -403,8 +419,7 @@ def _run_ray(units: list[dict], kwargs: dict, progress: BuildProgress) -> None:
     """Batch inference with Ray Data: one actor per GPU (or per CPU), each encoding whole row groups."""
     import ray
 
-    from mmray.data.pipeline import configure_data_context
-    from mmray.runtime import ensure_ray
+    from mmray.data.pipeline import configure_data_context  # imports Ray Data: only when a cache is built
 
     ensure_ray()
     configure_data_context()
@@ -427,9 +442,6 @@ class _EncodeUnits:
     def __init__(self, config_json: dict, info: DatasetInfo, encoders: dict, staging: dict[str, str], sequences: bool,
                  threads: int | None = None):
         import torch
-
-        from mmray.config import JobConfig
-        from mmray.data.decode import Preprocessor
 
         if isinstance(encoders, list):  # [ObjectRef] from the Ray runner
             import ray
@@ -513,6 +525,12 @@ def read_part(entries: dict[str, CacheEntry], split: str, part: str) -> pa.Table
     return table
 
 
+def part_units(names: list[str]) -> list[tuple[str, int]]:
+    """Part files (:func:`part_name`) -> ``(shard number, row group)`` units, which
+    :func:`~mmray.data.reader.shuffled_units` orders as the shard reader orders its row groups."""
+    return [(n.split("-")[1], int(n.split("-")[2].split(".")[0])) for n in names]
+
+
 def cache_root_of(entries: dict[str, CacheEntry]) -> str:
     return os.path.dirname(next(iter(entries.values())).path)
 
@@ -547,13 +565,11 @@ def iter_cached_batches(entries: dict[str, CacheEntry], info: DatasetInfo, split
     """Like :func:`mmray.data.reader.iter_batches` (same order for the same seed and epoch), from the cache."""
     import torch
 
-    from mmray.data.reader import MIN_SHUFFLE_WINDOW
-
     rng = np.random.default_rng([seed, epoch])
     rng.integers(2**31)  # the raw reader draws its augmentation seed here: keep the streams in step
     first = next(iter(entries.values()))
     names = first.parts(split)
-    units = [(n.split("-")[1], int(n.split("-")[2].split(".")[0])) for n in names]
+    units = part_units(names)
     by_unit = dict(zip(units, names))
     if train:
         units = shuffled_units(units, rng)
@@ -563,12 +579,9 @@ def iter_cached_batches(entries: dict[str, CacheEntry], info: DatasetInfo, split
         yield {k: torch.from_numpy(v) for k, v in table_batch(table, entries).items()}
 
 
-def cached_readers(config, cache: CachePlan):
+def cached_readers(config, cache: CachePlan, raw=None):
     """``(train_batches, val_batches)``: ``epoch -> batches``, as :func:`mmray.data.reader.split_readers`, read from
-    the cache for the epochs it serves (``cache.epochs``) and from the dataset's shards after them."""
-    from mmray.data.dataset_dir import read_dataset_info
-    from mmray.data.reader import split_readers
-
+    the cache for the epochs it serves (``cache.epochs``) and from ``raw`` (default: the dataset's shards) after them."""
     info = read_dataset_info(config.data.path)
     bs, seed = config.train.batch_size, config.train.seed
 
@@ -579,7 +592,7 @@ def cached_readers(config, cache: CachePlan):
             return iter_cached_batches(cache.entries, info, split, batch_size=bs, train=train, seed=seed, epoch=epoch)
         return batches
 
-    raw_train, raw_val = split_readers(config)
+    raw_train, raw_val = raw or split_readers(config)
     return reader("train", True, raw_train), reader("val", False, raw_val)
 
 
@@ -606,8 +619,6 @@ class _ReadCached:
 # --------------------------------------------------------------------------------------------- listing
 def list_caches(path: str) -> list[dict]:
     """The cache entries of the dataset at ``path``: name, modality, encoder, rows, bytes, built, stale."""
-    from mmray.data.dataset_dir import read_dataset_info
-
     info = read_dataset_info(path)
     root = cache_root(info)
     if not os.path.isdir(root):

@@ -15,6 +15,7 @@ Only the modalities in ``data.modalities`` appear. A null cell (a missing modali
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 from typing import Any, Mapping, Sequence
@@ -126,6 +127,9 @@ def decode_audio(data: bytes, cfg: AudioPreprocess) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ batches
+_SHARED: dict[str, "Preprocessor"] = {}  # Preprocessor.shared
+
+
 class Preprocessor:
     """Decodes numpy batches of shard columns into model inputs (see the module docstring).
 
@@ -177,6 +181,16 @@ class Preprocessor:
         Raises:
             BadRecordError: a record fails to decode and ``data.on_bad_record`` is ``fail``.
         """
+        return self.finish(self.decode(batch))
+
+    def decode(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The first half of :meth:`__call__`: everything that is the same every epoch (what the decoded-input
+        cache, :mod:`mmray.data.decoded`, stores). As the model batch, except ``image``: uint8 [B, S, S, 3] pixels,
+        before augmentation and normalisation. Rows that failed to decode are zeros with ``valid`` False.
+
+        Raises:
+            BadRecordError: a record fails to decode and ``data.on_bad_record`` is ``fail``.
+        """
         n = len(next(iter(batch.values())))
         ids = batch["id"] if "id" in batch else [f"row-{i}" for i in range(n)]
         valid = np.ones(n, dtype=bool)
@@ -196,6 +210,30 @@ class Preprocessor:
         if not valid.all():
             self._zero_invalid(out, valid)
         return out
+
+    def finish(self, decoded: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The second half of :meth:`__call__`: a :meth:`decode` batch -> the model batch. Augments (seeded: the
+        same draws as decoding and finishing each batch in turn) and normalises images; leaves ``decoded`` as is."""
+        out = dict(decoded)
+        if "image" in out:
+            cfg, present = self.data.image, out["image_present"]
+            x = self._augment(out["image"]) if self.augment else out["image"]
+            x = _normalise(x, cfg)
+            x[~present] = 0.0  # missing images and bad rows (decode cleared their present flag)
+            out["image"] = x
+        return out
+
+    @classmethod
+    def shared(cls, data: DataConfig, info: DatasetInfo, train: bool, seed: int) -> "Preprocessor":
+        """This process's preprocessor for these settings, built once (and its tokenizer loaded once): Ray reuses
+        worker processes across data tasks. Its augmentation draws go on from one task to the next."""
+        key = json.dumps([data.model_dump(mode="json"), info.path, info.to_json(), train, seed], sort_keys=True)
+        pre = _SHARED.get(key)
+        if pre is None:
+            if len(_SHARED) >= 8:  # bounded: a long-lived worker may serve many jobs
+                _SHARED.clear()
+            pre = _SHARED[key] = cls(data, info, train=train, seed=seed)
+        return pre
 
     @classmethod
     def for_raw(cls, data: DataConfig, tokenizer: TextTokenizer | None) -> "Preprocessor":
@@ -267,10 +305,7 @@ class Preprocessor:
                 present[i] = True
             except Exception as e:  # any decoder error means "not a readable image"
                 self._bad(ids[i], "image", f"cannot decode image: {e}", valid, i)
-        x = self._augment(pixels) if self.augment else pixels
-        x = _normalise(x, cfg)
-        x[~present] = 0.0
-        out["image"], out["image_present"] = x, present
+        out["image"], out["image_present"] = pixels, present  # uint8 pixels; finish() augments and normalises
 
     def _augment(self, pixels: np.ndarray) -> np.ndarray:
         """Random shift (reflect-padded crop) and brightness jitter; uint8 [B,S,S,3] -> float32 0..255."""

@@ -7,7 +7,11 @@ from collections import Counter
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mmray.data.cache import CACHE_DIR, list_caches
 from mmray.data.dataset_dir import MEDIA_COLUMNS, DatasetInfo, read_dataset_info, resolve_fs
+from mmray.data.decoded import CACHE_DIR as DECODED_DIR
+from mmray.data.decoded import list_decoded
+from mmray.storage import human_size
 
 SAMPLE_ROWS = 3
 TEXT_PREVIEW = 70
@@ -52,32 +56,39 @@ def inspect_dataset(path: str) -> str:
     lines += _samples(info)
     lines.append("")
     lines += _caches_table(info)
+    lines += _decoded_table(info)
     return "\n".join(lines) + "\n"
 
 
 def _caches_table(info: DatasetInfo) -> list[str]:
     """The embedding caches under ``.cache/embeddings`` with their sizes (see :mod:`mmray.data.cache`)."""
-    from mmray.data.cache import CACHE_DIR, list_caches
-
     caches = list_caches(info.path)
     if not caches:
         return ["embedding caches: none"]
     total = sum(c["bytes"] for c in caches)
-    out = [f"embedding caches ({len(caches)}, {_size(total)} in {CACHE_DIR}):",
+    out = [f"embedding caches ({len(caches)}, {human_size(total)} in {CACHE_DIR}):",
            f"  {'entry':<40} {'encoder':<14} {'train':>7} {'val':>6} {'size':>9}  built"]
     for c in caches:
         note = ("  +sequences" if c["sequences"] else "") + ("  STALE: the dataset changed" if c["stale"] else "")
         out.append(f"  {c['name']:<40} {c['encoder']:<14} {c['rows'].get('train', 0):>7} {c['rows'].get('val', 0):>6} "
-                   f"{_size(c['bytes']):>9}  {c['built']}{note}")
+                   f"{human_size(c['bytes']):>9}  {c['built']}{note}")
     return out
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+def _decoded_table(info: DatasetInfo) -> list[str]:
+    """The decoded-input caches under ``.cache/decoded`` with their sizes (see :mod:`mmray.data.decoded`)."""
+    caches = list_decoded(info.path)
+    if not caches:
+        return ["decoded-input caches: none"]
+    total = sum(c["bytes"] for c in caches)
+    out = [f"decoded-input caches ({len(caches)}, {human_size(total)} in {DECODED_DIR}):",
+           f"  {'entry':<40} {'train':>7} {'val':>6} {'test':>6} {'size':>9}  built"]
+    for c in caches:
+        note = (f"  {c['bad_records']} bad records" if c["bad_records"] else "") + (
+            "  STALE: the dataset changed" if c["stale"] else "")
+        out.append(f"  {c['name']:<40} {c['rows'].get('train', 0):>7} {c['rows'].get('val', 0):>6} "
+                   f"{c['rows'].get('test', 0):>6} {human_size(c['bytes']):>9}  {c['built']}{note}")
+    return out
 
 
 def _splits_table(info: DatasetInfo) -> list[str]:

@@ -14,7 +14,6 @@ fuse the decode into the read, so encoded bytes take an extra trip through the o
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Iterator
 
 import ray
@@ -24,27 +23,14 @@ from mmray.data.dataset_dir import DatasetInfo
 from mmray.data.decode import Preprocessor
 from mmray.data.reader import read_row_group, row_group_units, table_columns
 
-# Ray reuses worker processes across tasks: build each Preprocessor (and its tokenizer) once per process.
-_PREPROCESSORS: dict[str, Preprocessor] = {}
-
-
 class _ReadDecode:
     """``map_batches`` UDF: reads the row groups named in its input batch and yields decoded batches."""
 
     def __init__(self, data: DataConfig, info: DatasetInfo, train: bool, seed: int):
         self.data, self.info, self.train, self.seed = data, info, train, seed
-        self.key = json.dumps([data.model_dump(mode="json"), info.path, info.to_json(), train, seed], sort_keys=True)
-
-    def _preprocessor(self) -> Preprocessor:
-        pre = _PREPROCESSORS.get(self.key)
-        if pre is None:
-            if len(_PREPROCESSORS) >= 8:  # bounded: a long-lived worker may serve many jobs
-                _PREPROCESSORS.clear()
-            pre = _PREPROCESSORS[self.key] = Preprocessor(self.data, self.info, train=self.train, seed=self.seed)
-        return pre
 
     def __call__(self, units: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        pre, step = self._preprocessor(), self.data.decode_batch_size
+        pre, step = Preprocessor.shared(self.data, self.info, self.train, self.seed), self.data.decode_batch_size
         for path, group in zip(units["path"], units["row_group"]):
             table = read_row_group(str(path), int(group), self.data, self.info)
             for start in range(0, table.num_rows, step):

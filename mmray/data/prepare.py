@@ -42,6 +42,7 @@ from mmray.data.dataset_dir import (
     shard_schema,
     write_dataset_info,
 )
+from mmray.data.decode import image_pixels, read_audio
 from mmray.data.manifest import (
     ColumnMap,
     LabelMap,
@@ -51,6 +52,7 @@ from mmray.data.manifest import (
     load_manifest,
     resolve_columns,
 )
+from mmray.data.synth import TOKENIZER_MAX_TEXTS, _texts, split_of, train_tokenizer
 
 KEPT_IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 KEPT_AUDIO_FORMATS = {"WAV": "wav", "FLAC": "flac"}
@@ -194,8 +196,6 @@ def _error(e: Exception) -> str:
 def _check_image(data: bytes) -> tuple:
     from PIL import Image
 
-    from mmray.data.decode import image_pixels
-
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt = img.format or "?"
@@ -213,8 +213,6 @@ def _check_image(data: bytes) -> tuple:
 
 def _check_audio(data: bytes) -> tuple:
     import soundfile as sf
-
-    from mmray.data.decode import read_audio
 
     try:
         fmt = sf.info(io.BytesIO(data)).format
@@ -361,8 +359,6 @@ def _check_out(out: str) -> bool:
 def _run(manifest: Manifest, cols: ResolvedColumns, labels: dict[str, LabelMap], staging: str,
          val_fraction: float, test_fraction: float, strict: bool, workers: int, shard_mb: int,
          progress: Callable | None) -> tuple[_Tally, dict]:
-    from mmray.data.synth import split_of
-
     tally = _Tally()
     schema = shard_schema(cols.media, tasks=labels)
     writers = {s: ShardWriter(staging, s, schema, max_shard_bytes=shard_mb * 2**20) for s in SPLITS}
@@ -517,8 +513,6 @@ def _finish(staging: str, out: str, manifest: Manifest, cols: ResolvedColumns, l
     """Tokenizer (when there is text), ``dataset.json``; returns the info (its path still the staging folder)."""
     tokenizer = None
     if "text" in cols.media:
-        from mmray.data.synth import TOKENIZER_MAX_TEXTS, _texts, train_tokenizer
-
         tokenizer = "tokenizer/tokenizer.json"
         train_files = [os.path.join(staging, f) for f in splits["train"].files]
         train_tokenizer(_texts(train_files, TOKENIZER_MAX_TEXTS), os.path.join(staging, tokenizer))

@@ -152,30 +152,72 @@ def shuffled_units(units: list[tuple[str, int]], rng: np.random.Generator) -> li
 
 def _batches(chunks: Iterator[pa.Table], batch_size: int, window: int, rng: np.random.Generator | None):
     """Re-cut tables into ``batch_size`` rows; with ``rng``, permute each window of >= ``window`` rows first."""
-    pending: list[pa.Table] = []
-    rows = 0
-    for chunk in chunks:
-        pending.append(chunk)
-        rows += chunk.num_rows
-        if rows >= window:
-            table = _permuted(_concat(pending), rng)
-            full = (table.num_rows // batch_size) * batch_size
+    held = Held()
+    for ids in batch_rows((held.add(c, c.num_rows) for c in chunks), batch_size, window, rng):
+        numbers, local = held.locate(ids)
+        used = sorted(set(numbers.tolist()))
+        offsets = np.cumsum([0] + [held.chunks[k].num_rows for k in used])
+        where = np.searchsorted(used, numbers)
+        yield _concat([held.chunks[k] for k in used]).take(offsets[where] + local)
+        held.done(numbers)
+
+
+class Held:
+    """The chunks a reader holds while :func:`batch_rows` may still hand out one of their rows; a chunk is let go
+    once every one of its rows went out in a batch (memory stays at about one shuffle window)."""
+
+    def __init__(self):
+        self.chunks: dict[int, object] = {}
+        self.starts: list[int] = []
+        self.left: dict[int, int] = {}
+        self.total = 0
+
+    def add(self, chunk, rows: int) -> int:
+        number = len(self.starts)
+        self.chunks[number], self.left[number] = chunk, rows
+        self.starts.append(self.total)
+        self.total += rows
+        if rows == 0:
+            self.done(np.zeros(0, dtype=np.int64))
+        return rows
+
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row numbers -> (chunk numbers, rows within those chunks)."""
+        numbers = np.searchsorted(self.starts, ids, side="right") - 1
+        return numbers, ids - np.asarray(self.starts)[numbers]
+
+    def done(self, numbers: np.ndarray) -> None:
+        for k, n in zip(*np.unique(numbers, return_counts=True)):
+            self.left[int(k)] -= int(n)
+        for k in [k for k, n in self.left.items() if n == 0]:
+            del self.left[k], self.chunks[k]
+
+
+def batch_rows(sizes: Iterator[int], batch_size: int, window: int, rng: np.random.Generator | None) -> Iterator[np.ndarray]:
+    """The order of every reader: chunks of ``sizes`` rows (numbered on from 0 across chunks) -> each batch's row
+    numbers. Rows gather until ``window`` are pending; with ``rng`` the pending rows are permuted; full batches go
+    out and the rest waits for the next window. Readers of shards and of caches share it, so the same seed gives
+    the same batches whichever of them serves an epoch."""
+    pending = np.zeros(0, dtype=np.int64)
+    total = 0
+    for n in sizes:
+        pending = np.concatenate([pending, np.arange(total, total + n, dtype=np.int64)])
+        total += n
+        if len(pending) >= window:
+            order = pending if rng is None else pending[rng.permutation(len(pending))]
+            full = (len(order) // batch_size) * batch_size
             for start in range(0, full, batch_size):
-                yield table.slice(start, batch_size)
-            pending, rows = ([table.slice(full)], table.num_rows - full) if full < table.num_rows else ([], 0)
-    if rows:
-        table = _permuted(_concat(pending), rng)
-        for start in range(0, table.num_rows, batch_size):
-            yield table.slice(start, batch_size)
+                yield order[start:start + batch_size]
+            pending = order[full:]
+    if len(pending):
+        order = pending if rng is None else pending[rng.permutation(len(pending))]
+        for start in range(0, len(order), batch_size):
+            yield order[start:start + batch_size]
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:
     # a damaged row group carries one more column (DAMAGED): the others get nulls there
     return pa.concat_tables(tables, promote_options="default")
-
-
-def _permuted(table: pa.Table, rng: np.random.Generator | None) -> pa.Table:
-    return table if rng is None else table.take(rng.permutation(table.num_rows))
 
 
 def split_readers(config):

@@ -11,8 +11,9 @@ from typing import Sequence
 
 import numpy as np
 
+from mmray import hf_local
 from mmray.config.errors import UserError
-from mmray.config.schema import TextPreprocess
+from mmray.config.schema import DataConfig, TextPreprocess
 from mmray.data.dataset_dir import DatasetInfo, read_text
 
 META_FILE = "mmray_tokenizer.json"
@@ -39,6 +40,12 @@ class TextTokenizer:
         self._max_length: int | None = None
 
     # ---------------------------------------------------------------- construction
+    @classmethod
+    def for_job(cls, data: DataConfig, info: DatasetInfo | None) -> "TextTokenizer | None":
+        """The tokenizer a job's model reads text with (:meth:`load` of ``data.text``), or None when text is
+        not one of ``data.modalities``: what training, the export and the embedding cache all build from."""
+        return cls.load(data.text, info) if "text" in data.modalities else None
+
     @classmethod
     def load(
         cls, text_cfg: TextPreprocess, info: DatasetInfo | None = None, local_dir: str | None = None
@@ -94,8 +101,6 @@ class TextTokenizer:
             UserError: naming ``data.text.tokenizer``: not available locally, cannot be loaded, or it has no
                 fast (Rust) implementation.
         """
-        from mmray import hf_local
-
         hf = hf_local.from_pretrained("AutoTokenizer", name_or_path, "data.text.tokenizer", "tokenizer")
         if not getattr(hf, "is_fast", False):
             raise UserError(f"data.text.tokenizer: {name_or_path!r} has no fast tokenizer (tokenizer.json); use one that does")
@@ -162,6 +167,17 @@ class TextTokenizer:
         ids[rows] = np.array([e.ids for e in encs], dtype=np.int64)
         mask[rows] = np.array([e.attention_mask for e in encs], dtype=np.int64)
         return ids, mask
+
+    def fingerprint(self) -> str:
+        """sha256 of what decides the ids this tokenizer gives (its vocabulary, rules and pad id): a cache key part."""
+        import hashlib
+
+        from tokenizers import Tokenizer
+
+        clean = Tokenizer.from_str(self._tok.to_str())  # padding/truncation are set per call by encode()
+        clean.no_padding()
+        clean.no_truncation()
+        return hashlib.sha256(f"{self.pad_id}|{clean.to_str()}".encode()).hexdigest()
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of a row of ids, special and padding tokens dropped."""

@@ -2,9 +2,10 @@
 
 Never imports Ray: an export is used at inference time on machines without a cluster.
 """
+from mmray.export.compare import compare_with_source
 from mmray.export.evaluate import evaluate, format_evaluation, plot_confusion, predict_dataset
 from mmray.export.loader import Predictor, load_model
-from mmray.export.quantize import compare_with_source, quantize_export
+from mmray.export.quantize import quantize_export
 from mmray.export.writer import collect_versions, export_files, write_export
 
 __all__ = [

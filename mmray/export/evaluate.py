@@ -14,8 +14,13 @@ from typing import Any, Iterator
 import numpy as np
 
 from mmray.config import UserError
+from mmray.data.dataset_dir import read_dataset_info
+from mmray.data.decode import Preprocessor
+from mmray.data.reader import iter_batches
 from mmray.export.loader import Predictor, load_model
+from mmray.models.builder import job_tasks
 from mmray.storage import StagedDir, local_output
+from mmray.train.evaluation import evaluate_model
 
 log = logging.getLogger("mmray.export")
 
@@ -29,9 +34,6 @@ def _open_split(predictor: Predictor, data_dir: str | Path, split: str):
     Raises:
         UserError: the dataset is missing, lacks a modality the model reads, or its classes differ.
     """
-    from mmray.data.dataset_dir import read_dataset_info
-    from mmray.data.decode import Preprocessor
-
     info = read_dataset_info(str(data_dir))
     info.split_files(split)  # raises a UserError naming the splits if ``split`` is not one
     if list(info.class_names) != predictor.class_names:
@@ -46,8 +48,6 @@ def _open_split(predictor: Predictor, data_dir: str | Path, split: str):
 
 def split_batches(predictor: Predictor, data_dir: str | Path, split: str, batch_size: int) -> Iterator[dict]:
     """Batches of ``split`` decoded with the export's own preprocessing, in file order, with row ids."""
-    from mmray.data.reader import iter_batches
-
     data, info, pre = _open_split(predictor, data_dir, split)
     yield from iter_batches(
         data, info, split, batch_size=batch_size, train=False, shuffle=False, with_ids=True, preprocessor=pre
@@ -58,7 +58,7 @@ SCORES = ("accuracy", "precision", "recall", "f1", "confusion")
 
 
 def measure(predictor: Predictor, batches, split: str, *, diagnostics: bool = True) -> dict[str, Any]:
-    """The training loop's own evaluation (:func:`mmray.train.loop.evaluate`) of a loaded model on decoded batches.
+    """The one evaluation (:func:`mmray.train.evaluation.evaluate_model`) of a loaded model on decoded batches.
 
     Returns:
         ``{"rows", "skipped", "loss", "accuracy", "precision", "recall", "f1", "confusion", "tasks",
@@ -67,13 +67,9 @@ def measure(predictor: Predictor, batches, split: str, *, diagnostics: bool = Tr
         to the main task's ``accuracy`` and ``f1`` with those modalities masked as missing (empty for a
         one-modality model, or without ``diagnostics``).
     """
-    from mmray.models.builder import job_tasks
-    from mmray.train.context import LocalContext
-    from mmray.train.loop import evaluate as evaluate_batches
-
-    ctx = LocalContext("", lambda e: (), lambda e: (), device=predictor.device)
-    m = evaluate_batches(predictor.model, batches, tasks=job_tasks(predictor.labels), config=predictor.config,
-                         ctx=ctx, prefix=split, diagnostics=diagnostics)
+    m = evaluate_model(predictor.model, batches, tasks=job_tasks(predictor.labels),
+                       modalities=predictor.config.data.modalities, device=predictor.device,
+                       precision=predictor.config.train.precision, prefix=split, diagnostics=diagnostics)
     out: dict[str, Any] = {"rows": int(m[f"{split}.rows"]), "skipped": int(m[f"{split}.bad_records"]),
                            "loss": m[f"{split}.loss"], **{k: m[f"{split}.{k}"] for k in SCORES}}
     out["tasks"] = {t: {**{k: m[f"{split}.{t}.{k}"] for k in SCORES}, "class_names": list(names)}

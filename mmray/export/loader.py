@@ -17,8 +17,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from mmray import storage
 from mmray.config import JobConfig, UserError, from_yaml_text
+from mmray.data.dataset_dir import read_dataset_info
+from mmray.data.decode import Preprocessor
+from mmray.data.tokenizer import TextTokenizer
+from mmray.export.codec import load_compressed_state, read_quantization
 from mmray.export.writer import CONFIG_FILE, ENCODERS_DIR, LABELS_FILE, TOKENIZER_DIR, WEIGHTS_FILE, hf_encoders
+from mmray.models.builder import build_job_model, job_tasks
+from mmray.train.checkpoint import STATE as CHECKPOINT_STATE
+from mmray.train.checkpoint import load_model as load_checkpoint_model
+from mmray.train.checkpoint import read_config as read_checkpoint_config
 
 
 def _require(path: Path, what: str) -> Path:
@@ -42,10 +51,11 @@ def read_labels(export_dir: Path) -> dict[str, list[str]]:
 
 def read_config(export_dir: Path) -> JobConfig:
     """The export's job config, with each Hugging Face encoder's ``path`` pointed at the architecture files the
-    export carries (``encoders/<modality>/``), so loading never needs the original model folder."""
+    export carries (``encoders/<modality>/``), so loading never needs the original model folder, and without
+    ``lora``: the export's weights have the adapters merged in (the model is built without them, no ``peft``)."""
     path = _require(export_dir / CONFIG_FILE, "resolved job config")
     config = from_yaml_text(path.read_bytes(), source=str(path))
-    local = {m: enc.model_copy(update={"path": str(export_dir / ENCODERS_DIR / m)})
+    local = {m: enc.model_copy(update={"path": str(export_dir / ENCODERS_DIR / m), "lora": None})
              for m, enc in hf_encoders(config).items() if (export_dir / ENCODERS_DIR / m / "config.json").is_file()}
     if not local:  # an export written before it carried them still reads the original folder
         return config
@@ -163,6 +173,28 @@ class Predictor:
         return f"Predictor(modalities={list(self.modalities)}, classes={len(self.class_names)}, device={self.device})"
 
 
+def load_trained(path: str | Path, *, config: JobConfig | None = None, device: str | torch.device = "cpu") -> Predictor:
+    """The model and its preprocessing from a folder: a model export (:func:`load_model`) or a training
+    checkpoint (a local folder holding ``state.pt``), as a :class:`Predictor` either way.
+
+    A checkpoint's config is its own ``config.yaml`` unless ``config`` is given; its tokenizer and class names
+    come from the job's dataset, as in training. A slim checkpoint's left-out encoders are rebuilt and verified
+    (:func:`mmray.train.checkpoint.load_model`).
+
+    Raises:
+        UserError: a missing or unreadable folder, config or dataset; weights that do not fit.
+    """
+    if not (Path(path) / CHECKPOINT_STATE).is_file():
+        return load_model(path, device)
+    config = config or read_checkpoint_config(str(path))
+    info = read_dataset_info(config.data.path)
+    tokenizer = TextTokenizer.for_job(config.data, info)
+    labels = {task: list(names) for task, names in info.tasks.items()}
+    dev = torch.device(device)
+    model = load_checkpoint_model(config, job_tasks(labels), tokenizer, str(path)).to(dev).eval()
+    return Predictor(model, config, labels, tokenizer, _raw_preprocessor(config, tokenizer), dev)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
     """Load an export folder written by :func:`mmray.export.write_export`. Needs no Ray.
 
@@ -177,17 +209,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Predicto
         UserError: the folder or one of its files is missing or unreadable, or the weights do not
             match the model the config describes.
     """
-    from mmray import storage
-
     if storage.is_uri(str(path)):  # everything is read into memory, so the download can go right after
         if not storage.is_dir(str(path)):
             raise UserError(f"{path}: no such model export folder")
         with storage.local_copy(str(path)) as local:
             return load_model(local, device)
-    from mmray.data.decode import Preprocessor
-    from mmray.export.quantize import load_compressed_state, read_quantization
-    from mmray.models.builder import build_job_model, job_tasks
-
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"{root}: no such model export folder")
@@ -214,17 +240,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Predicto
     except RuntimeError as e:
         raise UserError(f"{weights_path}: weights do not match the model in {root / CONFIG_FILE}: {e}") from None
     model.to(dev).eval()
+    return Predictor(model, config, labels, tokenizer, _raw_preprocessor(config, tokenizer), dev)
+
+
+def _raw_preprocessor(config: JobConfig, tokenizer: Any) -> Any:
     # Raw inputs are user data: a bad one is an error naming it, not a silently skipped row.
-    strict_data = config.data.model_copy(update={"on_bad_record": "fail"})
-    preprocessor = Preprocessor.for_raw(strict_data, tokenizer)
-    return Predictor(model, config, labels, tokenizer, preprocessor, dev)
+    return Preprocessor.for_raw(config.data.model_copy(update={"on_bad_record": "fail"}), tokenizer)
 
 
 # ------------------------------------------------------------------ data-layer glue
 def _load_tokenizer(root: Path, config: JobConfig) -> Any:
     if "text" not in config.data.modalities:
         return None
-    from mmray.data.tokenizer import TextTokenizer
-
     return TextTokenizer.from_dir(str(_require(root / TOKENIZER_DIR, "tokenizer files")))
 

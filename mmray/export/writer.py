@@ -6,8 +6,11 @@ Layout (the product contract)::
     OUT/config.yaml         the resolved job config (every default written out)
     OUT/labels.json         {"label": [class names], "label_<task>": [...]}  index = label id
     OUT/tokenizer/          the text tokenizer's files (only when text is a modality)
-    OUT/encoders/<modality>/  for Hugging Face encoders (hf_text, hf_audio): the model's config.json (and
-                            preprocessor_config.json), so the architecture is rebuilt from the export alone
+    OUT/encoders/<modality>/  for Hugging Face encoders (hf_text, hf_image, hf_audio): the model's config.json
+                            (and preprocessor_config.json), so the architecture is rebuilt from the export alone
+
+LoRA adapters are merged into the weights they adapt (:func:`mmray.models.lora.merged_state_dict`): an export
+is read as the same model without adapters, and loading it needs no ``peft``.
     OUT/metrics.json        {"epoch": N, ...the metrics passed in (validation / test)}
     OUT/versions.json       {"mmray", "torch", "ray", "python", "git_commit"}
 """
@@ -28,21 +31,23 @@ from safetensors.torch import save_file
 
 from mmray import storage as store
 from mmray.config import JobConfig, UserError, to_yaml
+from mmray.models.encoders.hf import _feature_extractor, _load
+from mmray.models.lora import merged_state_dict
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 LABELS_FILE = "labels.json"
 TOKENIZER_DIR = "tokenizer"
-METRICS_FILE = "metrics.json"
+EXPORT_METRICS_FILE = "metrics.json"  # not the run folder's per-epoch metrics.jsonl
 VERSIONS_FILE = "versions.json"
 ENCODERS_DIR = "encoders"
-HF_ENCODERS = ("hf_text", "hf_audio")
+HF_ENCODERS = ("hf_text", "hf_image", "hf_audio")
 
 
 def export_files(modalities: tuple[str, ...], config: JobConfig | None = None) -> list[str]:
     """The names an export holds at its top level for a model over ``modalities`` (sorted); with ``config``,
     ``encoders`` too when it has a Hugging Face encoder."""
-    names = [WEIGHTS_FILE, CONFIG_FILE, LABELS_FILE, METRICS_FILE, VERSIONS_FILE]
+    names = [WEIGHTS_FILE, CONFIG_FILE, LABELS_FILE, EXPORT_METRICS_FILE, VERSIONS_FILE]
     if "text" in modalities:
         names.append(TOKENIZER_DIR)
     if config is not None and hf_encoders(config):
@@ -60,13 +65,14 @@ def save_hf_architecture(config: JobConfig, out: Path) -> None:
     """Save each Hugging Face encoder's ``config.json`` (and feature extractor config, if it has one) under
     ``out/encoders/<modality>/``: with them an export rebuilds the architecture without the original folder
     (the weights come from ``model.safetensors``; a text model's tokenizer is in ``tokenizer/``)."""
-    from mmray.models.encoders.hf import _feature_extractor, _load
-
     for modality, enc in hf_encoders(config).items():
         dest = out / ENCODERS_DIR / modality
         dest.mkdir(parents=True)
-        _load("AutoConfig", enc.path, f"model.encoders.{modality}.path").save_pretrained(str(dest))
+        key = f"model.encoders.{modality}.path"
+        _load("AutoConfig", enc.path, key).save_pretrained(str(dest))
         fe = _feature_extractor(enc.path) if enc.name == "hf_audio" else None
+        if enc.name == "hf_image":  # the data.image settings are in config.yaml; the processor documents them
+            fe = _load("AutoImageProcessor", enc.path, key)
         if fe is not None:
             fe.save_pretrained(str(dest))
 
@@ -81,15 +87,16 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def weights_for_safetensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict as standalone contiguous CPU tensors.
+    """The model's state dict as standalone contiguous CPU tensors, LoRA adapters merged into their layers.
 
     safetensors refuses tensors that share storage (tied weights) or are views into a larger
     buffer; cloning those keeps every state-dict key, so ``load_state_dict(strict=True)`` works
     and tied parameters are simply restored twice with the same values.
     """
+
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for name, t in model.state_dict().items():
+    for name, t in merged_state_dict(model).items():
         t = t.detach().to("cpu")
         storage = t.untyped_storage()
         shared = storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size()
@@ -97,6 +104,15 @@ def weights_for_safetensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         t = t.clone(memory_format=torch.contiguous_format) if shared or not t.is_contiguous() else t
         out[name] = t
     return out
+
+
+def read_metrics(export_dir: str | Path) -> dict[str, Any]:
+    """The export's ``metrics.json`` (``epoch``, ``val.*``, ``test.*``); ``export_dir`` is a local path or a URI.
+
+    Raises:
+        OSError: no such file. ValueError: not valid JSON.
+    """
+    return json.loads(store.read_text(store.join(str(export_dir), EXPORT_METRICS_FILE)))
 
 
 def _package_version(name: str) -> str | None:
@@ -204,7 +220,7 @@ def write_export(
             (tmp / TOKENIZER_DIR).mkdir()
             tokenizer.save(str(tmp / TOKENIZER_DIR))
         save_hf_architecture(config, tmp)
-        _write_json(tmp / METRICS_FILE, {**dict(metrics), "epoch": epoch})
+        _write_json(tmp / EXPORT_METRICS_FILE, {**dict(metrics), "epoch": epoch})
         _write_json(tmp / VERSIONS_FILE, collect_versions())
         replace_dir(tmp, out)
     except BaseException:

@@ -36,6 +36,7 @@ def format_jobs(jobs: list[Any]) -> str:
 
 
 def format_status(info: Any) -> str:
+    """``mmray jobs status``'s lines for one job: id, status (and message), entrypoint and times."""
     lines = [f"job:        {info.submission_id or info.job_id}",
              f"status:     {info.status}" + (f"  ({info.message})" if info.message else ""),
              f"entrypoint: {info.entrypoint}",

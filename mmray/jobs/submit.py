@@ -15,9 +15,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from mmray.config import load_job
 from mmray.config.errors import UserError
+from mmray.config.loader import apply_overrides, read_yaml
+from mmray.config.schema import check_run_name
 from mmray.jobs.client import Cluster
 from mmray.jobs.package import Package, package_files, stage
+from mmray.runtime import QUIET_ENV
+from mmray.tune.space import load_space
 
 VERBS = ("train", "tune")
 # Environment variables a job spec never carries: anyone who can list the cluster's jobs reads the spec.
@@ -61,7 +66,6 @@ def check_command(ns: Any, working_dir: str) -> list[tuple[str, str]]:
     """
     if ns.verb == "tune" and ns.resume:
         return [("--resume", ns.resume)]
-    from mmray.config import load_job
 
     def here(path: str) -> str:
         return path if os.path.isabs(path) else os.path.join(working_dir, path)
@@ -70,15 +74,10 @@ def check_command(ns: Any, working_dir: str) -> list[tuple[str, str]]:
         raise UserError("give JOB.yaml after the verb: mmray submit -- train JOB.yaml")
     config = load_job(here(ns.job), ns.overrides)
     if ns.name is not None:
-        from mmray.config.schema import check_run_name
-
         check_run_name(ns.name, "--name")  # one path component, as `mmray train|tune` will insist
     if ns.verb == "tune":
         if not ns.space:
             raise UserError("give --space SPACE.yaml: mmray submit -- tune JOB.yaml --space SPACE.yaml")
-        from mmray.config.loader import apply_overrides, read_yaml
-        from mmray.tune.space import load_space
-
         load_space(here(ns.space), apply_overrides(read_yaml(here(ns.job)), ns.overrides),
                    num_samples=ns.num_samples)
     return [("data.path", config.data.path), ("--storage" if ns.storage else "storage", ns.storage or config.storage)]
@@ -129,7 +128,6 @@ def prepare(args: Sequence[str], *, parse: Callable[[list[str]], Any], working_d
         raise UserError(f"{', '.join(token_vars)} would be stored in the job spec, where anyone who can list the "
                         "cluster's jobs reads it; the token is sent in the request header only")
     package = package_files(working_dir)
-    from mmray.runtime import QUIET_ENV
 
     runtime_env = {"env_vars": {**QUIET_ENV, "PYTHONUNBUFFERED": "1", **(env or {})}}
     return JobSpec(command, runtime_env, args[0], _path_warnings(paths, package), package)

@@ -3,6 +3,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from mmray.errors import UserError
+from mmray.models.contrastive import ContrastiveHead
+from mmray.models.encoders.base import BuildContext
+from mmray.models.model import build_model
+from mmray.seeding import seeded
+
 if TYPE_CHECKING:
     from mmray.config.schema import JobConfig
     from mmray.models.model import MultimodalModel
@@ -26,10 +32,6 @@ def build_job_model(
     Raises:
         UserError: text is among the modalities but no tokenizer was given.
     """
-    from mmray.config.errors import UserError
-    from mmray.models.encoders.base import BuildContext
-    from mmray.models.model import build_model
-
     if "text" in config.data.modalities and tokenizer is None:
         raise UserError("data.modalities includes text but no tokenizer was found")
     ctx = BuildContext.from_config(
@@ -41,8 +43,6 @@ def build_job_model(
     model = build_model(config.model, modalities=config.data.modalities, tasks=tasks, ctx=ctx)
     c = config.train.contrastive
     if c.enabled:  # part of the model, so checkpoints, DDP and the optimizer carry it like any other weight
-        from mmray.models.contrastive import ContrastiveHead
-
         model.contrastive = ContrastiveHead(
             {m: e.output_dim for m, e in model.encoders.items()}, projection_dim=c.projection_dim,
             temperature=c.temperature, learn_temperature=c.learn_temperature, max_logit_scale=c.max_logit_scale)
@@ -57,7 +57,5 @@ def build_as_trained(config: "JobConfig", tasks: dict[str, int], tokenizer: Any 
     bit-identical, which the embedding cache and slim checkpoints rely on (and verify by hash). The caller's
     random state is left as it was.
     """
-    from mmray.seeding import seeded
-
     with seeded(config.train.seed):
         return build_job_model(config, tasks, tokenizer)

@@ -10,13 +10,12 @@ loop, metrics and export serve both paths; raw inputs still go through the encod
 """
 from __future__ import annotations
 
-import hashlib
-
 import torch
 from torch import nn
 
-from mmray.config.errors import UserError
+from mmray.errors import UserError
 from mmray.models.encoders.base import EncoderOutput
+from mmray.models.hashing import weights_hash
 
 
 def cached_output(batch: dict[str, torch.Tensor], modality: str, *, needs_sequence: bool) -> EncoderOutput | None:
@@ -34,16 +33,6 @@ def cached_output(batch: dict[str, torch.Tensor], modality: str, *, needs_sequen
                         "rebuild it for this fusion or set train.embedding_cache: off")
     mask = batch.get(f"{modality}.sequence_mask")
     return EncoderOutput(pooled, sequence, None if mask is None else mask.to(torch.bool))
-
-
-def weights_hash(module: nn.Module) -> str:
-    """sha256 over ``module``'s parameters and buffers (names, dtypes, shapes, bytes), in name order."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def encoder_hashes(model: nn.Module, modalities) -> dict[str, str]:

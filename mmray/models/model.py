@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 from torch import nn
 
-from mmray.config.errors import UserError
+from mmray.errors import UserError
 from mmray.models.cached import cached_output
 from mmray.models.encoders import ENCODERS, BuildContext
 from mmray.models.fusion import FUSIONS

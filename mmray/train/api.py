@@ -9,9 +9,17 @@ from mmray import storage as store
 from mmray.config import JobConfig
 from mmray.config.errors import RunError, UserError
 from mmray.config.schema import check_run_name
+from mmray.data.cache import plan
 from mmray.data.dataset_dir import DatasetInfo, check_shards, read_dataset_info
-
-EXPORT_DIR = "export"
+from mmray.data.decoded import plan as decode_plan
+from mmray.data.tokenizer import TextTokenizer
+from mmray.export.writer import EXPORT_METRICS_FILE, read_metrics
+from mmray.hf_local import looks_local
+from mmray.train.checkpoint import kept_checkpoints, read_state
+from mmray.train.finalize import export_checkpoint, supervised_best
+from mmray.train.outputs import export_dir as run_export_dir
+from mmray.train.outputs import resolve_run_dir, tensorboard_dir
+from mmray.train.trainer import fit, worker_error
 
 
 @dataclass
@@ -39,8 +47,6 @@ class RunResult:
 
 def absolute_paths(config: JobConfig) -> JobConfig:
     """Relative local paths are relative to where the user ran mmray; Ray workers run elsewhere."""
-    from mmray.models.encoders.base import looks_local
-
     tokenizer = config.data.text.tokenizer
     text = config.data.text
     if tokenizer is not None and looks_local(tokenizer):
@@ -71,29 +77,7 @@ def check_model_files(config: JobConfig) -> None:
     for modality in config.data.modalities:
         getattr(config.model.encoders, modality).check_files(f"model.encoders.{modality}")
     if "text" in config.data.modalities and config.data.text.tokenizer is not None:
-        from mmray.data.tokenizer import TextTokenizer
-
         TextTokenizer.from_pretrained(config.data.text.tokenizer)
-
-
-def resolve_run_dir(storage: str, name: str, *, explicit_name: bool) -> tuple[str, str]:
-    """``(run_dir, state)`` with state ``new``, ``resume`` (an unfinished run with checkpoints) or
-    ``finished`` (only with ``explicit_name``: that run already has its export).
-
-    A finished run is never overwritten: without an explicit name the next free ``NAME-2``,
-    ``NAME-3``... is used.
-    """
-    root = store.normalize(storage)
-    candidate, n = name, 1
-    while True:
-        run_dir = store.join(root, candidate)
-        entries = store.listdir(run_dir)
-        if EXPORT_DIR not in entries:
-            return run_dir, "resume" if any(d.startswith("checkpoint_") for d in entries) else "new"
-        if explicit_name:
-            return run_dir, "finished"
-        n += 1
-        candidate = f"{name}-{n}"
 
 
 def check_resume_point(run_dir: str) -> None:
@@ -103,8 +87,6 @@ def check_resume_point(run_dir: str) -> None:
     Raises:
         UserError: from :func:`mmray.train.checkpoint.read_state`.
     """
-    from mmray.train.checkpoint import kept_checkpoints, read_state
-
     kept = kept_checkpoints(run_dir)
     if kept:
         read_state(kept[max(kept)])
@@ -112,15 +94,11 @@ def check_resume_point(run_dir: str) -> None:
 
 def finished_run(run_dir: str) -> RunResult:
     """The result of a run that already finished, read back from its export's ``metrics.json``."""
-    import json
-
-    from mmray.export.writer import METRICS_FILE
-
-    export_dir = store.join(run_dir, EXPORT_DIR)
+    export_dir = run_export_dir(run_dir)
     try:
-        metrics = json.loads(store.read_text(store.join(export_dir, METRICS_FILE)))
+        metrics = read_metrics(export_dir)
     except (OSError, ValueError) as e:
-        raise UserError(f"--name: run {run_dir} has an export folder without a readable {METRICS_FILE} ({e}); "
+        raise UserError(f"--name: run {run_dir} has an export folder without a readable {EXPORT_METRICS_FILE} ({e}); "
                         f"choose another name") from None
     return RunResult(run_dir, export_dir, metrics, resumed=False, already_finished=True)
 
@@ -159,14 +137,12 @@ def train(
 
 
 def _train_locked(config: JobConfig, info: DatasetInfo, run_dir: str, state: str, on_event) -> RunResult:
-    from mmray.data.cache import plan
-    from mmray.train.finalize import export_checkpoint, supervised_best
-    from mmray.train.trainer import fit, worker_error
-
     # Built once per dataset and key (a lock makes concurrent runs wait for one build); refused with a
     # reason when an encoder trains or augmentation changes a frozen encoder's inputs.
     cache = plan(config, info, build=True)
-    outcome = fit(config, run_dir=run_dir, on_event=on_event, cache=cache)
+    # Likewise each row's decoded inputs (data.decode_cache), unless the embedding cache leaves nothing to decode.
+    decoded = decode_plan(config, info, build=True, embedding=cache)
+    outcome = fit(config, run_dir=run_dir, on_event=on_event, cache=cache, decoded=decoded)
     if outcome.error is not None:
         # mmray's own errors: a bad record under on_bad_record: fail, a non-finite loss, a full disk (RunError)
         known = worker_error(outcome.error, (UserError, RunError))
@@ -175,7 +151,8 @@ def _train_locked(config: JobConfig, info: DatasetInfo, run_dir: str, state: str
         raise RuntimeError(f"training failed: {outcome.error}") from outcome.error
     if outcome.best_checkpoint is None:
         raise RuntimeError(f"training reported no checkpoint; see the logs under {run_dir}")
-    export_dir = store.join(run_dir, EXPORT_DIR)
+    export_dir = run_export_dir(run_dir)
     metrics = export_checkpoint(config, info, supervised_best(config, outcome.best_checkpoint), export_dir,
-                                tensorboard_dir=store.join(run_dir, "tensorboard"))
+                                tensorboard_dir=tensorboard_dir(run_dir), cache=cache,
+                                decoded=decoded)  # the run's plans, not second ones
     return RunResult(run_dir, export_dir, metrics, state == "resume")

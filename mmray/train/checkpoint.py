@@ -10,15 +10,21 @@ exports, reports or compares that run; it is refused, naming the file.
 Slim checkpoints: the weights of permanently frozen encoders never change during a run, so they are left
 out of ``model.safetensors`` (a frozen ResNet-18 + MiniLM is 135 MB per epoch; the fusion and heads
 are usually well under 1 MB). ``frozen.json`` names each left-out module with the sha256 of its weights
-(:func:`mmray.models.cached.weights_hash`); :func:`load_model` rebuilds them as training did
+(:func:`mmray.models.hashing.weights_hash`); :func:`load_model` rebuilds them as training did
 (:func:`mmray.models.builder.build_as_trained`) and :func:`load_weights` refuses a rebuild whose hash differs,
 so a checkpoint never silently pairs trained heads with other encoder weights. Exports always hold the
 full model.
+
+LoRA: an encoder trained through adapters (``model.encoders.<m>.lora``) keeps its pretrained weights as
+loaded, so its checkpoints hold only the adapters (and everything else that trains); ``frozen.json``'s
+``lora_base`` maps the encoder to the sha256 of the weights left out (:func:`mmray.models.lora.base_hash`),
+verified the same way when the checkpoint is loaded.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,8 +32,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmray.config import JobConfig, to_yaml
+from mmray import storage as store
+from mmray.config import JobConfig, from_yaml_text, to_yaml
 from mmray.config.errors import RunError, UserError
+from mmray.models.builder import build_as_trained, build_job_model
+from mmray.models.hashing import weights_hash
+from mmray.models.lora import base_hash, base_parameter_names
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
@@ -43,8 +53,6 @@ def checkpoint_name(epoch: int) -> str:
 
 def kept_checkpoints(run_dir: str) -> dict[int, str]:
     """epoch -> folder of the checkpoints a run kept (local path or URI; {} when there are none)."""
-    from mmray import storage as store
-
     return {int(d[len(PREFIX):]): store.join(run_dir, d) for d in store.listdir(run_dir) if d.startswith(PREFIX)}
 
 
@@ -61,11 +69,19 @@ def _under(key: str, prefixes) -> bool:
     return any(key.startswith(p + ".") for p in prefixes)
 
 
-def state_dict_for_saving(model: nn.Module, leave_out=()) -> dict[str, torch.Tensor]:
-    """The unwrapped model's weights on CPU, without the modules named in ``leave_out`` (dotted prefixes)."""
+def state_dict_for_saving(model: nn.Module, leave_out=(), lora_base=()) -> dict[str, torch.Tensor]:
+    """The unwrapped model's weights on CPU, without the modules named in ``leave_out`` (dotted prefixes) and
+    without the base weights of the LoRA-adapted modules named in ``lora_base``."""
+    inner = unwrap(model)
+    skip = _base_keys(inner, lora_base)
     # safetensors refuses shared storage and non-contiguous tensors; clone makes each tensor its own.
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in unwrap(model).state_dict().items()
-            if not _under(k, leave_out)}
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in inner.state_dict().items()
+            if not _under(k, leave_out) and k not in skip}
+
+
+def _base_keys(inner: nn.Module, modules) -> set[str]:
+    """State-dict keys of the base (non-training) weights of the LoRA-adapted ``modules`` of ``inner``."""
+    return {f"{m}.{n}" for m in modules for n in base_parameter_names(inner.get_submodule(m))}
 
 
 @dataclass
@@ -90,15 +106,20 @@ def save_checkpoint(
     state: TrainState,
     config: JobConfig,
     frozen: dict[str, str] | None = None,
+    lora_base: dict[str, str] | None = None,
 ) -> str:
     """Write a checkpoint folder at ``path``; ``frozen`` maps module name (``encoders.image``) -> weights hash
-    of modules left out of it (see the module docstring)."""
+    of modules left out of it, ``lora_base`` LoRA-adapted module name -> hash of its base weights, left out
+    too (see the module docstring)."""
     os.makedirs(path, exist_ok=True)
-    save_file(state_dict_for_saving(model, leave_out=frozen or ()), os.path.join(path, WEIGHTS))
-    if frozen:
+    save_file(state_dict_for_saving(model, leave_out=frozen or (), lora_base=lora_base or ()),
+              os.path.join(path, WEIGHTS))
+    if frozen or lora_base:
         with open(os.path.join(path, FROZEN), "w") as f:
-            json.dump({"left_out": frozen, "why": "permanently frozen: rebuilt from the job config and verified "
-                       "by sha256 when loaded"}, f, indent=1, sort_keys=True)
+            json.dump({"left_out": frozen or {}, "lora_base": lora_base or {},
+                       "why": "permanently frozen (left_out) or the pretrained weights under LoRA adapters "
+                       "(lora_base): rebuilt from the job config and verified by sha256 when loaded"},
+                      f, indent=1, sort_keys=True)
     torch.save(
         {
             "optimizer": optimizer.state_dict(),
@@ -144,8 +165,6 @@ def copy_checkpoint(local: str, target: str) -> str:
     Returns ``target``."""
     import shutil
 
-    from mmray import storage as store
-
     if store.is_uri(target):
         for name in sorted(os.listdir(local), key=lambda n: n == STATE):
             store.upload(os.path.join(local, name), store.join(target, name))
@@ -165,18 +184,26 @@ def copy_checkpoint(local: str, target: str) -> str:
 
 def is_complete(path: str) -> bool:
     """Whether the checkpoint folder ``path`` (local path or URI) was written whole (it has its ``state.pt``)."""
-    from mmray import storage as store
-
     return store.exists(store.join(path, STATE))
 
 
 def left_out(path: str) -> dict[str, str]:
     """Module name -> weights hash of the frozen modules the checkpoint at ``path`` leaves out ({} for a full one)."""
+    return _frozen_json(path).get("left_out", {})
+
+
+def lora_bases(path: str) -> dict[str, str]:
+    """LoRA-adapted module name -> hash of the base weights the checkpoint at ``path`` leaves out ({} if none)."""
+    return _frozen_json(path).get("lora_base", {})
+
+
+def _frozen_json(path: str) -> dict[str, dict[str, str]]:
     file = os.path.join(path, FROZEN)
     if not os.path.isfile(file):
         return {}
     with open(file) as f:
-        return dict(json.load(f)["left_out"])
+        blob = json.load(f)
+    return {k: dict(blob.get(k) or {}) for k in ("left_out", "lora_base")}
 
 
 def load_weights(path: str, model: nn.Module, *, verify: bool = True) -> None:
@@ -189,33 +216,33 @@ def load_weights(path: str, model: nn.Module, *, verify: bool = True) -> None:
     Raises:
         UserError: a left-out module of ``model`` differs from the one the checkpoint was trained with.
     """
-    from mmray.models.cached import weights_hash
-
     inner = unwrap(model)
-    frozen = left_out(path)
+    frozen, bases = left_out(path), lora_bases(path)
     saved = load_file(os.path.join(path, WEIGHTS))
-    if not frozen:
+    if not frozen and not bases:
         inner.load_state_dict(saved)
         return
     missing, unexpected = inner.load_state_dict(saved, strict=False)
-    stray = [k for k in missing if not _under(k, frozen)]
+    base_keys = _base_keys(inner, bases)
+    stray = [k for k in missing if not _under(k, frozen) and k not in base_keys]
     if stray or unexpected:
         raise RuntimeError(f"{path}: checkpoint does not fit the model: missing {stray[:5]}, unexpected {unexpected[:5]}")
-    for name, digest in sorted(frozen.items()) if verify else ():
-        actual = weights_hash(inner.get_submodule(name))
+    checks = [(name, digest, weights_hash, "frozen weights") for name, digest in sorted(frozen.items())]
+    checks += [(name, digest, base_hash, "pretrained weights under the LoRA adapters")
+               for name, digest in sorted(bases.items())]
+    for name, digest, hash_of, what in checks if verify else ():
+        actual = hash_of(inner.get_submodule(name))
         if actual != digest:
             raise UserError(
-                f"{path} leaves out the frozen weights of {name} (sha256 {digest[:12]}), and rebuilding them from "
+                f"{path} leaves out the {what} of {name} (sha256 {digest[:12]}), and rebuilding them from "
                 f"the job config gives other weights ({actual[:12]}): the pretrained weights file, the encoder's "
                 "config or the torch version changed since training. Restore them, or train again.")
 
 
 def load_model(config: JobConfig, tasks: dict[str, int], tokenizer: Any, path: str) -> nn.Module:
     """The job's model with the checkpoint at ``path`` (a local folder) loaded, slim or full."""
-    from mmray.models.builder import build_as_trained, build_job_model
-
     # A full checkpoint overwrites every weight: no need to read pretrained files. A slim one needs them.
-    model = build_as_trained(config, tasks, tokenizer) if left_out(path) else \
+    model = build_as_trained(config, tasks, tokenizer) if left_out(path) or lora_bases(path) else \
         build_job_model(config, tasks, tokenizer, pretrained=False)
     load_weights(path, model)
     return model
@@ -231,10 +258,6 @@ def read_state(path: str) -> dict[str, Any]:
     Raises:
         UserError: the file is not such a state (a planted or damaged pickle), naming it; nothing in it ran.
     """
-    import pickle
-
-    from mmray import storage as store
-
     file = store.join(path, STATE)
     with store.local_copy(file) as local:
         try:
@@ -248,6 +271,29 @@ def read_state(path: str) -> dict[str, Any]:
         raise UserError(f"{file}: not a training state mmray wrote (no train_state); delete that checkpoint "
                         "folder to resume from the one before, or train under another --name")
     return blob
+
+
+def read_train_state(checkpoint_dir: str) -> dict[str, Any]:
+    """The loop's train state saved in a checkpoint folder (a local path or a URI): epoch, history, ..."""
+    return read_state(checkpoint_dir)["train_state"]
+
+
+def checkpoint_epoch(checkpoint_dir: str) -> int:
+    """The epoch whose end the checkpoint at ``checkpoint_dir`` (a local path or a URI) holds."""
+    return int(read_train_state(checkpoint_dir)["epoch"])
+
+
+def read_config(checkpoint_dir: str) -> JobConfig:
+    """The resolved job config saved with the checkpoint at ``checkpoint_dir`` (a local folder).
+
+    Raises:
+        UserError: the checkpoint has no ``config.yaml``.
+    """
+    path = os.path.join(checkpoint_dir, CONFIG)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: missing; cannot tell which model the checkpoint holds")
+    with open(path) as f:
+        return from_yaml_text(f.read(), source=path)
 
 
 def load_checkpoint(path: str, *, model, optimizer, scheduler, scaler, verify: bool = True) -> TrainState:

@@ -3,19 +3,52 @@
 :class:`WorkerContext` is implemented twice: :class:`LocalContext` here (one process, the local
 Parquet reader; used by tests, by in-process sweep trials and on a laptop with no cluster) and
 ``RayWorkerContext`` in :mod:`mmray.train.trainer` (Ray Train workers fed by Ray Data).
+:class:`LoopInputs` is what a run reads besides its config and context, planned once by whoever starts it.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, ContextManager, Iterable, Iterator, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Iterator, Mapping, Protocol
 
 import torch
 from torch import nn
 
 from mmray.train.checkpoint import copy_checkpoint, kept_checkpoints
 
+if TYPE_CHECKING:
+    from mmray.data.cache import CachePlan
+
 Batch = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LoopInputs:
+    """What one loop run reads besides its config and its context: planned once per run by whoever starts it
+    (``mmray.fit``, a sweep trial) and passed down unchanged to every worker (it pickles).
+
+    Attributes:
+        cached_encoders: the embedding cache: modality -> weights hash of the encoder that filled it. Batches of
+            the epochs it serves hold those encoders' outputs (``<m>.pooled``) instead of raw inputs, and the
+            loop checks its own encoders against these hashes. Empty: no cache.
+        cached_epochs: a partial cache serves epochs ``1..cached_epochs`` only; later epochs decode the dataset
+            and run the encoders. None: every epoch it is used for.
+    """
+
+    cached_encoders: Mapping[str, str] = field(default_factory=dict)
+    cached_epochs: int | None = None
+
+    @classmethod
+    def from_cache(cls, cache: "CachePlan") -> "LoopInputs":
+        """The inputs of a run that trains from ``cache`` when it is used (:func:`mmray.data.cache.plan`)."""
+        if not cache.used:
+            return cls()
+        return cls(dict(cache.weights or {}), cache.epochs if cache.partial else None)
+
+    def from_cache_in(self, epoch: int) -> bool:
+        """Whether ``epoch``'s batches are the embedding cache's (the cached encoders do not run)."""
+        return bool(self.cached_encoders) and (self.cached_epochs is None or epoch <= self.cached_epochs)
 
 
 class WorkerContext(Protocol):
@@ -62,7 +95,6 @@ class LocalContext:
 
     rank = 0
     world_size = 1
-    cached_encoders: dict[str, str] | None = None  # embedding cache: modality -> weights hash its batches came from
 
     def __init__(
         self,

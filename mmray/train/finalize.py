@@ -5,25 +5,19 @@ from typing import Any
 
 from mmray import storage as store
 from mmray.config import JobConfig
+from mmray.data.cache import CachePlan, iter_cached_batches, plan
 from mmray.data.dataset_dir import DatasetInfo
+from mmray.data.decoded import DecodePlan, iter_decoded_batches
+from mmray.data.decoded import plan as decode_plan
 from mmray.data.reader import iter_batches
-from mmray.data.tokenizer import TextTokenizer
 from mmray.export import write_export
+from mmray.export.loader import load_trained
 from mmray.models.builder import job_tasks
-from mmray.train.checkpoint import kept_checkpoints, left_out, load_model, read_state
-from mmray.train.context import LocalContext
-from mmray.train.loop import evaluate
+from mmray.models.cached import check_cached_encoders, encoder_hashes
+from mmray.train.checkpoint import checkpoint_epoch, kept_checkpoints, left_out, read_train_state
+from mmray.train.evaluation import evaluate_model
 
 EVAL_BATCH_SIZE = 256
-
-
-def train_state(checkpoint_dir: str) -> dict[str, Any]:
-    """The loop's train state saved in a checkpoint folder (a local path or a URI): epoch, history, ..."""
-    return read_state(checkpoint_dir)["train_state"]
-
-
-def checkpoint_epoch(checkpoint_dir: str) -> int:
-    return int(train_state(checkpoint_dir)["epoch"])
 
 
 def best_kept(kept: dict[int, str], metric: str, mode: str) -> str | None:
@@ -31,7 +25,7 @@ def best_kept(kept: dict[int, str], metric: str, mode: str) -> str | None:
     holds every epoch's metrics); ``None`` when nothing kept was scored."""
     if not kept:
         return None
-    history = train_state(kept[max(kept)])["history"]
+    history = read_train_state(kept[max(kept)])["history"]
     sign = 1.0 if mode == "max" else -1.0
     scored = [m for m in history if int(m["epoch"]) in kept and metric in m]
     return kept[int(max(scored, key=lambda m: sign * m[metric])["epoch"])] if scored else None
@@ -55,7 +49,8 @@ def supervised_best(config: JobConfig, best_checkpoint: str) -> str:
 
 
 def evaluate_splits(model, config: JobConfig, info: DatasetInfo, tasks: dict[str, int], splits=("val", "test"),
-                    verified: dict[str, str] | None = None):
+                    verified: dict[str, str] | None = None, cache: CachePlan | None = None,
+                    decoded: DecodePlan | None = None):
     """``{split}.{metric}`` for each split present in the dataset, with the same code the loop uses, plus the
     modality diagnostics ``{split}.diagnostics.{without_<m>|only_<m>}.{accuracy|f1}``.
 
@@ -63,31 +58,36 @@ def evaluate_splits(model, config: JobConfig, info: DatasetInfo, tasks: dict[str
     cached encoder outputs equal those from raw inputs; the encoders are checked against the cache's hashes),
     so measuring the best epoch does not run every frozen encoder over val and test seven times.
     ``verified``: modality -> weights hash already checked for ``model`` (a slim checkpoint's), not hashed again.
+    ``cache``: the run's embedding-cache plan (:func:`mmray.data.cache.plan`); looked up when not given.
+    Otherwise the splits are read from the decoded-input cache when there is one (``decoded``: the run's
+    :func:`mmray.data.decoded.plan`; looked up when not given), else decoded from the shards.
     """
-    batches = _eval_batches(model, config, info, verified or {})
-    ctx = LocalContext(run_dir="", train_batches=lambda e: (), val_batches=lambda e: ())
+    batches = _eval_batches(model, config, info, verified or {}, cache or plan(config, info, build=False), decoded)
     metrics: dict[str, Any] = {}
     for split in splits:
         if split in info.splits and info.split_rows(split) > 0:
-            metrics |= evaluate(model, batches(split), tasks=tasks, config=config, ctx=ctx, prefix=split,
-                                diagnostics=True)
+            metrics |= evaluate_model(model, batches(split), tasks=tasks, modalities=config.data.modalities,
+                                      precision=config.train.precision, prefix=split, diagnostics=True)
     return metrics
 
 
-def _eval_batches(model, config: JobConfig, info: DatasetInfo, verified: dict[str, str]):
-    """``split -> batches``: from the embedding cache when this job trains from it, else decoded from the shards."""
-    from mmray.data.cache import iter_cached_batches, plan
-    from mmray.models.cached import check_cached_encoders, encoder_hashes
-
-    cache = plan(config, info, build=False)
+def _eval_batches(model, config: JobConfig, info: DatasetInfo, verified: dict[str, str], cache: CachePlan,
+                  decoded: DecodePlan | None):
+    """``split -> batches``: from the embedding cache when this job trains from it, else from the decoded-input
+    cache when there is one, else decoded from the shards."""
     usable = cache.used and not cache.partial  # encoders that unfroze have moved on from the cached outputs
     if usable:
         unknown = [m for m in cache.weights if m not in verified]
         check_cached_encoders(verified | encoder_hashes(model, unknown), cache.weights)
+    if decoded is None:
+        decoded = decode_plan(config, info, build=False, embedding=cache if usable else None)
 
     def batches(split: str):
         if usable and all(split in e.manifest["splits"] for e in cache.entries.values()):
             return iter_cached_batches(cache.entries, info, split, batch_size=EVAL_BATCH_SIZE, train=False)
+        if decoded.used and decoded.entry.has(split):
+            return iter_decoded_batches(decoded.entry, config.data, info, split, batch_size=EVAL_BATCH_SIZE,
+                                        train=False)
         return iter_batches(config.data, info, split, batch_size=EVAL_BATCH_SIZE, train=False)
     return batches
 
@@ -112,28 +112,33 @@ def write_diagnostics(tensorboard_dir: str, metrics: dict[str, Any], epoch: int,
         stage.close()
 
 
-def measure_checkpoint(config: JobConfig, info: DatasetInfo, checkpoint_dir: str):
-    """Load ``checkpoint_dir`` (a local path or a URI) into the job's model and measure it on val and test.
+def measure_checkpoint(config: JobConfig, info: DatasetInfo, checkpoint_dir: str, cache: CachePlan | None = None,
+                       decoded: DecodePlan | None = None):
+    """Load ``checkpoint_dir`` (a local path or a URI) into the job's model and measure it on val and test
+    (from the embedding cache of the run's plan ``cache``, or its decoded-input cache ``decoded``, when they
+    serve them; looked up when not given).
 
     Returns ``(model, tokenizer, metrics)``; ``metrics["epoch"]`` is the checkpoint's epoch.
     """
-    tasks = job_tasks(info.tasks)
-    tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
     with store.local_copy(checkpoint_dir) as local:
-        model = load_model(config, tasks, tokenizer, local)  # verifies the frozen encoders it left out
+        loaded = load_trained(local, config=config)  # verifies the frozen encoders it left out
         verified = {name.removeprefix("encoders."): digest for name, digest in left_out(local).items()}
         epoch = checkpoint_epoch(local)
-    return model, tokenizer, {"epoch": epoch, **evaluate_splits(model, config, info, tasks, verified=verified)}
+    metrics = evaluate_splits(loaded.model, config, info, job_tasks(loaded.labels), verified=verified, cache=cache,
+                              decoded=decoded)
+    return loaded.model, loaded.tokenizer, {"epoch": epoch, **metrics}
 
 
 def export_checkpoint(config: JobConfig, info: DatasetInfo, checkpoint_dir: str, export_dir: str,
-                      tensorboard_dir: str | None = None) -> dict[str, Any]:
+                      tensorboard_dir: str | None = None, cache: CachePlan | None = None,
+                      decoded: DecodePlan | None = None) -> dict[str, Any]:
     """Load ``checkpoint_dir``, measure it on val and test, and write the export folder; returns its metrics.
 
     Either folder may be a local path or a URI. With ``tensorboard_dir``, the validation modality
-    diagnostics also go there (:func:`write_diagnostics`).
+    diagnostics also go there (:func:`write_diagnostics`). ``cache``, ``decoded``: the run's cache plans, as in
+    :func:`measure_checkpoint`.
     """
-    model, tokenizer, metrics = measure_checkpoint(config, info, checkpoint_dir)
+    model, tokenizer, metrics = measure_checkpoint(config, info, checkpoint_dir, cache, decoded)
     write_export(export_dir, model, config, info, tokenizer, metrics, epoch=metrics["epoch"])
     if tensorboard_dir is not None:
         write_diagnostics(tensorboard_dir, metrics, metrics["epoch"])

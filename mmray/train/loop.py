@@ -6,6 +6,7 @@ comes in through a :class:`~mmray.train.context.WorkerContext`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -15,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmray import storage as store
@@ -26,6 +26,7 @@ from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
 from mmray.data.tokenizer import TextTokenizer
 from mmray.models.builder import build_job_model, job_tasks
 from mmray.models.cached import check_cached_encoders, encoder_hashes
+from mmray.models.lora import base_hash
 from mmray.seeding import seed_everything
 from mmray.train.checkpoint import (
     StorageFullError,
@@ -36,9 +37,9 @@ from mmray.train.checkpoint import (
     save_checkpoint,
     unwrap,
 )
-from mmray.train.context import WorkerContext
+from mmray.train.context import LoopInputs, WorkerContext
 from mmray.train.device import DeviceMonitor, batch_to_device, maybe_compile, to_channels_last, uses_channels_last
-from mmray.train.metrics import ClassificationMetrics, metrics_from_confusion
+from mmray.train.evaluation import autocast_dtype, evaluate_model, task_losses
 from mmray.train.objectives import in_pretraining, step_losses
 from mmray.train.outputs import EpochOutputs
 
@@ -113,6 +114,13 @@ def permanently_frozen(config: JobConfig) -> list[str]:
     return [m for m, enc in encoders if enc.freeze and enc.unfreeze_after_epochs is None]
 
 
+def lora_encoders(config: JobConfig) -> list[str]:
+    """Modalities whose encoder trains through LoRA adapters (``lora`` set, not permanently frozen)."""
+    never = permanently_frozen(config)
+    return [m for m in config.data.modalities
+            if getattr(getattr(config.model.encoders, m), "lora", None) is not None and m not in never]
+
+
 def frozen_encoders(config: JobConfig, epoch: int) -> list[str]:
     """Modalities whose encoder does not train in ``epoch`` (1-based); they run in eval mode."""
     out = []
@@ -173,31 +181,10 @@ def drop_modalities(batch: dict[str, Any], modalities: tuple[str, ...], p: float
         batch[f"{m}_present"] = keep[:, i]
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.precision``, or None for full fp32."""
-    if device.type != "cuda" or precision == "fp32":
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if precision == "bf16" else torch.float16
-
-
-def task_losses(logits: dict[str, torch.Tensor], batch: dict[str, Any], label_smoothing: float,
-                weights: dict[str, float] | None = None) -> torch.Tensor:
-    """Mean cross-entropy over valid rows, weighted-summed over tasks (``train.task_weights``; unlisted
-    tasks weigh 1). Invalid (undecodable) rows weigh zero, so every worker still runs forward/backward
-    on every batch and DDP stays in step."""
-    valid = batch["valid"].float()
-    total = logits[next(iter(logits))].new_zeros(())
-    for task, task_logits in logits.items():
-        per_row = F.cross_entropy(task_logits.float(), batch[task], label_smoothing=label_smoothing, reduction="none")
-        weight = (weights or {}).get(task, 1.0)
-        total = total + weight * (per_row * valid).sum() / valid.sum().clamp(min=1)
-    return total
-
-
 def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, config: JobConfig, ctx: WorkerContext,
-                state: TrainState, epoch: int, expected_rows: int, channels_last: bool = False) -> dict[str, float]:
+                state: TrainState, epoch: int, expected_rows: int, channels_last: bool = False,
+                from_cache: bool = False) -> dict[str, float]:
+    """One epoch of training on ``batches``; ``from_cache``: they are the embedding cache's (no encoder runs)."""
     model.train()
     for modality in frozen_encoders(config, epoch):  # fixed features: no dropout, no batch-norm updates
         unwrap(model).encoders[modality].eval()
@@ -222,11 +209,11 @@ def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, confi
         # Skip DDP's gradient all-reduce on micro-batches that only accumulate.
         no_sync = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
         with no_sync, torch.autocast(ctx.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            parts = step_losses(model, model(batch), batch, lambda logits: task_losses(
-                logits, batch, config.train.label_smoothing, config.train.task_weights),  # noqa: B023 - called at once
-                config, epoch, ctx)
+            supervised = functools.partial(task_losses, batch=batch, label_smoothing=config.train.label_smoothing,
+                                           weights=config.train.task_weights)
+            parts = step_losses(model, model(batch), batch, supervised, config, epoch, ctx)
             total = parts["total"]
-            if held and any(k.endswith(".pooled") for k in batch):
+            if held and from_cache:
                 # Cached embeddings: the encoders waiting to unfreeze did not run, but DDP expects a gradient
                 # for every weight it registered. Zero ones, dropped before the step like the rest of `held`.
                 total = total + 0.0 * sum(p.reshape(-1)[0] for p in held)
@@ -296,73 +283,6 @@ def _optimizer_step(model, optimizer, scheduler, scaler, config: JobConfig, held
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-
-
-def modality_ablations(modalities: Iterable[str]) -> dict[str, tuple[str, ...]]:
-    """``{"without_<m>": (m,), "only_<m>": (every other modality,)}``: what each diagnostic hides.
-
-    Empty for a single modality (there is nothing to remove).
-    """
-    mods = tuple(sorted(modalities))
-    if len(mods) < 2:
-        return {}
-    out = {f"without_{m}": (m,) for m in mods}
-    out |= {f"only_{m}": tuple(o for o in mods if o != m) for m in mods}
-    return out
-
-
-def hide_modalities(batch: dict[str, Any], hidden: Iterable[str]) -> dict[str, Any]:
-    """A shallow copy of ``batch`` in which ``hidden`` modalities are missing in every row (``<m>_present`` False)."""
-    out = dict(batch)
-    for m in hidden:
-        key = f"{m}_present"
-        like = batch.get(key, batch["valid"])
-        out[key] = torch.zeros_like(like, dtype=torch.bool)
-    return out
-
-
-@torch.inference_mode()
-def evaluate(model, batches: Iterable, *, tasks: dict[str, int], config: JobConfig, ctx: WorkerContext,
-             prefix: str = "val", diagnostics: bool = False, channels_last: bool = False) -> dict[str, Any]:
-    """Loss, accuracy and macro precision/recall/F1 per task, reduced across workers.
-
-    Keys are ``{prefix}.{metric}`` for the main task ``label`` and ``{prefix}.{task}.{metric}`` for others.
-    With ``diagnostics`` the main task is also scored with modalities masked as missing
-    (:func:`modality_ablations`): ``{prefix}.diagnostics.{without_<m>|only_<m>}.{accuracy|f1}``.
-    """
-    model.eval()
-    amp = autocast_dtype(config.train.precision, ctx.device)
-    acc = {t: ClassificationMetrics(n) for t, n in tasks.items()}
-    ablations = modality_ablations(config.data.modalities) if diagnostics else {}
-    ablated = {name: ClassificationMetrics(tasks["label"]) for name in ablations}
-    sums = torch.zeros(3, device=ctx.device)  # loss * rows, rows, bad rows
-    for batch in batches:
-        batch = batch_to_device(batch, ctx.device, channels_last=channels_last)
-        with torch.autocast(ctx.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(batch).logits
-        valid = batch["valid"]
-        n_valid = valid.sum()
-        sums += torch.stack([task_losses(logits, batch, 0.0) * n_valid, n_valid, (~valid).sum()]).float()
-        for t in tasks:
-            acc[t].update(logits[t][valid].float().cpu(), batch[t][valid].cpu())
-        for name, hidden in ablations.items():
-            with torch.autocast(ctx.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                masked = model(hide_modalities(batch, hidden)).logits["label"]
-            ablated[name].update(masked[valid].float().cpu(), batch["label"][valid].cpu())
-    sums = ctx.all_reduce(sums)
-    out: dict[str, Any] = {f"{prefix}.loss": (sums[0] / sums[1].clamp(min=1)).item(),
-                           f"{prefix}.rows": sums[1].item(), f"{prefix}.bad_records": sums[2].item()}
-    for t, m in acc.items():
-        scores = metrics_from_confusion(ctx.all_reduce(m.confusion.to(ctx.device)).cpu())
-        key = prefix if t == "label" else f"{prefix}.{t}"
-        for name in ("accuracy", "precision", "recall", "f1"):
-            out[f"{key}.{name}"] = float(scores[name])
-        out[f"{key}.confusion"] = scores["confusion"]
-    for name, m in ablated.items():
-        scores = metrics_from_confusion(ctx.all_reduce(m.confusion.to(ctx.device)).cpu())
-        out[f"{prefix}.diagnostics.{name}.accuracy"] = float(scores["accuracy"])
-        out[f"{prefix}.diagnostics.{name}.f1"] = float(scores["f1"])
-    return out
 
 
 def device_figures(mine: dict[str, float], ctx: WorkerContext) -> dict[str, float]:
@@ -442,21 +362,25 @@ def _storage_full_at(ctx: WorkerContext, epoch: int, *, resume_epoch: int, parti
                                resume_epoch) from e
 
 
-def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
+def train_loop(config: JobConfig, ctx: WorkerContext, inputs: LoopInputs | None = None) -> TrainState:
     """Train ``config`` on this worker until ``train.epochs`` or early stopping; report every epoch.
 
+    ``inputs``: what the run was planned to read (the embedding cache); default none of it.
     Returns the final :class:`TrainState` (history of every epoch's metrics, best epoch).
     """
+    inputs = inputs or LoopInputs()
     info: DatasetInfo = read_dataset_info(config.data.path)
     seed_everything(config.train.seed + ctx.rank)
     tasks = job_tasks(info.tasks)
-    tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
+    tokenizer = TextTokenizer.for_job(config.data, info)
     model = build_job_model(config, tasks, tokenizer)
     # Rank 0's permanently frozen encoders (DDP copies them to every rank): checkpoints leave them out and
     # record these hashes; the embedding cache's batches must come from exactly these weights.
-    cached = getattr(ctx, "cached_encoders", None) or {}
+    cached = dict(inputs.cached_encoders)
     hashes = encoder_hashes(model, sorted(set(permanently_frozen(config)) | set(cached))) if ctx.rank == 0 else {}
     frozen = {m: hashes[m] for m in permanently_frozen(config)} if ctx.rank == 0 else {}
+    # LoRA-adapted encoders that train: checkpoints hold their adapters, and the hash of the base weights.
+    lora_base = {f"encoders.{m}": base_hash(model.encoders[m]) for m in lora_encoders(config)} if ctx.rank == 0 else {}
     if ctx.rank == 0:
         check_cached_encoders(hashes, cached)
     groups = param_groups(model, config)  # before DDP: it must not register permanently frozen weights
@@ -486,7 +410,8 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
 
     def save(path: str) -> str:  # this epoch's checkpoint; frozen encoders are left out, named with their hashes
         return save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                               state=state, config=config, frozen={f"encoders.{m}": d for m, d in frozen.items()})
+                               state=state, config=config, frozen={f"encoders.{m}": d for m, d in frozen.items()},
+                               lora_base=lora_base)
 
     outputs = EpochOutputs(ctx.run_dir, first_epoch=state.epoch + 1) if ctx.rank == 0 else None
     try:
@@ -501,9 +426,10 @@ def train_loop(config: JobConfig, ctx: WorkerContext) -> TrainState:
             monitor.start()
             metrics |= train_epoch(model, ctx.train_batches(epoch), optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                    config=config, ctx=ctx, state=state, epoch=epoch, expected_rows=info.splits["train"].rows,
-                                   channels_last=channels_last)
-            metrics |= evaluate(model, ctx.val_batches(epoch), tasks=tasks, config=config, ctx=ctx,
-                                channels_last=channels_last)
+                                   channels_last=channels_last, from_cache=inputs.from_cache_in(epoch))
+            metrics |= evaluate_model(model, ctx.val_batches(epoch), tasks=tasks, modalities=config.data.modalities,
+                                      device=ctx.device, precision=config.train.precision, all_reduce=ctx.all_reduce,
+                                      channels_last=channels_last)
             metrics |= device_figures(monitor.stop(), ctx)
 
             if pretraining:

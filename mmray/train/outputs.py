@@ -1,7 +1,15 @@
-"""Rank 0's per-epoch files in the run folder: TensorBoard scalars and ``metrics.jsonl``. No Ray.
+"""The run folder (``STORAGE/NAME/``, a local path or a URI): the names of what it holds, where a run stands,
+and rank 0's per-epoch files. No Ray. Every other module asks this one.
 
-Both are written to a local staging folder and synced to the run folder after every epoch, so a
-run stored at a URI (``s3://...``) gets them as it goes, not only at the end.
+Layout::
+
+    checkpoint_epoch_NNNN/   kept checkpoints (:mod:`mmray.train.checkpoint` names and reads them)
+    tensorboard/             per-epoch scalars (and the exported epoch's modality diagnostics)
+    metrics.jsonl            one line per epoch: the checkpointed history, rewritten whole each epoch
+    export/                  the model export of the best epoch, written when the run finishes
+
+The per-epoch files are written to a local staging folder and synced to the run folder after every epoch,
+so a run stored at a URI (``s3://...``) gets them as it goes, not only at the end.
 """
 from __future__ import annotations
 
@@ -9,10 +17,42 @@ import json
 import os
 from typing import Any
 
+from mmray import storage as store
 from mmray.storage import StagedDir
 
 TENSORBOARD_DIR = "tensorboard"
-METRICS_FILE = "metrics.jsonl"
+EPOCH_METRICS_FILE = "metrics.jsonl"  # not the export's metrics.json
+EXPORT_DIR = "export"
+
+
+def export_dir(run_dir: str) -> str:
+    """The run's model export folder."""
+    return store.join(run_dir, EXPORT_DIR)
+
+
+def tensorboard_dir(run_dir: str) -> str:
+    """The run's TensorBoard folder."""
+    return store.join(run_dir, TENSORBOARD_DIR)
+
+
+def resolve_run_dir(storage: str, name: str, *, explicit_name: bool) -> tuple[str, str]:
+    """``(run_dir, state)`` with state ``new``, ``resume`` (an unfinished run with checkpoints) or
+    ``finished`` (only with ``explicit_name``: that run already has its export).
+
+    A finished run is never overwritten: without an explicit name the next free ``NAME-2``,
+    ``NAME-3``... is used.
+    """
+    root = store.normalize(storage)
+    candidate, n = name, 1
+    while True:
+        run_dir = store.join(root, candidate)
+        entries = store.listdir(run_dir)
+        if EXPORT_DIR not in entries:
+            return run_dir, "resume" if any(d.startswith("checkpoint_") for d in entries) else "new"
+        if explicit_name:
+            return run_dir, "finished"
+        n += 1
+        candidate = f"{name}-{n}"
 
 
 class EpochOutputs:
@@ -38,7 +78,7 @@ class EpochOutputs:
         self._writer.flush()
         # The history comes from the checkpointed train state, so a restarted worker rewrites it whole:
         # one line per epoch, none missing, none twice.
-        with open(self._stage.path(METRICS_FILE), "w") as f:
+        with open(self._stage.path(EPOCH_METRICS_FILE), "w") as f:
             f.writelines(json.dumps(m) + "\n" for m in history)
         self._stage.sync()
 

@@ -81,6 +81,9 @@ class ProgressPrinter:
     def _on_embedding_cache(self, e: dict[str, Any]) -> None:
         self._line(e["line"])
 
+    def _on_decode_cache(self, e: dict[str, Any]) -> None:
+        self._line(e["line"])
+
     def _on_early_stop(self, e: dict[str, Any]) -> None:
         self._line(f"early stopping after epoch {e['epoch']}: no improvement since epoch {e['best_epoch']}")
 

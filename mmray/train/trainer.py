@@ -11,7 +11,14 @@ import torch
 
 from mmray import storage as store
 from mmray.config import JobConfig
+from mmray.config.errors import find_error
+from mmray.data.cache import build_cached_dataset, plan
+from mmray.data.dataset_dir import read_dataset_info
+from mmray.data.decoded import build_decoded_dataset
+from mmray.data.decoded import plan as decode_plan
 from mmray.runtime import ensure_ray, is_verbose
+from mmray.train.checkpoint import PREFIX
+from mmray.train.context import LoopInputs
 from mmray.train.loop import train_loop
 
 RAW_SUFFIX = "_decoded"  # datasets read from the shards when a partial embedding cache serves the first epochs
@@ -20,7 +27,9 @@ RAW_SUFFIX = "_decoded"  # datasets read from the shards when a partial embeddin
 class RayWorkerContext:
     """:class:`~mmray.train.context.WorkerContext` for a Ray Train worker."""
 
-    def __init__(self, config: JobConfig, run_dir: str, relay: Any):
+    def __init__(self, config: JobConfig, run_dir: str, relay: Any, *, cached_epochs: int | None = None):
+        """``cached_epochs``: a partial embedding cache serves those epochs; later ones read the ``*_decoded``
+        datasets (:attr:`~mmray.train.context.LoopInputs.cached_epochs`)."""
         import ray.train
         import ray.train.torch
         from ray.data import DataContext
@@ -33,7 +42,7 @@ class RayWorkerContext:
         self.device = ray.train.torch.get_device()
         self.run_dir = run_dir
         self._config, self._relay = config, relay
-        self.cache_epochs: int | None = None  # a partial embedding cache: the epochs it serves
+        self._cached_epochs = cached_epochs
         if relay is not None:  # every rank: the driver recognises Ray's notice of this process's death by its pid
             relay.push.remote({"type": "worker_started", "rank": self.rank, "pid": os.getpid()})
 
@@ -41,7 +50,7 @@ class RayWorkerContext:
         import ray.train
 
         bs = self._config.train.batch_size
-        if self.cache_epochs is not None and epoch > self.cache_epochs:
+        if self._cached_epochs is not None and epoch > self._cached_epochs:
             split = f"{split}{RAW_SUFFIX}"  # the embedding cache served the epochs before: decode from now on
         return ray.train.get_dataset_shard(split).iter_torch_batches(
             batch_size=bs,
@@ -202,8 +211,6 @@ def _worker_failure_callback(relay: Any, max_failures: int, *, quiet: bool = Tru
                 _ConsoleQuiet.install()
 
         def after_report(self, run_context, metrics, checkpoint) -> None:
-            from mmray.train.checkpoint import PREFIX
-
             name = os.path.basename(checkpoint.path.rstrip("/")) if checkpoint is not None else ""
             if name.startswith(PREFIX):
                 self.epoch = int(name[len(PREFIX):])
@@ -263,10 +270,9 @@ def _quiet_worker_deaths(pids: set[int] | None):
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
     config = JobConfig.model_validate(loop_config["config"])
-    ctx = RayWorkerContext(config, loop_config["run_dir"], loop_config["relay"])
-    ctx.cached_encoders = loop_config.get("cached_encoders")  # embedding cache: weights its batches came from
-    ctx.cache_epochs = loop_config.get("cache_epochs")
-    train_loop(config, ctx)
+    inputs: LoopInputs = loop_config["inputs"]  # planned once by fit(), the same on every worker
+    ctx = RayWorkerContext(config, loop_config["run_dir"], loop_config["relay"], cached_epochs=inputs.cached_epochs)
+    train_loop(config, ctx, inputs)
 
 
 def _progress_relay():
@@ -297,36 +303,39 @@ class FitOutcome:
 
 
 def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]], None] | None = None,
-        callbacks: list | None = None, cache=None) -> FitOutcome:
+        callbacks: list | None = None, cache=None, decoded=None) -> FitOutcome:
     """Run the job on Ray Train; returns where the best checkpoint is (by ``train.metric``).
 
     ``callbacks`` are Ray Train ``UserCallback``s (a sweep passes Tune's report callback). ``cache`` is the
-    :class:`~mmray.data.cache.CachePlan` to train from; None looks one up (never builds: sweeps build first).
+    :class:`~mmray.data.cache.CachePlan` to train from, ``decoded`` the :class:`~mmray.data.decoded.DecodePlan`
+    whose cached inputs replace decoding; None looks each up (never builds: runs and sweeps build first).
     """
     ensure_ray()
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from mmray.data.dataset_dir import read_dataset_info
-    from mmray.data.pipeline import build_dataset
+    from mmray.data.pipeline import build_dataset  # imports Ray Data: only once a run starts
 
     info = read_dataset_info(config.data.path)
     cache = _embedding_cache(config, info, cache, on_event)
-    def decoded(suffix: str = "") -> dict:
-        return {f"train{suffix}": build_dataset(config.data, info, "train", train=True, seed=config.train.seed),
-                f"val{suffix}": build_dataset(config.data, info, "val", train=False, seed=config.train.seed)}
+    inputs = _decode_cache(config, info, decoded, cache, on_event)
+
+    def input_datasets(suffix: str = "") -> dict:
+        def split(name: str, train: bool):
+            if inputs.used:
+                return build_decoded_dataset(config.data, info, inputs.entry, name, train=train, seed=config.train.seed)
+            return build_dataset(config.data, info, name, train=train, seed=config.train.seed)
+        return {f"train{suffix}": split("train", True), f"val{suffix}": split("val", False)}
 
     if cache.used:
-        from mmray.data.cache import build_cached_dataset
-
         datasets = {
             "train": build_cached_dataset(cache.entries, "train", train=True, seed=config.train.seed),
             "val": build_cached_dataset(cache.entries, "val", train=False),
         }
         if cache.partial:  # the encoders unfreeze after cache.epochs: those epochs decode the dataset
-            datasets |= decoded(RAW_SUFFIX)
+            datasets |= input_datasets(RAW_SUFFIX)
     else:
-        datasets = decoded()
+        datasets = input_datasets()
     relay = _progress_relay() if on_event else None
     s = config.scaling
     resources = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
@@ -335,7 +344,7 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "run_dir": run_dir, "relay": relay,
-                           "cached_encoders": cache.weights, "cache_epochs": cache.epochs if cache.partial else None},
+                           "inputs": LoopInputs.from_cache(cache)},
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=s.placement_strategy),
@@ -384,19 +393,26 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     return FitOutcome(run_dir, best_path, result.error)
 
 
+def _decode_cache(config: JobConfig, info, decoded, cache, on_event):
+    """The decoded-input cache plan (looked up when not given), announced in the run's log."""
+    if decoded is None:
+        decoded = decode_plan(config, info, build=False, embedding=cache)
+    if on_event is not None:
+        on_event({"type": "decode_cache", "line": decoded.line()})
+    else:
+        print(f"mmray {decoded.line()}", flush=True)
+    return decoded
+
+
 def worker_error(error: BaseException | None, kind) -> BaseException | None:
     """The ``kind`` exception (a class or a tuple of them) a worker raised, found inside Ray Train's wrappers of ``error``
     (``WorkerGroupError.worker_failures``, their ``UserExceptionWithTraceback``, ``__cause__`` chains);
     None when there is none."""
-    from mmray.config.errors import find_error
-
     return find_error(error, kind)
 
 
 def _embedding_cache(config: JobConfig, info, cache, on_event):
     """The cache plan (looked up when not given), announced in the run's log."""
-    from mmray.data.cache import plan
-
     if cache is None:
         cache = plan(config, info, build=False)
     if on_event is not None:

@@ -45,7 +45,7 @@ def cmaes(search) -> Any:
 @SCHEDULERS.register("asha", config=_Named)
 def asha(sched, *, metric: str, mode: str, max_t: int, baseline: dict[str, Any] | None = None) -> Any:
     """Asynchronous successive halving: stops the worse trials at each rung of epochs."""
-    from mmray.tune.schedulers import ASHAKeepingBaseline
+    from mmray.tune.schedulers import ASHAKeepingBaseline  # imports Ray Tune: only when a sweep builds its scheduler
 
     return ASHAKeepingBaseline(
         time_attr="epoch", metric=metric, mode=mode, max_t=max_t, grace_period=min(sched.grace_period, max_t),
@@ -55,7 +55,7 @@ def asha(sched, *, metric: str, mode: str, max_t: int, baseline: dict[str, Any] 
 @SCHEDULERS.register("median", config=_Named)
 def median(sched, *, metric: str, mode: str, max_t: int, baseline: dict[str, Any] | None = None) -> Any:
     """Median stopping: stops a trial whose best result is below the median of the others' at the same epoch."""
-    from mmray.tune.schedulers import MedianKeepingBaseline
+    from mmray.tune.schedulers import MedianKeepingBaseline  # imports Ray Tune: only when a sweep builds its scheduler
 
     return MedianKeepingBaseline(time_attr="epoch", metric=metric, mode=mode, grace_period=sched.grace_period,
                                  baseline=baseline)

@@ -10,21 +10,31 @@ from mmray.config import JobConfig
 from mmray.data.reader import split_readers
 from mmray.train.checkpoint import copy_checkpoint, is_complete, kept_checkpoints
 from mmray.train.context import LocalContext
+from mmray.train.trainer import local_checkpoint
 
 
 class TuneTrialContext(LocalContext):
     """Reads Parquet shards directly in the trial process; reports and checkpoints through Ray Tune."""
 
-    def __init__(self, config: JobConfig, run_dir: str, readers=None):
-        # readers: (train_batches, val_batches) to use instead of the dataset's shards (the embedding cache)
+    def __init__(self, config: JobConfig, run_dir: str, readers=None, cores=None):
+        """``readers``: (train_batches, val_batches) to use instead of the dataset's shards (the embedding or
+        decoded-input cache). ``cores``: a :class:`~mmray.tune.cores.ShareFollower`, the trial's CPU share,
+        followed at each epoch (None: the threads stay as they are)."""
         super().__init__(run_dir, *(readers or split_readers(config)))
+        self.cores = cores
+
+    def train_batches(self, epoch: int):
+        if self.cores is not None:
+            self.cores.follow()  # more threads once fewer trials remain than cores
+        return super().train_batches(epoch)
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         from ray import tune
 
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         self.history.append(dict(metrics))
-        tune.report(dict(metrics), checkpoint=checkpoint)
+        shown = {**metrics, "cpu_share": float(self.cores.threads)} if self.cores is not None else dict(metrics)
+        tune.report(shown, checkpoint=checkpoint)
 
     def keep(self, checkpoint_dir: str) -> str:
         """The trial's own copy of its newest checkpoint, in its folder (``trials/<id>/``), written whole before
@@ -43,8 +53,6 @@ class TuneTrialContext(LocalContext):
         """The newer of the trial's own copy and the checkpoint Tune recorded (Tune's record may lag)."""
         from ray import tune
 
-        from mmray.train.trainer import local_checkpoint
-
         own = {epoch: path for epoch, path in kept_checkpoints(self.run_dir).items() if is_complete(path)}
         if own:
             with store.local_copy(own[max(own)]) as path:  # a URI: a temporary download, deleted after
@@ -55,7 +63,3 @@ class TuneTrialContext(LocalContext):
 
     def progress(self, event: dict[str, Any]) -> None:
         pass  # Tune's own trial table is the progress display during a sweep
-
-
-def trial_dir(experiment_dir: str, trial_id: str) -> str:
-    return store.join(experiment_dir, "trials", trial_id)

@@ -6,15 +6,16 @@ row-level difficulty cancels out). No Ray.
 """
 from __future__ import annotations
 
-import glob
-import json
-import os
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from mmray.config.errors import UserError
+from mmray.data.dataset_dir import read_dataset_info
+from mmray.data.reader import iter_batches
+from mmray.export.loader import load_trained
+from mmray.models.builder import job_tasks
+from mmray.train.evaluation import RowPredictions, evaluate_model
 
 RESAMPLES, LEVEL, SEED = 2000, 0.95, 0
 # Rows x resamples drawn at once: bounds the bootstrap's memory for large test splits (~80 MB).
@@ -80,68 +81,7 @@ def verdict(ci: BootstrapCI) -> str:
     return f"not distinguishable: the {pct} CI contains 0"
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def trial_folder(experiment_dir: str, trial_id: str) -> str | None:
-    """Ray Tune's folder of a trial (``<trainable>_<trial_id>_<n>_<params>_<time>``), or None."""
-    found = [p for p in glob.glob(os.path.join(glob.escape(experiment_dir), f"*_{trial_id}_*"))
-             if os.path.isdir(p) and os.path.basename(p) != "trials"]
-    return sorted(found)[0] if found else None
-
-
-def trial_sequence(experiment_dir: str, trial_id: str) -> int | None:
-    """The order in which Tune created the trial (the counter after the id in its folder name)."""
-    folder = trial_folder(experiment_dir, trial_id)
-    m = re.search(rf"_{re.escape(trial_id)}_(\d+)", os.path.basename(folder or ""))
-    return int(m.group(1)) if m else None
-
-
-def best_checkpoint(experiment_dir: str, trial_id: str, best_epoch: int) -> str | None:
-    """The trial's checkpoint folder that holds epoch ``best_epoch`` (kept by the sweep's pruning), found by
-    name alone (nothing is opened, so it works on a copy without the checkpoints' contents).
-
-    Looks where both kinds of trial keep them: ``trials/<trial_id>/checkpoint_epoch_NNNN`` (a distributed
-    trial's TorchTrainer run) and Tune's trial folder (``checkpoint_NNNNNN``, an in-process trial), whose
-    ``result.json`` names the checkpoint each epoch's report made.
-    """
-    from mmray.train.checkpoint import kept_checkpoints
-    from mmray.tune.context import trial_dir
-
-    run = trial_dir(experiment_dir, trial_id)
-    kept = kept_checkpoints(run) if os.path.isdir(run) else {}
-    if best_epoch in kept:
-        return kept[best_epoch]
-    folder = trial_folder(experiment_dir, trial_id)
-    name = tune_checkpoint_name(folder, best_epoch) if folder else None
-    return os.path.join(folder, name) if name and os.path.isdir(os.path.join(folder, name)) else None
-
-
-def tune_checkpoint_name(trial_folder_path: str, epoch: int) -> str | None:
-    """The ``checkpoint_NNNNNN`` that Tune saved with the report of ``epoch`` (the last such report: a
-    restarted trial reports an epoch again), from the trial folder's ``result.json``."""
-    path = os.path.join(trial_folder_path, "result.json")
-    if not os.path.isfile(path):
-        return None
-    name = None
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a killed trial
-            if int(row.get("epoch", -1)) == epoch and row.get("checkpoint_dir_name"):
-                name = row["checkpoint_dir_name"]
-    return name
-
-
-@dataclass
-class SplitPredictions:
-    """One model's outcome per test row, keyed by row id."""
-
-    predicted: dict[str, int]
-    label: dict[str, int]
-
-
-def predict_test(checkpoint_dir: str, *, batch_size: int = 256) -> SplitPredictions:
+def predict_test(checkpoint_dir: str, *, batch_size: int = 256) -> RowPredictions:
     """Load a training checkpoint (weights + its ``config.yaml``) and predict the dataset's test split.
 
     Rows that cannot be decoded for this model are left out (they are skipped, not counted wrong).
@@ -149,37 +89,17 @@ def predict_test(checkpoint_dir: str, *, batch_size: int = 256) -> SplitPredicti
     Raises:
         UserError: the checkpoint's config or dataset cannot be read, or the dataset has no test rows.
     """
-    import torch
-
-    from mmray.config import from_yaml_text
-    from mmray.data.dataset_dir import read_dataset_info
-    from mmray.data.reader import iter_batches
-    from mmray.data.tokenizer import TextTokenizer
-    from mmray.models.builder import job_tasks
-    from mmray.train.checkpoint import CONFIG, load_model
-
-    path = os.path.join(checkpoint_dir, CONFIG)
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: missing; cannot tell which model the checkpoint holds")
-    with open(path) as f:
-        config = from_yaml_text(f.read(), source=path)
+    loaded = load_trained(checkpoint_dir)
+    config = loaded.config
     info = read_dataset_info(config.data.path)
     if "test" not in info.splits or info.split_rows("test") == 0:
         raise UserError(f"{config.data.path}: no test rows to compare models on")
-    tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
-    model = load_model(config, job_tasks(info.tasks), tokenizer, checkpoint_dir)
-    model.eval()
     data = config.data.model_copy(update={"on_bad_record": "skip"})
-    out = SplitPredictions({}, {})
-    with torch.inference_mode():
-        for batch in iter_batches(data, info, "test", batch_size=batch_size, train=False, with_ids=True):
-            tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            predicted = model(tensors).logits["label"].argmax(dim=-1)
-            for i, row_id in enumerate(batch["id"]):
-                if bool(batch["valid"][i]):
-                    out.predicted[row_id] = int(predicted[i])
-                    out.label[row_id] = int(batch["label"][i])
-    return out
+    rows = RowPredictions()
+    evaluate_model(loaded.model, iter_batches(data, info, "test", batch_size=batch_size, train=False, with_ids=True),
+                   tasks=job_tasks(loaded.labels), modalities=config.data.modalities, device=loaded.device,
+                   precision=config.train.precision, prefix="test", rows=rows)
+    return rows
 
 
 @dataclass
@@ -195,7 +115,7 @@ class Comparison:
         return verdict(self.ci)
 
 
-def compare(winner: SplitPredictions, control: SplitPredictions, *, resamples: int = RESAMPLES,
+def compare(winner: RowPredictions, control: RowPredictions, *, resamples: int = RESAMPLES,
             seed: int = SEED) -> Comparison:
     """Pair the two models' test outcomes by row id and bootstrap the accuracy difference.
 

@@ -15,7 +15,6 @@ Writes::
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import warnings
@@ -26,13 +25,23 @@ from mmray import storage as store
 from mmray.config import validate_job
 from mmray.config.errors import UserError
 from mmray.config.loader import apply_overrides
+from mmray.export.writer import EXPORT_METRICS_FILE, read_metrics
 from mmray.tune import control_arms as arms
 from mmray.tune import report_plots as plots
+from mmray.tune.experiment import (
+    BEST_DIR,
+    LEADERBOARD,
+    REPORT_DIR,
+    STUDY_FILE,
+    SUMMARY,
+    SweepSetup,
+    best_checkpoint,
+    load_setup,
+    read_leaderboard,
+    trial_sequence,
+)
 from mmray.tune.space import SpaceConfig
-from mmray.tune.sweep import STUDY_FILE, SweepSetup, load_setup
 
-REPORT_DIR, SUMMARY = "report", "summary.md"
-LEADERBOARD, BEST_DIR = "leaderboard.csv", "best"  # as mmray.tune.results writes them
 TOP = 10
 MODALITIES_KEY, FUSION_KEY = "data.modalities", "model.fusion.name"
 BASELINE_ARM = "baseline trial (the job as is)"
@@ -103,11 +112,6 @@ class Report:
 
 
 # ----------------------------------------------------------------------------- reading the experiment
-def _read_leaderboard(exp: str) -> list[dict[str, str]]:
-    with open(os.path.join(exp, LEADERBOARD), newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def _load_study(exp: str):
     import optuna
 
@@ -132,7 +136,7 @@ def _trials(setup: SweepSetup, study) -> list[Trial]:
         trial_id = str(t.user_attrs.get("trial_id", t.number))
         params = _space_values(setup.space, dict(t.params))
         config = validate_job(apply_overrides(setup.job_raw, params.items()))
-        seq = arms.trial_sequence(setup.experiment_dir, trial_id)
+        seq = trial_sequence(setup.experiment_dir, trial_id)
         done = t.state.name == "COMPLETE" and t.value is not None
         out.append(Trial(trial_id, seq if seq is not None else 10_000 + t.number, str(t.user_attrs.get("status", "")),
                          float(t.value) if done else None, int(t.user_attrs["best_epoch"]) if done else None,
@@ -155,7 +159,7 @@ def open_experiment(experiment_dir: str) -> tuple[SweepSetup, list[dict[str, str
         if not os.path.isfile(os.path.join(exp, name)):
             raise UserError(f"{exp}: no {name}; the sweep has not finished "
                             f"(finish it with `mmray tune --resume {exp}`)")
-    return setup, _read_leaderboard(exp), _load_study(exp)
+    return setup, read_leaderboard(exp), _load_study(exp)
 
 
 # ----------------------------------------------------------------------------- sections
@@ -268,7 +272,7 @@ def _fusions(rep: Report, space: SpaceConfig) -> None:
 
 
 def _checkpoint(rep: Report, trial: Trial) -> str:
-    path = arms.best_checkpoint(rep.experiment_dir, trial.trial_id, trial.best_epoch)
+    path = best_checkpoint(rep.experiment_dir, trial.trial_id, trial.best_epoch)
     if path is None:
         raise UserError(f"trial {trial.trial_id}: no checkpoint of its best epoch {trial.best_epoch} was found")
     if rep.location:  # a copy made without the checkpoints' contents: fetch just this one
@@ -419,10 +423,8 @@ def render_markdown(rep: Report, leaderboard: list[dict[str, str]], space: Space
         lines += _table(["parameter", "value"], [[k, _label(v) if isinstance(v, (list, tuple)) else v]
                                                  for k, v in w.params.items()])
         lines += ["", f"Fusion `{w.fusion}`, modalities {', '.join(w.modalities)}."]
-        metrics_path = os.path.join(exp, BEST_DIR, "metrics.json")
-        if os.path.isfile(metrics_path):
-            with open(metrics_path) as f:
-                m = json.load(f)
+        if os.path.isfile(os.path.join(exp, BEST_DIR, EXPORT_METRICS_FILE)):
+            m = read_metrics(os.path.join(exp, BEST_DIR))
             scores = ", ".join(f"{k} {m[k]:.4f}" for k in ("val.accuracy", "test.accuracy", "test.f1") if k in m)
             lines += [f"Its export is `{store.join(shown, BEST_DIR)}` ({scores})."]
         lines.append("")

@@ -1,21 +1,28 @@
 """After a sweep: the leaderboard (ranked by each trial's best epoch), HParams for TensorBoard, and ``best/``."""
 from __future__ import annotations
 
-import csv
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from mmray import storage as store
 from mmray.config import validate_job
 from mmray.config.loader import apply_overrides
-from mmray.train.checkpoint import kept_checkpoints
-from mmray.train.finalize import best_kept, train_state
-from mmray.tune.context import trial_dir
-from mmray.tune.space import is_baseline
+from mmray.data.dataset_dir import read_dataset_info
+from mmray.train.checkpoint import read_train_state
+from mmray.train.finalize import best_kept, export_checkpoint, measure_checkpoint, supervised_best
+from mmray.train.outputs import tensorboard_dir
+from mmray.tune.baseline import is_baseline
+from mmray.tune.experiment import (
+    BEST_DIR,
+    LEADERBOARD,
+    STUDY_FILE,
+    trial_checkpoints,
+    trial_dir,
+    trial_id_of,
+    write_leaderboard,
+)
 
-LEADERBOARD, BEST_DIR = "leaderboard.csv", "best"
 SHOWN = ("val.accuracy", "val.f1", "val.loss", "test.accuracy")
 
 
@@ -43,6 +50,7 @@ class SweepSummary:
     baseline_metrics: dict[str, Any] = field(default_factory=dict)  # its best epoch on val and test
     report_path: str | None = None  # report/summary.md, once written
     report_verdicts: str = ""  # the report's winner-vs-control lines
+    cores: dict[str, Any] | None = None  # in-process sweeps: cpus, wall_s, busy_fraction (mmray.tune.cores)
 
     @property
     def best_trial(self) -> TrialRecord | None:
@@ -60,15 +68,15 @@ class SweepSummary:
 def _record(result, setup, metric: str, mode: str) -> TrialRecord:
     params = dict(result.config or {})
     metrics = result.metrics or {}
-    trial_id = metrics.get("trial_id") or re.search(r"_run_trial_([0-9a-f]+)_", os.path.basename(result.path)).group(1)
+    trial_id = metrics.get("trial_id") or trial_id_of(result.path)
     sign = 1 if mode == "max" else -1
     if result.checkpoint is not None:  # in-process trial: checkpoints are Tune's
-        history = train_state(_location(result.checkpoint))["history"]
+        history = read_train_state(_location(result.checkpoint))["history"]
         best_ckpt = result.get_best_checkpoint(metric=metric, mode=mode)
         best_path = _location(best_ckpt) if best_ckpt else None
     else:  # distributed trial: checkpoints are its TorchTrainer run's (Tune only sees their paths)
-        kept = kept_checkpoints(trial_dir(setup.experiment_dir, trial_id))
-        history = train_state(kept[max(kept)])["history"] if kept else []
+        kept = trial_checkpoints(setup.experiment_dir, trial_id)
+        history = read_train_state(kept[max(kept)])["history"] if kept else []
         best_path = best_kept(kept, metric, mode)
     epochs = validate_job(apply_overrides(setup.job_raw, params.items())).train.epochs
     # contrastive pre-training epochs (untrained heads) never rank a trial; the export skips them too
@@ -122,19 +130,6 @@ def store_study(path: str, name: str, space, trials: list[TrialRecord]) -> None:
                         "baseline": t.baseline}))
 
 
-def write_leaderboard(path: str, trials: list[TrialRecord], param_keys: list[str]) -> None:
-    metric_keys = sorted({k for t in trials for k in t.best if k.startswith(("val.", "train.loss"))
-                          and not k.endswith(("confusion", ".rows"))})
-    role = ["role"] if any(t.baseline for t in trials) else []  # only in sweeps with a baseline trial
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["rank", "trial_id", "status", *role, *param_keys, "best_epoch", "epochs_run", *metric_keys])
-        for rank, t in enumerate(trials, 1):
-            w.writerow([rank, t.trial_id, t.status, *(["baseline" if t.baseline else ""] if role else []),
-                        *(t.params.get(k, "") for k in param_keys),
-                        t.best_epoch or "", t.epochs_run, *(t.best.get(k, "") for k in metric_keys)])
-
-
 def write_hparams(experiment_dir: str, trial: TrialRecord, metric: str) -> None:
     """HParams plugin data in the trial's TensorBoard folder: its parameters and its best-epoch metrics."""
     from torch.utils.tensorboard import SummaryWriter
@@ -144,7 +139,7 @@ def write_hparams(experiment_dir: str, trial: TrialRecord, metric: str) -> None:
         return
     params = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in trial.params.items()}
     best = {f"best/{k}": float(trial.best[k]) for k in ("val.accuracy", "val.f1", "val.loss") if k in trial.best}
-    writer = SummaryWriter(os.path.join(trial_dir(experiment_dir, trial.trial_id), "tensorboard"))
+    writer = SummaryWriter(tensorboard_dir(trial_dir(experiment_dir, trial.trial_id)))
     for summary in hparams(params, best):
         writer.file_writer.add_summary(summary)
     for k, v in best.items():
@@ -154,9 +149,6 @@ def write_hparams(experiment_dir: str, trial: TrialRecord, metric: str) -> None:
 
 def finish(setup, results) -> SweepSummary:
     """Rank trials by their best epoch, write ``leaderboard.csv``, HParams and the best trial's export."""
-    from mmray.data.dataset_dir import read_dataset_info
-    from mmray.train.finalize import export_checkpoint, supervised_best
-
     space, exp = setup.space, setup.experiment_dir
     metric, mode = space.metric, space.resolved_mode
     trials = [_record(r, setup, metric, mode) for r in results]
@@ -173,7 +165,7 @@ def finish(setup, results) -> SweepSummary:
     param_keys = [k for k, _ in space.ordered_parameters()]
     staged = store.StagedDir(exp)  # written locally, uploaded when exp is a URI
     write_leaderboard(staged.path(LEADERBOARD), trials, param_keys)
-    store_study(staged.path("optuna.db"), store.split(exp)[1], space, trials)
+    store_study(staged.path(STUDY_FILE), store.split(exp)[1], space, trials)
     for t in trials:
         write_hparams(staged.local, t, metric)
     staged.close()
@@ -194,14 +186,13 @@ def finish(setup, results) -> SweepSummary:
 
 def checkpoint_metrics(setup, trial: TrialRecord) -> dict[str, Any]:
     """A trial's best checkpoint measured on val and test, as the export measures the winner's."""
-    from mmray.data.dataset_dir import read_dataset_info
-    from mmray.train.finalize import measure_checkpoint
-
     config = validate_job(apply_overrides(setup.job_raw, trial.params.items()))
     return measure_checkpoint(config, read_dataset_info(config.data.path), trial.best_checkpoint)[2]
 
 
 def format_summary(summary: SweepSummary) -> str:
+    """The terminal summary ``mmray tune`` prints: trials by status, the winner and its export, the baseline,
+    the leaderboard, the report and the TensorBoard command."""
     lines = [f"experiment:  {summary.experiment_dir}",
              f"trials:      {len(summary.trials)} ("
              + ", ".join(f"{s} {sum(t.status == s for t in summary.trials)}"
@@ -217,6 +208,10 @@ def format_summary(summary: SweepSummary) -> str:
             lines.append(f"best model:  test accuracy {m['test.accuracy']:.4f}  test F1 {m['test.f1']:.4f}")
         lines.append(f"export:      {summary.best_dir}")
     lines += _baseline_lines(summary)
+    if summary.cores and summary.cores.get("busy_fraction") is not None:
+        c = summary.cores
+        lines.append(f"cores busy:  {c['busy_fraction']:.0%} of {c['cpus']} CPUs over {c['wall_s']:.0f} s "
+                     f"(CPUs given to running trials, mean over the sweep)")
     lines.append(f"leaderboard: {store.join(summary.experiment_dir, LEADERBOARD)}")
     if summary.report_path:
         lines.append(f"report:      {summary.report_path}")

@@ -10,7 +10,7 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
 
-from mmray.tune.space import is_baseline
+from mmray.tune.baseline import is_baseline
 
 
 class _KeepBaseline:

@@ -216,12 +216,6 @@ class SpaceConfig(StrictModel):
         return values
 
 
-def is_baseline(params: dict[str, Any] | None, point: dict[str, Any]) -> bool:
-    """Whether a trial's parameters are the baseline point (Optuna hands enqueued values back unchanged)."""
-    params = params or {}
-    return bool(point) and all(k in params and params[k] == v for k, v in point.items())
-
-
 def _parse(raw: dict[str, Any], source: str | None) -> SpaceConfig:
     try:
         return SpaceConfig.model_validate(raw)

@@ -1,11 +1,6 @@
 """``mmray tune``: Ray Tune + Optuna over a job, each trial running the same loop as ``mmray train``.
 
-Layout of ``STORAGE/NAME/`` (the experiment):
-    job.yaml, space.yaml       what was swept (``--resume`` reads them back)
-    optuna.db                  the Optuna study (``optuna-dashboard sqlite:///.../optuna.db``)
-    <trial folders>/           Ray Tune's own: checkpoints, result.json
-    trials/<trial_id>/tensorboard/   each trial's scalars and HParams
-    leaderboard.csv, best/     written when the sweep ends
+The experiment folder it fills (``STORAGE/NAME/``) is described, named and read by :mod:`mmray.tune.experiment`.
 """
 from __future__ import annotations
 
@@ -13,35 +8,43 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass
 from typing import Any
-
-import yaml
 
 from mmray import storage as store
 from mmray.config import validate_job
-from mmray.config.errors import UserError
-from mmray.config.loader import apply_overrides, parse_yaml
+from mmray.config.loader import apply_overrides
+from mmray.data.cache import cached_readers, plan, shared_plan
+from mmray.data.dataset_dir import read_dataset_info
+from mmray.data.decoded import decoded_readers
+from mmray.data.decoded import plan as decode_plan
+from mmray.data.decoded import shared_plan as shared_decode_plan
+from mmray.runtime import ensure_ray
+from mmray.train.context import LoopInputs
+from mmray.train.loop import train_loop
+from mmray.train.trainer import fit
 from mmray.tune.algorithms import SCHEDULERS, SEARCHERS
-from mmray.tune.space import SpaceConfig, check_against_job
+from mmray.tune.context import TuneTrialContext
+from mmray.tune.experiment import SweepSetup, read_cores, trial_dir
+from mmray.tune.report import build_report, format_verdicts
+from mmray.tune.results import finish
+from mmray.tune.space import SpaceConfig
 
-JOB_FILE, SPACE_FILE, STUDY_FILE = "job.yaml", "space.yaml", "optuna.db"
 CPUS_PER_TRIAL = 1.0  # an in-process trial: decode and train in one process
 DATA_CPUS = 0.5  # kept free per distributed trial for its Ray Data decoding
 
 
 def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_dir: str,
-               context_class: type | None = None) -> None:
+               context_class: type | None = None, cores_key: str | None = None) -> None:
     """One trial: the job with this trial's parameters, trained in-process by the shared loop.
 
     ``context_class`` (default :class:`~mmray.tune.context.TuneTrialContext`) is the in-process trial's
     loop context; ``benchmarks/sweep.py`` passes a subclass that timestamps the first training batch.
+    ``cores_key`` is where the sweep publishes each trial's CPU share (:mod:`mmray.tune.cores`).
     """
     import torch
     from ray import tune
 
-    from mmray.train.loop import train_loop
-    from mmray.tune.context import TuneTrialContext, trial_dir
+    from mmray.tune.cores import ShareFollower  # imports Ray (a Tune callback / Ray's key-value store)
 
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # one INFO line per checkpoint
     config = validate_job(apply_overrides(job_raw, params.items()))
@@ -51,8 +54,6 @@ def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_di
         # trial, so a restarted trial continues from that run's checkpoints.
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from mmray.train.trainer import fit
-
         outcome = fit(config, run_dir=run_dir, callbacks=[TuneReportCallback()])
         if outcome.error is not None:
             raise outcome.error
@@ -61,7 +62,17 @@ def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_di
     # What the trial before left in this reused process: released here, not as that trial ended, because Tune
     # gives a stopped trial's thread 2 s to end before it refuses to reuse the process for the next trial.
     release_trial_memory()
-    train_loop(config, _embedding_cache_context(config, run_dir, context_class or TuneTrialContext))
+    # The trial's plans, made once: never built here (the sweep built what trials share before the first one).
+    info = read_dataset_info(config.data.path)
+    cache = plan(config, info, build=False)
+    decoded = decode_plan(config, info, build=False, embedding=cache)
+    print(f"mmray {cache.line()}\nmmray {decoded.line()}", flush=True)
+    readers = decoded_readers(config, decoded)  # the decoded-input cache's, or the shards'
+    ctx = (context_class or TuneTrialContext)(config, run_dir,
+                                              readers=cached_readers(config, cache, raw=readers) if cache.used else readers,
+                                              # more threads once fewer trials remain than cores
+                                              cores=ShareFollower(cores_key, tune.get_context().get_trial_id()))
+    train_loop(config, ctx, LoopInputs.from_cache(cache))
 
 
 def release_trial_memory() -> None:
@@ -84,28 +95,14 @@ def release_trial_memory() -> None:
         pass  # not glibc (macOS, musl): its allocator returns memory its own way
 
 
-def _embedding_cache_context(config, run_dir: str, context_class: type):
-    """The in-process trial's context, reading the sweep's embedding cache when it serves this trial."""
-    from mmray.data.cache import cached_readers, plan
-    from mmray.data.dataset_dir import read_dataset_info
-
-    cache = plan(config, read_dataset_info(config.data.path), build=False)  # never built here: the sweep did
-    print(f"mmray {cache.line()}", flush=True)
-    if not cache.used:
-        return context_class(config, run_dir)
-    ctx = context_class(config, run_dir, readers=cached_readers(config, cache))
-    ctx.cached_encoders = cache.weights
-    return ctx
-
-
-def _build_embedding_cache(setup: "SweepSetup") -> None:
-    """Before any trial: build the embedding cache all trials share (or say why there is none)."""
-    from mmray.data.cache import shared_plan
-    from mmray.data.dataset_dir import read_dataset_info
-
+def _build_shared_caches(setup: "SweepSetup") -> None:
+    """Before any trial: build the embedding and decoded-input caches all trials share (or say why not)."""
     config = validate_job(setup.job_raw)
+    info = read_dataset_info(config.data.path)
     swept = {k: spec.probe_values() for k, spec in setup.space.parameters.items()}
-    print(f"mmray sweep {shared_plan(config, read_dataset_info(config.data.path), swept).line()}", flush=True)
+    cache = shared_plan(config, info, swept)
+    print(f"mmray sweep {cache.line()}", flush=True)
+    print(f"mmray sweep {shared_decode_plan(config, info, swept, embedding=cache).line()}", flush=True)
 
 
 def distributed(config) -> bool:
@@ -130,57 +127,6 @@ def trial_footprint(config) -> dict[str, float]:
     return {"CPU": cpus, **({"GPU": s.num_workers * s.gpus_per_worker} if s.use_gpu else {})}
 
 
-@dataclass
-class SweepSetup:
-    experiment_dir: str
-    job_raw: dict[str, Any]
-    space: SpaceConfig
-
-
-def prepare(job_raw: dict[str, Any], space: SpaceConfig, *, name: str, storage: str,
-            explicit_name: bool = True) -> SweepSetup:
-    """Validate, make the experiment folder and record what is swept. Nothing runs yet.
-
-    An existing experiment is never reused: with ``explicit_name`` that is an error (continue it with
-    ``--resume``), otherwise the next free ``NAME-2``, ``NAME-3``... is used.
-    """
-    from mmray.config.schema import check_run_name
-    from mmray.train.api import absolute_paths, check_dataset, check_model_files
-
-    check_run_name(name, "--name" if explicit_name else "name")
-    config = absolute_paths(validate_job(job_raw))
-    check_dataset(config)
-    check_model_files(config)
-    job_raw = apply_overrides(job_raw, [("data.path", config.data.path)])
-    store.check_writable(storage)  # before Ray starts
-    root = store.normalize(storage)
-    experiment_dir, n = store.join(root, name), 1
-    while not explicit_name and store.exists(store.join(experiment_dir, JOB_FILE)):
-        n += 1
-        experiment_dir = store.join(root, f"{name}-{n}")
-    if store.exists(store.join(experiment_dir, JOB_FILE)):
-        with store.folder_lock(experiment_dir, what="experiment"):  # in use: that message, naming the holder
-            pass
-        raise UserError(f"experiment {experiment_dir} exists; continue it with `mmray tune --resume {experiment_dir}` "
-                        f"or choose another --name")
-    store.makedirs(experiment_dir)
-    store.write_text(store.join(experiment_dir, JOB_FILE), yaml.safe_dump(job_raw, sort_keys=False))
-    space_doc = space.model_dump(mode="json", by_alias=True, exclude_none=True)
-    store.write_text(store.join(experiment_dir, SPACE_FILE), yaml.safe_dump(space_doc, sort_keys=False))
-    return SweepSetup(experiment_dir, job_raw, space)
-
-
-def load_setup(experiment_dir: str) -> SweepSetup:
-    experiment_dir = store.normalize(experiment_dir)
-    if not store.is_file(store.join(experiment_dir, JOB_FILE)):
-        raise UserError(f"{experiment_dir}: not an mmray experiment (no {JOB_FILE})")
-    job_file, space_file = store.join(experiment_dir, JOB_FILE), store.join(experiment_dir, SPACE_FILE)
-    job_raw = parse_yaml(store.read_text(job_file), job_file)
-    space = SpaceConfig.model_validate(parse_yaml(store.read_text(space_file), space_file))
-    check_against_job(space, job_raw)
-    return SweepSetup(experiment_dir, job_raw, space)
-
-
 def max_epochs(setup: SweepSetup) -> int:
     spec = setup.space.parameters.get("train.epochs")
     if spec is None:
@@ -198,16 +144,44 @@ def concurrency(space: SpaceConfig, config) -> int:
     return min(fit, space.max_concurrent_trials or fit, space.num_samples)
 
 
+def _core_balancer(setup: SweepSetup):
+    """In-process trials share the cores no waiting trial needs (:mod:`mmray.tune.cores`). The shares' key is
+    named after the experiment, so a resumed sweep's trials read it under the same name."""
+    import hashlib
+
+    import ray
+
+    from mmray.tune.cores import CoreBalancer  # imports Ray (a Tune callback / Ray's key-value store)
+
+    key = "cores-" + hashlib.sha1(setup.experiment_dir.encode()).hexdigest()[:12]
+    return CoreBalancer(cpus=int(ray.cluster_resources().get("CPU", 1)), total_trials=setup.space.num_samples,
+                        key=key, experiment_dir=setup.experiment_dir)
+
+
+def _display(setup: SweepSetup):
+    """The live sweep display (:mod:`mmray.tune.display`) for this sweep's metric and swept parameters."""
+    from mmray.tune.display import SweepDisplay, SweepProgress  # imports Ray (a Tune callback / Ray's key-value store)
+
+    space, job_raw = setup.space, setup.job_raw
+    progress = SweepProgress(metric=space.metric, mode=space.resolved_mode, total=space.num_samples,
+                             parameters=[k for k, _ in space.ordered_parameters()], scheduler=space.scheduler.name)
+    return SweepDisplay(progress, epochs_of=lambda params: validate_job(
+        apply_overrides(job_raw, (params or {}).items())).train.epochs)
+
+
 def _tuner(setup: SweepSetup, *, restore: bool):
+    import optuna
     from ray import tune
-    from ray.tune import CLIReporter
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.search.optuna import OptunaSearch
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" among the trials
     space, exp = setup.space, setup.experiment_dir
     config = validate_job(setup.job_raw)
+    balancer = None if distributed(config) else _core_balancer(setup)
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, job_raw=setup.job_raw, experiment_dir=exp), trial_resources(config))
+        tune.with_parameters(_run_trial, job_raw=setup.job_raw, experiment_dir=exp,
+                             cores_key=balancer.key if balancer else None), trial_resources(config))
     if restore:
         return tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True, resume_errored=True)
     metric, mode = space.metric, space.resolved_mode
@@ -238,12 +212,8 @@ def _tuner(setup: SweepSetup, *, restore: bool):
                                                     checkpoint_score_order=mode),
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
             # result.json/progress.csv per trial; no Tune TensorBoard logger: mmray writes its own, per trial
-            callbacks=[JsonLoggerCallback(), CSVLoggerCallback()],
-            progress_reporter=CLIReporter(
-                metric_columns={"epoch": "epoch", metric: metric, "val.loss": "val.loss"},
-                parameter_columns={k: k.split(".", 1)[-1] for k, _ in space.ordered_parameters()},
-                max_report_frequency=15, sort_by_metric=True, metric=metric, mode=mode),
-            verbose=1,
+            callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), _display(setup), *([balancer] if balancer else [])],
+            verbose=0,  # Tune's own trial tables off: the display above is the sweep's progress output
         ),
     )
 
@@ -255,20 +225,23 @@ def run_sweep(setup: SweepSetup, *, resume: bool = False, report: bool = True):
     report was written. Steps, in order: start Ray; prepare what the trials share (nothing yet); run the
     trials; rank them and export the best; write ``report/``.
     """
-    from mmray.runtime import ensure_ray
-    from mmray.tune.results import finish
+    from mmray.tune.display import close_displays  # imports Ray (a Tune callback / Ray's key-value store)
 
-    # Tune's legacy reporter honours the compact trial table configured in _tuner (the new one prints
-    # every trial's full result box); it must be chosen before the Tuner starts.
+    # Tune's legacy output engine at verbose=0 prints no progress of its own: mmray.tune.display is the sweep's
+    # progress output. The engine is chosen from this variable when the Tuner starts.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # per-epoch checkpoints with num_to_keep force frequent state snapshots; expected, not worth a warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # One sweep per experiment folder (a second one, or a --resume while it runs, is refused: exit 2).
     with store.folder_lock(setup.experiment_dir, what="experiment"):
         ensure_ray()
-        _build_embedding_cache(setup)  # what every trial shares is prepared here, once, before the first trial
-        results = _tuner(setup, restore=resume).fit()
+        _build_shared_caches(setup)  # what every trial shares is prepared here, once, before the first trial
+        try:
+            results = _tuner(setup, restore=resume).fit()
+        finally:
+            close_displays()  # a sweep that raised or was interrupted gives the terminal back
         summary = finish(setup, results)
+        summary.cores = read_cores(setup.experiment_dir)
         if report:
             summary.report_path, summary.report_verdicts = write_report_safely(setup.experiment_dir)
     return summary
@@ -278,8 +251,6 @@ def write_report_safely(experiment_dir: str) -> tuple[str | None, str]:
     """``mmray report`` for a sweep that just finished. A failure here never fails the sweep (its results are
     already written): it is printed as a warning naming the command that retries it."""
     try:
-        from mmray.tune.report import build_report, format_verdicts
-
         rep = build_report(experiment_dir)
         return rep.published_summary, format_verdicts(rep)
     except Exception as e:  # noqa: BLE001 - the report is a convenience on top of finished results

@@ -65,6 +65,7 @@ def test_a_sweep_builds_the_cache_once_and_the_next_sweep_reuses_it(files):
     assert sorted(b["modality"] for b in builds(data)) == ["audio", "image", "text"]  # once, not per trial
     # every trial read it (Ray folds identical trial lines into "[repeated Nx ...]", so no count here)
     assert "embedding cache: used (reused" in first and "embedding cache: not used" not in first
+    assert "decoded-input cache: not used: the embedding cache serves every epoch" in first  # nothing to decode
     with open(root / "runs" / "first" / "leaderboard.csv") as f:
         assert {row["status"] for row in csv.DictReader(f)} == {"completed"}
     # the space can pick cross_attention, so per-token outputs were stored too
@@ -105,6 +106,7 @@ def test_two_workers_train_from_the_cache_until_an_encoder_unfreezes(files):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "embedding cache: used (" in out and "epochs 1-1, then the encoders unfreeze" in out
+    assert "decoded-input cache: used (" in out  # epochs 2-3 read decoded inputs instead of decoding
     assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("mmray epoch=")] == [
         "epoch=1/3", "epoch=2/3", "epoch=3/3"]
     from mmray.config import validate_job

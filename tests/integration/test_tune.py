@@ -63,6 +63,22 @@ def test_asha_stops_some_trials_early(sweep):
     assert any(r["status"] == "completed" and int(r["epochs_run"]) == EPOCHS for r in rows)
 
 
+def test_captured_output_has_one_line_per_trial_event_and_no_ray_table(sweep):
+    exp, stdout = sweep
+    rows = leaderboard(exp)
+    lines = stdout.splitlines()
+    for r in rows:
+        (started,) = [line for line in lines if line.startswith(f"mmray trial {r['trial_id']} started: ")]
+        assert f"optimizer.lr={float(r['train.optimizer.lr']):.3g}" in started and "fusion.dropout=" in started
+        if r["status"] == "stopped":
+            assert f"mmray trial {r['trial_id']} stopped by ASHA at epoch {r['epochs_run']}: best val.accuracy" in stdout
+        else:
+            assert f"mmray trial {r['trial_id']} completed {EPOCHS} epochs: best val.accuracy" in stdout
+    assert "mmray sweep: 6/6 trials done" in stdout
+    for ray_table in ("== Status ==", "Trial status:", "| Trial name", "+----", "Current time:"):
+        assert ray_table not in stdout
+
+
 def test_the_first_trial_is_the_job_as_is_and_is_never_stopped_early(files, sweep):
     import glob
 

@@ -91,8 +91,9 @@ def test_train_into_a_run_in_use_exits_2_before_ray_starts(job_file, tmp_path, h
 
 
 def test_tune_into_an_experiment_in_use_exits_2_before_ray_starts(job_file, tmp_path, holder, capsys):
+    from mmray.tune.experiment import load_setup, prepare
     from mmray.tune.space import load_space
-    from mmray.tune.sweep import load_setup, prepare, run_sweep
+    from mmray.tune.sweep import run_sweep
 
     job_raw = yaml.safe_load(open(job_file))
     space_file = tmp_path / "space.yaml"

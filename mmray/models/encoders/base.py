@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
-from mmray.config.errors import UserError
+from mmray.errors import UserError
+from mmray.hf_local import looks_local
 from mmray.registry import ComponentConfig
 
 if TYPE_CHECKING:  # the schema imports the registries, which import this module
@@ -70,11 +71,6 @@ class EncoderConfig(ComponentConfig):
 def _absolute(path: str) -> str:
     """``path`` made absolute if it names something on the local disk; URIs and hub names unchanged."""
     return os.path.abspath(os.path.expanduser(path)) if looks_local(path) else path
-
-
-def looks_local(path: str) -> bool:
-    """True if ``path`` names a local file or folder (existing, or spelt like a path: ``/``, ``.``, ``~``)."""
-    return "://" not in path and (path.startswith(("/", ".", "~")) or os.path.exists(path))
 
 
 @dataclass(frozen=True)

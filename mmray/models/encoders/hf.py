@@ -1,9 +1,12 @@
-"""Pretrained Hugging Face encoders (``hf_text``, ``hf_audio``), loaded from local files only.
+"""Pretrained Hugging Face encoders (``hf_text``, ``hf_image``, ``hf_audio``), loaded from local files only.
 
 ``path`` is a local model folder (``config.json`` + weights, as ``save_pretrained`` writes it) or a hub name
 already in the local Hugging Face cache. Loading follows :mod:`mmray.hf_local`: nothing is downloaded unless
 the user opts in; a hub name missing from the cache is a :class:`UserError` at once, never a network wait.
 No model code from the folder is run (no remote code).
+
+Every one of them takes ``lora`` (adapters instead of full fine-tuning, :mod:`mmray.models.lora`) and
+``gradient_checkpointing`` (:func:`adapt`).
 """
 from __future__ import annotations
 
@@ -11,52 +14,77 @@ import inspect
 from typing import Any, Literal, Optional
 
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from mmray import hf_local
-from mmray.config.errors import UserError
+from mmray.errors import UserError
 from mmray.models.encoders import ENCODERS
 from mmray.models.encoders.base import BuildContext, EncoderConfig, EncoderOutput, masked_mean
 from mmray.models.encoders.text import _text_inputs
+from mmray.models.lora import LoraConfig, add_lora
 
 # Speech models are trained on 16 kHz audio; used when a folder has no preprocessor_config.json.
 DEFAULT_SAMPLE_RATE = 16000
 
 
-class HFTextConfig(EncoderConfig):
+class HFEncoderConfig(EncoderConfig):
+    """Keys every Hugging Face encoder shares (not registered itself)."""
+
+    path: str = Field(description="local model folder, or a hub name already in the local Hugging Face cache")
+    dim: Optional[int] = Field(None, gt=0, description="project the hidden states to dim; null = the hidden size")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="on the pooled and sequence outputs")
+    lora: Optional[LoraConfig] = Field(
+        None, description="train LoRA adapters (peft) instead of the model's weights; null = no adapters",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the model's layer activations in the backward pass instead of keeping "
+        "them (less memory, about one more forward pass of time)",
+    )
+
+    @field_validator("lora")
+    @classmethod
+    def _trains_something(cls, v: LoraConfig | None, info: ValidationInfo) -> LoraConfig | None:
+        if v is not None and info.data.get("freeze") and info.data.get("unfreeze_after_epochs") is None:
+            raise ValueError("adapters of an encoder frozen for the whole run (freeze: true) would never train; "
+                             "remove lora, or set freeze: false (or unfreeze_after_epochs)")
+        return v
+
+    @classmethod
+    def _path_fields(cls) -> tuple[str, ...]:
+        return ("path",)
+
+    def check_files(self, key: str) -> None:
+        """The model's config is there: a local folder, or a hub name in the local cache (no network)."""
+        _load("AutoConfig", self.path, f"{key}.path")
+
+
+class HFTextConfig(HFEncoderConfig):
     """Pretrained Hugging Face text model (BERT, MiniLM, RoBERTa...) from a local folder; uses its own tokenizer."""
 
     name: Literal["hf_text"] = "hf_text"
-    path: str = Field(description="local model folder, or a hub name already in the local Hugging Face cache")
     pool: Literal["mean", "cls"] = Field("mean", description="mean over real tokens, or the first ([CLS]) token")
-    dim: Optional[int] = Field(None, gt=0, description="project the hidden states to dim; null = the hidden size")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="on the pooled and sequence outputs")
-
-    @classmethod
-    def _path_fields(cls) -> tuple[str, ...]:
-        return ("path",)
-
-    def check_files(self, key: str) -> None:
-        """The model's config is there: a local folder, or a hub name in the local cache (no network)."""
-        _load("AutoConfig", self.path, f"{key}.path")
 
 
-class HFAudioConfig(EncoderConfig):
+class HFAudioConfig(HFEncoderConfig):
     """Pretrained Hugging Face speech encoder (wav2vec2, HuBERT, WavLM, Whisper's encoder...) from a local folder."""
 
     name: Literal["hf_audio"] = "hf_audio"
-    path: str = Field(description="local model folder, or a hub name already in the local Hugging Face cache")
-    dim: Optional[int] = Field(None, gt=0, description="project the hidden states to dim; null = the hidden size")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="on the pooled and sequence outputs")
 
-    @classmethod
-    def _path_fields(cls) -> tuple[str, ...]:
-        return ("path",)
+
+class HFImageConfig(HFEncoderConfig):
+    """Pretrained Hugging Face vision model (ViT, CLIP/SigLIP vision tower, DINOv2, ConvNeXt, Swin) from a local folder."""
+
+    name: Literal["hf_image"] = "hf_image"
+    pool: Literal["model", "mean", "cls"] = Field(
+        "model", description="model = the model's own pooled output (ViT/CLIP/DINOv2: its [CLS] head, SigLIP: "
+        "its attention pool, ConvNeXt/Swin: average); mean = mean over the patch sequence; cls = the first token",
+    )
 
     def check_files(self, key: str) -> None:
-        """The model's config is there: a local folder, or a hub name in the local cache (no network)."""
-        _load("AutoConfig", self.path, f"{key}.path")
+        """The model's config and its image processor (``data.image`` comes from it) are there, locally."""
+        super().check_files(key)
+        hf_local.image_settings(self.path, f"{key}.path")
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -82,6 +110,31 @@ def load_pretrained(path: str, key: str, ctx: BuildContext, **config_updates: An
 
         return transformers.AutoModel.from_config(config, trust_remote_code=False)
     return _load("AutoModel", path, key, config=config)
+
+
+def adapt(model: nn.Module, config: HFEncoderConfig, key: str) -> nn.Module:
+    """``model`` with the encoder's ``gradient_checkpointing`` and ``lora`` settings applied (``key``: its section).
+
+    Checkpointing is Hugging Face's own (``activation_checkpointing_enable``, earlier ``gradient_checkpointing_enable``; non-reentrant, so it works with a
+    frozen base and LoRA); it acts in training mode only.
+
+    Raises:
+        UserError: naming ``key.gradient_checkpointing`` for a model that does not support it, or
+            ``key.lora.target_modules`` (:func:`mmray.models.lora.add_lora`).
+    """
+    if config.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise UserError(f"{key}.gradient_checkpointing: {type(model).__name__} ({config.path}) does not support "
+                            "gradient checkpointing; set it to false")
+        kwargs = {"use_reentrant": False}
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers 5's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if config.lora is not None:
+        model = add_lora(model, config.lora, f"{key}.lora")
+    return model
 
 
 def _projection(hidden: int, dim: int | None) -> nn.Module:
@@ -110,6 +163,7 @@ class HFTextEncoder(nn.Module):
         if getattr(self.model, "pooler", None) is not None:
             self.model.pooler = None  # unused (pooling is ours); unused parameters would break DDP
         _check_text_fits(self.model, config.path, ctx)
+        self.model = adapt(self.model, config, "model.encoders.text")
         hidden = self.model.config.hidden_size
         self.proj = _projection(hidden, config.dim)
         self.pool = config.pool
@@ -144,6 +198,70 @@ def _check_text_fits(model: nn.Module, path: str, ctx: BuildContext) -> None:
         )
 
 
+# ------------------------------------------------------------------------------------ image
+@ENCODERS.register("hf_image", config=HFImageConfig, modality="image")
+class HFImageEncoder(nn.Module):
+    """Hugging Face vision model (ViT, CLIP/SigLIP vision tower, DINOv2, ConvNeXt, Swin): pooled + patch sequence.
+
+    Reads ``batch["image"]`` float ``[B, 3, S, S]``, resized and normalised as the model's image processor
+    does (the schema sets ``data.image.size/mean/std`` from it, :func:`mmray.hf_local.image_settings`). A full CLIP or SigLIP
+    model (text and vision) contributes its vision tower only. Returns ``sequence [B, T, D]`` = the (projected)
+    last hidden states: the tokens of a ViT-style model, the ``h x w`` feature map of ConvNeXt flattened; all
+    real. ``pooled [B, D]`` per ``pool``. A ViT-style model fed another size than it was trained at
+    interpolates its position embeddings.
+
+    Raises:
+        UserError: the model cannot be loaded (names ``model.encoders.image.path``) or is not a vision model.
+    """
+
+    def __init__(self, config: HFImageConfig, ctx: BuildContext):
+        super().__init__()
+        key = "model.encoders.image"
+        model = adapt(load_pretrained(config.path, f"{key}.path", ctx), config, key)
+        if getattr(model, "vision_model", None) is not None and getattr(model, "text_model", None) is not None:
+            model = model.vision_model  # CLIP / SigLIP: the vision tower (checkpointing flags already set)
+        params = inspect.signature(model.forward).parameters
+        if "pixel_values" not in params:
+            raise UserError(f"{key}.path: {config.path} is a {type(model).__name__}, which does not read images "
+                            "(pixel_values); hf_image needs a vision model such as ViT, CLIP, SigLIP, DINOv2, "
+                            "ConvNeXt or Swin")
+        self.model = model
+        self.pool = config.pool
+        # Unused here; a trainable parameter without a gradient would break DDP.
+        if config.pool != "model" and getattr(model, "pooler", None) is not None:
+            self.model.pooler = None
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 1)[-1] == "mask_token":  # masked-image pre-training only (DINOv2, BEiT...)
+                p.requires_grad_(False)
+        trained_at = getattr(model.config, "image_size", None)
+        self.forward_kwargs = {}
+        if "interpolate_pos_encoding" in params and isinstance(trained_at, int) and trained_at != ctx.image_size:
+            self.forward_kwargs["interpolate_pos_encoding"] = True
+        sizes = getattr(model.config, "hidden_sizes", None)  # ConvNeXt: per stage; the last is the output's
+        hidden = int(sizes[-1]) if sizes else int(model.config.hidden_size)
+        self.proj = _projection(hidden, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.output_dim = config.dim or hidden
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> EncoderOutput:
+        out = self.model(pixel_values=batch["image"], **self.forward_kwargs)
+        h = out.last_hidden_state
+        if h.ndim == 4:  # [B, C, h, w] feature map (ConvNeXt) -> [B, h*w, C]
+            h = h.flatten(2).transpose(1, 2)
+        seq = self.proj(h)  # [B, T, D]
+        pooled_out = getattr(out, "pooler_output", None)
+        if self.pool == "model" and pooled_out is not None:
+            pooled = self.proj(pooled_out.flatten(1))
+        else:
+            pooled = seq[:, 0] if self.pool == "cls" else seq.mean(dim=1)
+            if pooled_out is not None and pooled_out.requires_grad:
+                # The model's own pooling head (CLIP's post-layernorm, SigLIP's attention pool) is not used: a
+                # zero-weighted term gives its weights a (zero) gradient, which DDP needs of every trained weight.
+                pooled = pooled + 0.0 * pooled_out.sum()
+        mask = torch.ones(seq.shape[:2], dtype=torch.bool, device=seq.device)
+        return EncoderOutput(self.dropout(pooled), self.dropout(seq), mask)
+
+
 # ------------------------------------------------------------------------------------ audio
 @ENCODERS.register("hf_audio", config=HFAudioConfig, modality="audio")
 class HFAudioEncoder(nn.Module):
@@ -169,6 +287,7 @@ class HFAudioEncoder(nn.Module):
         model_type = getattr(model.config, "model_type", type(model).__name__)
         fe = _feature_extractor(config.path)
         self.log_mel: WhisperLogMel | None = None
+        model = adapt(model, config, "model.encoders.audio")
         if model_type == "whisper":
             if fe is None:
                 raise UserError(f"{key}: {config.path} has no preprocessor_config.json (Whisper's log-mel settings)")

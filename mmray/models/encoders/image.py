@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from mmray.config.errors import UserError
+from mmray.errors import UserError
 from mmray.models.encoders import ENCODERS
 from mmray.models.encoders.base import BuildContext, EncoderConfig, EncoderOutput, conv_block
 

@@ -12,8 +12,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.utils.checkpoint import checkpoint
 
-from mmray.config.errors import UserError
+from mmray.errors import UserError
 from mmray.models.encoders import ENCODERS
 from mmray.models.encoders.base import BuildContext, EncoderConfig, EncoderOutput, masked_mean
 
@@ -27,6 +28,10 @@ class TransformerTextConfig(EncoderConfig):
     heads: int = Field(4, ge=1)
     ff_dim: int = Field(256, gt=0)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each layer's activations in the backward pass instead of keeping them "
+        "(less memory, about one more forward pass of time)",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_dim(self) -> "TransformerTextConfig":
@@ -114,6 +119,7 @@ class TransformerTextEncoder(nn.Module):
         )
         self.max_length = ctx.max_text_length
         self.output_dim = config.dim
+        self.checkpointing = config.gradient_checkpointing
 
     def forward(self, batch: dict[str, torch.Tensor]) -> EncoderOutput:
         ids, mask = _text_inputs(batch, self.max_length)
@@ -122,7 +128,13 @@ class TransformerTextEncoder(nn.Module):
         # position 0 (a pad token). Their pooled output is still zeros: the pool uses the real mask.
         attend = mask.clone()
         attend[:, 0] |= ~mask.any(dim=1)
-        h = self.encoder(x, src_key_padding_mask=~attend)  # [B, L, D]
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            h = x  # as nn.TransformerEncoder, one layer at a time, each recomputed in the backward pass
+            for layer in self.encoder.layers:
+                h = checkpoint(layer, h, src_key_padding_mask=~attend, use_reentrant=False)
+            h = self.encoder.norm(h)
+        else:
+            h = self.encoder(x, src_key_padding_mask=~attend)  # [B, L, D]
         return EncoderOutput(masked_mean(h, mask), h, mask)
 
 

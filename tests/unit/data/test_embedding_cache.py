@@ -17,7 +17,7 @@ from mmray.data.dataset_dir import read_dataset_info
 from mmray.data.reader import iter_batches
 from mmray.data.synth import synth
 from mmray.models.cached import check_cached_encoders, encoder_hashes
-from mmray.train.context import LocalContext
+from mmray.train.context import LocalContext, LoopInputs
 from mmray.train.local import train_local
 from mmray.train.loop import train_loop
 
@@ -170,8 +170,7 @@ def test_a_partial_cache_serves_the_frozen_epochs_and_the_run_is_the_same(data, 
     assert "audio" in next(iter(train_batches(2))) and "audio.pooled" not in next(iter(train_batches(2)))
     _, raw_ctx = train_local(config, str(tmp_path / "raw"))
     ctx = LocalContext(str(tmp_path / "cached"), train_batches, val_batches)
-    ctx.cached_encoders = plan.weights
-    train_loop(config, ctx)
+    train_loop(config, ctx, LoopInputs.from_cache(plan))
     for raw, cached in zip(raw_ctx.history, ctx.history, strict=True):
         for k in ("train.loss", "val.loss", "val.accuracy"):
             assert cached[k] == pytest.approx(raw[k], rel=1e-4, abs=1e-5), (raw["epoch"], k)
@@ -183,8 +182,7 @@ def test_cached_training_gives_the_same_run(data, tmp_path):
     plan = cache.plan(config, info, build=True, runner="local")
     _, raw_ctx = train_local(config, str(tmp_path / "raw"))
     ctx = LocalContext(str(tmp_path / "cached"), *cache.cached_readers(config, plan))
-    ctx.cached_encoders = plan.weights
-    train_loop(config, ctx)
+    train_loop(config, ctx, LoopInputs.from_cache(plan))
     for raw, cached in zip(raw_ctx.history, ctx.history, strict=True):
         for k in ("train.loss", "val.loss", "val.accuracy"):
             assert cached[k] == pytest.approx(raw[k], rel=1e-4, abs=1e-5), k

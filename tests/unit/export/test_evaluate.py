@@ -104,7 +104,7 @@ def test_format_evaluation_shows_metrics_and_named_confusion():
 def _hand_accuracy(predictor, batches, task="label", hide=()):
     import torch
 
-    from mmray.train.loop import hide_modalities
+    from mmray.train.evaluation import hide_modalities
 
     correct = total = 0
     for batch in batches:

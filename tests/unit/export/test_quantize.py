@@ -14,17 +14,15 @@ from mmray.cli.main import main
 from mmray.config import UserError
 from mmray.data.reader import iter_batches
 from mmray.export import load_model
-from mmray.export.quantize import (
-    compare_with_source,
+from mmray.export.codec import (
     compress_state,
-    default_out,
     dequantize_int8,
-    format_comparison,
     load_compressed_state,
-    quantize_export,
     quantize_weight_int8,
     read_quantization,
 )
+from mmray.export.compare import compare_with_source, format_comparison
+from mmray.export.quantize import default_out, quantize_export
 
 
 @pytest.fixture

@@ -121,9 +121,13 @@ def ctx() -> BuildContext:
 
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory) -> dict[str, str]:
-    """Folders of tiny random Hugging Face models: ``{"hf_text": tiny BERT, "hf_audio": tiny wav2vec2 at 8 kHz}``."""
+    """Folders of tiny random Hugging Face models: ``{"hf_text": tiny BERT, "hf_audio": tiny wav2vec2 at 8 kHz,
+    "hf_image": tiny ViT fed IMAGE_SIZE images}``."""
+    from helpers import save_tiny_vision
+
     root = tmp_path_factory.mktemp("hf")
-    return {"hf_text": save_tiny_bert(root / "bert"), "hf_audio": save_tiny_wav2vec2(root / "wav2vec2")}
+    return {"hf_text": save_tiny_bert(root / "bert"), "hf_audio": save_tiny_wav2vec2(root / "wav2vec2"),
+            "hf_image": save_tiny_vision(root / "vit", "vit", IMAGE_SIZE)}
 
 
 @pytest.fixture

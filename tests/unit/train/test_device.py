@@ -112,7 +112,7 @@ def test_cuda_run_reports_gpu_figures_and_compiles(tiny, tmp_path):
 def test_a_compiled_run_trains_and_its_checkpoint_reloads_into_a_plain_model(tiny, tmp_path):
     """torch.compile on CPU (inductor, ~15 s of compiling for this image-only model)."""
     from mmray.train.checkpoint import load_model
-    from mmray.train.loop import evaluate
+    from mmray.train.evaluation import evaluate_model
 
     config = small_job(tiny, modalities=("image",), epochs=2, workers=1, batch_size=32, compile="default")
     state, ctx = train_local(config, str(tmp_path / "run"))
@@ -120,5 +120,5 @@ def test_a_compiled_run_trains_and_its_checkpoint_reloads_into_a_plain_model(tin
     info = read_dataset_info(tiny)
     model = load_model(config, job_tasks(info.tasks), None, ctx.checkpoints[-1])  # no "_orig_mod." keys to strip
     val = iter_batches(config.data, info, "val", batch_size=32, train=False)
-    eager = evaluate(model, val, tasks=job_tasks(info.tasks), config=config, ctx=LocalContext("", lambda e: (), lambda e: ()))
+    eager = evaluate_model(model, val, tasks=job_tasks(info.tasks), modalities=config.data.modalities)
     assert eager["val.accuracy"] == pytest.approx(state.history[-1]["val.accuracy"], abs=1e-6)

@@ -12,8 +12,7 @@ from helpers import small_job
 from mmray.cli.main import main
 from mmray.config.errors import UserError
 from mmray.data.synth import synth
-from mmray.train.checkpoint import STATE, read_state
-from mmray.train.finalize import train_state
+from mmray.train.checkpoint import STATE, read_state, read_train_state
 from mmray.train.local import train_local
 
 
@@ -59,7 +58,7 @@ def test_a_planted_pickle_is_refused_by_every_reader_and_never_runs(trained, tmp
     path = _plant(os.path.join(bad, "checkpoint_epoch_0001"), str(marker))
     for read in (lambda: train_local(config.model_copy(update={"train": config.train.model_copy(
                      update={"epochs": 2})}), bad),  # the resume path of the loop
-                 lambda: train_state(os.path.join(bad, "checkpoint_epoch_0001"))):  # export, report, compare
+                 lambda: read_train_state(os.path.join(bad, "checkpoint_epoch_0001"))):  # export, report, compare
         with pytest.raises(UserError, match="refused to unpickle") as e:
             read()
         assert path in str(e.value)

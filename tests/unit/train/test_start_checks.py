@@ -11,7 +11,7 @@ from storage_fixtures import read_only_dir  # noqa: F401  (fixture)
 
 from mmray.cli.main import main
 from mmray.data.synth import synth
-from mmray.train.api import resolve_run_dir
+from mmray.train.outputs import resolve_run_dir
 
 
 def test_run_folder_is_new_resumed_or_finished(tmp_path):

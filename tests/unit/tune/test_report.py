@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from mmray.config import UserError
+from mmray.train.evaluation import RowPredictions
 from mmray.tune import report_plots as plots
-from mmray.tune.control_arms import SplitPredictions, compare, paired_bootstrap_ci, verdict
+from mmray.tune.control_arms import compare, paired_bootstrap_ci, verdict
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -66,14 +67,14 @@ def test_bad_inputs_are_refused():
 
 def test_compare_pairs_rows_by_id_and_drops_rows_only_one_model_read():
     labels = {"a": 0, "b": 1, "c": 2, "d": 0}
-    winner = SplitPredictions({"a": 0, "b": 1, "c": 2, "d": 0}, labels)  # all right
-    control = SplitPredictions({"a": 0, "b": 0, "c": 0}, {k: labels[k] for k in "abc"})  # no row d (undecodable)
+    winner = RowPredictions({"a": 0, "b": 1, "c": 2, "d": 0}, labels)  # all right
+    control = RowPredictions({"a": 0, "b": 0, "c": 0}, {k: labels[k] for k in "abc"})  # no row d (undecodable)
     result = compare(winner, control, resamples=200, seed=0)
     assert result.ci.rows == 3
     assert result.winner_accuracy == 1.0 and result.control_accuracy == pytest.approx(1 / 3)
     assert result.ci.difference == pytest.approx(2 / 3)
     with pytest.raises(UserError, match="share no test row"):
-        compare(winner, SplitPredictions({"x": 1}, {"x": 1}))
+        compare(winner, RowPredictions({"x": 1}, {"x": 1}))
 
 
 def is_png(path) -> bool:

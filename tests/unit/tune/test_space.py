@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from mmray.config import ConfigError
-from mmray.tune.space import SpaceConfig, check_against_job, grid_size, is_baseline, load_space
+from mmray.tune.baseline import is_baseline
+from mmray.tune.space import SpaceConfig, check_against_job, grid_size, load_space
 
 REPO = Path(__file__).resolve().parents[3]
 JOB = {"name": "t", "data": {"path": "data/x"}}
