@@ -61,6 +61,9 @@ def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_di
             raise outcome.error
         return
     torch.set_num_threads(max(1, int(CPUS_PER_TRIAL)))  # concurrent trials share the cores
+    # What the trial before left in this reused process: released here, not as that trial ended, because Tune
+    # gives a stopped trial's thread 2 s to end before it refuses to reuse the process for the next trial.
+    release_trial_memory()
     # The trial's plans, made once: never built here (the sweep built what trials share before the first one).
     info = read_dataset_info(config.data.path)
     cache = plan(config, info, build=False)
@@ -71,15 +74,12 @@ def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_di
                                               readers=cached_readers(config, cache, raw=readers) if cache.used else readers,
                                               # more threads once fewer trials remain than cores
                                               cores=ShareFollower(cores_key, tune.get_context().get_trial_id()))
-    try:
-        train_loop(config, ctx, LoopInputs.from_cache(cache))
-    finally:
-        release_trial_memory()  # the next trial reuses this process
+    train_loop(config, ctx, LoopInputs.from_cache(cache))
 
 
 def release_trial_memory() -> None:
-    """After an in-process trial, in the process the next trial reuses: collect the trial's model, optimizer
-    and readers (all locals of the loop, unreachable now) and give freed memory back to the OS: pyarrow's
+    """Before an in-process trial, in a process an earlier trial used: collect that trial's model, optimizer
+    and readers (all locals of its loop, unreachable now) and give freed memory back to the OS: pyarrow's
     pool keeps freed buffers, and glibc keeps freed arenas, unless asked (``malloc_trim``).
 
     What stays, once per process: torch, the decoders, pyarrow and their caches (about 1.1 GB RSS on CPU).
