@@ -28,7 +28,7 @@ AUTO: dict = {}  # the report the sweep wrote when it ended
 
 
 def mmray(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mmray.cli.main", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "mmray.cli.main", *args], capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
