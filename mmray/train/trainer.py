@@ -317,8 +317,12 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     from mmray.data.pipeline import build_dataset  # imports Ray Data: only once a run starts
 
     info = read_dataset_info(config.data.path)
-    cache = _embedding_cache(config, info, cache, on_event)
-    inputs = _decode_cache(config, info, decoded, cache, on_event)
+    # the run's plans (looked up when not given), each announced in the run's log
+    if cache is None:
+        cache = plan(config, info, build=False)
+    _announce("embedding_cache", cache.line(), on_event)
+    inputs = decoded if decoded is not None else decode_plan(config, info, build=False, embedding=cache)
+    _announce("decode_cache", inputs.line(), on_event)
 
     def input_datasets(suffix: str = "") -> dict:
         def split(name: str, train: bool):
@@ -393,15 +397,12 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     return FitOutcome(run_dir, best_path, result.error)
 
 
-def _decode_cache(config: JobConfig, info, decoded, cache, on_event):
-    """The decoded-input cache plan (looked up when not given), announced in the run's log."""
-    if decoded is None:
-        decoded = decode_plan(config, info, build=False, embedding=cache)
+def _announce(kind: str, line: str, on_event) -> None:
+    """A plan's one log line: to ``on_event`` (``{"type": kind, "line": ...}``) when given, else printed."""
     if on_event is not None:
-        on_event({"type": "decode_cache", "line": decoded.line()})
+        on_event({"type": kind, "line": line})
     else:
-        print(f"mmray {decoded.line()}", flush=True)
-    return decoded
+        print(f"mmray {line}", flush=True)
 
 
 def worker_error(error: BaseException | None, kind) -> BaseException | None:
@@ -409,14 +410,3 @@ def worker_error(error: BaseException | None, kind) -> BaseException | None:
     (``WorkerGroupError.worker_failures``, their ``UserExceptionWithTraceback``, ``__cause__`` chains);
     None when there is none."""
     return find_error(error, kind)
-
-
-def _embedding_cache(config: JobConfig, info, cache, on_event):
-    """The cache plan (looked up when not given), announced in the run's log."""
-    if cache is None:
-        cache = plan(config, info, build=False)
-    if on_event is not None:
-        on_event({"type": "embedding_cache", "line": cache.line()})
-    else:
-        print(f"mmray {cache.line()}", flush=True)
-    return cache
