@@ -103,9 +103,11 @@ def quiet_ray_logs() -> None:
         auth.addFilter(_DropTokenNotice())
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None):
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, preload: tuple[str, ...] = ()):
     """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray if neither is set.
 
+    ``preload``: modules every worker process of a local Ray started here imports as it starts, before it takes
+    work (a sweep's trial modules: :mod:`mmray.tune.warmup`); ignored when joining a cluster.
     Returns the Ray context. Inside an already initialised driver this is a no-op.
     """
     quiet_ray_logs()
@@ -120,6 +122,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None):
             ray.init(address=address, **kwargs)
         else:
             # "local": never join a cluster some other `ray start` left running on this host
+            if preload:
+                kwargs["_system_config"] = {"preload_python_modules": list(preload)}
             ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
         if not _verbose:
             _hide_worker_tracebacks()
