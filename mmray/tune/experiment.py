@@ -40,6 +40,7 @@ from mmray.config import validate_job
 from mmray.config.errors import UserError
 from mmray.config.loader import apply_overrides, parse_yaml
 from mmray.config.schema import check_run_name
+from mmray.data.folds import Folds
 from mmray.train.api import absolute_paths, check_dataset, check_model_files
 from mmray.train.checkpoint import kept_checkpoints
 from mmray.tune.space import SpaceConfig, check_against_job
@@ -157,8 +158,6 @@ def write_folds(experiment_dir: str, folds) -> None:
 
 def read_folds(experiment_dir: str):
     """The :class:`~mmray.data.folds.Folds` in ``folds.json``, or None where the sweep made none."""
-    from mmray.data.folds import Folds
-
     path = store.join(experiment_dir, FOLDS_FILE)
     return Folds.from_json(json.loads(store.read_text(path))) if store.is_file(path) else None
 
