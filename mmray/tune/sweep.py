@@ -16,7 +16,7 @@ from mmray.config import validate_job
 from mmray.config.loader import apply_overrides
 from mmray.data.cache import cached_readers, plan, shared_plan
 from mmray.data.dataset_dir import read_dataset_info
-from mmray.data.decoded import decoded_readers
+from mmray.data.decoded import decoded_readers, fold_readers
 from mmray.data.decoded import plan as decode_plan
 from mmray.data.decoded import shared_plan as shared_decode_plan
 from mmray.runtime import ensure_ray
@@ -38,13 +38,16 @@ DATA_CPUS = 0.5  # kept free per distributed trial for its Ray Data decoding
 
 
 def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_dir: str,
-               context_class: type | None = None, cores_key: str | None = None,
+               context_class: type | None = None, cores_key: str | None = None, fold: tuple | None = None,
                shared: dict[str, bool] | None = None) -> None:
     """One trial: the job with this trial's parameters, trained in-process by the shared loop.
 
     ``context_class`` (default :class:`~mmray.tune.context.TuneTrialContext`) is the in-process trial's
     loop context; ``benchmarks/sweep.py`` passes a subclass that timestamps the first training batch.
     ``cores_key`` is where the sweep publishes each trial's CPU share (:mod:`mmray.tune.cores`).
+    ``fold``: ``(k, K, training rows, held-out rows)``, a finalist's cross-validation run
+    (:mod:`mmray.tune.finalists`): it trains on the training rows of train+val and validates on the held-out
+    ones, both read from the decoded-input cache (the embedding cache is not used: it holds whole splits).
     ``shared``: which caches the sweep said its trials read (:func:`_build_shared_caches`); the trial says
     nothing about its inputs unless it cannot read one of them (:func:`trial_input_notes`).
     """
@@ -60,8 +63,9 @@ def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_di
     # The trial's plans, made once: never built here (the sweep built what trials share before the first one).
     info = read_dataset_info(config.data.path)
     cache = plan(config, info, build=False)
-    decoded = decode_plan(config, info, build=False, embedding=cache)
-    for line in trial_input_notes(shared, cache, decoded):
+    # a fold reads only the decoded-input cache (built before the folds started)
+    decoded = decode_plan(config, info, build=False, embedding=cache if fold is None else None)
+    for line in trial_input_notes(shared, *([cache] if fold is None else []), decoded):
         print(f"mmray trial {trial_id}: {line}", flush=True)
     if distributed(config):
         # N workers (or GPUs): this function is only a driver; its TorchTrainer run is named after the
@@ -77,6 +81,14 @@ def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_di
     # What the trial before left in this reused process: released here, not as that trial ended, because Tune
     # gives a stopped trial's thread 2 s to end before it refuses to reuse the process for the next trial.
     release_trial_memory()
+    if fold is not None:
+        k, n, train_rows, held_out = fold
+        print(f"mmray fold {k + 1} of {n}: training on {sum(map(len, train_rows.values())):,} rows of train+val, "
+              f"validating on the {sum(map(len, held_out.values())):,} held out", flush=True)
+        ctx = (context_class or TuneTrialContext)(config, run_dir, readers=fold_readers(config, decoded, train_rows,
+                                                                                         held_out))
+        train_loop(config, ctx, LoopInputs())
+        return
     readers = decoded_readers(config, decoded)  # the decoded-input cache's, or the shards'
     ctx = (context_class or TuneTrialContext)(config, run_dir,
                                               readers=cached_readers(config, cache, raw=readers) if cache.used else readers,
