@@ -19,6 +19,7 @@ either side). The box may be shared: numbers are noisy, ratios within a run are 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -167,16 +168,45 @@ def measure_overhead(data: str, storage: str, n: int) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- (a4) the cold trial, warmed
+# What was tried for the cold trial and not shipped (RESULTS.md, "(a4) The cold trial, third try"): the trials in
+# Ray's idle workers, which import these as they start (Ray's preload_python_modules).
+TRIAL_MODULES = ("torch", "torch._dynamo", "mmray.tune.sweep", "mmray.tune.cores", "mmray.tune.context",
+                 "mmray.data.decoded")
+
+
+@contextlib.contextmanager
+def trials_in_idle_workers():
+    """Tune gives its trainable actors a runtime env of their own (``PL_DISABLE_FORK``, PyTorch Lightning's), and Ray
+    gives an actor only an idle worker of the same runtime env: without it, trial actors take Ray's idle workers
+    (assuming none of the variables Tune copies from the driver, e.g. AWS credentials, is set)."""
+    from ray.tune.execution import class_cache
+
+    value = class_cache.DEFAULT_ENV_VARS.pop("PL_DISABLE_FORK", None)
+    try:
+        yield
+    finally:
+        if value is not None:
+            class_cache.DEFAULT_ENV_VARS["PL_DISABLE_FORK"] = value
+
+
 def fresh_ray(preload: tuple[str, ...] = ()) -> float:
-    """A new local Ray (its idle worker processes not yet used); returns its start-up seconds."""
+    """A new local Ray (its idle worker processes not yet used), its workers importing ``preload`` as they start;
+    returns its start-up seconds."""
+    import logging
+
     import ray
 
-    from mmray.runtime import ensure_ray
+    from mmray.runtime import ensure_ray, quiet_ray_logs
 
     if ray.is_initialized():
         ray.shutdown()
     t = time.time()
-    ensure_ray(preload=preload)
+    if preload:
+        quiet_ray_logs()
+        ray.init(address="local", num_cpus=os.cpu_count(), logging_level=logging.WARNING,
+                 _system_config={"worker_niceness": 0, "preload_python_modules": list(preload)})
+    else:
+        ensure_ray()
     return time.time() - t
 
 
@@ -199,13 +229,10 @@ def build_decoded(data: str) -> str:
 def measure_cold(data: str, storage: str, n: int, planning_s: float) -> dict[str, Any]:
     """The first (cold) trial of a slot on a fresh Ray, as ``mmray tune`` runs it (reused actors): a bare Tune trial,
     mmray's trial as before (Tune's trial actors in a process of their own), and mmray's trial in a preloaded idle
-    worker (:mod:`mmray.tune.warmup`), with fit() ``planning_s`` after Ray started (a driver that plans that long)
+    worker (:func:`trials_in_idle_workers`, :data:`TRIAL_MODULES`), with fit() ``planning_s`` after Ray started (a driver that plans that long)
     and at once. Per side: seconds from fit() to the first trial's entry (bare) or first step, and whether its
     process was one of Ray's idle workers."""
-    import contextlib
-
     from mmray.tune.experiment import JOB_FILE
-    from mmray.tune.warmup import TRIAL_MODULES, idle_workers_for_trials
 
     exp = os.path.join(storage, "mmray-cold")
     os.makedirs(exp, exist_ok=True)
@@ -222,14 +249,14 @@ def measure_cold(data: str, storage: str, n: int, planning_s: float) -> dict[str
             ("mmray, own process", mm, False, planning_s),
             (f"mmray, idle worker, fit {planning_s:.0f}s after Ray", mm, True, planning_s),
             ("mmray, idle worker, fit at once", mm, True, 0.0)):
-        with idle_workers_for_trials() if warm else contextlib.nullcontext(False) as shared:
-            fresh_ray(TRIAL_MODULES if shared else ())
+        with trials_in_idle_workers() if warm else contextlib.nullcontext():
+            fresh_ray(TRIAL_MODULES if warm else ())
             time.sleep(wait)  # stands for the driver's planning
             idle = idle_workers()
             rows = overhead_runs(trainable, n=n, storage=storage, name=f"cold-{len(out)}", reuse=True)
         until = "entry" if trainable is bare_trial else "first_step"
         out[side] = {"to_first_step": startup_seconds(rows, until), "idle_worker": rows[0].get("pid") in idle,
-                     "preloaded": bool(shared)}
+                     "preloaded": warm}
     return out
 
 
@@ -237,8 +264,6 @@ def measure_tune_start(data: str, storage: str, warm: bool) -> dict[str, Any]:
     """``mmray tune`` as a user runs it (2 trials of 1 epoch on a fresh Ray, the decoded-input cache already built):
     seconds from the sweep's start (before the experiment is prepared) to each slot's first training step, with and
     without the trials taking Ray's preloaded idle workers."""
-    import contextlib
-
     import ray
 
     from mmray.tune import sweep
@@ -249,7 +274,7 @@ def measure_tune_start(data: str, storage: str, warm: bool) -> dict[str, Any]:
         ray.shutdown()  # run_sweep starts its own Ray, as `mmray tune` does
     name = f"start-{'warm' if warm else 'cold'}"
     marks = os.path.join(storage, f"{name}.jsonl")
-    original_trial, original_warm = sweep._run_trial, sweep.idle_workers_for_trials
+    original_trial, original_ray = sweep._run_trial, sweep.ensure_ray
 
     def timed_trial(params, **kwargs):
         from mmray.tune import sweep as trial_module
@@ -257,8 +282,8 @@ def measure_tune_start(data: str, storage: str, warm: bool) -> dict[str, Any]:
         trial_module._run_trial(params, context_class=type("Timed", (TimedContext,), {"marks_file": marks}), **kwargs)
 
     sweep._run_trial = timed_trial
-    if not warm:
-        sweep.idle_workers_for_trials = lambda: contextlib.nullcontext(False)
+    if warm:
+        sweep.ensure_ray = lambda: fresh_ray(TRIAL_MODULES)
     try:
         job_raw = job(data, name=name, epochs=1)
         space = SpaceConfig.model_validate({"metric": "val.accuracy", "num_samples": 2, "finalists": 0, "ensemble": 0,
@@ -267,9 +292,10 @@ def measure_tune_start(data: str, storage: str, warm: bool) -> dict[str, Any]:
         check_against_job(space, job_raw)
         t0 = time.time()
         setup = prepare(job_raw, space, name=name, storage=storage)
-        sweep.run_sweep(setup, report=False)
+        with trials_in_idle_workers() if warm else contextlib.nullcontext():
+            sweep.run_sweep(setup, report=False)
     finally:
-        sweep._run_trial, sweep.idle_workers_for_trials = original_trial, original_warm
+        sweep._run_trial, sweep.ensure_ray = original_trial, original_ray
     steps = [m for m in map(json.loads, open(marks)) if "first_step" in m]
     return {"to_first_step": sorted(m["first_step"] - t0 for m in steps)}
 
@@ -368,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overhead-trials", type=int, default=4, help="trials per overhead measurement")
     ap.add_argument("--skip", choices=["overhead", "sweeps"], help="leave one part out")
     ap.add_argument("--only", choices=["overhead", "cold", "sweeps"], help="run only this part (cold: the cold "
-                    "trial with and without the warm-up tasks, each side on a fresh Ray)")
+                    "trial in a process of its own and in a preloaded idle worker, each side on a fresh Ray)")
     ap.add_argument("--planning", type=float, default=5.0, help="cold part: seconds between Ray's start and fit() "
                     "for the side that stands for a driver planning the sweep")
     ap.add_argument("--json", help="also write the raw numbers here")

@@ -103,11 +103,9 @@ def quiet_ray_logs() -> None:
         auth.addFilter(_DropTokenNotice())
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None, preload: tuple[str, ...] = ()):
+def ensure_ray(address: str | None = None, num_cpus: int | None = None):
     """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray if neither is set.
 
-    ``preload``: modules every worker process of a local Ray started here imports as it starts, before it takes
-    work (a sweep's trial modules: :mod:`mmray.tune.warmup`); ignored when joining a cluster.
     Returns the Ray context. Inside an already initialised driver this is a no-op.
     """
     quiet_ray_logs()
@@ -126,10 +124,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, preload:
             # workers *are* the user's job (trials, training, decoding), and at nice 15 any other busy process
             # on the machine (an editor's indexer, a second script) takes most of the CPU from them: measured
             # 4x slower epochs beside a few background jobs. They run at the caller's priority instead.
-            system = {"worker_niceness": 0}
-            if preload:
-                system["preload_python_modules"] = list(preload)
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), _system_config=system, **kwargs)
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
+                     _system_config={"worker_niceness": 0}, **kwargs)
         if not _verbose:
             _hide_worker_tracebacks()
     DataContext.get_current().enable_progress_bars = False

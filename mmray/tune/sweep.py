@@ -31,7 +31,6 @@ from mmray.tune.finalists import recheck, search_budget
 from mmray.tune.report import build_report, format_verdicts
 from mmray.tune.results import finish
 from mmray.tune.space import SpaceConfig
-from mmray.tune.warmup import TRIAL_MODULES, idle_workers_for_trials
 
 CPUS_PER_TRIAL = 1.0  # an in-process trial: decode and train in one process
 DATA_CPUS = 0.5  # kept free per distributed trial for its Ray Data decoding
@@ -275,11 +274,8 @@ def run_sweep(setup: SweepSetup, *, resume: bool = False, report: bool = True):
     # per-epoch checkpoints with num_to_keep force frequent state snapshots; expected, not worth a warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # One sweep per experiment folder (a second one, or a --resume while it runs, is refused: exit 2).
-    in_process = not distributed(validate_job(setup.job_raw))
-    with store.folder_lock(setup.experiment_dir, what="experiment"), idle_workers_for_trials() as warm:
-        # The first trials take Ray's idle workers, which import torch and mmray while the driver plans
-        # (mmray.tune.warmup; only where this starts Ray, and only when the trials can take them).
-        ensure_ray(preload=TRIAL_MODULES if warm and in_process else ())
+    with store.folder_lock(setup.experiment_dir, what="experiment"):
+        ensure_ray()
         shared = _build_shared_caches(setup)  # what every trial shares is prepared here, once, before the first trial
         try:
             results = _tuner(setup, restore=resume, shared=shared).fit()
