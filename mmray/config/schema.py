@@ -481,7 +481,7 @@ class JobConfig(StrictModel):
             raise ValueError(
                 f"{head} with every encoder frozen ({frozen}: true) and train.embedding_cache: 'auto': the run "
                 "would train the fusion and heads from cached encoder outputs, leaving nothing worth sharding; "
-                "use scaling.strategy: ddp (it trains from the cache), or set train.embedding_cache: off to run "
+                "use scaling.strategy: ddp (it trains from the cache), or set train.embedding_cache: 'off' to run "
                 "the frozen encoders sharded")
         return self
 
