@@ -216,10 +216,14 @@ def _load_shards(path: str, model: nn.Module, optimizer=None) -> None:
         optimizer_state["state"] = {name: st for name, st in optimizer_state["state"].items()
                                     if any(k.startswith(f"optimizer.state.{name}.") for k in saved)}
         blob["optimizer"] = optimizer_state
+    import warnings
+
     import torch.distributed as dist
 
-    # one process (the export, evaluate): whole tensors read from every rank's shard files
-    dcp.load(blob, checkpoint_id=path, no_dist=not (dist.is_available() and dist.is_initialized()))
+    single = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():  # one process (the export, evaluate) reads whole tensors from every shard file:
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")  # DCP warns that this is meant
+        dcp.load(blob, checkpoint_id=path, no_dist=single)
     options = StateDictOptions(strict=False)
     if optimizer is None:
         set_model_state_dict(model, wanted, options=options)
