@@ -17,7 +17,8 @@ Mixed precision follows ``train.precision``: where it means bf16 (``bf16``, or `
 supports it) the gathered parameters and the forward run in bf16 and gradients are reduced in fp32
 (``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``); the sharded master weights and the
 optimizer state stay fp32. ``fp16`` is refused with fsdp at config validation (its loss scaling is not
-supported on sharded gradients here).
+supported on sharded gradients here), and ``auto`` on a GPU without bf16 (which would mean fp16) when the
+run starts.
 """
 from __future__ import annotations
 
@@ -68,12 +69,15 @@ def shard_model(model: nn.Module, precision: str, device: torch.device) -> nn.Mo
     docstring); every rank ends up with rank 0's weights, as DDP's wrap would give them.
 
     Raises:
-        RunError: no process group with two or more ranks (sharding needs one).
+        RunError: no process group with two or more ranks (sharding needs one), or fp16 autocast.
     """
     from torch.distributed.fsdp import fully_shard
 
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
         raise RunError("scaling.strategy: 'fsdp' needs a process group of two or more workers")
+    if autocast_dtype(precision, device) == torch.float16:  # auto on a GPU without bf16 (fp16 is refused earlier)
+        raise RunError(f"train.precision: {precision!r} means fp16 on this GPU (it has no bf16), which "
+                       "scaling.strategy: 'fsdp' does not support; set train.precision: fp32, or scaling.strategy: ddp")
     model = model.to(device)
     with torch.no_grad():  # each rank built its own random initialisation: start from rank 0's, as DDP does
         for t in model.state_dict().values():
