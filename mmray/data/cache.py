@@ -47,18 +47,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmray.config import JobConfig
-from mmray.config.schema import embedding_cache_unusable as unusable_reason
 from mmray.config.errors import RunError, UserError
+from mmray.config.schema import embedding_cache_unusable as unusable_reason
 from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
 from mmray.data.decode import Preprocessor
 from mmray.data.reader import (
-    MIN_SHUFFLE_WINDOW, _batches, read_row_group, row_group_units, shuffled_units, split_readers, table_columns,
+    MIN_SHUFFLE_WINDOW,
+    _batches,
+    read_row_group,
+    row_group_units,
+    shuffled_units,
+    split_readers,
+    table_columns,
 )
 from mmray.data.tokenizer import TextTokenizer
-from mmray.models.builder import build_as_trained, job_tasks
-from mmray.models.hashing import weights_hash
 from mmray.hf_local import looks_local
+from mmray.models.builder import build_as_trained, job_tasks
 from mmray.models.fusion import FUSIONS
+from mmray.models.hashing import weights_hash
 from mmray.runtime import ensure_ray
 
 CACHE_DIR = os.path.join(".cache", "embeddings")

@@ -43,7 +43,8 @@ def test_fsdp_run_shards_resumes_from_its_sharded_checkpoint_and_exports_whole(t
     from mmray.data.tokenizer import TextTokenizer
     from mmray.export import load_model
     from mmray.models.builder import job_tasks
-    from mmray.train.checkpoint import kept_checkpoints, load_model as load_checkpoint_model, read_config
+    from mmray.train.checkpoint import kept_checkpoints, read_config
+    from mmray.train.checkpoint import load_model as load_checkpoint_model
 
     data = str(tmp_path / "synth")
     synth(data, rows=240, shards=2, seed=0)

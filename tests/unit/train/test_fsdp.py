@@ -19,6 +19,7 @@ from helpers import save_tiny_vision
 from mmray.config import validate_job
 from mmray.data.synth import synth
 
+pytestmark = pytest.mark.slow  # four short training runs on two processes
 WORLD = 2
 
 
