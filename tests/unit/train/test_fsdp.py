@@ -2,8 +2,9 @@
 ViT with LoRA and activation checkpointing + a checkpointed built-in Transformer, sharded per encoder block.
 
 One group of two processes runs, in turn: a DDP run, an FSDP run, and an FSDP run stopped after epoch 2 then
-resumed to epoch 3; then, on a model sharded by hand, one training step and a sharded checkpoint next to the
-gathered weights and the sharded model's own logits. The tests read what the processes left behind."""
+resumed to epoch 3; then, on a ViT + BERT + wav2vec2 with LoRA on each, sharded by hand, one training step and a
+sharded checkpoint next to the gathered weights and the sharded model's own logits. The tests read what the
+processes left behind."""
 from __future__ import annotations
 
 import contextlib
@@ -14,13 +15,27 @@ import socket
 
 import pytest
 import torch
-from helpers import save_tiny_vision
+from helpers import save_tiny_bert, save_tiny_vision, save_tiny_wav2vec2
 
 from mmray.config import validate_job
 from mmray.data.synth import synth
 
 pytestmark = pytest.mark.slow  # four short training runs on two processes
 WORLD = 2
+
+
+def big_job(data: str, models: dict) -> dict:
+    """The three Hugging Face encoders, LoRA on each, checkpointing on the image and audio ones, fsdp."""
+    lora = {"rank": 2, "alpha": 4}
+    return {
+        "name": "fsdp-hf", "data": {"path": data},
+        "model": {"encoders": {
+            "image": {"name": "hf_image", "path": models["vit"], "lora": lora, "gradient_checkpointing": True},
+            "text": {"name": "hf_text", "path": models["bert"], "lora": lora},
+            "audio": {"name": "hf_audio", "path": models["wav2vec2"], "lora": lora, "gradient_checkpointing": True},
+        }, "fusion": {"name": "concat", "hidden_dim": 32, "dropout": 0.0}},
+        "scaling": {"num_workers": WORLD, "strategy": "fsdp"},
+    }
 
 
 def job(data: str, vit: str, strategy: str, epochs: int) -> dict:
@@ -92,7 +107,7 @@ class GlooContext:
         self.events.append(event)
 
 
-def _worker(rank: int, port: int, root: str, data: str, vit: str) -> None:
+def _worker(rank: int, port: int, root: str, data: str, models: dict) -> None:
     os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -102,11 +117,11 @@ def _worker(rank: int, port: int, root: str, data: str, vit: str) -> None:
         out: dict = {}
         for name, strategy, epochs in (("ddp", "ddp", 3), ("fsdp", "fsdp", 3), ("stopped", "fsdp", 2),
                                        ("stopped", "fsdp", 3)):
-            config = validate_job(job(data, vit, strategy, epochs))
+            config = validate_job(job(data, models["vit"], strategy, epochs))
             ctx = GlooContext(config, os.path.join(root, name), rank)
             state = train_loop(config, ctx)
             out[f"{name}-{epochs}"] = {"history": state.history, "events": ctx.events}
-        out["gathered"] = _shard_step_save(root, data, vit, rank)
+        out["gathered"] = _shard_step_save(root, data, models, rank)
         if rank == 0:
             with open(os.path.join(root, "result.json"), "w") as f:
                 json.dump(out, f)
@@ -114,8 +129,8 @@ def _worker(rank: int, port: int, root: str, data: str, vit: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _shard_step_save(root: str, data: str, vit: str, rank: int) -> dict:
-    """One training step of a sharded model, then its sharded checkpoint, its gathered weights
+def _shard_step_save(root: str, data: str, models: dict, rank: int) -> dict:
+    """One training step of a sharded ViT + BERT + wav2vec2 with LoRA on each, then its sharded checkpoint, its gathered weights
     (``gathered.safetensors``) and its logits on the first val batch (``logits.pt``), from rank 0."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -130,11 +145,11 @@ def _shard_step_save(root: str, data: str, vit: str, rank: int) -> dict:
     from mmray.train.loop import make_optimizer, make_scheduler, param_groups
     from mmray.train.sharding import shard_model
 
-    config = validate_job(job(data, vit, "fsdp", 1))
+    config = validate_job(big_job(data, models))
     info = read_dataset_info(data)
     torch.manual_seed(rank)
     model = build_job_model(config, job_tasks(info.tasks), TextTokenizer.for_job(config.data, info))
-    lora = {"encoders.image": base_hash(model.encoders["image"])}
+    lora = {f"encoders.{m}": base_hash(model.encoders[m]) for m in ("audio", "image", "text")}
     param_groups(model, config)
     model = shard_model(model, config.train.precision, torch.device("cpu"))
     groups = param_groups(model, config)
@@ -172,10 +187,11 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     data = str(root / "synth")
     synth(data, rows=96, shards=1, seed=5)
-    vit = save_tiny_vision(root / "vit", "vit", 16)
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(root), data, vit), nprocs=WORLD)
+    models = {"vit": save_tiny_vision(root / "vit", "vit", 16), "bert": save_tiny_bert(root / "bert"),
+              "wav2vec2": save_tiny_wav2vec2(root / "wav2vec2")}
+    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(root), data, models), nprocs=WORLD)
     with open(root / "result.json") as f:
-        return {"root": str(root), "data": data, "vit": vit, **json.load(f)}
+        return {"root": str(root), "data": data, **json.load(f)}
 
 
 def _losses(history):
