@@ -204,7 +204,8 @@ class TrainConfig(StrictModel):
         "off", description="torch.compile the model with this mode; the first steps pay for compiling"
     )
     channels_last: Literal["auto", "on", "off"] = Field(
-        "auto", description="NHWC memory format for a convolutional image encoder; auto = on CUDA only"
+        "auto", description="NHWC memory format for a convolutional image encoder; auto = on CUDA only "
+        "(never with scaling.strategy: fsdp)"
     )
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     modality_dropout: float = Field(
@@ -476,6 +477,10 @@ class JobConfig(StrictModel):
             raise ValueError(
                 f"{head} does not support train.compile: {self.train.compile!r}; set train.compile: off, or use "
                 "scaling.strategy: ddp")
+        if self.train.channels_last == "on":
+            raise ValueError(
+                f"{head} cannot shard channels-last (NHWC) convolution weights: train.channels_last: 'on'; set it "
+                "to 'auto' (off with fsdp) or 'off', or use scaling.strategy: ddp")
         if embedding_cache_unusable(self) is None:
             frozen = ", ".join(f"model.encoders.{m}.freeze" for m in self.data.modalities)
             raise ValueError(

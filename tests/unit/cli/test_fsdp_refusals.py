@@ -66,6 +66,7 @@ def test_fsdp_on_one_worker_is_refused(job, tmp_path, capsys, verb):
 @pytest.mark.parametrize(("sets", "named"), [
     (["train.precision=fp16", "scaling.use_gpu=true"], "train.precision: 'fp16'"),
     (["train.compile=default"], "train.compile: 'default'"),
+    (["train.channels_last='on'"], "train.channels_last: 'on'"),
 ])
 def test_fsdp_refuses_what_it_does_not_support(job, tmp_path, capsys, sets, named):
     err = fails(capsys, "train", str(job), "--set", "scaling.strategy=fsdp", *[a for s in sets for a in ("--set", s)])
