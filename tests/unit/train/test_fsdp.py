@@ -38,7 +38,7 @@ def big_job(data: str, models: dict) -> dict:
     }
 
 
-def job(data: str, vit: str, strategy: str, epochs: int) -> dict:
+def job(data: str, vit: str, strategy: str, epochs: int, accum: int = 1) -> dict:
     return {
         "name": f"fsdp-{strategy}", "data": {"path": data, "modalities": ["image", "text"]},
         "model": {"encoders": {
@@ -47,6 +47,7 @@ def job(data: str, vit: str, strategy: str, epochs: int) -> dict:
                      "gradient_checkpointing": True},
         }, "fusion": {"name": "concat", "hidden_dim": 32, "dropout": 0.0}},
         "train": {"epochs": epochs, "batch_size": 16, "optimizer": {"lr": 5e-3}, "early_stopping": {"patience": None},
+                  "grad_accum_steps": accum,
                   "lr_schedule": {"name": "constant", "warmup_ratio": 0.0}},
         "scaling": {"num_workers": WORLD, "strategy": strategy},
     }
@@ -54,7 +55,7 @@ def job(data: str, vit: str, strategy: str, epochs: int) -> dict:
 
 class GlooContext:
     """A :class:`~mmray.train.context.WorkerContext` for a process of a gloo group: each rank reads every other
-    batch of the local reader (the same count on every rank), and the ranks' checkpoint folders are merged into
+    train batch of the local reader (the same count on every rank) and every other row of each val batch, and the ranks' checkpoint folders are merged into
     ``run_dir`` as Ray Train merges them."""
 
     def __init__(self, config, run_dir: str, rank: int):
@@ -71,8 +72,9 @@ class GlooContext:
     def train_batches(self, epoch):
         return self._mine(self._train(epoch))
 
-    def val_batches(self, epoch):
-        return self._mine(self._val(epoch))
+    def val_batches(self, epoch):  # every batch, each rank every other row of it (val has few rows)
+        for batch in self._val(epoch):
+            yield {k: v[self.rank::WORLD] for k, v in batch.items()}
 
     def prepare_model(self, model):
         return torch.nn.parallel.DistributedDataParallel(model)
@@ -115,12 +117,14 @@ def _worker(rank: int, port: int, root: str, data: str, models: dict) -> None:
         from mmray.train.loop import train_loop
 
         out: dict = {}
-        for name, strategy, epochs in (("ddp", "ddp", 3), ("fsdp", "fsdp", 3), ("stopped", "fsdp", 2),
-                                       ("stopped", "fsdp", 3)):
-            config = validate_job(job(data, models["vit"], strategy, epochs))
+        # each rank reads 2 batches an epoch: with grad_accum_steps 3 the epoch ends mid-accumulation
+        for name, strategy, epochs, accum in (("ddp", "ddp", 3, 1), ("fsdp", "fsdp", 3, 1), ("stopped", "fsdp", 2, 1),
+                                              ("stopped", "fsdp", 3, 1), ("ddp-accum", "ddp", 1, 3),
+                                              ("fsdp-accum", "fsdp", 1, 3)):
+            config = validate_job(job(data, models["vit"], strategy, epochs, accum))
             ctx = GlooContext(config, os.path.join(root, name), rank)
             state = train_loop(config, ctx)
-            out[f"{name}-{epochs}"] = {"history": state.history, "events": ctx.events}
+            out[f"{name}-{epochs}"] = {"history": state.history, "events": ctx.events, "batches": len(ctx.train_batches(1))}
         out["gathered"] = _shard_step_save(root, data, models, rank)
         if rank == 0:
             with open(os.path.join(root, "result.json"), "w") as f:
@@ -202,6 +206,7 @@ def test_fsdp_run_matches_ddp_and_each_rank_holds_half(runs):
     ddp, fsdp = runs["ddp-3"], runs["fsdp-3"]
     assert [m["epoch"] for m in fsdp["history"]] == [1, 2, 3]
     assert fsdp["history"][-1]["train.loss"] < fsdp["history"][0]["train.loss"]  # it trains
+    assert all(m["val.rows"] > 0 for m in fsdp["history"])
     for a, b in zip(ddp["history"], fsdp["history"]):
         assert a["train.loss"] == pytest.approx(b["train.loss"], rel=1e-3, abs=1e-4)
         assert a["val.loss"] == pytest.approx(b["val.loss"], rel=1e-3, abs=1e-4)
@@ -210,6 +215,14 @@ def test_fsdp_run_matches_ddp_and_each_rank_holds_half(runs):
     shares = [float(s.rstrip("%")) for s in __import__("re").findall(r"([\d.]+)%", lines[0])]
     assert len(shares) == WORLD and all(45.0 <= s <= 55.0 for s in shares) and sum(shares) == pytest.approx(100, abs=0.2)
     assert not any(e["type"] == "sharding" for e in ddp["events"])
+
+
+def test_a_partial_gradient_accumulation_at_the_end_of_an_epoch_is_averaged_as_under_ddp(runs):
+    ddp, fsdp = runs["ddp-accum-1"], runs["fsdp-accum-1"]
+    assert fsdp["batches"] % 3 != 0  # the epoch's last step applies fewer than grad_accum_steps micro-batches
+    assert ddp["history"][0]["val.loss"] == pytest.approx(fsdp["history"][0]["val.loss"], rel=1e-3, abs=1e-4)
+    assert fsdp["history"][0]["val.rows"] > 0
+    assert fsdp["history"][0]["val.loss"] != pytest.approx(runs["fsdp-3"]["history"][0]["val.loss"], rel=1e-3)
 
 
 def test_sharded_checkpoint_layout_and_resume_continues_with_the_same_optimizer_state(runs):
