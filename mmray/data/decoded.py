@@ -50,7 +50,7 @@ from mmray.data.cache import (BuildProgress, dataset_fingerprint, digest, locked
                               read_manifest)
 from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
 from mmray.data.decode import BadRecordError, Preprocessor
-from mmray.data.reader import (MIN_SHUFFLE_WINDOW, Held, batch_rows, read_row_group, row_group_units, shuffled_units,
+from mmray.data.reader import (Held, Shuffle, batch_rows, read_row_group, row_group_units, shuffled_units,
                                split_readers, table_columns)
 from mmray.data.tokenizer import TextTokenizer
 from mmray.runtime import ensure_ray
@@ -425,13 +425,13 @@ def iter_decoded_batches(entry: DecodedEntry, data, info: DatasetInfo, split: st
     names = entry.parts(split)
     units = part_units(names)
     by_unit = dict(zip(units, names))
-    if train:
+    order = Shuffle.for_data(data, batch_size, train)
+    if order.units:
         units = shuffled_units(units, rng)
-    window = max(4 * batch_size, MIN_SHUFFLE_WINDOW) if train else batch_size
     held = Held()
     parts = (read_part(entry.part_path(split, by_unit[u]), data) for u in units)
     sizes = (held.add(arrays, n) for n, arrays in parts)
-    for ids in batch_rows(sizes, batch_size, window, rng if train else None):
+    for ids in batch_rows(sizes, batch_size, order.window, rng if order.mix else None):
         batch = _gather(held, ids)
         held.done(held.locate(ids)[0])
         yield {k: torch.from_numpy(v) for k, v in pre.finish(batch).items()}
@@ -480,11 +480,13 @@ def build_decoded_dataset(data: DataConfig, info: DatasetInfo, entry: DecodedEnt
 
     Preprocessor(data, info, train=train, seed=seed)  # fail fast on the driver with a clear message
     units = [{"part": p} for p in entry.parts(split)]
+    from mmray.data.pipeline import order_units, shuffle_rows
+
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
-    if train:
-        ds = ds.randomize_block_order(seed=seed)
-    return ds.map_batches(_ReadDecoded(data, info, train, seed, entry.path, split), batch_size=1,
-                          batch_format="numpy", num_cpus=data.decode_cpus)
+    shuffle = data.shuffle if train else "none"  # global: the cached (decoded) rows go through the shuffle
+    ds = order_units(ds, shuffle, seed).map_batches(_ReadDecoded(data, info, train, seed, entry.path, split),
+                                                    batch_size=1, batch_format="numpy", num_cpus=data.decode_cpus)
+    return shuffle_rows(ds, shuffle, seed)
 
 
 # --------------------------------------------------------------------------------------------- listing
