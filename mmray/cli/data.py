@@ -72,8 +72,8 @@ def _register_prepare(verbs) -> None:
     p.add_argument("--ray", choices=("auto", "on", "off"), default="auto",
                    help="on: Ray tasks decode and write the shards, one task per 4,096 rows, joining RAY_ADDRESS "
                         "(or starting a local Ray); off: this machine only; auto (default): on Ray for 20,000+ "
-                        "rows when a cluster is given (RAY_ADDRESS, as under `mmray submit`), else off. On a "
-                        "cluster of several machines --out must be a folder they all share")
+                        "rows when a cluster is given (RAY_ADDRESS set, as on a cluster node or in a Ray job), "
+                        "else off. On a cluster of several machines --out must be a folder they all share")
 
 
 def _fractions(text: str) -> tuple[float, float]:

@@ -79,9 +79,9 @@ AUTO_MAX_WORKERS = 8
 # RAY_CHUNK_ROWS sets how many shards a run makes (one per split per task, more past --shard-mb).
 RAY_CHUNK_ROWS = 4096
 RAY_MODES = ("auto", "on", "off")
-# "auto" runs on Ray only when a cluster is given (RAY_ADDRESS, e.g. under `mmray submit`, or a Ray already
-# started in this process) and the manifest fills several tasks; it never starts a local Ray for prepare
-# (benchmarks/RESULTS.md, "data prepare on Ray": on 2 cores a local Ray is no faster than serial).
+# "auto" runs on Ray only when a cluster is given (RAY_ADDRESS, as on a cluster node or in a Ray job, or a Ray
+# already started in this process) and the manifest fills several tasks; it never starts a local Ray just to
+# prepare (~10 s to start; benchmarks/RESULTS.md, "Data prepare on Ray", for what a small machine gains).
 AUTO_RAY_ROWS = 20_000
 STRICT_SHOWN = 10
 

@@ -349,7 +349,8 @@ def test_bad_ray_flag_exits_2_and_names_the_choices(folder, tmp_path, capsys):
     out = tmp_path / "ds"
     with pytest.raises(SystemExit) as e:
         main(["data", "prepare", folder["manifests"]["csv"], "--out", str(out), *CLI_COLUMNS, "--ray", "yes"])
-    assert e.value.code == 2 and "--ray: invalid choice: 'yes' (choose from 'auto', 'on', 'off')" in capsys.readouterr().err
+    assert e.value.code == 2
+    assert "--ray: invalid choice: 'yes' (choose from 'auto', 'on', 'off')" in capsys.readouterr().err
     assert not out.exists()
     with pytest.raises(UserError, match=r"--ray: 'yes'; choose one of auto, on, off"):
         prepare(folder["manifests"]["csv"], str(out), columns=COLUMNS, ray="yes")

@@ -81,7 +81,8 @@ def test_buffer_is_at_least_a_batch_and_global_is_the_whole_split():
 
 
 @pytest.mark.parametrize("sets, message", [
-    (["data.shuffle=random"], "data.shuffle: 'random' is not valid; choose one of 'files', 'local', 'global' or 'none'"),
+    (["data.shuffle=random"],
+     "data.shuffle: 'random' is not valid; choose one of 'files', 'local', 'global' or 'none'"),
     (["data.shuffle_buffer_rows=0"], "data.shuffle_buffer_rows"),
 ])
 def test_bad_shuffle_settings_exit_2_naming_the_key(tiny_dir, capsys, sets, message):
