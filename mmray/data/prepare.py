@@ -556,7 +556,8 @@ def _run_chunked(manifest: Manifest, cols: ResolvedColumns, labels: dict[str, La
 
 
 def _ray_chunks(fn: Callable, jobs: Iterator[tuple], workers: int) -> Iterator[ChunkResult]:
-    """``fn(*job)`` as Ray tasks (one CPU each), results in order; at most ``2 x`` the running tasks in flight.
+    """``fn(*job)`` as Ray tasks (one CPU each), results in order: ``workers`` tasks in flight when given, else
+    twice the cluster's CPUs (a queue, so no CPU waits on the merge).
 
     A job with no rows to check runs here. On exit (also a ``--strict`` stop or an error) the tasks still in
     flight are cancelled and waited for, so none writes into the staging folder after it is removed.
@@ -565,12 +566,12 @@ def _ray_chunks(fn: Callable, jobs: Iterator[tuple], workers: int) -> Iterator[C
 
     ray = ensure_ray()
     task = ray.remote(num_cpus=1)(fn)
-    running = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    limit = workers or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     inflight: deque = deque()
     pending = iter(jobs)
     try:
         while True:
-            while len(inflight) < 2 * running:
+            while len(inflight) < limit:
                 job = next(pending, None)
                 if job is None:
                     break
