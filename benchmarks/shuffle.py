@@ -4,6 +4,7 @@ Run with:
 
     .venv/bin/python benchmarks/shuffle.py                       # 4,000 synth rows in a temp dir, 2 rounds
     .venv/bin/python benchmarks/shuffle.py --data data/synth     # an existing dataset directory
+    .venv/bin/python benchmarks/shuffle.py --modalities text     # cheap decode: the shuffle's own cost shows
 
 For each mode (``none``, ``files``, ``local``, ``global``) one epoch of the train split is read and decoded
 exactly as training reads it (``build_dataset(..., train=True)`` consumed by ``iter_torch_batches`` with the
@@ -60,15 +61,18 @@ def main() -> None:
     p.add_argument("--buffer-rows", type=int, default=1024, help="data.shuffle_buffer_rows for local")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--cpus", type=int, default=os.cpu_count())
+    p.add_argument("--modalities", default="audio,image,text", help="comma-separated data.modalities")
     args = p.parse_args()
     path = args.data
     if path is None:
         path = os.path.join(tempfile.mkdtemp(prefix="mmray-shuffle-bench-"), "ds")
         synth(path, rows=args.rows, shards=8, seed=0)
     info = read_dataset_info(path)
-    datas = {m: DataConfig(path=path, shuffle=m, shuffle_buffer_rows=args.buffer_rows) for m in MODES}
-    print(f"{info.split_rows('train')} train rows, batch {args.batch_size}, local buffer {args.buffer_rows} rows, "
-          f"{os.cpu_count()} CPUs")
+    modalities = tuple(args.modalities.split(","))
+    datas = {m: DataConfig(path=path, modalities=modalities, shuffle=m, shuffle_buffer_rows=args.buffer_rows)
+             for m in MODES}
+    print(f"{info.split_rows('train')} train rows ({', '.join(modalities)}), batch {args.batch_size}, local buffer "
+          f"{args.buffer_rows} rows, {os.cpu_count()} CPUs")
 
     import ray
 
