@@ -605,7 +605,7 @@ def build_cached_dataset(entries: dict[str, CacheEntry], split: str, *, train: b
     ``shuffle`` (the job's ``data.shuffle``; None = the schema's default) when training."""
     import ray
 
-    from mmray.data.pipeline import order_units, shuffle_rows
+    from mmray.data.pipeline import order_units, shuffle_rows  # imports Ray Data: only when a run builds it
 
     shuffle = (shuffle or DataConfig.model_fields["shuffle"].default) if train else "none"
     parts = [{"part": p} for p in next(iter(entries.values())).parts(split)]

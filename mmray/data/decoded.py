@@ -535,7 +535,7 @@ def build_decoded_dataset(data: DataConfig, info: DatasetInfo, entry: DecodedEnt
 
     Preprocessor(data, info, train=train, seed=seed)  # fail fast on the driver with a clear message
     units = [{"part": p} for p in entry.parts(split)]
-    from mmray.data.pipeline import order_units, shuffle_rows
+    from mmray.data.pipeline import order_units, shuffle_rows  # imports Ray Data: only when a run builds it
 
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
     shuffle = data.shuffle if train else "none"  # global: the cached (decoded) rows go through the shuffle

@@ -562,7 +562,7 @@ def _ray_chunks(fn: Callable, jobs: Iterator[tuple], workers: int) -> Iterator[C
     A job with no rows to check runs here. On exit (also a ``--strict`` stop or an error) the tasks still in
     flight are cancelled and waited for, so none writes into the staging folder after it is removed.
     """
-    from mmray.runtime import ensure_ray
+    from mmray.runtime import ensure_ray  # Ray only on the Ray path: prepare runs without it
 
     ray = ensure_ray()
     task = ray.remote(num_cpus=1)(fn)

@@ -49,7 +49,7 @@ class RayWorkerContext:
     def _batches(self, split: str, train: bool, epoch: int):
         import ray.train
 
-        from mmray.data.pipeline import local_shuffle_rows
+        from mmray.data.pipeline import local_shuffle_rows  # Ray Data: imported in the worker process
 
         bs, data = self._config.train.batch_size, self._config.data
         if self._cached_epochs is not None and epoch > self._cached_epochs:
