@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -63,10 +64,19 @@ def main() -> None:
     p.add_argument("--cpus", type=int, default=os.cpu_count())
     p.add_argument("--modalities", default="audio,image,text", help="comma-separated data.modalities")
     args = p.parse_args()
-    path = args.data
+    path, tmp = args.data, None
     if path is None:
-        path = os.path.join(tempfile.mkdtemp(prefix="mmray-shuffle-bench-"), "ds")
+        tmp = tempfile.mkdtemp(prefix="mmray-shuffle-bench-")
+        path = os.path.join(tmp, "ds")
         synth(path, rows=args.rows, shards=8, seed=0)
+    try:
+        run(args, path)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args, path: str) -> None:
     info = read_dataset_info(path)
     modalities = tuple(args.modalities.split(","))
     datas = {m: DataConfig(path=path, modalities=modalities, shuffle=m, shuffle_buffer_rows=args.buffer_rows)
