@@ -67,8 +67,13 @@ def _register_prepare(verbs) -> None:
                         "nothing is written")
     p.add_argument("--workers", type=int, default=0,
                    help="processes decoding media (default 0 = automatic: one per CPU, at most 8, for 2,000+ rows "
-                        "on 4+ CPUs; 1 = all in this process)")
+                        "on 4+ CPUs; 1 = all in this process); on Ray, the most tasks at once (0 = one per CPU)")
     p.add_argument("--shard-mb", type=int, default=256, help="start a new shard after this many MB (default 256)")
+    p.add_argument("--ray", choices=("auto", "on", "off"), default="auto",
+                   help="on: Ray tasks decode and write the shards, one task per 4,096 rows, joining RAY_ADDRESS "
+                        "(or starting a local Ray); off: this machine only; auto (default): on Ray for 20,000+ "
+                        "rows when a cluster is given (RAY_ADDRESS set, as on a cluster node or in a Ray job), "
+                        "else off. On a cluster of several machines --out must be a folder they all share")
 
 
 def _fractions(text: str) -> tuple[float, float]:
@@ -105,7 +110,7 @@ def run_prepare(args) -> int:
     columns = ColumnMap(id=args.id_col, label=args.label_col, split=args.split_col, tasks=_task_cols(args.task_col),
                         media={"image": args.image_col, "text": args.text_col, "audio": args.audio_col})
     report = prepare(args.manifest, args.out, columns=columns, label_type=args.label_type, val_fraction=val,
-                     test_fraction=test, strict=args.strict, workers=args.workers, shard_mb=args.shard_mb,
+                     test_fraction=test, strict=args.strict, workers=args.workers, shard_mb=args.shard_mb, ray=args.ray,
                      command=" ".join(shlex.quote(a) for a in ["mmray", *sys.argv[1:]]),
                      progress=PrepareProgress())
     print(report.summary())

@@ -303,6 +303,7 @@ class ShardWriter:
         rows_per_shard: start a new shard after this many rows; None = by size only.
         max_shard_bytes: start a new shard after this many bytes of row data.
         row_group_rows: rows per Parquet row group (the unit readers stream and shuffle).
+        prefix: shard file names are ``<prefix>NNNNN.parquet`` (writers sharing a folder each use their own).
     """
 
     def __init__(
@@ -314,8 +315,9 @@ class ShardWriter:
         rows_per_shard: int | None = None,
         max_shard_bytes: int = 256 * 2**20,
         row_group_rows: int = 256,
+        prefix: str = "part-",
     ):
-        self.root, self.split, self.schema = root, split, schema
+        self.root, self.split, self.schema, self.prefix = root, split, schema, prefix
         self.rows_per_shard = rows_per_shard
         self.max_shard_bytes = max_shard_bytes
         self.row_group_rows = row_group_rows
@@ -351,7 +353,7 @@ class ShardWriter:
             return
         table = pa.Table.from_pydict(self._buf, schema=self.schema)
         if self._writer is None:
-            rel = f"{self.split}/part-{len(self.files):05d}.parquet"
+            rel = f"{self.split}/{self.prefix}{len(self.files):05d}.parquet"
             self.files.append(rel)
             # Media bytes are already compressed (PNG/WAV...); zstd still shrinks text and WAV a little.
             self._writer = pq.ParquetWriter(

@@ -11,17 +11,72 @@ Why not ``ray.data.read_parquet(files).map_batches(...)``: measured on 2 cores (
 it ran at about half the speed. In Ray 2.60 it plans a ``ListFiles`` step (~1-2 s per epoch), packs
 whole files into as few read tasks as there are CPUs (unbalanced: 741 vs 3,247 rows), and does not
 fuse the decode into the read, so encoded bytes take an extra trip through the object store.
+
+Training order follows ``data.shuffle`` (the in-process readers' :class:`~mmray.data.reader.Shuffle` means the
+same): ``files`` and ``local`` put the row groups in a new seeded order every epoch (Ray's
+``RandomSeedConfig(seed, reseed_after_execution=True)``: each execution of the dataset, i.e. each epoch, draws
+from ``(seed, execution index)``), ``local`` adds the consumer's ``local_shuffle_buffer_size``
+(:func:`local_shuffle_rows`), and ``global`` puts the read rows (still encoded) through ``random_shuffle``
+before decoding.
 """
 from __future__ import annotations
 
 from typing import Any, Iterator
 
+import pyarrow as pa
 import ray
 
 from mmray.config.schema import DataConfig
 from mmray.data.dataset_dir import DatasetInfo
-from mmray.data.decode import Preprocessor
+from mmray.data.decode import DAMAGED, Preprocessor
 from mmray.data.reader import read_row_group, row_group_units, table_columns
+
+class _Read:
+    """``map_batches`` UDF for ``shuffle: global``: the row groups named in its input, encoded, every one with the
+    :data:`~mmray.data.decode.DAMAGED` column (null when whole) so all blocks share a schema for the shuffle."""
+
+    def __init__(self, data: DataConfig, info: DatasetInfo):
+        self.data, self.info = data, info
+
+    def __call__(self, units: dict[str, Any]) -> Iterator[pa.Table]:
+        for path, group in zip(units["path"], units["row_group"]):
+            table = read_row_group(str(path), int(group), self.data, self.info)
+            if DAMAGED not in table.column_names:
+                table = table.append_column(DAMAGED, pa.nulls(table.num_rows, pa.string()))
+            yield table
+
+
+class _Decode:
+    """``map_batches`` UDF for ``shuffle: global``: decodes shuffled rows."""
+
+    def __init__(self, data: DataConfig, info: DatasetInfo, train: bool, seed: int):
+        self.data, self.info, self.train, self.seed = data, info, train, seed
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return Preprocessor.shared(self.data, self.info, self.train, self.seed)(batch)
+
+
+def epoch_seed(seed: int):
+    """A seed Ray Data redraws from on every execution of a dataset (every epoch), the same for the same seed."""
+    from ray.data import RandomSeedConfig
+
+    return RandomSeedConfig(seed=seed, reseed_after_execution=True)
+
+
+def order_units(ds: "ray.data.Dataset", shuffle: str, seed: int) -> "ray.data.Dataset":
+    """``files``/``local``: the units (row groups, cache parts: one block each) in a new seeded order each epoch."""
+    return ds.randomize_block_order(seed=epoch_seed(seed)) if shuffle in ("files", "local") else ds
+
+
+def shuffle_rows(ds: "ray.data.Dataset", shuffle: str, seed: int) -> "ray.data.Dataset":
+    """``global``: every row of the dataset in a new seeded order each epoch (Ray Data ``random_shuffle``)."""
+    return ds.random_shuffle(seed=epoch_seed(seed)) if shuffle == "global" else ds
+
+
+def local_shuffle_rows(data: DataConfig, batch_size: int, train: bool) -> int | None:
+    """``local_shuffle_buffer_size`` for the consumer's ``iter_torch_batches`` (``local`` only; at least a batch)."""
+    return max(data.shuffle_buffer_rows, batch_size) if train and data.shuffle == "local" else None
+
 
 class _ReadDecode:
     """``map_batches`` UDF: reads the row groups named in its input batch and yields decoded batches."""
@@ -44,8 +99,8 @@ def build_dataset(data: DataConfig, info: DatasetInfo, split: str, *, train: boo
         data: the job's ``data`` section; ``decode_batch_size`` rows are decoded per call.
         info: the dataset.
         split: ``"train"``, ``"val"`` or ``"test"``.
-        train: augment images (with ``data.image.augment``) and randomise the row-group order.
-        seed: seeds the row-group order and the augmentation.
+        train: augment images (with ``data.image.augment``) and order the rows by ``data.shuffle``.
+        seed: seeds the order (redrawn every epoch) and the augmentation.
 
     Returns:
         A dataset whose rows follow the batch format of :mod:`mmray.data.decode` (no ``id``);
@@ -58,11 +113,15 @@ def build_dataset(data: DataConfig, info: DatasetInfo, split: str, *, train: boo
     Preprocessor(data, info, train=train, seed=seed)  # fail fast on the driver with a clear message
     units = [{"path": p, "row_group": g} for p, g in row_group_units(info, split)]
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
-    if train:
-        ds = ds.randomize_block_order(seed=seed)
+    shuffle = data.shuffle if train else "none"
+    if shuffle == "global":  # shuffle the encoded rows (several times smaller than decoded ones), then decode
+        ds = ds.map_batches(_Read(data, info), batch_size=1, batch_format="pyarrow", num_cpus=data.decode_cpus)
+        return shuffle_rows(ds, shuffle, seed).map_batches(
+            _Decode(data, info, train, seed), batch_size=data.decode_batch_size, batch_format="numpy",
+            num_cpus=data.decode_cpus)
     # batch_size=1: one row group per call, so tasks stay small and balanced however shards are sized.
-    return ds.map_batches(_ReadDecode(data, info, train, seed), batch_size=1, batch_format="numpy",
-                          num_cpus=data.decode_cpus)
+    return order_units(ds, shuffle, seed).map_batches(_ReadDecode(data, info, train, seed), batch_size=1,
+                                                      batch_format="numpy", num_cpus=data.decode_cpus)
 
 
 def configure_data_context(
