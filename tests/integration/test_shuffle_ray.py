@@ -85,7 +85,7 @@ def test_two_consumers_see_every_row_once_per_epoch(local_ray, dataset, mode):
     for _ in range(2):
         seen: list[list[tuple]] = [[], []]
 
-        def consume(k):
+        def consume(k, seen=seen):
             for b in splits[k].iter_batches(batch_size=8, batch_format="numpy"):
                 seen[k] += _rows(b)
 
