@@ -33,9 +33,10 @@ from ingest import PeakMemory  # noqa: E402  (the same process-tree sampler as t
 from mmray.data.synth import Media, synth  # noqa: E402
 
 
-def _cpu_s() -> float:
+def _cpu_s() -> tuple[float, float]:
+    """CPU seconds of (this process, its finished children)."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
 
 
 def _bytes(root: str) -> int:
@@ -52,11 +53,14 @@ def run(tmp: str, rows: int, shards: int, media: Media, workers: int) -> dict:
     cpu0, t0 = _cpu_s(), time.perf_counter()
     with PeakMemory() as mem:
         synth(out, rows=rows, shards=shards, seed=0, media=media, workers=workers, progress=_Quiet())
-    secs, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
+    secs, cpu1 = time.perf_counter() - t0, _cpu_s()
+    parent, kids = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
     size = _bytes(out)
     shutil.rmtree(out)
     return {"workers": workers, "rows": rows, "seconds": secs, "rows_per_s": rows / secs,
-            "cpu_ms_per_row": 1000 * cpu / rows, "mb_written": size / 2**20, "mb_per_s": size / 2**20 / secs,
+            "cpu_ms_per_row": 1000 * (parent + kids) / rows, "parent_cpu_ms_per_row": 1000 * parent / rows,
+            "workers_cpu_ms_per_row": 1000 * kids / rows,
+            "mb_written": size / 2**20, "mb_per_s": size / 2**20 / secs,
             "peak_rss_mb": mem.peak_rss / 2**20, "peak_pss_mb": mem.peak_pss / 2**20}
 
 
@@ -88,8 +92,10 @@ def main(argv=None) -> None:
                 m = run(tmp, args.rows, shards, media, workers)
                 m["round"], m["load_average"] = r, os.getloadavg()[0]
                 results.append(m)
+                split = (f" (parent {m['parent_cpu_ms_per_row']:.3f}, workers {m['workers_cpu_ms_per_row']:.2f})"
+                         if workers > 1 else "")
                 print(f"round {r} workers={workers}: {m['seconds']:.1f} s, {m['rows_per_s']:,.0f} rows/s, "
-                      f"{m['cpu_ms_per_row']:.2f} CPU ms/row, {m['mb_written']:,.0f} MB ({m['mb_per_s']:.0f} MB/s), "
+                      f"{m['cpu_ms_per_row']:.2f} CPU ms/row{split}, {m['mb_written']:,.0f} MB ({m['mb_per_s']:.0f} MB/s), "
                       f"peak tree RSS {m['peak_rss_mb']:,.0f} MB / PSS {m['peak_pss_mb']:,.0f} MB, "
                       f"load average {m['load_average']:.1f}", flush=True)
     finally:
@@ -101,8 +107,13 @@ def main(argv=None) -> None:
         ratio = sum(p["rows_per_s"] / s["rows_per_s"] for p, s in zip(pool, serial)) / len(serial)
         print(f"pool / one process: {ratio:.2f}x (mean of the {len(serial)} pairs)")
     mb_row = pool[0]["mb_written"] / args.rows
-    print(f"extrapolated: {args.extrapolate:,} rows in {args.extrapolate / rate / 60:.1f} min with {args.workers} "
-          f"workers at {rate:,.0f} rows/s, {args.extrapolate * mb_row / 1024:,.1f} GB")
+    cpu_row = min(m["cpu_ms_per_row"] for m in results) / 1000
+    parent_row = sum(m["parent_cpu_ms_per_row"] for m in pool) / len(pool) / 1000
+    print(f"extrapolated: {args.extrapolate:,} rows, {args.extrapolate * mb_row / 1024:,.1f} GB: at this run's pool rate "
+          f"({rate:,.0f} rows/s) {args.extrapolate / rate / 60:.1f} min; on {args.workers} idle cores at the lowest CPU "
+          f"cost per row measured ({cpu_row * 1000:.2f} ms) {args.extrapolate * cpu_row / args.workers / 60:.1f} min "
+          f"(the parent's share, {parent_row * 1000:.3f} ms/row, caps the pool at "
+          f"{cpu_row / max(parent_row, 1e-9):,.0f}x one process)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"media": media.describe(), "shards": shards, "runs": results}, f, indent=2)
