@@ -88,7 +88,13 @@ def ray_epoch(data, info, batch_size, reader="mmray"):
             lambda b: pre._preprocessor()(b), batch_format="numpy", batch_size=data.decode_batch_size
         )
     else:
+        from mmray.data import pipeline
+
+        # "mmray-buffered": Ray Data's own output buffering (up to 128 MB per block), as before each decode
+        # batch became its own block.
+        pipeline.BLOCK_PER_DECODE_BATCH = reader != "mmray-buffered"
         ds = build_dataset(data, info, SPLIT, train=False)
+        pipeline.BLOCK_PER_DECODE_BATCH = True
     return ds.iter_torch_batches(batch_size=batch_size)
 
 
@@ -268,6 +274,8 @@ def main(argv=None):
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="ray.init(num_cpus=...)")
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader num_workers")
     ap.add_argument("--sweep", action="store_true", help="also time other Ray settings (decode batch, num_cpus)")
+    ap.add_argument("--buffered", action="store_true",
+                    help="also time Ray Data's own output buffering (one block per task's 128 MB)")
     ap.add_argument("--memory-rows", type=int, default=0, help="rows of the larger-than-object-store dataset")
     ap.add_argument("--consumer-delay", type=float, default=0.02, help="seconds per batch in the memory run")
     ap.add_argument("--image-size", type=int, default=Media.image_size, help="synth: image side of the data")
@@ -314,6 +322,8 @@ def main(argv=None):
 
     base = ("mmray", args.num_cpus, args.decode_batch_size, False)
     variants = [base]
+    if args.buffered:
+        variants += [("mmray-buffered", args.num_cpus, args.decode_batch_size, False)]
     if args.sweep:
         variants += [("mmray", args.num_cpus, args.decode_batch_size, True)]  # without ResourceBudget backpressure
         variants += [("read_parquet", args.num_cpus, args.decode_batch_size, False)]  # Ray's reader, defaults

@@ -7,6 +7,11 @@ task reads and decodes about 256 rows (the synth/prepare row-group size) with no
 between reading and decoding; blocks stream through the object store and nothing materialises the
 split.
 
+Each decode batch leaves its task as its own block (:func:`decode_block_bytes`): Ray Data otherwise
+buffers a task's output up to ``target_max_block_size`` (128 MB) before handing any of it on, so with
+large rows (224 px images, 10 s recordings) the first batch waited for a whole row group and the
+consumer re-cut 160 MB blocks into training batches (benchmarks/RESULTS.md, "Ingest at realistic size").
+
 Why not ``ray.data.read_parquet(files).map_batches(...)``: measured on 2 cores (benchmarks/RESULTS.md)
 it ran at about half the speed. In Ray 2.60 it plans a ``ListFiles`` step (~1-2 s per epoch), packs
 whole files into as few read tasks as there are CPUs (unbalanced: 741 vs 3,247 rows), and does not
@@ -20,8 +25,22 @@ import ray
 
 from mmray.config.schema import DataConfig
 from mmray.data.dataset_dir import DatasetInfo
-from mmray.data.decode import Preprocessor
+from mmray.data.decode import Preprocessor, model_row_bytes
 from mmray.data.reader import read_row_group, row_group_units, table_columns
+
+# Emit each decode batch as one block (see the module docstring); False: Ray Data's default buffering.
+BLOCK_PER_DECODE_BATCH = True
+
+
+def decode_block_bytes(data: DataConfig, info: DatasetInfo) -> int:
+    """The ``target_max_block_size`` that makes each full decode batch one output block.
+
+    Ray Data closes a block once its buffer exceeds this size and slices any block of 1.5x it or more, so
+    it is the batch's size / 1.2: one batch always closes a block and is never sliced, even if the
+    estimate (:func:`~mmray.data.decode.model_row_bytes`) is off by 15 % either way.
+    """
+    return max(1, int(data.decode_batch_size * model_row_bytes(data, info) / 1.2))
+
 
 class _ReadDecode:
     """``map_batches`` UDF: reads the row groups named in its input batch and yields decoded batches."""
@@ -61,8 +80,11 @@ def build_dataset(data: DataConfig, info: DatasetInfo, split: str, *, train: boo
     if train:
         ds = ds.randomize_block_order(seed=seed)
     # batch_size=1: one row group per call, so tasks stay small and balanced however shards are sized.
-    return ds.map_batches(_ReadDecode(data, info, train, seed), batch_size=1, batch_format="numpy",
-                          num_cpus=data.decode_cpus)
+    ds = ds.map_batches(_ReadDecode(data, info, train, seed), batch_size=1, batch_format="numpy",
+                        num_cpus=data.decode_cpus)
+    if BLOCK_PER_DECODE_BATCH:
+        ds.context.target_max_block_size = decode_block_bytes(data, info)  # this dataset's context only
+    return ds
 
 
 def configure_data_context(
