@@ -93,8 +93,9 @@ def ray_epoch(data, info, batch_size, reader="mmray"):
         # "mmray-buffered": Ray Data's own output buffering (up to 128 MB per block), as before each decode
         # batch became its own block.
         pipeline.BLOCK_PER_DECODE_BATCH = reader != "mmray-buffered"
+        pipeline.CAP_DECODE_TASKS = reader not in ("mmray-buffered", "mmray-uncapped")  # as before issue 14
         ds = build_dataset(data, info, SPLIT, train=False)
-        pipeline.BLOCK_PER_DECODE_BATCH = True
+        pipeline.BLOCK_PER_DECODE_BATCH = pipeline.CAP_DECODE_TASKS = True
     return ds.iter_torch_batches(batch_size=batch_size)
 
 
@@ -105,9 +106,12 @@ class Epoch(float):
     first_batch_s: float
     decoded_bytes: int
     seconds: float
+    cpu_s: float  # CPU seconds of the whole process tree during the epoch
+    rows: int
 
 
-def rows_per_s(batches) -> Epoch:
+def rows_per_s(batches, pids: set[int] | None = None) -> Epoch:
+    cpu0 = _tree_cpu(os.getpid(), pids)
     t0, rows, decoded, first = time.perf_counter(), 0, 0, None
     for batch in batches:
         if first is None:
@@ -117,6 +121,8 @@ def rows_per_s(batches) -> Epoch:
     secs = time.perf_counter() - t0
     e = Epoch(rows / secs)
     e.first_batch_s, e.decoded_bytes, e.seconds = first or secs, decoded, secs
+    e.cpu_s = _tree_cpu(os.getpid(), pids) - cpu0
+    e.rows = rows
     return e
 
 
@@ -205,6 +211,35 @@ def _tree_memory(root: int) -> tuple[int, int]:
     return rss, pss
 
 
+def _tree_cpu(root: int, only: set[int] | None = None) -> float:
+    """CPU seconds (user + system) used so far by ``root`` and its descendants, read from /proc (Linux).
+
+    On a shared box a side's CPU per row is steadier than its wall time: it does not depend on how much of
+    the cores the neighbours left us. ``only``: count ``root`` and just these descendants (the DataLoader's
+    workers). Ray's idle workers exit between epochs and take their CPU time with them, so Ray's figure is
+    a lower bound.
+    """
+    stats = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                # utime + stime, and cutime + cstime: a worker that exited (Ray reaps idle ones) still counts
+                # in its parent once reaped
+                stats[int(d)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, frontier = {root}, [root]
+    while frontier:
+        kids = [p for p, (pp, _) in stats.items() if pp in frontier and p not in tree]
+        tree.update(kids)
+        frontier = kids
+    if only is not None:
+        tree = {root} | (only & tree)
+    return sum(stats[p][1] for p in tree if p in stats) / os.sysconf("SC_CLK_TCK")
+
+
 class PeakMemory:
     """Samples the summed RSS and PSS of this process and all its descendants (Ray's raylet, workers...).
 
@@ -274,8 +309,11 @@ def main(argv=None):
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="ray.init(num_cpus=...)")
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader num_workers")
     ap.add_argument("--sweep", action="store_true", help="also time other Ray settings (decode batch, num_cpus)")
-    ap.add_argument("--buffered", action="store_true",
-                    help="also time Ray Data's own output buffering (one block per task's 128 MB)")
+    ap.add_argument("--decode-cpus", type=float, nargs="*", default=[],
+                    help="also time these data.decode_cpus (default: the job default)")
+    ap.add_argument("--before", action="store_true",
+                    help="also time the pipeline without the decode-task cap, and without it and one block per "
+                         "decode batch (as before issue 14)")
     ap.add_argument("--memory-rows", type=int, default=0, help="rows of the larger-than-object-store dataset")
     ap.add_argument("--consumer-delay", type=float, default=0.02, help="seconds per batch in the memory run")
     ap.add_argument("--image-size", type=int, default=Media.image_size, help="synth: image side of the data")
@@ -317,13 +355,17 @@ def main(argv=None):
     # then DataLoader and Ray epochs alternate, so both see the same background load.
     loader = make_dataloader(data, info, args.batch_size, args.workers)
     dl_warm = rows_per_s(loader)
+    dl_pids = {w.pid for w in getattr(getattr(loader, "_iterator", None), "_workers", [])} or None  # persistent
     print(f"torch DataLoader(num_workers={args.workers}) warm-up: {dl_warm:,.0f} rows/s")
     import ray
 
     base = ("mmray", args.num_cpus, args.decode_batch_size, False)
     variants = [base]
-    if args.buffered:
-        variants += [("mmray-buffered", args.num_cpus, args.decode_batch_size, False)]
+    for cpus in args.decode_cpus:
+        variants += [(f"mmray-decode-cpus-{cpus:g}", args.num_cpus, args.decode_batch_size, False)]
+    if args.before:  # each change on its own: without the task cap, then also with Ray's block buffering
+        variants += [("mmray-uncapped", args.num_cpus, args.decode_batch_size, False),
+                     ("mmray-buffered", args.num_cpus, args.decode_batch_size, False)]
     if args.sweep:
         variants += [("mmray", args.num_cpus, args.decode_batch_size, True)]  # without ResourceBudget backpressure
         variants += [("read_parquet", args.num_cpus, args.decode_batch_size, False)]  # Ray's reader, defaults
@@ -333,13 +375,15 @@ def main(argv=None):
     for reader, num_cpus, dbs, fast_start in variants:
         start_ray(num_cpus, fast_start=fast_start)
         d = data.model_copy(update={"decode_batch_size": dbs})
+        if reader.startswith("mmray-decode-cpus-"):
+            d = d.model_copy(update={"decode_cpus": float(reader.rsplit("-", 1)[1])})
         dl, rr = [], []
         ray_mem, dl_mem, store = PeakMemory(), PeakMemory(), StoreSampler()
         with ray_mem, store:
             ray_warm = rows_per_s(ray_epoch(d, info, args.batch_size, reader))
         for _ in range(args.epochs):
             with dl_mem:
-                dl.append(rows_per_s(loader))
+                dl.append(rows_per_s(loader, dl_pids))
             with ray_mem, store:
                 rr.append(rows_per_s(ray_epoch(d, info, args.batch_size, reader)))
         ray.shutdown()
@@ -350,6 +394,7 @@ def main(argv=None):
             secs = sum(e.seconds for e in eps)
             side[name] = {"rows_per_s": [float(e) for e in eps], "first_batch_s": [e.first_batch_s for e in eps],
                           "shard_mb_per_s": shard_bytes * len(eps) / mb / secs,
+                          "cpu_ms_per_row": 1000 * sum(e.cpu_s for e in eps) / sum(e.rows for e in eps),
                           "decoded_mb_per_s": sum(e.decoded_bytes for e in eps) / mb / secs}
         side["ray"].update(peak_rss_mb=ray_mem.peak_rss / mb, peak_pss_mb=ray_mem.peak_pss / mb,
                            object_store_peak_mb=None if store.peak is None else store.peak / mb,
@@ -359,6 +404,9 @@ def main(argv=None):
         print(f"[{reader}, ray num_cpus={num_cpus}, decode_batch_size={dbs}, fast_start={fast_start}] ray warm-up "
               f"{ray_warm:,.0f} rows/s (first batch {ray_warm.first_batch_s:.2f} s); timed ray {_fmt(rr)} vs "
               f"DataLoader {_fmt(dl)} -> {ray_mean:,.0f} vs {dl_mean:,.0f} rows/s = {ray_mean / dl_mean:.2f}x; "
+              f"CPU per row: ray {side['ray']['cpu_ms_per_row']:.2f} ms vs DataLoader "
+              f"{side['dataloader']['cpu_ms_per_row']:.2f} ms = "
+              f"{side['dataloader']['cpu_ms_per_row'] / side['ray']['cpu_ms_per_row']:.2f}x; "
               f"load average {os.getloadavg()[0]:.1f}")
         for name, x in side.items():
             extra = (f", object store peak {x['object_store_peak_mb']:,.0f} MB, spilled {x['spilled_mb']:,.0f} MB"
