@@ -85,7 +85,7 @@ def build_dataset(data: DataConfig, info: DatasetInfo, split: str, *, train: boo
     # At most one task per CPU: with data.decode_cpus 0.5, twice as many tasks would fit, and Ray keeps only
     # one idle worker process per CPU, so every epoch it killed the extra decode workers when they idled and
     # started (and imported torch in) new ones the next; and the twice-oversubscribed cores each held a row
-    # group of large rows. Capped: 0.81x a DataLoader instead of 0.51x at 224 px / 10 s (benchmarks/RESULTS.md).
+    # group of large rows. Capped: 0.81-1.19x a DataLoader instead of 0.51x at 224 px / 10 s (benchmarks/RESULTS.md).
     ds = ds.map_batches(_ReadDecode(data, info, train, seed), batch_size=1, batch_format="numpy",
                         num_cpus=data.decode_cpus, concurrency=_decode_tasks() if CAP_DECODE_TASKS else None)
     if BLOCK_PER_DECODE_BATCH:
