@@ -48,17 +48,24 @@ import pyarrow.parquet as pq
 
 from mmray.config import JobConfig
 from mmray.config.errors import RunError, UserError
+from mmray.config.schema import embedding_cache_unusable as unusable_reason
 from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
 from mmray.data.decode import Preprocessor
 from mmray.data.progress import BuildProgress
 from mmray.data.reader import (
-    MIN_SHUFFLE_WINDOW, _batches, read_row_group, row_group_units, shuffled_units, split_readers, table_columns,
+    MIN_SHUFFLE_WINDOW,
+    _batches,
+    read_row_group,
+    row_group_units,
+    shuffled_units,
+    split_readers,
+    table_columns,
 )
 from mmray.data.tokenizer import TextTokenizer
-from mmray.models.builder import build_as_trained, job_tasks
-from mmray.models.hashing import weights_hash
 from mmray.hf_local import looks_local
+from mmray.models.builder import build_as_trained, job_tasks
 from mmray.models.fusion import FUSIONS
+from mmray.models.hashing import weights_hash
 from mmray.runtime import ensure_ray
 
 CACHE_DIR = os.path.join(".cache", "embeddings")
@@ -82,22 +89,6 @@ def cached_epochs(config) -> int:
         if enc.unfreeze_after_epochs is not None:
             epochs = min(epochs, enc.unfreeze_after_epochs)
     return epochs
-
-
-def unusable_reason(config) -> str | None:
-    """Why ``config`` cannot train from cached embeddings, or None when it can (for :func:`cached_epochs`)."""
-    if config.train.embedding_cache == "off":
-        return "train.embedding_cache is off"
-    for m in config.data.modalities:
-        enc = getattr(config.model.encoders, m)
-        if not enc.freeze:
-            return f"model.encoders.{m}.freeze is false: the {m} encoder trains, so its outputs change every step"
-    if "image" in config.data.modalities and config.data.image.augment:
-        return ("data.image.augment is on: the frozen image encoder sees new pixels every epoch; "
-                "set data.image.augment: false to train from the cache")
-    if "://" in config.data.path:
-        return f"data.path {config.data.path} is not on a local disk (the cache lives next to the dataset)"
-    return None
 
 
 def refuse_unless_usable(config) -> None:
