@@ -7,6 +7,11 @@ task reads and decodes about 256 rows (the synth/prepare row-group size) with no
 between reading and decoding; blocks stream through the object store and nothing materialises the
 split.
 
+Each decode batch leaves its task as its own block (:func:`decode_block_bytes`): Ray Data otherwise
+buffers a task's output up to ``target_max_block_size`` (128 MB) before handing any of it on, so with
+large rows (224 px images, 10 s recordings) the first batch waited for a whole row group and the
+consumer re-cut 160 MB blocks into training batches (benchmarks/RESULTS.md, "Ingest at realistic size").
+
 Why not ``ray.data.read_parquet(files).map_batches(...)``: measured on 2 cores (benchmarks/RESULTS.md)
 it ran at about half the speed. In Ray 2.60 it plans a ``ListFiles`` step (~1-2 s per epoch), packs
 whole files into as few read tasks as there are CPUs (unbalanced: 741 vs 3,247 rows), and does not
@@ -28,8 +33,24 @@ import ray
 
 from mmray.config.schema import DataConfig
 from mmray.data.dataset_dir import DatasetInfo
-from mmray.data.decode import DAMAGED, Preprocessor
+from mmray.data.decode import DAMAGED, Preprocessor, model_row_bytes
 from mmray.data.reader import read_row_group, row_group_units, table_columns
+
+# Emit each decode batch as one block (see the module docstring); False: Ray Data's default buffering.
+BLOCK_PER_DECODE_BATCH = True
+# At most one decode task per CPU of the cluster (see build_dataset); False: as many as data.decode_cpus fit.
+CAP_DECODE_TASKS = True
+
+
+def decode_block_bytes(data: DataConfig, info: DatasetInfo) -> int:
+    """The ``target_max_block_size`` that makes each full decode batch one output block.
+
+    Ray Data closes a block once its buffer exceeds this size and slices any block of 1.5x it or more, so
+    it is the batch's size / 1.2: one batch always closes a block and is never sliced, even if the
+    estimate (:func:`~mmray.data.decode.model_row_bytes`) is off by 15 % either way.
+    """
+    return max(1, int(data.decode_batch_size * model_row_bytes(data, info) / 1.2))
+
 
 class _Read:
     """``map_batches`` UDF for ``shuffle: global``: the row groups named in its input, encoded, every one with the
@@ -120,8 +141,23 @@ def build_dataset(data: DataConfig, info: DatasetInfo, split: str, *, train: boo
             _Decode(data, info, train, seed), batch_size=data.decode_batch_size, batch_format="numpy",
             num_cpus=data.decode_cpus)
     # batch_size=1: one row group per call, so tasks stay small and balanced however shards are sized.
-    return order_units(ds, shuffle, seed).map_batches(_ReadDecode(data, info, train, seed), batch_size=1,
-                                                      batch_format="numpy", num_cpus=data.decode_cpus)
+    # At most one task per CPU: with data.decode_cpus 0.5, twice as many tasks would fit, and Ray keeps only
+    # one idle worker process per CPU, so every epoch it killed the extra decode workers when they idled and
+    # started (and imported torch in) new ones the next; and the twice-oversubscribed cores each held a row
+    # group of large rows. Capped: 0.81-1.19x a DataLoader instead of 0.51x at 224 px / 10 s (benchmarks/RESULTS.md).
+    ds = order_units(ds, shuffle, seed).map_batches(
+        _ReadDecode(data, info, train, seed), batch_size=1, batch_format="numpy", num_cpus=data.decode_cpus,
+        concurrency=_decode_tasks() if CAP_DECODE_TASKS else None)
+    if BLOCK_PER_DECODE_BATCH:
+        ds.context.target_max_block_size = decode_block_bytes(data, info)  # this dataset's context only
+    return ds
+
+
+def _decode_tasks() -> int | None:
+    """The cluster's CPUs (at least 1), or None (no cap) when Ray is not started yet."""
+    if not ray.is_initialized():
+        return None
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def configure_data_context(

@@ -493,13 +493,13 @@ def prepare_chunk(folder: str, cols: ResolvedColumns, schema, root: str, index: 
                   rows: list[tuple[int, dict]], shard_mb: int) -> ChunkResult:
     """Check, decode and write one chunk of rows that passed the row checks (a Ray task; no Ray here).
 
-    Shards go to ``root/<split>/part-<index>-NNNNN.parquet``, streamed :data:`CHUNK_ROWS` rows at a time
+    Shards go to ``root/<split>/part-<index>.parquet`` (then ``part-<index>-001.parquet``, ... past the size cap), streamed :data:`CHUNK_ROWS` rows at a time
     (memory does not grow with the chunk). The same chunk run again writes the same files (a retried
     task overwrites its own).
     """
     tally = _Tally()
-    prefix = f"part-{index:06d}-"
-    writers = {s: ShardWriter(root, s, schema, max_shard_bytes=shard_mb * 2**20, prefix=prefix) for s in SPLITS}
+    writers = {s: ShardWriter(root, s, schema, max_shard_bytes=shard_mb * 2**20,
+                              stem=f"part-{index:06d}") for s in SPLITS}
     files = [m for m in cols.media if m != "text"]
     problems: list[list[Problem]] = []
     for start in range(0, len(rows), CHUNK_ROWS):

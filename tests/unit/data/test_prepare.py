@@ -302,7 +302,7 @@ def test_chunked_path_gives_the_serial_dataset(folder, prepared, tmp_path):
     assert chunked.ray_tasks == n_chunks and f"on Ray: {n_chunks} tasks" in chunked.summary()
     # each task wrote its own shards, straight into the dataset directory
     files = chunked.info.splits["train"].files
-    assert len(files) > 1 and files[0] == "train/part-000000-00000.parquet"
+    assert len(files) > 1 and files[0] == "train/part-000000.parquet"
     assert sorted(os.listdir(tmp_path)) == ["ds"]
 
 
@@ -325,7 +325,7 @@ def test_chunked_path_stops_a_run_whose_shards_are_on_another_machine(folder, tm
             yield fn(*job[:3], other, *job[4:])
 
     out = tmp_path / "ds"
-    with pytest.raises(UserError, match="--out: shard train/part-000000-00000.parquet was written by a Ray task on "
+    with pytest.raises(UserError, match="--out: shard train/part-000000.parquet was written by a Ray task on "
                                         "another machine.*a folder every machine shares"):
         prepare(folder["manifests"]["csv"], str(out), columns=COLUMNS, chunk_rows=50, run_chunks=elsewhere)
     assert not out.exists()
