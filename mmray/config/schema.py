@@ -82,6 +82,16 @@ class DataConfig(StrictModel):
         0.5, gt=0, description="CPUs each Ray Data decode task reserves; fractional, so decoding still fits "
         "beside train workers and a sweep trial's driver on a small cluster"
     )
+    shuffle: Literal["files", "local", "global", "none"] = Field(
+        "local", description="training order, reseeded every epoch from train.seed: files = shards and row groups in "
+        "a new order (rows within a row group stay together; full ingest speed); local = that, plus rows mixed in a "
+        "buffer of shuffle_buffer_rows (costs ingest throughput on Ray, see README); global = a full shuffle of the "
+        "split's rows every epoch (Ray Data random_shuffle: the whole split goes through the object store; in-process "
+        "the whole split is held in memory); none = file order. Validation and test are never shuffled"
+    )
+    shuffle_buffer_rows: int = Field(
+        1024, ge=1, description="rows mixed together with shuffle: local (at least train.batch_size)"
+    )
     decode_cache: Literal["auto", "on", "off"] = Field(
         "auto", description="decode each row once into DATA/.cache/decoded (uint8 pixels, resampled waveforms, token "
         "ids) and read every epoch, trial, sweep and evaluation from it; augmentation still runs every epoch. "
