@@ -31,6 +31,9 @@ RAY_NOISE = (
     # gcs_server, when an actor pool ends while one of its actors is still being created (a loaded machine):
     # the kill finds the half-started worker gone. Nothing was lost; the pool's work was done.
     "Failed to kill actor",
+    # raylet, when a new worker process takes over a minute to import its modules (a loaded machine): it is
+    # still starting, and Ray waits for it.
+    "have not registered within the timeout",
 )
 TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"  # every local start; the default is safe
 

@@ -44,11 +44,15 @@ def test_a_ray_threads_traceback_is_dropped_whole():
     assert printed == [{"pid": 7, "is_err": True, "lines": ["mmray epoch=2/2 train.loss=1.1"]}]
 
 
-def test_a_failed_kill_from_rays_gcs_is_dropped():
+def test_rays_lines_about_a_loaded_machine_are_dropped():
     printed = []
     runtime.TracebackFilter(printed.append)({"pid": "gcs_server", "is_err": True, "lines": [
         "[2026-11-30 22:07:09,204 E 18025 18025] (gcs_server) gcs_actor_scheduler.cc:538: Failed to kill actor "
         "efe5, return status: Invalid: KillActor RPC failed for actor efe5: RpcError: RPC error: Socket closed"]})
+    runtime.TracebackFilter(printed.append)({"pid": "raylet", "is_err": True, "lines": [
+        "[2026-11-30 22:35:13,898 E 22353 22353] (raylet) worker_pool.cc:660: Some workers of the worker "
+        "process(5366) have not registered within the timeout. The process is still alive, probably it's hanging "
+        "during start."]})
     assert printed == []
 
 
