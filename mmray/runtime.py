@@ -21,16 +21,43 @@ QUIET_ENV = {
 # Lines Ray's own processes print that tell a user nothing they can act on; they stay in Ray's session log
 # files (/tmp/ray/session_*/logs), only their copy on the user's terminal is dropped. Substrings of the line.
 RAY_NOISE = (
-    "Progress bars disabled. To enable",  # Ray Data, once per split coordinator: every epoch of `mmray train`
-    "'PreemptionWatcher'",  # core_worker.cc error-level line from Ray Train's controller about its own actor
+    # Ray Data, once per process that runs a dataset (the driver building a cache, each split coordinator of
+    # `mmray train`): it reports mmray's own choice of no progress bars.
+    "Progress bars disabled. To enable",
+    # core_worker.cc error-level line about Ray Train's preemption watcher (its constructor arguments are actor
+    # handles): a local Ray runs no watcher (PREEMPTION_WATCHER_OFF), a cluster's Train runs still start one.
+    "'PreemptionWatcher'",
     "RAW: Lock blocking",  # abseil's mutex debug line from a Ray process under load
+    # gcs_server, when an actor pool ends while one of its actors is still being created (a loaded machine):
+    # the kill finds the half-started worker gone. Nothing was lost; the pool's work was done.
+    "Failed to kill actor",
+    # raylet, when a new worker process takes over a minute to import its modules (a loaded machine): it is
+    # still starting, and Ray waits for it.
+    "have not registered within the timeout",
 )
 TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"  # every local start; the default is safe
+
+
+# A local Ray has one node, which no autoscaler drains: Ray Train's preemption watcher (an actor per run, with
+# an error-level line about its constructor arguments) has nothing to watch there.
+PREEMPTION_WATCHER_OFF = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 class _DropTokenNotice(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return TOKEN_NOTICE not in record.getMessage()
+
+
+class _DropRayNoise(logging.Filter):
+    """The driver's own copy of a :data:`RAY_NOISE` line (Ray Data logs it in whichever process runs a dataset)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in RAY_NOISE)
+
+
+# The driver-side loggers that print a RAY_NOISE line (a filter on a logger sees only its own records)
+NOISY_LOGGERS = ("ray.data._internal.progress",)
 
 
 _verbose = False
@@ -54,7 +81,8 @@ class TracebackFilter:
     data task would bury it. Ray's log files keep everything; ``--verbose`` prints it all."""
 
     CHAIN = ("Traceback (most recent call last)", "During handling of the above exception",
-             "The above exception was the direct cause")
+             "The above exception was the direct cause",
+             "Exception in thread ")  # threading's header above a thread's traceback
     # Ray Train's and Ray Data's own lines about a failure the traceback belongs to
     ANNOUNCEMENTS = ("Error in training function", "Failed to apply UDF transform", "To change retry attempts",
                      "An exception was raised from a task of operator", "get() failed after")
@@ -101,6 +129,50 @@ def quiet_ray_logs() -> None:
     auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
     if not any(isinstance(f, _DropTokenNotice) for f in auth.filters):
         auth.addFilter(_DropTokenNotice())
+    if not _verbose:
+        for name in NOISY_LOGGERS:
+            noisy = logging.getLogger(name)
+            if not any(isinstance(f, _DropRayNoise) for f in noisy.filters):
+                noisy.addFilter(_DropRayNoise())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_local_ray(ray, num_cpus: int | None, **kwargs) -> None:
+    """Start a local Ray whose processes know their own cluster's state API.
+
+    Ray Train's placement-group cleaner (a detached actor per run) asks the state API about the run's controller
+    without an address, so Ray looks for *the* Ray on the host: with a second one running (another `mmray train`,
+    a `ray start`), it raises "Found multiple active Ray instances" in the cleaner's monitor thread, whose
+    traceback reached the user at the end of every such run, and the cleaner watched nothing. The dashboard (which
+    serves the state API) gets a port chosen here, and every Ray process inherits ``RAY_API_SERVER_ADDRESS``
+    naming it; the driver's own ``RAY_API_SERVER_ADDRESS`` is put back as it was.
+    """
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    key = "RAY_API_SERVER_ADDRESS"
+    before = os.environ.get(key)
+    os.environ[key] = url  # read by the processes ray.init starts (GCS, raylet, and so every worker)
+    for name, value in PREEMPTION_WATCHER_OFF.items():
+        os.environ.setdefault(name, value)  # read by Ray Train in this driver, and passed on to its controller
+    try:
+        # Ray starts its workers at nice 15 so that its own daemons stay responsive; on a local run the
+        # workers *are* the user's job (trials, training, decoding), and at nice 15 any other busy process
+        # on the machine (an editor's indexer, a second script) takes most of the CPU from them: measured
+        # 4x slower epochs beside a few background jobs. They run at the caller's priority instead.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
+                 dashboard_port=port, _system_config={"worker_niceness": 0}, **kwargs)
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None):
@@ -120,12 +192,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None):
             ray.init(address=address, **kwargs)
         else:
             # "local": never join a cluster some other `ray start` left running on this host.
-            # Ray starts its workers at nice 15 so that its own daemons stay responsive; on a local run the
-            # workers *are* the user's job (trials, training, decoding), and at nice 15 any other busy process
-            # on the machine (an editor's indexer, a second script) takes most of the CPU from them: measured
-            # 4x slower epochs beside a few background jobs. They run at the caller's priority instead.
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
-                     _system_config={"worker_niceness": 0}, **kwargs)
+            _start_local_ray(ray, num_cpus, **kwargs)
         if not _verbose:
             _hide_worker_tracebacks()
     DataContext.get_current().enable_progress_bars = False

@@ -395,7 +395,11 @@ def _run_ray(units: list[dict], kwargs: dict, progress: BuildProgress) -> None:
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     ds = ds.map_batches(_EncodeUnits, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=actors),
-                        num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0)
+                        num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0,
+                        # Ray Data's default (restart forever) and its constructor arguments in the object store
+                        # make Ray print an error-level line per actor; a lost encoder actor fails the build
+                        # instead, and the next run builds the cache again.
+                        max_restarts=0)
     for done in ds.iter_batches(batch_size=None, batch_format="numpy"):  # each: the rows of the parts written
         progress.add(int(done["rows"].sum()))
 

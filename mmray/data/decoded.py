@@ -303,19 +303,26 @@ def _collect(out: dict[str, np.ndarray], progress: BuildProgress, done: dict[str
 
 
 def _run_ray(units: list[dict], kwargs: dict, progress: BuildProgress, done: dict) -> None:
-    """Decode with Ray Data: one actor per CPU, each decoding and writing whole row groups."""
+    """Decode with Ray Data: one task per row group (a CPU each), decoding and writing it.
+
+    Tasks, not an actor pool: the decoder is cheap to build (a tokenizer file at most) next to a row group's
+    images and audio, and a pool's actors each printed Ray's error-level line about restartable actors with
+    constructor arguments in the object store (Ray Data always puts them there), and a pool ending while one
+    actor was still starting printed a failed kill from Ray's GCS."""
     import ray
 
     from mmray.data.pipeline import configure_data_context  # imports Ray Data: only when the cache is built
 
     ensure_ray()
     configure_data_context()
-    actors = max(1, min(int(ray.cluster_resources().get("CPU", 1)), len(units)))
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
-    ds = ds.map_batches(_DecodeUnits, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)
+    ds = ds.map_batches(_decode_units, fn_kwargs=kwargs, batch_size=1, batch_format="numpy", num_cpus=1)
     for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
         _collect(out, progress, done)
+
+
+def _decode_units(units: dict[str, np.ndarray], **kwargs) -> dict[str, np.ndarray]:
+    return _DecodeUnits(**kwargs)(units)
 
 
 class _DecodeUnits:

@@ -27,3 +27,52 @@ def test_the_token_notice_is_not_logged(caplog, monkeypatch):
         logger.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
         logger.warning("Token authentication is disabled for this Ray cluster.")
     assert [r.getMessage() for r in caplog.records] == ["Token authentication is disabled for this Ray cluster."]
+
+
+def test_a_ray_threads_traceback_is_dropped_whole():
+    # Printed by a Ray actor's thread that died (Ray Train's placement-group cleaner): threading's header line,
+    # the traceback and the exception line are one block; the next line is kept.
+    printed = []
+    f = runtime.TracebackFilter(printed.append)
+    f({"pid": 7, "is_err": True, "lines": [
+        "Exception in thread PlacementGroupCleanerMonitor:",
+        "Traceback (most recent call last):",
+        '  File "/x/threading.py", line 1045, in _bootstrap_inner',
+        "    self.run()",
+        "ConnectionError: Found multiple active Ray instances: {'192.0.2.2:35957', '192.0.2.2:38771'}.",
+        "mmray epoch=2/2 train.loss=1.1"]})
+    assert printed == [{"pid": 7, "is_err": True, "lines": ["mmray epoch=2/2 train.loss=1.1"]}]
+
+
+def test_rays_lines_about_a_loaded_machine_are_dropped():
+    printed = []
+    runtime.TracebackFilter(printed.append)({"pid": "gcs_server", "is_err": True, "lines": [
+        "[2026-11-30 22:07:09,204 E 18025 18025] (gcs_server) gcs_actor_scheduler.cc:538: Failed to kill actor "
+        "efe5, return status: Invalid: KillActor RPC failed for actor efe5: RpcError: RPC error: Socket closed"]})
+    runtime.TracebackFilter(printed.append)({"pid": "raylet", "is_err": True, "lines": [
+        "[2026-11-30 22:35:13,898 E 22353 22353] (raylet) worker_pool.cc:660: Some workers of the worker "
+        "process(5366) have not registered within the timeout. The process is still alive, probably it's hanging "
+        "during start."]})
+    assert printed == []
+
+
+def test_the_drivers_progress_bar_notice_is_not_logged_unless_verbose(caplog, monkeypatch):
+    for key in runtime.QUIET_ENV:
+        monkeypatch.delenv(key, raising=False)
+    logger = logging.getLogger("ray.data._internal.progress")
+    monkeypatch.setattr(logger, "filters", [])
+    notice = "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = True`."
+    runtime.set_verbose(True)
+    try:
+        runtime.quiet_ray_logs()  # --verbose: Ray's lines stay
+        with caplog.at_level(logging.WARNING, logger=logger.name):
+            logger.warning(notice)
+        assert [r.getMessage() for r in caplog.records] == [notice]
+    finally:
+        runtime.set_verbose(False)
+    caplog.clear()
+    runtime.quiet_ray_logs()
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning(notice)
+        logger.warning("Progress bars for operators disabled.")
+    assert [r.getMessage() for r in caplog.records] == ["Progress bars for operators disabled."]
