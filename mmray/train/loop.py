@@ -311,9 +311,12 @@ def _checkpoint_record_report(ctx: WorkerContext, epoch: int, scalars: dict[str,
     """End ``epoch``: rank 0 writes its checkpoint (``save(path)``) and makes it durable (``ctx.keep``), then
     writes the epoch's record (``metrics.jsonl``, TensorBoard), then every rank reports.
 
-    The order is the guarantee: a recorded epoch always has its checkpoint, so a run or trial killed right
-    after the record resumes past it and never trains it again; and the record comes before report, inside
-    which a scheduler may stop a trial for good. A full disk is :class:`StorageFullError`."""
+    The order is the guarantee: a recorded epoch always has its checkpoint where ``keep`` stores it, so a run
+    or trial killed right after the record resumes past it and never trains it again; and the record comes
+    before report, inside which a scheduler may stop a trial for good. A full disk is :class:`StorageFullError`.
+    Where ``report`` stores the checkpoint, a large one may still be uploading when the next epoch starts
+    (``checkpoint.async_upload_mb``): a kill before it is stored resumes from the one before and trains that
+    epoch again, and its record is rewritten from the checkpointed history (each epoch once)."""
     scratch = tempfile.mkdtemp(prefix="mmray-ckpt-") if ctx.rank == 0 else None
     try:
         ckpt = kept = None
@@ -443,9 +446,11 @@ def train_loop(config: JobConfig, ctx: WorkerContext, inputs: LoopInputs | None 
             scalars["best_epoch"] = float(state.best_epoch or 0)  # 0 while pre-training: no candidate yet
             state.history.append(scalars)
 
+            ending = time.perf_counter()
             _checkpoint_record_report(ctx, epoch, scalars, state, outputs, save)
+            # checkpoint_s: how long checkpointing, recording and reporting kept the next epoch waiting
             ctx.progress({"type": "epoch_end", "epoch": epoch, "epochs": config.train.epochs, "metrics": scalars,
-                          "metric": metric, "phase": phase})
+                          "metric": metric, "phase": phase, "checkpoint_s": time.perf_counter() - ending})
             if patience is not None and state.epochs_without_improvement >= patience:
                 ctx.progress({"type": "early_stop", "epoch": epoch, "best_epoch": state.best_epoch})
                 break
