@@ -20,7 +20,7 @@ import ray
 
 from mmray.config.schema import DataConfig
 from mmray.data.dataset_dir import DatasetInfo
-from mmray.data.decode import Preprocessor
+from mmray.data.decode import ROW_KEY, Preprocessor, row_keys
 from mmray.data.reader import read_row_group, row_group_units, table_columns
 
 class _ReadDecode:
@@ -34,7 +34,8 @@ class _ReadDecode:
         for path, group in zip(units["path"], units["row_group"]):
             table = read_row_group(str(path), int(group), self.data, self.info)
             for start in range(0, table.num_rows, step):
-                yield pre(table_columns(table.slice(start, step)))
+                columns = table_columns(table.slice(start, step))
+                yield pre(columns) | {ROW_KEY: row_keys(columns["id"])}
 
 
 def build_dataset(data: DataConfig, info: DatasetInfo, split: str, *, train: bool, seed: int = 0) -> "ray.data.Dataset":
@@ -48,7 +49,7 @@ def build_dataset(data: DataConfig, info: DatasetInfo, split: str, *, train: boo
         seed: seeds the row-group order and the augmentation.
 
     Returns:
-        A dataset whose rows follow the batch format of :mod:`mmray.data.decode` (no ``id``);
+        A dataset whose rows follow the batch format of :mod:`mmray.data.decode` (no ``id``; its ``row_key``);
         iterate it with ``iter_torch_batches`` (or pass it to a TorchTrainer).
 
     Raises:
