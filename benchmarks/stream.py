@@ -227,21 +227,24 @@ def main() -> None:
             ends.append(e)
 
     sampler.start()
+    failure, nodes, run_dir = None, 1, os.path.join(tmp, "runs", "stream")
+    start = time.perf_counter()
     try:
-        start = time.perf_counter()
         result = fit(job(data, epochs=args.epochs, workers=args.workers, batch_size=args.batch_size,
                          cpus_per_worker=args.cpus_per_worker),
                      name="stream", storage=os.path.join(tmp, "runs"), on_event=on_event)
-        wall = time.perf_counter() - start
-        sampler.stop.set()
-        sampler.join()
-        nodes = 1
+        run_dir = result.run_dir
+    except Exception as e:  # noqa: BLE001 - the samples up to the failure are still worth a look
+        failure = e
+    wall = time.perf_counter() - start
+    sampler.stop.set()
+    sampler.join()
+    try:
         import ray
 
         if ray.is_initialized():
             nodes = len([n for n in ray.nodes() if n["Alive"]])
     finally:
-        sampler.stop.set()
         if cluster is not None:
             import ray
 
@@ -256,7 +259,7 @@ def main() -> None:
         w.writerows(samples)
     where = f"{nodes} nodes ({args.nodes} `ray start`)" if cluster else "1 node (local Ray)"
     print(f"\n{rows:,} train rows, {args.epochs} epoch(s), {args.workers} Train workers, {where}; "
-          f"{len(samples)} samples every {args.sample_s:g} s; run dir {result.run_dir}")
+          f"{len(samples)} samples every {args.sample_s:g} s; run dir {run_dir}")
     print(f"load average: {' '.join(f'{x:.2f}' for x in load0)} at start, {' '.join(f'{x:.2f}' for x in load1)} at end\n")
     print("| measure | middle (2nd quarter median) | end (last quarter median) | peak |")
     print("|---|---|---|---|")
@@ -274,6 +277,9 @@ def main() -> None:
               f"{e['metrics']['train.samples_per_s']:.0f} | {e['metrics']['train.epoch_s']:.0f} |")
     print(f"\nwall time of mmray.fit: {wall:.0f} s")
     print(f"plot: {plot(samples, starts, args.plot, f'{rows:,} rows, {where}')}; samples: {csv_path}")
+    if failure is not None:
+        print(f"\nTHE RUN FAILED after {wall:.0f} s: {type(failure).__name__}: {str(failure)[:2000]}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":
