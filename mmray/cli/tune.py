@@ -21,6 +21,10 @@ def register(sub) -> None:
     p.add_argument("--finalists", type=int, metavar="K", help="train the top K trials again with other seeds before "
                    "naming the winner (the best mean wins); 0 = off (default: the space's finalists, 3 in the "
                    "built-in space)")
+    p.add_argument("--finalists-cv", type=int, metavar="K", help="score the finalists by K-fold cross-validation "
+                   "over train+val instead of re-runs with other seeds (folds stratified by label, seeded; the best "
+                   "mean over the folds wins; best/ is the winner's own checkpoint); in-process trials only; "
+                   "0 = off (default: the space's finalists_cv, 0)")
     p.add_argument("--ensemble", type=int, metavar="K", help="also export the top K trials as one ensemble "
                    "(probabilities averaged); best/ is the better of it and the single winner on validation; "
                    "0 = off (default: the space's ensemble, 3 in the built-in space)")
@@ -35,8 +39,8 @@ def run(args) -> int:
     from mmray.tune.results import format_summary
 
     summary = tune_job(args.job, args.space, overrides=args.overrides, num_samples=args.num_samples,
-                       time_budget=args.time_budget, finalists=args.finalists, ensemble=args.ensemble, name=args.name, storage=args.storage,
-                       resume=args.resume)
+                       time_budget=args.time_budget, finalists=args.finalists, finalists_cv=args.finalists_cv,
+                       ensemble=args.ensemble, name=args.name, storage=args.storage, resume=args.resume)
     print()
     print(format_summary(summary))
     return 0

@@ -39,7 +39,7 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -367,6 +367,16 @@ def write_part(path: str, batch: dict[str, np.ndarray], ids: pa.ChunkedArray) ->
 
 
 # --------------------------------------------------------------------------------------------- reading
+def _open_part(path: str) -> pa.Table:
+    """A part file as a memory-mapped table. Raises :class:`RunError` naming a damaged part and the entry to delete."""
+    try:
+        return pa.ipc.open_file(pa.memory_map(path)).read_all()
+    except (OSError, pa.ArrowException) as e:
+        entry = os.path.dirname(os.path.dirname(path))
+        raise RunError(f"decoded-input cache part {path} is damaged ({str(e).splitlines()[0]}); delete {entry} "
+                       "and run again: it is rebuilt from the dataset") from None
+
+
 def read_part(path: str, data) -> tuple[int, dict[str, np.ndarray]]:
     """A part file -> ``(rows, the decoded arrays of`` :meth:`~mmray.data.decode.Preprocessor.decode` ``)``, as
     memory-mapped views: nothing is copied until a batch gathers its rows.
@@ -374,12 +384,7 @@ def read_part(path: str, data) -> tuple[int, dict[str, np.ndarray]]:
     Raises:
         RunError: the file is missing, truncated or not an Arrow file, naming it and the entry to delete.
     """
-    try:
-        table = pa.ipc.open_file(pa.memory_map(path)).read_all()
-    except (OSError, pa.ArrowException) as e:
-        entry = os.path.dirname(os.path.dirname(path))
-        raise RunError(f"decoded-input cache part {path} is damaged ({str(e).splitlines()[0]}); delete {entry} "
-                       "and run again: it is rebuilt from the dataset") from None
+    table = _open_part(path)
     n = table.num_rows
     shapes = {"image": (data.image.size, data.image.size, 3), "input_ids": (data.text.max_length,),
               "attention_mask": (data.text.max_length,), "audio": (data.audio.num_samples,)}
@@ -401,40 +406,71 @@ def rows_of(arrays: dict[str, np.ndarray], start: int, stop: int) -> dict[str, n
 
 
 def _gather(held: Held, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """The rows ``ids`` (reader row numbers) of the held parts, as one batch in the model's dtypes."""
+    """The rows ``ids`` (reader row numbers) of the held parts, as one batch in the model's dtypes. A held part is
+    ``(arrays, index)``: its reader rows are ``arrays``' rows ``index`` (None: all of them, in order)."""
     numbers, local = held.locate(ids)
-    first = held.chunks[int(numbers[0])]
+    first = held.chunks[int(numbers[0])][0]
     out = {k: np.empty((len(ids),) + v.shape[1:], dtype=MODEL_DTYPES.get(k, v.dtype)) for k, v in first.items()}
     for k in np.unique(numbers):
         rows = numbers == k
-        part = held.chunks[int(k)]
+        part, index = held.chunks[int(k)]
+        at = local[rows] if index is None else index[local[rows]]
         for name, x in out.items():
-            x[rows] = part[name][local[rows]]
+            x[rows] = part[name][at]
     return out
 
 
-def iter_decoded_batches(entry: DecodedEntry, data, info: DatasetInfo, split: str, *, batch_size: int, train: bool,
-                         seed: int = 0, epoch: int = 0, tokenizer=None) -> Iterator[dict]:
+def iter_decoded_batches(entry: DecodedEntry, data, info: DatasetInfo, split: str | Sequence[str], *, batch_size: int,
+                         train: bool, seed: int = 0, epoch: int = 0, tokenizer=None,
+                         rows: Mapping[str, np.ndarray] | None = None) -> Iterator[dict]:
     """Like :func:`mmray.data.reader.iter_batches` (same batches for the same seed and epoch), read from the cache:
     the same order, and augmentation with the same seeded draws on the cached pixels. ``tokenizer``: the job's,
-    when the caller has it loaded (nothing is tokenised here; it saves loading it again)."""
+    when the caller has it loaded (nothing is tokenised here; it saves loading it again).
+
+    ``rows`` (split -> sorted row positions in that split): read only those rows, from each split it names (a
+    cross-validation fold of train+val, :mod:`mmray.data.folds`); ``split`` is then ignored. The parts of every
+    split named are shuffled together as one split's are."""
     import torch
 
     rng = np.random.default_rng([seed, epoch])
     pre = Preprocessor(data, info, train=train, seed=int(rng.integers(2**31)), tokenizer=tokenizer)
-    names = entry.parts(split)
-    units = part_units(names)
-    by_unit = dict(zip(units, names))
+    splits = list(rows) if rows is not None else [split] if isinstance(split, str) else list(split)
+    by_unit: dict[tuple[str, int], tuple[str, str]] = {}  # (split/shard number, row group) -> (split, part)
+    for s in splits:
+        names = entry.parts(s)
+        for (shard, group), name in zip(part_units(names), names):
+            by_unit[(f"{s}/{shard}", group)] = (s, name)
+    units = list(by_unit)
     if train:
         units = shuffled_units(units, rng)
     window = max(4 * batch_size, MIN_SHUFFLE_WINDOW) if train else batch_size
+    picked = _picked_rows(entry, splits, rows) if rows is not None else {}
     held = Held()
-    parts = (read_part(entry.part_path(split, by_unit[u]), data) for u in units)
-    sizes = (held.add(arrays, n) for n, arrays in parts)
+    parts = ((read_part(entry.part_path(*by_unit[u]), data), picked.get(by_unit[u])) for u in units)
+    sizes = (held.add((arrays, index), n if index is None else len(index)) for (n, arrays), index in parts)
     for ids in batch_rows(sizes, batch_size, window, rng if train else None):
         batch = _gather(held, ids)
         held.done(held.locate(ids)[0])
         yield {k: torch.from_numpy(v) for k, v in pre.finish(batch).items()}
+
+
+def _picked_rows(entry: DecodedEntry, splits: list[str], rows: Mapping[str, np.ndarray]) -> dict:
+    """``(split, part) -> the part's own row numbers`` of ``rows`` (split -> row positions in the split): the parts
+    of a split hold its rows in order, so each part covers the positions after the parts before it."""
+    out: dict[tuple[str, str], np.ndarray] = {}
+    for s in splits:
+        wanted, start = np.asarray(rows[s], dtype=np.int64), 0
+        for name in entry.parts(s):
+            n = _part_rows(entry.part_path(s, name))
+            lo, hi = np.searchsorted(wanted, [start, start + n])
+            out[(s, name)] = wanted[lo:hi] - start
+            start += n
+    return out
+
+
+def _part_rows(path: str) -> int:
+    """Rows of one part file (memory-mapped: no array is read)."""
+    return _open_part(path).num_rows
 
 
 def decoded_readers(config, decoded: DecodePlan):
@@ -442,17 +478,36 @@ def decoded_readers(config, decoded: DecodePlan):
     the cache when ``decoded`` is used, from the dataset's shards otherwise."""
     if not decoded.used:
         return split_readers(config)
+    return _readers(config, decoded.entry, ("train", None), ("val", None))
+
+
+def fold_readers(config, decoded: DecodePlan, train_rows: Mapping[str, np.ndarray],
+                 held_out_rows: Mapping[str, np.ndarray]):
+    """``(train_batches, val_batches)`` of one cross-validation fold (:class:`mmray.data.folds.Folds`): training on
+    ``train_rows`` and validating on ``held_out_rows`` (split -> row positions of train and val), both read from the
+    decoded-input cache: a fold is a row subset of what the cache holds, never decoded again.
+
+    Raises:
+        RunError: ``decoded`` is not used (a fold is read from the cache only).
+    """
+    if not decoded.used:
+        raise RunError(f"cross-validation folds are read from the decoded-input cache, which this run cannot use: "
+                       f"{decoded.reason}")
+    return _readers(config, decoded.entry, ("train", train_rows), ("val", held_out_rows))
+
+
+def _readers(config, entry: DecodedEntry, train: tuple, val: tuple):
     info = read_dataset_info(config.data.path)
     bs, seed = config.train.batch_size, config.train.seed
     tokenizer = TextTokenizer.load(config.data.text, info) if "text" in config.data.modalities else None
 
-    def reader(split: str, train: bool):
+    def reader(split: str, rows, train: bool):
         def batches(epoch: int):
-            return iter_decoded_batches(decoded.entry, config.data, info, split, batch_size=bs, train=train,
-                                        seed=seed, epoch=epoch, tokenizer=tokenizer)
+            return iter_decoded_batches(entry, config.data, info, split, batch_size=bs, train=train,
+                                        seed=seed, epoch=epoch, tokenizer=tokenizer, rows=rows)
         return batches
 
-    return reader("train", True), reader("val", False)
+    return reader(*train, True), reader(*val, False)
 
 
 class _ReadDecoded:

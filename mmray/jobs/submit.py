@@ -79,7 +79,7 @@ def check_command(ns: Any, working_dir: str) -> list[tuple[str, str]]:
         # no --space: the built-in default space, fitted to the job
         load_space(here(ns.space) if ns.space else None, apply_overrides(read_yaml(here(ns.job)), ns.overrides),
                    num_samples=ns.num_samples, time_budget=ns.time_budget, finalists=ns.finalists,
-                   ensemble=ns.ensemble)
+                   ensemble=ns.ensemble, finalists_cv=ns.finalists_cv)
     return [("data.path", config.data.path), ("--storage" if ns.storage else "storage", ns.storage or config.storage)]
 
 

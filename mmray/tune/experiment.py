@@ -11,6 +11,10 @@ Layout::
                                TorchTrainer run with its ``checkpoint_epoch_NNNN`` folders
     cores.json                 in-process sweeps: CPUs, wall time and mean busy-core fraction of the last run
     leaderboard.csv, best/     written when the sweep ends (``best/`` is a model export)
+    finalists/                 the finalists' runs (:mod:`mmray.tune.finalists`), a second Tune experiment: re-runs
+                               with other seeds, or one run per finalist and cross-validation fold
+    folds.json                 with ``finalists_cv: K``: the folds of train+val (``{"k", "seed", "assignment":
+                               {"train": [fold of each row], "val": [...]}}``, :class:`mmray.data.folds.Folds`)
     budget.json                how the sweep's time was spent (:mod:`mmray.tune.budget` reads and writes it)
     best-single/, best-ensemble/, ensemble-arm.json   with ``ensemble: K``: the winner's and the top K's exports
                                and which one ``best/`` is (:mod:`mmray.tune.ensemble`)
@@ -36,6 +40,7 @@ from mmray.config import validate_job
 from mmray.config.errors import UserError
 from mmray.config.loader import apply_overrides, parse_yaml
 from mmray.config.schema import check_run_name
+from mmray.data.folds import Folds
 from mmray.train.api import absolute_paths, check_dataset, check_model_files
 from mmray.train.checkpoint import kept_checkpoints
 from mmray.tune.space import SpaceConfig, check_against_job
@@ -46,6 +51,8 @@ REPORT_DIR, SUMMARY = "report", "summary.md"
 BUDGET_FILE = "budget.json"
 ENSEMBLE_ARM_FILE = "ensemble-arm.json"
 TRIALS_DIR = "trials"
+FINALISTS_DIR = "finalists"
+FOLDS_FILE = "folds.json"
 CORES = "cores.json"  # mmray.tune.cores: how busy the cores were
 
 
@@ -114,8 +121,11 @@ def write_leaderboard(path: str, trials: list, param_keys: list[str], metric: st
     metric_keys = sorted({k for t in trials for k in t.best if k.startswith(("val.", "train.loss"))
                           and not k.endswith(("confusion", ".rows"))})
     role = ["role"] if any(t.baseline for t in trials) else []  # only in sweeps with a baseline trial
-    # re-checked finalists (mmray.tune.finalists): the mean and sd of the metric over their runs, and how many
-    checked = [f"{metric}.mean", f"{metric}.sd", "runs"] if metric and any(t.rechecks for t in trials) else []
+    # re-checked finalists (mmray.tune.finalists): the mean and sd of the metric over their runs, and how many;
+    # cross-validated ones: over their folds (the trial's own run is not one of them)
+    cv = bool(metric) and any(t.fold_scores for t in trials)
+    checked = (cv_columns(metric) if cv else [f"{metric}.mean", f"{metric}.sd", "runs"]
+               if metric and any(t.rechecks for t in trials) else [])
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["rank", "trial_id", "status", *role, *param_keys, "best_epoch", "epochs_run", *checked,
@@ -123,16 +133,33 @@ def write_leaderboard(path: str, trials: list, param_keys: list[str], metric: st
         for rank, t in enumerate(trials, 1):
             w.writerow([rank, t.trial_id, t.status, *(["baseline" if t.baseline else ""] if role else []),
                         *(t.params.get(k, "") for k in param_keys),
-                        t.best_epoch or "", t.epochs_run, *(_checked(t, metric) if checked else []),
+                        t.best_epoch or "", t.epochs_run, *(_checked(t, metric, cv) if checked else []),
                         *(t.best.get(k, "") for k in metric_keys)])
 
 
-def _checked(trial, metric: str) -> list:
-    if not trial.rechecks:
-        return ["", "", 1]
+def cv_columns(metric: str) -> list[str]:
+    """The leaderboard's columns of a cross-validated finalist: the metric's mean and sd over its folds, and how
+    many folds scored."""
+    return [f"{metric}.cv_mean", f"{metric}.cv_sd", "folds"]
+
+
+def _checked(trial, metric: str, cv: bool) -> list:
+    if not (trial.fold_scores if cv else trial.rechecks):
+        return ["", "", ""] if cv else ["", "", 1]
     scores = trial.scores(metric)
     mean, sd = mean_sd(scores)
     return [round(mean, 6), round(sd, 6), len(scores)]
+
+
+def write_folds(experiment_dir: str, folds) -> None:
+    """``folds.json``: the cross-validation folds of train+val (:class:`mmray.data.folds.Folds`)."""
+    store.write_text(store.join(experiment_dir, FOLDS_FILE), json.dumps(folds.to_json()) + "\n")
+
+
+def read_folds(experiment_dir: str):
+    """The :class:`~mmray.data.folds.Folds` in ``folds.json``, or None where the sweep made none."""
+    path = store.join(experiment_dir, FOLDS_FILE)
+    return Folds.from_json(json.loads(store.read_text(path))) if store.is_file(path) else None
 
 
 # ----------------------------------------------------------------------------- trials

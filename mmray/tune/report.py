@@ -32,12 +32,14 @@ from mmray.tune.budget import read_ledger, spending_lines
 from mmray.tune.ensemble import arm_lines, read_arm
 from mmray.tune.experiment import (
     BEST_DIR,
+    FOLDS_FILE,
     LEADERBOARD,
     REPORT_DIR,
     STUDY_FILE,
     SUMMARY,
     SweepSetup,
     best_checkpoint,
+    cv_columns,
     load_setup,
     read_leaderboard,
     trial_sequence,
@@ -382,19 +384,45 @@ def _leaderboard_md(rep: Report, rows: list[dict[str, str]], space: SpaceConfig)
     metrics = [m for m in dict.fromkeys([rep.metric, "val.accuracy", "val.f1", "val.loss"]) if rows and m in rows[0]]
     role = ["role"] if rows and "role" in rows[0] else []
     header = ["rank", "trial_id", "status", *role, *params, "best_epoch", "epochs_run", *metrics]
-    mean = f"{rep.metric}.mean"
-    if rows and mean in rows[0]:  # finalists checked twice (mmray.tune.finalists): mean +- sd over their runs
-        header.append(f"{rep.metric} mean ± sd (runs)")
+    checked = _checked_columns(rows, rep.metric)
+    if checked:  # finalists checked twice (mmray.tune.finalists): mean +- sd over their runs, or their folds
+        header.append(f"{rep.metric} CV mean ± sd (folds)" if checked[2] == "folds"
+                      else f"{rep.metric} mean ± sd (runs)")
     return _table(header, [[_num(r.get(h, "")) if h not in ("trial_id", "status", "role") else r.get(h, "")
-                            for h in header if not h.endswith("(runs)")]
-                           + ([_mean_sd(r, rep.metric)] if header[-1].endswith("(runs)") else [])
+                            for h in header[:len(header) - bool(checked)]]
+                           + ([_mean_sd(r, checked)] if checked else [])
                            for r in rows[:TOP]])
 
 
-def _mean_sd(row: dict[str, str], metric: str) -> str:
-    if not row.get(f"{metric}.mean"):
+def _checked_columns(rows: list[dict[str, str]], metric: str) -> list[str]:
+    """The leaderboard's mean, sd and count columns of re-checked or cross-validated finalists ([] for none)."""
+    for columns in (cv_columns(metric), [f"{metric}.mean", f"{metric}.sd", "runs"]):
+        if rows and columns[0] in rows[0]:
+            return columns
+    return []
+
+
+def _mean_sd(row: dict[str, str], columns: list[str]) -> str:
+    mean, sd, count = columns
+    if not row.get(mean):
         return ""
-    return f"{float(row[metric + '.mean']):.4f} ± {float(row[metric + '.sd']):.4f} ({row['runs']})"
+    return f"{float(row[mean]):.4f} ± {float(row[sd]):.4f} ({row[count]})"
+
+
+def _finalists_line(leaderboard: list[dict[str, str]], metric: str) -> list[str]:
+    """How the winner was chosen among the finalists, when they were checked twice."""
+    checked = _checked_columns(leaderboard, metric)
+    n = sum(bool(r.get(checked[0])) for r in leaderboard) if checked else 0
+    if not n:
+        return []
+    if checked[2] == "folds":
+        k = max(int(r["folds"]) for r in leaderboard if r.get("folds"))
+        return [f"- finalists: the top {n} scored by {k}-fold cross-validation over train+val (folds stratified by "
+                f"label; each trained on the other folds and scored on the held-out one; `{FOLDS_FILE}` holds "
+                f"them); the winner is the best {metric} mean over the folds, and its export is its own best "
+                f"checkpoint from the sweep"]
+    return [f"- finalists: the top {n} trained again with other seeds; the winner is the best {metric} mean over "
+            f"each one's runs"]
 
 
 def _arms_md(rep: Report) -> list[str]:
@@ -428,6 +456,7 @@ def render_markdown(rep: Report, leaderboard: list[dict[str, str]], space: Space
              f"- trials: {len(rep.trials)} (" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")"]
     lines += [f"- {line}" for line in spending_lines(read_ledger(exp), {t.trial_id: t.status for t in rep.trials},
                                                      w.trial_id if w is not None else None)]
+    lines += _finalists_line(leaderboard, rep.metric)
     if w is not None:
         lines.append(f"- winner: trial `{w.trial_id}`, epoch {w.best_epoch}, {rep.metric} {w.value:.4f}")
     lines += ["", "## Winner", ""]

@@ -41,9 +41,18 @@ class TrialRecord:
     error: str | None = None
     baseline: bool = False  # the job's own values (``baseline: true`` in the space)
     rechecks: list[float] = field(default_factory=list)  # a finalist's re-runs' scores (mmray.tune.finalists)
+    fold_scores: list[float] = field(default_factory=list)  # a cross-validated finalist's score on each fold
+
+    @property
+    def rechecked(self) -> bool:
+        """A finalist with re-runs or cross-validation folds that scored."""
+        return bool(self.rechecks or self.fold_scores)
 
     def scores(self, metric: str) -> list[float]:
-        """Every run's best-epoch ``metric``: this trial's, then its re-runs' (finalists only)."""
+        """What a finalist is ranked on: its folds' held-out scores when cross-validated; otherwise every run's
+        best-epoch ``metric``, this trial's then its re-runs' (finalists only)."""
+        if self.fold_scores:
+            return list(self.fold_scores)
         return [float(self.best[metric]), *self.rechecks] if metric in self.best else list(self.rechecks)
 
 
@@ -61,6 +70,7 @@ class SweepSummary:
     spending: list[str] = field(default_factory=list)  # how the sweep's time was spent (budget.json)
     ensemble: dict[str, Any] | None = None  # the ensemble arm (mmray.tune.ensemble), when the space asks for one
     cores: dict[str, Any] | None = None  # in-process sweeps: cpus, wall_s, busy_fraction (mmray.tune.cores)
+    folds: int | None = None  # the finalists' cross-validation folds (finalists_cv), when they were cross-validated
 
     @property
     def best_trial(self) -> TrialRecord | None:
@@ -161,7 +171,8 @@ def finish(setup, results, recheck=None) -> SweepSummary:
     """Rank trials by their best epoch, write ``leaderboard.csv``, HParams and the best trial's export.
 
     ``recheck(trials)``: called with the ranked trials before anything is written; it sets the finalists'
-    ``rechecks`` (:func:`mmray.tune.finalists.recheck`), and they are ranked by their mean."""
+    ``rechecks`` or ``fold_scores`` (:func:`mmray.tune.finalists.recheck`), and they are ranked by their mean.
+    ``best/`` is the winner's own best checkpoint either way."""
     space, exp = setup.space, setup.experiment_dir
     metric, mode = space.metric, space.resolved_mode
     trials = [_record(r, setup, metric, mode) for r in results]
@@ -190,6 +201,8 @@ def finish(setup, results, recheck=None) -> SweepSummary:
         write_hparams(staged.local, t, metric)
     staged.close()
     summary = SweepSummary(exp, metric, mode, trials, None)
+    if any(t.fold_scores for t in trials):
+        summary.folds = space.finalists_cv
     winner = summary.best_trial
     summary.spending = spending_lines(ledger, {t.trial_id: t.status for t in trials},
                                       winner.trial_id if winner else None)
@@ -250,16 +263,23 @@ def format_summary(summary: SweepSummary) -> str:
 
 
 def finalist_lines(summary: SweepSummary) -> list[str]:
-    """The re-checked finalists, mean +- sd of their runs, the winner first."""
-    checked = [t for t in summary.trials if t.rechecks]
+    """The re-checked (or cross-validated) finalists, mean +- sd of their runs (folds), the winner first."""
+    checked = [t for t in summary.trials if t.rechecked]
     if not checked:
         return []
-    lines = [f"finalists:   the top {len(checked)} trained again with other seeds; {summary.metric} over each "
-             f"one's runs, mean +- sd (the best mean wins):"]
+    cv = any(t.fold_scores for t in checked)
+    if cv:
+        k = summary.folds or max(len(t.fold_scores) for t in checked)
+        lines = [f"finalists:   the top {len(checked)} scored by {k}-fold cross-validation over train+val; "
+                 f"{summary.metric} on each held-out fold, mean +- sd (the best mean wins):"]
+    else:
+        lines = [f"finalists:   the top {len(checked)} trained again with other seeds; {summary.metric} over each "
+                 f"one's runs, mean +- sd (the best mean wins):"]
     for t in checked:
-        mean, sd = finalists.mean_sd(t.scores(summary.metric))
-        lines.append(f"  {t.trial_id}  {mean:.4f} +- {sd:.4f}  ({len(t.scores(summary.metric))} runs: "
-                     + ", ".join(f"{v:.4f}" for v in t.scores(summary.metric)) + ")")
+        scores = t.scores(summary.metric)
+        mean, sd = finalists.mean_sd(scores)
+        lines.append(f"  {t.trial_id}  {mean:.4f} +- {sd:.4f}  ({len(scores)} {'folds' if cv else 'runs'}: "
+                     + ", ".join(f"{v:.4f}" for v in scores) + ")")
     return lines
 
 

@@ -161,6 +161,9 @@ class SpaceConfig(StrictModel):
     finalists: int = Field(0, ge=0, description="the top trials trained again with other seeds before the winner "
                                                 "is named (the best mean wins); 0 = off (`--finalists K`)")
     finalist_seeds: int = Field(2, ge=1, description="re-runs per finalist, each with another train.seed")
+    finalists_cv: int = Field(0, ge=0, description="score the finalists by K-fold cross-validation over train+val "
+                                                   "instead of re-runs with other seeds (the best mean over the "
+                                                   "folds wins); 0 = off (`--finalists-cv K`, K >= 2)")
     ensemble: int = Field(0, ge=0, description="the top K trials' probabilities averaged as an ensemble export, "
                                                "against the single winner; best/ is the better on validation; "
                                                "0 or 1 = off (`--ensemble K`)")
@@ -172,6 +175,9 @@ class SpaceConfig(StrictModel):
     def _bounded(self) -> "SpaceConfig":
         if self.num_samples is None and self.time_budget_s is None:
             raise ValueError("num_samples: null needs a time budget (time_budget_s, `--time-budget`)")
+        problem = cv_problem(self.finalists_cv, self.finalists, "finalists_cv", "finalists")
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property
@@ -234,6 +240,20 @@ class SpaceConfig(StrictModel):
         return values
 
 
+def cv_problem(folds: int, finalists: int, flag: str, finalists_flag: str) -> str | None:
+    """What is wrong with cross-validating ``finalists`` finalists on ``folds`` folds (0 = no cross-validation), or
+    None. ``flag``/``finalists_flag``: how the user gave the two (``--finalists-cv`` or ``finalists_cv``)."""
+    if folds == 0:
+        return None
+    if folds < 2:
+        return (f"{flag}: k-fold cross-validation needs at least 2 folds, got {folds} (0 = off: the finalists are "
+                f"re-checked with other seeds)")
+    if finalists < 2:
+        return (f"{flag}: there are no finalists to cross-validate: {finalists_flag} is {finalists}; give "
+                f"{finalists_flag} 2 or more (the top trials to score), or leave out {flag}")
+    return None
+
+
 def _parse(raw: dict[str, Any], source: str | None) -> SpaceConfig:
     try:
         return SpaceConfig.model_validate(raw)
@@ -286,12 +306,13 @@ def check_against_job(space: SpaceConfig, job_raw: dict[str, Any], source: str |
 
 def load_space(path: str | None, job_raw: dict[str, Any], *, num_samples: int | None = None,
                time_budget: str | float | None = None, finalists: int | None = None,
-               ensemble: int | None = None) -> SpaceConfig:
+               ensemble: int | None = None, finalists_cv: int | None = None) -> SpaceConfig:
     """Read, validate and check a space YAML against the (already valid) raw job config.
 
     ``path`` None: the built-in default space fitted to the job (:mod:`mmray.tune.defaults`).
     ``time_budget`` (``"20m"`` or seconds): the sweep's wall-clock budget; without ``num_samples`` trials are
-    launched while it allows, with it whichever ends first. ``finalists``, ``ensemble``: the space's, replaced.
+    launched while it allows, with it whichever ends first. ``finalists``, ``ensemble``, ``finalists_cv``: the
+    space's, replaced (a bad one, or cross-validation without finalists, is a :class:`UserError` naming the flag).
     """
     raw = read_yaml(path) if path is not None else default_space(job_raw)
     source = path if path is not None else defaults.SOURCE
@@ -311,6 +332,18 @@ def load_space(path: str | None, job_raw: dict[str, Any], *, num_samples: int | 
         if ensemble < 0:
             raise UserError(f"--ensemble: must be 0 (off) or more, got {ensemble}")
         raw["ensemble"] = ensemble
+    if finalists_cv is not None:
+        if finalists_cv < 0:
+            raise UserError(f"--finalists-cv: must be 0 (off) or at least 2 folds, got {finalists_cv}")
+        raw["finalists_cv"] = finalists_cv
+    if finalists_cv is not None or finalists is not None:  # a flag is involved: a problem names the flags
+        given = {k: raw[k] if k in raw else SpaceConfig.model_fields[k].default for k in ("finalists", "finalists_cv")}
+        if all(isinstance(v, int) for v in given.values()):  # anything else: the schema's own message below
+            problem = cv_problem(given["finalists_cv"], given["finalists"],
+                                 "--finalists-cv" if finalists_cv is not None else "finalists_cv",
+                                 "--finalists" if finalists is not None else "finalists")
+            if problem:
+                raise UserError(problem)
     space = _parse(raw, source)
     check_against_job(space, job_raw, source)
     return space

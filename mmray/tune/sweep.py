@@ -15,7 +15,7 @@ from mmray.config import validate_job
 from mmray.config.loader import apply_overrides
 from mmray.data.cache import cached_readers, plan, shared_plan
 from mmray.data.dataset_dir import read_dataset_info
-from mmray.data.decoded import decoded_readers
+from mmray.data.decoded import decoded_readers, fold_readers
 from mmray.data.decoded import plan as decode_plan
 from mmray.data.decoded import shared_plan as shared_decode_plan
 from mmray.runtime import ensure_ray
@@ -36,12 +36,15 @@ DATA_CPUS = 0.5  # kept free per distributed trial for its Ray Data decoding
 
 
 def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_dir: str,
-               context_class: type | None = None, cores_key: str | None = None) -> None:
+               context_class: type | None = None, cores_key: str | None = None, fold: tuple | None = None) -> None:
     """One trial: the job with this trial's parameters, trained in-process by the shared loop.
 
     ``context_class`` (default :class:`~mmray.tune.context.TuneTrialContext`) is the in-process trial's
     loop context; ``benchmarks/sweep.py`` passes a subclass that timestamps the first training batch.
     ``cores_key`` is where the sweep publishes each trial's CPU share (:mod:`mmray.tune.cores`).
+    ``fold``: ``(k, K, training rows, held-out rows)``, a finalist's cross-validation run
+    (:mod:`mmray.tune.finalists`): it trains on the training rows of train+val and validates on the held-out
+    ones, both read from the decoded-input cache (the embedding cache is not used: it holds whole splits).
     """
     import torch
     from ray import tune
@@ -66,6 +69,15 @@ def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_di
     release_trial_memory()
     # The trial's plans, made once: never built here (the sweep built what trials share before the first one).
     info = read_dataset_info(config.data.path)
+    if fold is not None:
+        k, n, train_rows, held_out = fold
+        decoded = decode_plan(config, info, build=False)  # built before the folds started
+        print(f"mmray fold {k + 1} of {n}: training on {sum(map(len, train_rows.values())):,} rows of train+val, "
+              f"validating on the {sum(map(len, held_out.values())):,} held out\nmmray {decoded.line()}", flush=True)
+        ctx = (context_class or TuneTrialContext)(config, run_dir, readers=fold_readers(config, decoded, train_rows,
+                                                                                         held_out))
+        train_loop(config, ctx, LoopInputs())
+        return
     cache = plan(config, info, build=False)
     decoded = decode_plan(config, info, build=False, embedding=cache)
     print(f"mmray {cache.line()}\nmmray {decoded.line()}", flush=True)

@@ -241,3 +241,45 @@ def test_a_bad_time_budget_exits_2_naming_the_flag_before_anything_is_written(jo
     err = fails(capsys, "tune", str(job), f"--time-budget={value}")
     assert err.startswith("mmray: --time-budget: ") and repr(value) in err
     assert written(tmp_path) == []
+
+
+# ------------------------------------------------------------------ --finalists-cv where folds cannot run
+@pytest.mark.parametrize("args,message", [
+    (["--finalists-cv", "1"], "--finalists-cv: k-fold cross-validation needs at least 2 folds, got 1 (0 = off"),
+    (["--finalists-cv", "-2"], "--finalists-cv: must be 0 (off) or at least 2 folds, got -2"),
+    (["--finalists", "0", "--finalists-cv", "2"], "--finalists-cv: there are no finalists to cross-validate: "
+                                                  "--finalists is 0; give --finalists 2 or more"),
+    (["--finalists", "1", "--finalists-cv", "2"], "--finalists-cv: there are no finalists to cross-validate: "
+                                                  "--finalists is 1"),
+    (["--finalists-cv", "500"], "--finalists-cv: 500 folds need at least 500 rows of every class in train+val, "
+                                "but class "),
+    (["--finalists-cv", "2", "--set", "scaling.num_workers=2"],
+     "--finalists-cv: cross-validation folds train as in-process trials (one worker, no GPU), but this job's "
+     "trials run on a TorchTrainer (scaling.num_workers 2"),
+    (["--finalists-cv", "2", "--set", 'data.decode_cache="off"'],
+     "--finalists-cv: the folds are read from the decoded-input cache (a fold is a row subset of it, never "
+     "decoded again), which this job cannot use: data.decode_cache is off"),
+])
+def test_cross_validation_that_cannot_run_exits_2_naming_the_flag_before_anything_is_written(job, tmp_path, capsys,
+                                                                                              args, message):
+    err = fails(capsys, "tune", str(job), *args)
+    assert err.startswith("mmray: " + message), err
+    assert written(tmp_path) == []
+
+
+def test_cross_validation_asked_for_in_a_space_file_names_its_key(job, tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"finalists": 2, "finalists_cv": 1,
+                                     "parameters": {"train.optimizer.lr": {"loguniform": [1e-4, 1e-2]}}}))
+    err = fails(capsys, "tune", str(job), "--space", str(space))
+    assert "finalists_cv: k-fold cross-validation needs at least 2 folds, got 1" in err
+    space.write_text(yaml.safe_dump({"finalists": 2, "finalists_cv": 500,
+                                     "parameters": {"train.optimizer.lr": {"loguniform": [1e-4, 1e-2]}}}))
+    err = fails(capsys, "tune", str(job), "--space", str(space))
+    assert err.startswith("mmray: finalists_cv: 500 folds need at least 500 rows of every class"), err
+    assert written(tmp_path) == []
+
+
+def test_resume_takes_no_finalists_cv(job, tmp_path, capsys):
+    err = fails(capsys, "tune", "--resume", str(tmp_path / "runs" / "x"), "--finalists-cv", "2")
+    assert "--resume takes only EXPERIMENT_DIR" in err

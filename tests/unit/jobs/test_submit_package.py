@@ -154,6 +154,10 @@ def test_paths_the_cluster_cannot_see_are_warned_about(tmp_path):
     (["evaluate", "x"], "got 'evaluate' (choose one of train, tune)"),
     (["train", "jobs/quickstart.yaml", "--set", "model.fusion.name=nope"], "model.fusion.name: 'nope'"),
     (["tune", "jobs/quickstart.yaml", "--time-budget", "soon"], "--time-budget: expected a duration"),
+    (["tune", "jobs/quickstart.yaml", "--finalists-cv", "1"], "--finalists-cv: k-fold cross-validation needs at "
+                                                              "least 2 folds, got 1"),
+    (["tune", "jobs/quickstart.yaml", "--finalists", "0", "--finalists-cv", "3"],
+     "--finalists-cv: there are no finalists to cross-validate: --finalists is 0"),
     (["train", "jobs/quickstart.yaml", "--name", "../elsewhere"], "--name: '../elsewhere' is not a run name"),
 ])
 def test_bad_commands_are_refused_before_anything_is_contacted(tmp_path, args, message):

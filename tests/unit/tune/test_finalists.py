@@ -65,3 +65,45 @@ def test_with_finalists_the_search_leaves_a_quarter_of_the_budget_to_them():
     assert search_budget(SpaceConfig.model_validate({"parameters": params, "time_budget_s": 400})) == 400
     assert search_budget(SpaceConfig.model_validate({"parameters": params, "time_budget_s": 400,
                                                      "finalists": 3})) == 300
+
+
+def _cv_trial(trial_id, score, folds):
+    t = _trial(trial_id, score)
+    t.fold_scores = list(folds)
+    return t
+
+
+def test_cross_validated_finalists_rank_by_their_fold_mean_and_show_it_with_the_folds(tmp_path):
+    # the sweep's own run (on the val split) is not a fold: "lucky" ranks by its folds alone
+    trials = rank([_cv_trial("lucky", 0.95, [0.70, 0.74]), _cv_trial("steady", 0.90, [0.86, 0.88]),
+                   _trial("rest", 0.85)], "val.accuracy", "max")
+    assert [t.trial_id for t in trials] == ["steady", "lucky", "rest"]
+    path = tmp_path / "leaderboard.csv"
+    write_leaderboard(str(path), trials, ["train.optimizer.lr"], "val.accuracy")
+    rows = list(csv.DictReader(path.open()))
+    assert "val.accuracy.cv_mean" in rows[0] and "runs" not in rows[0]
+    assert float(rows[0]["val.accuracy.cv_mean"]) == pytest.approx(0.87)
+    assert float(rows[0]["val.accuracy.cv_sd"]) == pytest.approx(0.0141421, abs=1e-6)
+    assert rows[0]["folds"] == "2" and rows[2]["folds"] == "" and rows[2]["val.accuracy.cv_mean"] == ""
+    summary = SweepSummary(str(tmp_path), "val.accuracy", "max", trials, None, folds=2)
+    text = format_summary(summary)
+    assert "finalists:   the top 2 scored by 2-fold cross-validation over train+val" in text
+    assert "steady  0.8700 +- 0.0141  (2 folds: 0.8600, 0.8800)" in text
+
+    from mmray.tune.report import Report, _finalists_line, _leaderboard_md
+
+    space = SpaceConfig.model_validate({"parameters": {"train.optimizer.lr": {"loguniform": [1e-4, 1e-2]}}})
+    md = "\n".join(_leaderboard_md(Report(str(tmp_path), "val.accuracy", "max", [], None), rows, space))
+    assert "val.accuracy CV mean ± sd (folds)" in md and "0.8700 ± 0.0141 (2)" in md
+    assert "2-fold cross-validation over train+val" in _finalists_line(rows, "val.accuracy")[0]
+
+
+def test_finalists_cv_needs_two_folds_and_finalists():
+    params = {"train.optimizer.lr": {"loguniform": [1e-4, 1e-2]}}
+    assert SpaceConfig.model_validate({"parameters": params, "finalists": 3, "finalists_cv": 5}).finalists_cv == 5
+    for bad, message in (({"finalists": 3, "finalists_cv": 1}, "needs at least 2 folds"),
+                         ({"finalists_cv": 3}, "finalists is 0")):
+        with pytest.raises(ValueError, match=message):
+            SpaceConfig.model_validate({"parameters": params, **bad})
+    assert search_budget(SpaceConfig.model_validate({"parameters": params, "time_budget_s": 400, "finalists": 3,
+                                                     "finalists_cv": 2})) == 300
