@@ -83,9 +83,9 @@ def expected_rows(data: str) -> tuple[int, int]:
 class Sampler(threading.Thread):
     """Samples the memory of the process trees under ``roots`` (pids) and Ray's object store every ``every`` s."""
 
-    def __init__(self, roots: list[int], every: float):
+    def __init__(self, roots: list[int], every: float, csv_path: str):
         super().__init__(daemon=True, name="memory-sampler")
-        self.roots, self.every = roots, every
+        self.roots, self.every, self.csv_path = roots, every, csv_path
         self.samples: list[dict] = []
         self.stop = threading.Event()
         self.t0 = time.monotonic()
@@ -135,6 +135,11 @@ class Sampler(threading.Thread):
             used, spilled = float("nan"), float("nan")
         self.samples.append({"t": time.monotonic() - self.t0, "rss_mb": rss / 1e6, "train_rss_mb": train / 1e6,
                              "store_mb": used / 1e6, "spilled_mb": spilled / 1e6})
+        with open(self.csv_path, "a", newline="") as f:  # as it goes: a run stopped half-way keeps its samples
+            w = csv.DictWriter(f, fieldnames=list(self.samples[-1]))
+            if len(self.samples) == 1:
+                w.writeheader()
+            w.writerow(self.samples[-1])
 
     def run(self) -> None:
         while not self.stop.wait(self.every):
@@ -216,7 +221,10 @@ def main() -> None:
                            "RAY_AUTH_TOKEN_PATH": cluster.token_path})
         roots += [p.pid for p in cluster.procs]
     load0 = os.getloadavg()
-    sampler = Sampler(roots, args.sample_s)
+    csv_path = os.path.splitext(args.plot)[0] + ".csv"
+    if os.path.exists(csv_path):
+        os.remove(csv_path)
+    sampler = Sampler(roots, args.sample_s, csv_path)
     ends: list[dict] = []
     starts: list[float] = []
 
@@ -252,11 +260,6 @@ def main() -> None:
             cluster.stop()
     load1 = os.getloadavg()
     samples = sampler.samples
-    csv_path = os.path.splitext(args.plot)[0] + ".csv"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(samples[0]))
-        w.writeheader()
-        w.writerows(samples)
     where = f"{nodes} nodes ({args.nodes} `ray start`)" if cluster else "1 node (local Ray)"
     print(f"\n{rows:,} train rows, {args.epochs} epoch(s), {args.workers} Train workers, {where}; "
           f"{len(samples)} samples every {args.sample_s:g} s; run dir {run_dir}")
