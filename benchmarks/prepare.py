@@ -5,6 +5,7 @@ Run with:
     .venv/bin/python benchmarks/prepare.py                    # 3,000 rows, 256 px JPEG + 1 s WAV + caption
     .venv/bin/python benchmarks/prepare.py --rows 20000 --ray # bigger, and the media stage on Ray Data too
     .venv/bin/python benchmarks/prepare.py --image-format png --audio-format flac   # costlier decodes
+    .venv/bin/python benchmarks/prepare.py --rows 8000 --on-ray --chunk-rows 500   # serial vs prepare on Ray
 
 Makes a folder of real files (the built-in dataset's pictures upscaled to ``--image-size`` and saved
 as JPEG, its 16 kHz WAV tones, its captions) and a CSV manifest, then times, alternating so each
@@ -14,6 +15,11 @@ pair of numbers ran under the same background load:
   process pool): rows/s over the whole run, including the manifest, shards and tokenizer;
 - **media stage only** (``--ray``): the same :func:`mmray.data.prepare.check_media` over the same
   64-row chunks, serially, in the process pool, and as a Ray Data ``map_batches`` on a local Ray.
+
+With ``--on-ray`` it times instead ``prepare(..., ray="off", workers=1)`` against ``prepare(..., ray="on")``
+on a local Ray of ``--workers`` CPUs (tasks of ``--chunk-rows`` rows check, decode and write their own
+shards), alternating, and this process's CPU per row in each (Ray's worker processes are not its children:
+the driver's share is what bounds the speed-up idle cores or more nodes can give).
 
 Peak RSS of this process is printed after the runs (worker processes hold at most ``2 x workers``
 chunks of file bytes).
@@ -83,6 +89,36 @@ def end_to_end(manifest: str, root: str, workers: int) -> tuple[float, float, fl
     return report.rows_in / report.seconds, float(cpu.sum()), float(cpu[0])
 
 
+def end_to_end_on_ray(manifest: str, root: str, chunk_rows: int) -> tuple[float, float]:
+    """``(rows/s wall, CPU ms per row in this process)`` of ``prepare(..., ray="on")``."""
+    out = os.path.join(root, "ds-ray")
+    cpu = _cpu_s()[0]
+    report = prepare(manifest, out, ray="on", chunk_rows=chunk_rows, columns=ColumnMap())
+    cpu = 1000 * (_cpu_s()[0] - cpu) / report.rows_in
+    shutil.rmtree(out)
+    return report.rows_in / report.seconds, float(cpu)
+
+
+def on_ray(manifest: str, root: str, args) -> None:
+    import ray
+
+    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+    end_to_end(manifest, root, 1)  # warm-up: imports, page cache
+    end_to_end_on_ray(manifest, root, args.chunk_rows)  # warm-up: Ray's worker processes
+    serial, remote = [], []
+    for _ in range(args.rounds):
+        serial.append(end_to_end(manifest, root, 1))
+        remote.append(end_to_end_on_ray(manifest, root, args.chunk_rows))
+    (s, s_cpu, _), (r, r_driver) = np.mean(serial, axis=0), np.mean(remote, axis=0)
+    tasks = -(-args.rows // args.chunk_rows)
+    print(f"end to end   serial {s:8.0f} rows/s   on Ray ({args.workers} CPUs, {tasks} tasks) {r:8.0f} rows/s   "
+          f"ray/serial {r / s:.2f}x")
+    print(f"CPU per row  serial {s_cpu:8.2f} ms   on Ray: {r_driver:.2f} ms in this process (manifest, row checks, "
+          f"merge): with idle cores the speed-up is bounded by {s_cpu / r_driver:.0f}x")
+    print(f"load average during the runs: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
 def media_chunks(rows: int, image_format: str, audio_format: str) -> list[list[tuple[int, dict]]]:
     items = [(i + 1, {"_cells": {"image": f"media/{i}.{image_format}", "audio": f"media/{i}.{audio_format}"}})
              for i in range(rows)]
@@ -125,6 +161,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--ray", action="store_true", help="also time the media stage on Ray Data")
+    p.add_argument("--on-ray", action="store_true", help="time serial prepare against prepare on a local Ray")
+    p.add_argument("--chunk-rows", type=int, default=500, help="rows per Ray task with --on-ray")
     args = p.parse_args()
     root = tempfile.mkdtemp(prefix="mmray-prepare-bench-")
     try:
@@ -132,6 +170,9 @@ def main() -> None:
         manifest = make_files(root, args.rows, args.image_size, args.image_format, args.audio_format)
         print(f"made {args.rows} rows of {args.image_size}px {args.image_format} + 1 s {args.audio_format} + caption in {time.perf_counter() - t:.0f} s; "
               f"{os.cpu_count()} CPUs, pool of {args.workers}")
+        if args.on_ray:
+            on_ray(manifest, root, args)
+            return
         end_to_end(manifest, root, 1)  # warm-up: imports, page cache
         serial, pool = [], []
         for _ in range(args.rounds):

@@ -1,6 +1,8 @@
 """Shared test pieces: a small job that learns the built-in data fast, and a way to corrupt a record."""
 from __future__ import annotations
 
+import string
+
 import pyarrow.parquet as pq
 
 from mmray.config import JobConfig, validate_job
@@ -76,4 +78,41 @@ def save_tiny_vision(folder, kind: str = "vit", size: int = 16) -> str:
     else:
         proc = processor(size={"height": size, "width": size})
     proc.save_pretrained(folder)
+    return str(folder)
+
+
+# Words of the tiny tokenizer's vocabulary (with the specials and a-z: more ids than VOCAB, so any test id embeds).
+TINY_WORDS = "the a an is of and red blue green big small circle square triangle sound high low tone picture".split()
+
+
+def save_tiny_bert(folder) -> str:
+    """A 1-layer, 32-wide random BERT and its WordPiece tokenizer, saved as a Hugging Face model folder."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase, *TINY_WORDS]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=37, max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+def save_tiny_wav2vec2(folder, sample_rate: int = 8000) -> str:
+    """A 1-layer, 32-wide random wav2vec2 (2 conv layers, 10x downsampling) + its feature extractor config."""
+    import torch
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+        conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2), num_feat_extract_layers=2,
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, layerdrop=0.0,
+        mask_time_prob=0.0, mask_feature_prob=0.0,
+    )
+    Wav2Vec2Model(config).save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(sampling_rate=sample_rate, do_normalize=True).save_pretrained(folder)
     return str(folder)

@@ -13,11 +13,26 @@ def register(sub) -> None:
     verbs = p.add_subparsers(dest="data_verb", metavar="synth|prepare|inspect", parser_class=_Parser)
     verbs.required = True
     s = add_verb(verbs, "synth", help="generate the built-in image+text+audio dataset (deterministic from --seed)",
-                 example="mmray data synth --out data/synth --rows 3000 --shards 4 --seed 0", run=run_synth)
-    s.add_argument("--out", required=True, metavar="DIR")
+                 example="mmray data synth --out data/synth --rows 3000 --shards 4 --seed 0\n"
+                         "  mmray data synth --out s3://bucket/synth224 --rows 50000 --shards 64 --image-size 224 "
+                         "--image-format jpeg --audio-seconds 10 --ray", run=run_synth)
+    s.add_argument("--out", required=True, metavar="DIR", help="a local folder or an object-store URI (s3://, gs://)")
     s.add_argument("--rows", type=int, default=3000, help="total rows over train/val/test (default 3000)")
-    s.add_argument("--shards", type=int, default=4, help="Parquet shards per split (default 4)")
+    s.add_argument("--shards", type=int, default=4,
+                   help="Parquet shards per split (default 4); each shard is one unit of parallel work")
     s.add_argument("--seed", type=int, default=0)
+    # No defaults here: mmray.data.synth.Media holds them (unset flags keep its values).
+    s.add_argument("--image-size", type=int, metavar="PX", help="image side in pixels, 16-2048 (default 64)")
+    s.add_argument("--image-format", metavar="jpeg|png|webp",
+                   help="image encoding (default png; jpeg and webp at quality 90)")
+    s.add_argument("--audio-seconds", type=float, metavar="S", help="recording length, 0.1-60 (default 1)")
+    s.add_argument("--sample-rate", type=int, metavar="HZ", help="audio sample rate, 8000-48000 (default 16000)")
+    s.add_argument("--workers", type=int, default=0,
+                   help="processes writing shards (default 0 = one per CPU for 1,000+ rows; 1 = this process only)")
+    s.add_argument("--ray", action="store_true",
+                   help="write the shards as Ray tasks: on the cluster at RAY_ADDRESS, else on a local Ray; on "
+                        "several nodes --out must be a URI or a folder every node sees")
+    s.add_argument("--address", metavar="ADDR", default=None, help="a Ray cluster to run on (implies --ray)")
     _register_prepare(verbs)
     i = add_verb(verbs, "inspect", help="rows per split, class balance, modality availability, sample rows",
                  example="mmray data inspect data/synth", run=run_inspect)
@@ -26,11 +41,14 @@ def register(sub) -> None:
 
 def run_synth(args) -> int:
     from mmray.config.errors import UserError
-    from mmray.data.synth import synth
+    from mmray.data.synth import Media, synth
 
     if args.rows < 10 or args.shards < 1:
         raise UserError("--rows must be >= 10 and --shards >= 1")
-    info = synth(args.out, rows=args.rows, shards=args.shards, seed=args.seed,
+    given = {k: getattr(args, k) for k in ("image_size", "image_format", "audio_seconds", "sample_rate")}
+    media = Media(**{k: v for k, v in given.items() if v is not None})
+    info = synth(args.out, rows=args.rows, shards=args.shards, seed=args.seed, media=media, workers=args.workers,
+                 ray=args.ray, address=args.address,
                  command=" ".join(shlex.quote(a) for a in ["mmray", *sys.argv[1:]]))
     rows = ", ".join(f"{k} {v.rows}" for k, v in info.splits.items())
     print(f"wrote {info.path}: {rows} rows; classes: {', '.join(info.class_names)}")
@@ -67,8 +85,13 @@ def _register_prepare(verbs) -> None:
                         "nothing is written")
     p.add_argument("--workers", type=int, default=0,
                    help="processes decoding media (default 0 = automatic: one per CPU, at most 8, for 2,000+ rows "
-                        "on 4+ CPUs; 1 = all in this process)")
+                        "on 4+ CPUs; 1 = all in this process); on Ray, the most tasks at once (0 = one per CPU)")
     p.add_argument("--shard-mb", type=int, default=256, help="start a new shard after this many MB (default 256)")
+    p.add_argument("--ray", choices=("auto", "on", "off"), default="auto",
+                   help="on: Ray tasks decode and write the shards, one task per 4,096 rows, joining RAY_ADDRESS "
+                        "(or starting a local Ray); off: this machine only; auto (default): on Ray for 20,000+ "
+                        "rows when a cluster is given (RAY_ADDRESS set, as on a cluster node or in a Ray job), "
+                        "else off. On a cluster of several machines --out must be a folder they all share")
 
 
 def _fractions(text: str) -> tuple[float, float]:
@@ -105,7 +128,7 @@ def run_prepare(args) -> int:
     columns = ColumnMap(id=args.id_col, label=args.label_col, split=args.split_col, tasks=_task_cols(args.task_col),
                         media={"image": args.image_col, "text": args.text_col, "audio": args.audio_col})
     report = prepare(args.manifest, args.out, columns=columns, label_type=args.label_type, val_fraction=val,
-                     test_fraction=test, strict=args.strict, workers=args.workers, shard_mb=args.shard_mb,
+                     test_fraction=test, strict=args.strict, workers=args.workers, shard_mb=args.shard_mb, ray=args.ray,
                      command=" ".join(shlex.quote(a) for a in ["mmray", *sys.argv[1:]]),
                      progress=PrepareProgress())
     print(report.summary())

@@ -82,6 +82,16 @@ class DataConfig(StrictModel):
         0.5, gt=0, description="CPUs each Ray Data decode task reserves; fractional, so decoding still fits "
         "beside train workers and a sweep trial's driver on a small cluster"
     )
+    shuffle: Literal["files", "local", "global", "none"] = Field(
+        "local", description="training order, reseeded every epoch from train.seed: files = shards and row groups in "
+        "a new order (rows within a row group stay together; full ingest speed); local = that, plus rows mixed in a "
+        "buffer of shuffle_buffer_rows (costs ingest throughput on Ray, see README); global = a full shuffle of the "
+        "split's rows every epoch (Ray Data random_shuffle: the whole split goes through the object store; in-process "
+        "the whole split is held in memory); none = file order. Validation and test are never shuffled"
+    )
+    shuffle_buffer_rows: int = Field(
+        1024, ge=1, description="rows mixed together with shuffle: local (at least train.batch_size)"
+    )
     decode_cache: Literal["auto", "on", "off"] = Field(
         "auto", description="decode each row once into DATA/.cache/decoded (uint8 pixels, resampled waveforms, token "
         "ids) and read every epoch, trial, sweep and evaluation from it; augmentation still runs every epoch. "
@@ -207,7 +217,8 @@ class TrainConfig(StrictModel):
         "off", description="torch.compile the model with this mode; the first steps pay for compiling"
     )
     channels_last: Literal["auto", "on", "off"] = Field(
-        "auto", description="NHWC memory format for a convolutional image encoder; auto = on CUDA only"
+        "auto", description="NHWC memory format for a convolutional image encoder; auto = on CUDA only "
+        "(never with scaling.strategy: fsdp)"
     )
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     modality_dropout: float = Field(
@@ -265,6 +276,11 @@ class ScalingConfig(StrictModel):
     )
     gpus_per_worker: float = Field(1.0, gt=0, description="with use_gpu; fractions share a GPU")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp = every worker holds the whole model (DistributedDataParallel); fsdp = weights, "
+        "gradients and optimizer state sharded across the workers (FSDP2, per encoder block; needs "
+        "num_workers >= 2; checkpoints saved sharded, the export whole; see README)"
+    )
 
 
 class CheckpointConfig(StrictModel):
@@ -399,6 +415,23 @@ def _show(v: Any) -> str:
     return str([round(float(x), 8) for x in v]) if isinstance(v, (tuple, list)) else repr(v)
 
 
+def embedding_cache_unusable(config: "JobConfig") -> str | None:
+    """Why ``config`` cannot train from cached embeddings, or None when it can (``train.embedding_cache``; the
+    embedding cache itself is :mod:`mmray.data.cache`, which asks this; so does ``scaling.strategy: fsdp``)."""
+    if config.train.embedding_cache == "off":
+        return "train.embedding_cache is off"
+    for m in config.data.modalities:
+        enc = getattr(config.model.encoders, m)
+        if not enc.freeze:
+            return f"model.encoders.{m}.freeze is false: the {m} encoder trains, so its outputs change every step"
+    if "image" in config.data.modalities and config.data.image.augment:
+        return ("data.image.augment is on: the frozen image encoder sees new pixels every epoch; "
+                "set data.image.augment: false to train from the cache")
+    if "://" in config.data.path:
+        return f"data.path {config.data.path} is not on a local disk (the cache lives next to the dataset)"
+    return None
+
+
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -442,6 +475,38 @@ class JobConfig(StrictModel):
                 f"train.contrastive: aligns pairs of modalities but data.modalities is {list(self.data.modalities)}; "
                 "use two or more modalities or set train.contrastive.weight and pretrain_epochs to 0"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_composes(self) -> "JobConfig":
+        """``scaling.strategy: fsdp`` with what it cannot work with, named (see :mod:`mmray.train.sharding`)."""
+        if self.scaling.strategy != "fsdp":
+            return self
+        head = "scaling.strategy: 'fsdp'"
+        if self.scaling.num_workers < 2:
+            raise ValueError(
+                f"{head} shards the model across workers, but scaling.num_workers is {self.scaling.num_workers}: "
+                "one worker holds everything either way; set scaling.num_workers to 2 or more, or use "
+                "scaling.strategy: ddp")
+        if self.train.precision == "fp16":
+            raise ValueError(
+                f"{head} does not support train.precision: 'fp16' (loss scaling of sharded gradients); use "
+                "'bf16', 'auto' or 'fp32', or scaling.strategy: ddp")
+        if self.train.compile != "off":
+            raise ValueError(
+                f"{head} does not support train.compile: {self.train.compile!r}; set train.compile: off, or use "
+                "scaling.strategy: ddp")
+        if self.train.channels_last == "on":
+            raise ValueError(
+                f"{head} cannot shard channels-last (NHWC) convolution weights: train.channels_last: 'on'; set it "
+                "to 'auto' (off with fsdp) or 'off', or use scaling.strategy: ddp")
+        if embedding_cache_unusable(self) is None:
+            frozen = ", ".join(f"model.encoders.{m}.freeze" for m in self.data.modalities)
+            raise ValueError(
+                f"{head} with every encoder frozen ({frozen}: true) and train.embedding_cache: 'auto': the run "
+                "would train the fusion and heads from cached encoder outputs, leaving nothing worth sharding; "
+                "use scaling.strategy: ddp (it trains from the cache), or set train.embedding_cache: 'off' to run "
+                "the frozen encoders sharded")
         return self
 
     @model_validator(mode="after")

@@ -48,16 +48,25 @@ import pyarrow.parquet as pq
 
 from mmray.config import JobConfig
 from mmray.config.errors import RunError, UserError
+from mmray.config.schema import DataConfig
+from mmray.config.schema import embedding_cache_unusable as unusable_reason
 from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
 from mmray.data.decode import Preprocessor
+from mmray.data.progress import BuildProgress
 from mmray.data.reader import (
-    MIN_SHUFFLE_WINDOW, _batches, read_row_group, row_group_units, shuffled_units, split_readers, table_columns,
+    Shuffle,
+    _batches,
+    read_row_group,
+    row_group_units,
+    shuffled_units,
+    split_readers,
+    table_columns,
 )
 from mmray.data.tokenizer import TextTokenizer
-from mmray.models.builder import build_as_trained, job_tasks
-from mmray.models.hashing import weights_hash
 from mmray.hf_local import looks_local
+from mmray.models.builder import build_as_trained, job_tasks
 from mmray.models.fusion import FUSIONS
+from mmray.models.hashing import weights_hash
 from mmray.runtime import ensure_ray
 
 CACHE_DIR = os.path.join(".cache", "embeddings")
@@ -81,22 +90,6 @@ def cached_epochs(config) -> int:
         if enc.unfreeze_after_epochs is not None:
             epochs = min(epochs, enc.unfreeze_after_epochs)
     return epochs
-
-
-def unusable_reason(config) -> str | None:
-    """Why ``config`` cannot train from cached embeddings, or None when it can (for :func:`cached_epochs`)."""
-    if config.train.embedding_cache == "off":
-        return "train.embedding_cache is off"
-    for m in config.data.modalities:
-        enc = getattr(config.model.encoders, m)
-        if not enc.freeze:
-            return f"model.encoders.{m}.freeze is false: the {m} encoder trains, so its outputs change every step"
-    if "image" in config.data.modalities and config.data.image.augment:
-        return ("data.image.augment is on: the frozen image encoder sees new pixels every epoch; "
-                "set data.image.augment: false to train from the cache")
-    if "://" in config.data.path:
-        return f"data.path {config.data.path} is not on a local disk (the cache lives next to the dataset)"
-    return None
 
 
 def refuse_unless_usable(config) -> None:
@@ -386,35 +379,6 @@ def _manifest(config, info, m, parts, units, staging, encoder, seconds) -> dict:
             "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "build_seconds": round(seconds, 2)}
 
 
-class BuildProgress:
-    """Lines a person can follow while a long build runs: one every ``every_s`` seconds (none for a short build)::
-
-        mmray embedding cache: 3,456/12,000 rows encoded (29%; audio, image, text), 118 rows/s, ETA 1m12s
-    """
-
-    def __init__(self, total: int, modalities, *, every_s: float = 10.0, out=None, clock=time.monotonic,
-                 what: str = "embedding cache", verb: str = "encoded"):
-        self.total, self.modalities, self.every_s = max(1, total), ", ".join(sorted(modalities)), every_s
-        self.what, self.verb = what, verb
-        self.out, self.clock = out, clock
-        self.done = 0
-        self.start = self.last = clock()
-
-    def add(self, rows: int) -> None:
-        import sys
-
-        self.done += rows
-        now = self.clock()
-        if now - self.last < self.every_s:
-            return
-        self.last = now
-        rate = self.done / max(now - self.start, 1e-9)
-        eta = int(round(max(self.total - self.done, 0) / max(rate, 1e-9)))
-        print(f"mmray {self.what}: {self.done:,}/{self.total:,} rows {self.verb} ({self.done / self.total:.0%}; "
-              f"{self.modalities}), {rate:,.0f} rows/s, ETA {eta // 60}m{eta % 60:02d}s", file=self.out or sys.stdout,
-              flush=True)
-
-
 def _run_ray(units: list[dict], kwargs: dict, progress: BuildProgress) -> None:
     """Batch inference with Ray Data: one actor per GPU (or per CPU), each encoding whole row groups."""
     import ray
@@ -561,8 +525,9 @@ def table_batch(table: pa.Table, entries: dict[str, CacheEntry]) -> dict[str, np
 
 
 def iter_cached_batches(entries: dict[str, CacheEntry], info: DatasetInfo, split: str, *, batch_size: int, train: bool,
-                        seed: int = 0, epoch: int = 0) -> Iterator[dict]:
-    """Like :func:`mmray.data.reader.iter_batches` (same order for the same seed and epoch), from the cache."""
+                        seed: int = 0, epoch: int = 0, order: Shuffle | None = None) -> Iterator[dict]:
+    """Like :func:`mmray.data.reader.iter_batches` (same order for the same seed and epoch), from the cache.
+    ``order``: the job's ``data.shuffle`` (:meth:`Shuffle.for_data`); None = the schema's default."""
     import torch
 
     rng = np.random.default_rng([seed, epoch])
@@ -571,11 +536,11 @@ def iter_cached_batches(entries: dict[str, CacheEntry], info: DatasetInfo, split
     names = first.parts(split)
     units = part_units(names)
     by_unit = dict(zip(units, names))
-    if train:
+    order = order or Shuffle.default(batch_size, train)
+    if order.units:
         units = shuffled_units(units, rng)
-    window = max(4 * batch_size, MIN_SHUFFLE_WINDOW) if train else batch_size
     chunks = (read_part(entries, split, by_unit[u]) for u in units)
-    for table in _batches(chunks, batch_size, window, rng if train else None):
+    for table in _batches(chunks, batch_size, order.window, rng if order.mix else None):
         yield {k: torch.from_numpy(v) for k, v in table_batch(table, entries).items()}
 
 
@@ -589,22 +554,28 @@ def cached_readers(config, cache: CachePlan, raw=None):
         def batches(epoch: int):
             if cache.partial and epoch > cache.epochs:
                 return raw(epoch)
-            return iter_cached_batches(cache.entries, info, split, batch_size=bs, train=train, seed=seed, epoch=epoch)
+            return iter_cached_batches(cache.entries, info, split, batch_size=bs, train=train, seed=seed, epoch=epoch,
+                                       order=Shuffle.for_data(config.data, bs, train))
         return batches
 
     raw_train, raw_val = raw or split_readers(config)
     return reader("train", True, raw_train), reader("val", False, raw_val)
 
 
-def build_cached_dataset(entries: dict[str, CacheEntry], split: str, *, train: bool, seed: int = 0):
-    """A lazy ``ray.data.Dataset`` of cached batches of ``split`` (for TorchTrainer workers)."""
+def build_cached_dataset(entries: dict[str, CacheEntry], split: str, *, train: bool, seed: int = 0,
+                         shuffle: str | None = None):
+    """A lazy ``ray.data.Dataset`` of cached batches of ``split`` (for TorchTrainer workers), ordered by
+    ``shuffle`` (the job's ``data.shuffle``; None = the schema's default) when training."""
     import ray
 
+    from mmray.data.pipeline import order_units, shuffle_rows  # imports Ray Data: only when a run builds it
+
+    shuffle = (shuffle or DataConfig.model_fields["shuffle"].default) if train else "none"
     parts = [{"part": p} for p in next(iter(entries.values())).parts(split)]
     ds = ray.data.from_items(parts, override_num_blocks=max(1, len(parts)))
-    if train:
-        ds = ds.randomize_block_order(seed=seed)
-    return ds.map_batches(_ReadCached(entries, split), batch_size=1, batch_format="numpy", num_cpus=0.25)
+    ds = order_units(ds, shuffle, seed).map_batches(_ReadCached(entries, split), batch_size=1, batch_format="numpy",
+                                                    num_cpus=0.25)
+    return shuffle_rows(ds, shuffle, seed)
 
 
 class _ReadCached:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -297,12 +296,14 @@ class ShardWriter:
         w.files, w.rows               # relative shard paths, row count
 
     Args:
-        root: the dataset directory (local path).
+        root: the dataset directory (a local path or a URI).
         split: split name; the folder shards go into.
         schema: Arrow schema of every shard (see :func:`shard_schema`).
         rows_per_shard: start a new shard after this many rows; None = by size only.
         max_shard_bytes: start a new shard after this many bytes of row data.
         row_group_rows: rows per Parquet row group (the unit readers stream and shuffle).
+        stem: name the shards ``<stem>.parquet``, ``<stem>-001.parquet``, ... instead of
+            ``part-00000.parquet``, ``part-00001.parquet``, ... (one writer per shard, several writers at once).
     """
 
     def __init__(
@@ -314,8 +315,9 @@ class ShardWriter:
         rows_per_shard: int | None = None,
         max_shard_bytes: int = 256 * 2**20,
         row_group_rows: int = 256,
+        stem: str | None = None,
     ):
-        self.root, self.split, self.schema = root, split, schema
+        self.root, self.split, self.schema, self.stem = root, split, schema, stem
         self.rows_per_shard = rows_per_shard
         self.max_shard_bytes = max_shard_bytes
         self.row_group_rows = row_group_rows
@@ -328,7 +330,7 @@ class ShardWriter:
         self._shard_bytes = 0
         self._modalities = [n for n in schema.names if n in MEDIA_COLUMNS]
         self.present = {m: 0 for m in self._modalities}
-        os.makedirs(os.path.join(root, split), exist_ok=True)
+        storage.makedirs(storage.join(root, split))
 
     def write(self, row: Mapping[str, Any]) -> None:
         """Append one row (a mapping with every schema column; None = null)."""
@@ -351,11 +353,14 @@ class ShardWriter:
             return
         table = pa.Table.from_pydict(self._buf, schema=self.schema)
         if self._writer is None:
-            rel = f"{self.split}/part-{len(self.files):05d}.parquet"
+            n = len(self.files)
+            name = f"part-{n:05d}" if self.stem is None else self.stem + (f"-{n:03d}" if n else "")
+            rel = f"{self.split}/{name}.parquet"
             self.files.append(rel)
+            fs, inner = resolve_fs(storage.join(self.root, rel))
             # Media bytes are already compressed (PNG/WAV...); zstd still shrinks text and WAV a little.
             self._writer = pq.ParquetWriter(
-                os.path.join(self.root, rel), self.schema, compression="zstd", write_statistics=["id", "label"],
+                inner, self.schema, filesystem=fs, compression="zstd", write_statistics=["id", "label"],
                 write_page_checksum=True,  # readers verify every page: damaged bytes are never decoded as data
             )
         self._writer.write_table(table, row_group_size=self._buf_rows)

@@ -140,6 +140,19 @@ def decode_audio(data: bytes, cfg: AudioPreprocess) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ batches
+def model_row_bytes(data: DataConfig, info: DatasetInfo) -> int:
+    """Bytes one row takes in a model batch (what :meth:`Preprocessor.__call__` returns): int64 labels, float32
+    images and audio, int64 token ids and masks, bool flags."""
+    row = 8 * len(info.tasks) + 1  # label columns, valid
+    if "image" in data.modalities:
+        row += 3 * data.image.size ** 2 * 4 + 1
+    if "text" in data.modalities:
+        row += 2 * data.text.max_length * 8 + 1
+    if "audio" in data.modalities:
+        row += data.audio.num_samples * 4 + 1
+    return row
+
+
 _SHARED: dict[str, "Preprocessor"] = {}  # Preprocessor.shared
 
 

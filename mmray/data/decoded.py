@@ -50,7 +50,7 @@ from mmray.data.cache import (BuildProgress, dataset_fingerprint, digest, locked
                               read_manifest)
 from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
 from mmray.data.decode import BadRecordError, Preprocessor
-from mmray.data.reader import (MIN_SHUFFLE_WINDOW, Held, batch_rows, read_row_group, row_group_units, shuffled_units,
+from mmray.data.reader import (Held, Shuffle, batch_rows, read_row_group, row_group_units, shuffled_units,
                                split_readers, table_columns)
 from mmray.data.tokenizer import TextTokenizer
 from mmray.runtime import ensure_ray
@@ -441,14 +441,14 @@ def iter_decoded_batches(entry: DecodedEntry, data, info: DatasetInfo, split: st
         for (shard, group), name in zip(part_units(names), names):
             by_unit[(f"{s}/{shard}", group)] = (s, name)
     units = list(by_unit)
-    if train:
+    order = Shuffle.for_data(data, batch_size, train)
+    if order.units:
         units = shuffled_units(units, rng)
-    window = max(4 * batch_size, MIN_SHUFFLE_WINDOW) if train else batch_size
     picked = _picked_rows(entry, splits, rows) if rows is not None else {}
     held = Held()
     parts = ((read_part(entry.part_path(*by_unit[u]), data), picked.get(by_unit[u])) for u in units)
     sizes = (held.add((arrays, index), n if index is None else len(index)) for (n, arrays), index in parts)
-    for ids in batch_rows(sizes, batch_size, window, rng if train else None):
+    for ids in batch_rows(sizes, batch_size, order.window, rng if order.mix else None):
         batch = _gather(held, ids)
         held.done(held.locate(ids)[0])
         yield {k: torch.from_numpy(v) for k, v in pre.finish(batch).items()}
@@ -535,11 +535,13 @@ def build_decoded_dataset(data: DataConfig, info: DatasetInfo, entry: DecodedEnt
 
     Preprocessor(data, info, train=train, seed=seed)  # fail fast on the driver with a clear message
     units = [{"part": p} for p in entry.parts(split)]
+    from mmray.data.pipeline import order_units, shuffle_rows  # imports Ray Data: only when a run builds it
+
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
-    if train:
-        ds = ds.randomize_block_order(seed=seed)
-    return ds.map_batches(_ReadDecoded(data, info, train, seed, entry.path, split), batch_size=1,
-                          batch_format="numpy", num_cpus=data.decode_cpus)
+    shuffle = data.shuffle if train else "none"  # global: the cached (decoded) rows go through the shuffle
+    ds = order_units(ds, shuffle, seed).map_batches(_ReadDecoded(data, info, train, seed, entry.path, split),
+                                                    batch_size=1, batch_format="numpy", num_cpus=data.decode_cpus)
+    return shuffle_rows(ds, shuffle, seed)
 
 
 # --------------------------------------------------------------------------------------------- listing

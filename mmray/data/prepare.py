@@ -18,9 +18,17 @@ Every decision is one line of ``DIR/rejected.jsonl``: ``row`` (1-based data row 
 dropped; ``missing``: the row was kept without that modality). ``dataset.json`` holds the counts
 (``rejected``: rows in, kept, rejected and partly missing, per reason). Output is built in a staging
 folder next to ``DIR`` and moved into place at the end, so a failed or ``strict`` run leaves nothing.
+
+**On Ray** (``ray="on"``, or ``"auto"`` for a large manifest when a cluster is given): this process still
+reads the manifest and makes the row checks (they need every id seen so far); each chunk of
+:data:`RAY_CHUNK_ROWS` rows that passed them goes to a Ray task that reads, decodes and writes its own
+shards (``<split>/part-<chunk>-NNNNN.parquet``) straight into the output's staging folder, and returns only
+its decisions and counts. They are merged in manifest order, so the kept rows (in order, byte for byte),
+``rejected.jsonl`` and the counts are those of the serial path; only the shard boundaries differ.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -38,6 +46,7 @@ from mmray.data.dataset_dir import (
     SPLITS,
     DatasetInfo,
     ShardWriter,
+    SplitInfo,
     created_record,
     shard_schema,
     write_dataset_info,
@@ -65,6 +74,15 @@ SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "
 AUTO_PARALLEL_ROWS = 2000
 AUTO_PARALLEL_MIN_CPUS = 4
 AUTO_MAX_WORKERS = 8
+# On Ray each task writes its own shards, so no file bytes travel back: the driver keeps only the row checks
+# and the merge. Tasks stream their rows in CHUNK_ROWS steps, so a task's memory does not grow with its size;
+# RAY_CHUNK_ROWS sets how many shards a run makes (one per split per task, more past --shard-mb).
+RAY_CHUNK_ROWS = 4096
+RAY_MODES = ("auto", "on", "off")
+# "auto" runs on Ray only when a cluster is given (RAY_ADDRESS, as on a cluster node or in a Ray job, or a Ray
+# already started in this process) and the manifest fills several tasks; it never starts a local Ray just to
+# prepare (~10 s to start; benchmarks/RESULTS.md, "Data prepare on Ray", for what a small machine gains).
+AUTO_RAY_ROWS = 20_000
 STRICT_SHOWN = 10
 
 
@@ -108,13 +126,19 @@ class PrepareReport:
     workers: int
     replaced: bool = False
     split_source: str = ""
+    ray_tasks: int = 0  # > 0: the media were checked and written by this many Ray tasks
+
+    def _how(self) -> str:
+        if self.ray_tasks:
+            return f"on Ray: {self.ray_tasks} task{'s' if self.ray_tasks != 1 else ''}"
+        return f"{self.workers} worker process{'es' if self.workers != 1 else ''}"
 
     def summary(self) -> str:
         """The end-of-run summary a person reads."""
         splits = ", ".join(f"{s} {self.info.splits[s].rows}" for s in self.info.splits)
         lines = [
-            f"prepared {self.info.path} in {self.seconds:.1f} s ({self.workers} worker process"
-            f"{'es' if self.workers != 1 else ''}{', replaced the old dataset' if self.replaced else ''})",
+            f"prepared {self.info.path} in {self.seconds:.1f} s ({self._how()}"
+            f"{', replaced the old dataset' if self.replaced else ''})",
             f"  rows in          {self.rows_in:>9,}",
             f"  kept             {self.kept:>9,}   ({splits}; split {self.split_source})",
             f"    complete       {self.kept - self.partly_missing:>9,}",
@@ -242,6 +266,17 @@ class _Tally:
     missing_by_reason: Counter = field(default_factory=Counter)
     formats: dict[str, Counter] = field(default_factory=dict)
     first_problems: list[Problem] = field(default_factory=list)
+    tasks: int = 0  # Ray tasks run
+
+    def add(self, other: "_Tally") -> None:
+        """Add the counts of a chunk's tally (a Ray task's); rows_in and problems are counted by the merge."""
+        self.kept += other.kept
+        self.rejected += other.rejected
+        self.partly_missing += other.partly_missing
+        self.rejected_by_reason.update(other.rejected_by_reason)
+        self.missing_by_reason.update(other.missing_by_reason)
+        for m, c in other.formats.items():
+            self.formats.setdefault(m, Counter()).update(c)
 
 
 def prepare(
@@ -255,8 +290,11 @@ def prepare(
     strict: bool = False,
     workers: int = 0,
     shard_mb: int = 256,
+    ray: str = "auto",
     command: str | None = None,
     progress: Callable[[int, int, int, int], None] | None = None,
+    chunk_rows: int = RAY_CHUNK_ROWS,
+    run_chunks: Callable | None = None,
 ) -> PrepareReport:
     """Turn a manifest and its media files into a dataset directory at ``out``.
 
@@ -269,16 +307,23 @@ def prepare(
         val_fraction, test_fraction: the hash split's fractions (ignored with a split column).
         strict: any problem at all raises :class:`UserError` naming the first rows; nothing is written.
         workers: worker processes for the media checks; 0 = automatic (one per CPU, at most 8,
-            for 2,000+ rows on 4+ CPUs; otherwise none), 1 = all in this process.
+            for 2,000+ rows on 4+ CPUs; otherwise none), 1 = all in this process. On Ray: the most tasks
+            running at once (0 = one per CPU of the cluster).
         shard_mb: start a new shard after this many MB of row data.
+        ray: ``on``: Ray tasks check, decode and write the media (joining ``RAY_ADDRESS``, or a local Ray);
+            ``off``: this machine only; ``auto``: on Ray for :data:`AUTO_RAY_ROWS`+ rows when a cluster is
+            given (``RAY_ADDRESS`` set, or Ray already started in this process), else off.
         command: the command line recorded in ``dataset.json``.
         progress: called as ``progress(rows_done, rows_total, kept, rejected)`` while it works.
+        chunk_rows: rows per Ray task.
+        run_chunks: runs the chunked (Ray) path's tasks instead of Ray, as ``run_chunks(fn, jobs, workers)``
+            yielding each job's result in order (tests: the same merge, no cluster).
 
     Raises:
         UserError: bad flags or manifest (before any file is read), or ``strict`` and a problem row.
     """
     started = time.perf_counter()
-    _check_options(out, label_type, val_fraction, test_fraction, workers, shard_mb)
+    _check_options(out, label_type, val_fraction, test_fraction, workers, shard_mb, ray, chunk_rows)
     manifest = load_manifest(manifest_path)
     cols = resolve_columns(manifest, columns)
     labels = {"label": LabelMap.fit(cols.label, manifest.columns[cols.label], label_type)}
@@ -286,14 +331,19 @@ def prepare(
         labels[task] = LabelMap.fit(col, manifest.columns[col], label_type)
     out = os.path.abspath(out)
     replaced = _check_out(out)
-    n_workers = workers or _auto_workers(manifest.num_rows)
+    on_ray = run_chunks is not None or _use_ray(ray, manifest.num_rows)
+    n_workers = workers if on_ray else workers or _auto_workers(manifest.num_rows)
 
     staging = f"{out}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     try:
-        tally, splits = _run(manifest, cols, labels, staging, val_fraction, test_fraction, strict,
-                             n_workers, shard_mb, progress)
+        if on_ray:
+            tally, splits = _run_chunked(manifest, cols, labels, staging, val_fraction, test_fraction, strict,
+                                         n_workers, shard_mb, progress, chunk_rows, run_chunks or _ray_chunks)
+        else:
+            tally, splits = _run(manifest, cols, labels, staging, val_fraction, test_fraction, strict,
+                                 n_workers, shard_mb, progress)
         if strict and tally.first_problems:
             shown = "\n".join(f"  {p}" for p in tally.first_problems[:STRICT_SHOWN])
             raise UserError(f"--strict: {manifest_path} has problem rows (nothing was written); the first:\n{shown}")
@@ -311,7 +361,7 @@ def prepare(
         info=info, rows_in=tally.rows_in, kept=tally.kept, rejected=tally.rejected,
         partly_missing=tally.partly_missing, rejected_by_reason=dict(tally.rejected_by_reason),
         missing_by_reason=dict(tally.missing_by_reason), seconds=time.perf_counter() - started,
-        workers=n_workers, replaced=replaced,
+        workers=n_workers, replaced=replaced, ray_tasks=tally.tasks,
         split_source=f"from column {cols.split!r}" if cols.split else
         f"by id hash, val {val_fraction:g} / test {test_fraction:g}",
     )
@@ -324,8 +374,17 @@ def _auto_workers(rows: int) -> int:
     return min(cpus, AUTO_MAX_WORKERS)
 
 
+def _use_ray(mode: str, rows: int) -> bool:
+    if mode != "auto":
+        return mode == "on"
+    if rows < AUTO_RAY_ROWS:
+        return False
+    ray = sys.modules.get("ray")  # never imported just to ask
+    return bool(os.environ.get("RAY_ADDRESS")) or (ray is not None and ray.is_initialized())
+
+
 def _check_options(out: str, label_type: str, val_fraction: float, test_fraction: float,
-                   workers: int, shard_mb: int) -> None:
+                   workers: int, shard_mb: int, ray: str = "auto", chunk_rows: int = RAY_CHUNK_ROWS) -> None:
     problems = []
     if "://" in out:
         problems.append(f"--out: {out!r}: prepare writes to a local folder; copy it to remote storage afterwards")
@@ -338,6 +397,10 @@ def _check_options(out: str, label_type: str, val_fraction: float, test_fraction
         problems.append(f"--workers: {workers}; must be 0 (automatic) or more")
     if shard_mb < 1:
         problems.append(f"--shard-mb: {shard_mb}; must be at least 1")
+    if ray not in RAY_MODES:
+        problems.append(f"--ray: {ray!r}; choose one of {', '.join(RAY_MODES)}")
+    if chunk_rows < 1:
+        problems.append(f"chunk_rows: {chunk_rows}; must be at least 1")
     if problems:
         raise UserError("\n".join(problems))
 
@@ -356,35 +419,51 @@ def _check_out(out: str) -> bool:
                     "choose a new folder (prepare replaces only an earlier dataset)")
 
 
+def _checked_chunks(manifest: Manifest, cols: ResolvedColumns, labels: dict[str, LabelMap], val_fraction: float,
+                    test_fraction: float, size: int) -> Iterator[list[tuple[int, dict | list[Problem]]]]:
+    """Chunks of ``size`` ``(row number, row or the problems that reject it)``, in manifest order (row checks)."""
+    seen_ids: dict[str, int] = {}
+    chunk: list[tuple[int, dict | list[Problem]]] = []
+    for i in range(manifest.num_rows):
+        chunk.append((i + 1, _row_checks(manifest, cols, labels, i, i + 1, seen_ids, val_fraction,
+                                         test_fraction, split_of)))
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class _Record:
+    """``DIR/rejected.jsonl``, written in manifest order; keeps the first problems for ``--strict``."""
+
+    def __init__(self, staging: str, tally: _Tally):
+        self.file, self.tally = open(os.path.join(staging, "rejected.jsonl"), "w"), tally
+
+    def __call__(self, problems: list[Problem]) -> None:
+        for p in problems:
+            self.file.write(json.dumps(p.to_json()) + "\n")
+        shown = self.tally.first_problems
+        if len(shown) < STRICT_SHOWN:
+            shown += problems[: STRICT_SHOWN - len(shown)]
+
+    def __enter__(self) -> "_Record":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+
 def _run(manifest: Manifest, cols: ResolvedColumns, labels: dict[str, LabelMap], staging: str,
          val_fraction: float, test_fraction: float, strict: bool, workers: int, shard_mb: int,
          progress: Callable | None) -> tuple[_Tally, dict]:
     tally = _Tally()
     schema = shard_schema(cols.media, tasks=labels)
     writers = {s: ShardWriter(staging, s, schema, max_shard_bytes=shard_mb * 2**20) for s in SPLITS}
-    seen_ids: dict[str, int] = {}
     files = [m for m in cols.media if m != "text"]
-    with open(os.path.join(staging, "rejected.jsonl"), "w") as log:
-
-        def record(problems: list[Problem]) -> None:
-            for p in problems:
-                log.write(json.dumps(p.to_json()) + "\n")
-            if len(tally.first_problems) < STRICT_SHOWN:
-                tally.first_problems += problems[: STRICT_SHOWN - len(tally.first_problems)]
-
-        def checked_rows() -> Iterator[list[tuple[int, dict | list[Problem]]]]:
-            """Chunks of ``(row number, row or the problems that reject it)``, in manifest order."""
-            chunk: list[tuple[int, dict | list[Problem]]] = []
-            for i in range(manifest.num_rows):
-                chunk.append((i + 1, _row_checks(manifest, cols, labels, i, i + 1, seen_ids, val_fraction,
-                                                 test_fraction, split_of)))
-                if len(chunk) >= CHUNK_ROWS:
-                    yield chunk
-                    chunk = []
-            if chunk:
-                yield chunk
-
-        for chunk, results in _map_media(manifest.folder, files, checked_rows(), workers):
+    chunks = _checked_chunks(manifest, cols, labels, val_fraction, test_fraction, CHUNK_ROWS)
+    with _Record(staging, tally) as record:
+        for chunk, results in _map_media(manifest.folder, files, chunks, workers):
             for (row_no, row), media in zip(chunk, results):
                 tally.rows_in += 1
                 if isinstance(row, list):  # failed the row checks: rejected, media not read
@@ -397,6 +476,117 @@ def _run(manifest: Manifest, cols: ResolvedColumns, labels: dict[str, LabelMap],
             if strict and tally.first_problems:
                 break
     return tally, {s: w.close() for s, w in writers.items()}
+
+
+# ------------------------------------------------------------------------------ on Ray: tasks write their shards
+@dataclass
+class ChunkResult:
+    """What a chunk's task sends back: per row it was given, the problems recorded (a kept row's missing
+    modalities, or what rejected it); its counts; per split, the shards it wrote."""
+
+    problems: list[list[Problem]]
+    tally: _Tally
+    splits: dict[str, SplitInfo]
+
+
+def prepare_chunk(folder: str, cols: ResolvedColumns, schema, root: str, index: int,
+                  rows: list[tuple[int, dict]], shard_mb: int) -> ChunkResult:
+    """Check, decode and write one chunk of rows that passed the row checks (a Ray task; no Ray here).
+
+    Shards go to ``root/<split>/part-<index>.parquet`` (then ``part-<index>-001.parquet``, ... past the size cap), streamed :data:`CHUNK_ROWS` rows at a time
+    (memory does not grow with the chunk). The same chunk run again writes the same files (a retried
+    task overwrites its own).
+    """
+    tally = _Tally()
+    writers = {s: ShardWriter(root, s, schema, max_shard_bytes=shard_mb * 2**20,
+                              stem=f"part-{index:06d}") for s in SPLITS}
+    files = [m for m in cols.media if m != "text"]
+    problems: list[list[Problem]] = []
+    for start in range(0, len(rows), CHUNK_ROWS):
+        step = rows[start:start + CHUNK_ROWS]
+        media = check_media(folder, [{m: row["_cells"][m] for m in files} for _, row in step])
+        problems += [_finish_row(cols, row_no, row, m, tally, writers) for (row_no, row), m in zip(step, media)]
+    return ChunkResult(problems, tally, {s: w.close() for s, w in writers.items()})
+
+
+def _run_chunked(manifest: Manifest, cols: ResolvedColumns, labels: dict[str, LabelMap], staging: str,
+                 val_fraction: float, test_fraction: float, strict: bool, workers: int, shard_mb: int,
+                 progress: Callable | None, chunk_rows: int, run_chunks: Callable) -> tuple[_Tally, dict]:
+    """The Ray path: row checks here, then one :func:`prepare_chunk` per chunk; merged in manifest order."""
+    tally = _Tally()
+    schema = shard_schema(cols.media, tasks=labels)
+    parts: dict[str, list[SplitInfo]] = {s: [] for s in SPLITS}
+    given: deque = deque()  # the chunks handed out and not merged yet (row checks run as tasks are needed)
+
+    def jobs() -> Iterator[tuple]:
+        for i, chunk in enumerate(_checked_chunks(manifest, cols, labels, val_fraction, test_fraction, chunk_rows)):
+            given.append(chunk)
+            yield manifest.folder, cols, schema, staging, i, [(n, r) for n, r in chunk if isinstance(r, dict)], shard_mb
+
+    results = run_chunks(prepare_chunk, jobs(), workers)
+    with contextlib.closing(results), _Record(staging, tally) as record:
+        for done in results:
+            chunk = given.popleft()
+            kept = iter(done.problems)
+            for _, row in chunk:
+                tally.rows_in += 1
+                if isinstance(row, list):  # failed the row checks here: rejected, media not read
+                    _reject(tally, row[0].key)
+                    record(row)
+                else:
+                    record(next(kept))
+            tally.add(done.tally)
+            tally.tasks += any(isinstance(r, dict) for _, r in chunk)
+            for s in SPLITS:
+                parts[s].append(done.splits[s])
+            if progress is not None:
+                progress(tally.rows_in, manifest.num_rows, tally.kept, tally.rejected)
+            if strict and tally.first_problems:
+                break
+    modalities = [n for n in schema.names if n in cols.media]
+    splits = {s: SplitInfo(rows=sum(p.rows for p in parts[s]), files=tuple(f for p in parts[s] for f in p.files),
+                           present={m: sum(p.present[m] for p in parts[s]) for m in modalities}) for s in SPLITS}
+    for s in SPLITS:
+        for f in splits[s].files:
+            if not os.path.isfile(os.path.join(staging, f)):
+                raise UserError(f"--out: shard {f} was written by a Ray task on another machine, and is not in "
+                                f"{staging}: on a cluster of several machines --out must be a folder every "
+                                "machine shares")
+    return tally, splits
+
+
+def _ray_chunks(fn: Callable, jobs: Iterator[tuple], workers: int) -> Iterator[ChunkResult]:
+    """``fn(*job)`` as Ray tasks (one CPU each), results in order: ``workers`` tasks in flight when given, else
+    twice the cluster's CPUs (a queue, so no CPU waits on the merge).
+
+    A job with no rows to check runs here. On exit (also a ``--strict`` stop or an error) the tasks still in
+    flight are cancelled and waited for, so none writes into the staging folder after it is removed.
+    """
+    from mmray.runtime import ensure_ray  # Ray only on the Ray path: prepare runs without it
+
+    ray = ensure_ray()
+    task = ray.remote(num_cpus=1)(fn)
+    limit = workers or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    inflight: deque = deque()
+    pending = iter(jobs)
+    try:
+        while True:
+            while len(inflight) < limit:
+                job = next(pending, None)
+                if job is None:
+                    break
+                inflight.append(task.remote(*job) if job[5] else fn(*job))
+            if not inflight:
+                return
+            head = inflight.popleft()
+            yield ray.get(head) if isinstance(head, ray.ObjectRef) else head
+    finally:
+        refs = [r for r in inflight if isinstance(r, ray.ObjectRef)]
+        for r in refs:
+            ray.cancel(r)
+        for r in refs:
+            with contextlib.suppress(Exception):
+                ray.get(r)
 
 
 def _row_checks(manifest: Manifest, cols: ResolvedColumns, labels: dict[str, LabelMap], i: int, row_no: int,

@@ -6,6 +6,8 @@ thousand rows), never by the size of the split.
 from __future__ import annotations
 
 import logging
+import sys
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -19,8 +21,41 @@ from mmray.data.decode import DAMAGED, Preprocessor
 
 log = logging.getLogger(__name__)
 
-# Rows held for shuffling: a window of whole row groups is permuted before batching.
-MIN_SHUFFLE_WINDOW = 1024
+
+
+@dataclass(frozen=True)
+class Shuffle:
+    """An epoch's order under ``data.shuffle``, for every in-process reader (shards, embedding cache, decoded
+    cache), so each means what the Ray pipeline means by it. ``units``: files, then row groups within a file, in
+    a per-epoch seeded order; ``window``: rows gathered before a batch goes out; ``mix``: those rows permuted.
+
+    ``files``: units only. ``local``: units + windows of ``data.shuffle_buffer_rows`` (at least a batch).
+    ``global``: units + one window of the whole split (every row held: a full permutation). ``none``, or not
+    training: file order.
+    """
+
+    units: bool
+    window: int
+    mix: bool
+
+    @classmethod
+    def of(cls, mode: str, buffer_rows: int, batch_size: int, train: bool = True) -> "Shuffle":
+        mode = mode if train else "none"
+        if mode == "local":
+            return cls(True, max(buffer_rows, batch_size), True)
+        if mode == "global":
+            return cls(True, sys.maxsize, True)
+        return cls(mode == "files", batch_size, False)
+
+    @classmethod
+    def for_data(cls, data: DataConfig, batch_size: int, train: bool) -> "Shuffle":
+        return cls.of(data.shuffle, data.shuffle_buffer_rows, batch_size, train)
+
+    @classmethod
+    def default(cls, batch_size: int, train: bool) -> "Shuffle":
+        """The order with the schema's default ``data.shuffle`` (readers not given a job's data section)."""
+        fields = DataConfig.model_fields
+        return cls.of(fields["shuffle"].default, fields["shuffle_buffer_rows"].default, batch_size, train)
 
 
 def iter_batches(
@@ -45,7 +80,8 @@ def iter_batches(
         batch_size: rows per batch (the last batch may be smaller).
         train: augment images (with ``data.image.augment``); also the default for ``shuffle``.
         seed, epoch: seed the shuffle and augmentation; a new epoch gives a new order.
-        shuffle: shuffle shard order, row-group order and rows within a window; default = ``train``.
+        shuffle: order the epoch by ``data.shuffle`` (see :class:`Shuffle`); False = file order;
+            default = ``train``.
         with_ids: add ``"id"``: list[str] to each batch (for predict).
         preprocessor: reuse this preprocessor (e.g. to avoid reloading a tokenizer every epoch).
 
@@ -60,11 +96,11 @@ def iter_batches(
 
     if batch_size < 1:
         raise UserError(f"batch_size: must be at least 1, got {batch_size}")
-    shuffle = train if shuffle is None else shuffle
+    order = Shuffle.for_data(data, batch_size, train if shuffle is None else shuffle)
     rng = np.random.default_rng([seed, epoch])
     pre = preprocessor or Preprocessor(data, info, train=train, seed=int(rng.integers(2**31)))
-    window = max(4 * batch_size, MIN_SHUFFLE_WINDOW) if shuffle else batch_size
-    for table in _batches(_chunks(data, info, split, shuffle, rng), batch_size, window, rng if shuffle else None):
+    for table in _batches(_chunks(data, info, split, order.units, rng), batch_size, order.window,
+                          rng if order.mix else None):
         columns = table_columns(table)
         out = {k: torch.from_numpy(v) for k, v in pre(columns).items()}
         if with_ids:

@@ -15,7 +15,7 @@ from mmray.data.decoded import plan as decode_plan
 from mmray.data.tokenizer import TextTokenizer
 from mmray.export.writer import EXPORT_METRICS_FILE, read_metrics
 from mmray.hf_local import looks_local
-from mmray.train.checkpoint import kept_checkpoints, read_state
+from mmray.train.checkpoint import is_sharded_checkpoint, kept_checkpoints, read_state, strategy_mismatch
 from mmray.train.finalize import export_checkpoint, supervised_best
 from mmray.train.outputs import export_dir as run_export_dir
 from mmray.train.outputs import resolve_run_dir, tensorboard_dir
@@ -80,16 +80,21 @@ def check_model_files(config: JobConfig) -> None:
         TextTokenizer.from_pretrained(config.data.text.tokenizer)
 
 
-def check_resume_point(run_dir: str) -> None:
-    """The checkpoint a resume continues from (the latest kept) holds a plain training state; checked here,
-    before Ray starts, so a planted or damaged ``state.pt`` is exit 2 naming the file, not a worker failure.
+def check_resume_point(run_dir: str, config: JobConfig | None = None) -> None:
+    """The checkpoint a resume continues from (the latest kept) holds a plain training state, written under
+    ``config``'s ``scaling.strategy`` (sharded for fsdp, whole for ddp); checked here, before Ray starts, so
+    a planted or damaged ``state.pt`` or a changed strategy is exit 2 naming the file, not a worker failure.
 
     Raises:
-        UserError: from :func:`mmray.train.checkpoint.read_state`.
+        UserError: from :func:`mmray.train.checkpoint.read_state`, or the strategy changed.
     """
     kept = kept_checkpoints(run_dir)
     if kept:
-        read_state(kept[max(kept)])
+        latest = kept[max(kept)]
+        read_state(latest)
+        sharded = is_sharded_checkpoint(latest)
+        if config is not None and sharded != (config.scaling.strategy == "fsdp"):
+            raise UserError(strategy_mismatch(latest, sharded))
 
 
 def finished_run(run_dir: str) -> RunResult:
@@ -132,7 +137,7 @@ def train(
     # One process per run folder: a second `mmray train --name X` is refused, naming the holder (exit 2).
     with store.folder_lock(run_dir, what="run"):
         if state == "resume":
-            check_resume_point(run_dir)
+            check_resume_point(run_dir, config)
         return _train_locked(config, info, run_dir, state, on_event)
 
 

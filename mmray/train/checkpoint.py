@@ -19,6 +19,15 @@ LoRA: an encoder trained through adapters (``model.encoders.<m>.lora``) keeps it
 loaded, so its checkpoints hold only the adapters (and everything else that trains); ``frozen.json``'s
 ``lora_base`` maps the encoder to the sha256 of the weights left out (:func:`mmray.models.lora.base_hash`),
 verified the same way when the checkpoint is loaded.
+
+Sharded checkpoints (``scaling.strategy: fsdp``): the weights and the optimizer state are saved by every worker,
+each its own shard, with torch distributed checkpoint instead of ``model.safetensors`` and ``state.pt``'s
+optimizer: ``__<rank>_0.distcp`` files and the index ``.metadata`` (written by rank 0), all in the one
+checkpoint folder (Ray Train merges the workers' files). The keys are the plain model's, under ``model.``
+and ``optimizer.`` (frozen and LoRA base weights left out as above); ``state.pt``, ``config.yaml`` and
+``frozen.json`` are as in a full checkpoint. A resumed sharded run reads back its shards whatever the workers'
+count; :func:`load_model` reads a sharded checkpoint into one whole model in one process, so the export (and
+everything that loads a checkpoint) sees the same model a DDP run would give.
 """
 from __future__ import annotations
 
@@ -39,12 +48,14 @@ from mmray.config.errors import RunError, UserError
 from mmray.models.builder import build_as_trained, build_job_model
 from mmray.models.hashing import weights_hash
 from mmray.models.lora import base_hash, base_parameter_names
+from mmray.train.sharding import is_sharded
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
 CONFIG = "config.yaml"
 FROZEN = "frozen.json"
 PREFIX = "checkpoint_epoch_"
+SHARDS_INDEX = ".metadata"  # torch distributed checkpoint's index of the shard files of a sharded checkpoint
 
 
 def checkpoint_name(epoch: int) -> str:
@@ -119,10 +130,21 @@ def save_checkpoint(
 ) -> str:
     """Write a checkpoint folder at ``path``; ``frozen`` maps module name (``encoders.image``) -> weights hash
     of modules left out of it, ``lora_base`` LoRA-adapted module name -> hash of its base weights, left out
-    too (see the module docstring)."""
+    too (see the module docstring).
+
+    A sharded model (``scaling.strategy: fsdp``) is saved by every rank, each writing its shards into its own
+    ``path`` (the folders are merged into one); rank 0 also writes the rest."""
     os.makedirs(path, exist_ok=True)
-    save_file(state_dict_for_saving(model, leave_out=frozen or (), lora_base=lora_base or ()),
-              os.path.join(path, WEIGHTS))
+    sharded = is_sharded(model)
+    if sharded:
+        _save_shards(path, model, optimizer, leave_out=frozen or (), lora_base=lora_base or ())
+        import torch.distributed as dist
+
+        if dist.get_rank() != 0:
+            return path
+    else:
+        save_file(state_dict_for_saving(model, leave_out=frozen or (), lora_base=lora_base or ()),
+                  os.path.join(path, WEIGHTS))
     if frozen or lora_base:
         with open(os.path.join(path, FROZEN), "w") as f:
             json.dump({"left_out": frozen or {}, "lora_base": lora_base or {},
@@ -131,7 +153,7 @@ def save_checkpoint(
                       f, indent=1, sort_keys=True)
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": None if sharded else optimizer.state_dict(),  # sharded: in the shard files
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "train_state": state.__dict__,
@@ -141,6 +163,81 @@ def save_checkpoint(
     with open(os.path.join(path, CONFIG), "w") as f:
         f.write(to_yaml(config))
     return path
+
+
+def _save_shards(path: str, model: nn.Module, optimizer, *, leave_out, lora_base) -> None:
+    """Every rank: its shards of the weights (without ``leave_out`` and the ``lora_base`` base weights) and of
+    the optimizer state, by torch distributed checkpoint, into ``path`` (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    skip = _base_keys(unwrap(model), lora_base)
+    model_state = {k: v for k, v in model_state.items() if not _under(k, leave_out) and k not in skip}
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
+
+
+def is_sharded_checkpoint(path: str) -> bool:
+    """Whether the checkpoint folder ``path`` (a local path or a URI) was saved sharded (``scaling.strategy: fsdp``)."""
+    return store.exists(store.join(path, SHARDS_INDEX))
+
+
+def _saved_keys(path: str) -> set[str]:
+    """The flattened keys (``model.<name>``, ``optimizer.state.<name>.<what>``, ...) a sharded checkpoint holds."""
+    import torch.distributed.checkpoint as dcp
+
+    return set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+
+
+def _load_shards(path: str, model: nn.Module, optimizer=None) -> None:
+    """Read the sharded checkpoint at ``path`` into ``model`` (sharded or whole; on every rank of a sharded one,
+    a collective) and ``optimizer``; the left-out modules and LoRA base weights keep the values ``model`` has.
+
+    Raises:
+        RuntimeError: the checkpoint's weights do not fit the model (missing or unexpected names).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    inner = unwrap(model)
+    saved = _saved_keys(path)
+    skip = _base_keys(inner, lora_bases(path))
+    frozen = left_out(path)
+    if optimizer is None:
+        model_state, optimizer_state = get_model_state_dict(model), None
+    else:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+    wanted = {k: v for k, v in model_state.items() if not _under(k, frozen) and k not in skip}
+    saved_model = {k[len("model."):] for k in saved if k.startswith("model.")}
+    missing, unexpected = sorted(set(wanted) - saved_model), sorted(saved_model - set(wanted))
+    if missing or unexpected:
+        raise RuntimeError(f"{path}: checkpoint does not fit the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    blob: dict[str, Any] = {"model": wanted}
+    if optimizer_state is not None:
+        # parameters that had not trained yet when it was saved (an encoder still frozen) have no state there
+        optimizer_state["state"] = {name: st for name, st in optimizer_state["state"].items()
+                                    if any(k.startswith(f"optimizer.state.{name}.") for k in saved)}
+        blob["optimizer"] = optimizer_state
+    import warnings
+
+    import torch.distributed as dist
+
+    single = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():  # one process (the export, evaluate) reads whole tensors from every shard file:
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")  # DCP warns that this is meant
+        dcp.load(blob, checkpoint_id=path, no_dist=single)
+    options = StateDictOptions(strict=False)
+    if optimizer is None:
+        set_model_state_dict(model, wanted, options=options)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=wanted, optim_state_dict=blob["optimizer"], options=options)
 
 
 class StorageFullError(RunError):
@@ -274,7 +371,7 @@ def _frozen_json(path: str) -> dict[str, dict[str, str]]:
 
 
 def load_weights(path: str, model: nn.Module, *, verify: bool = True) -> None:
-    """Load the checkpoint at ``path`` into ``model`` in place.
+    """Load the checkpoint at ``path`` (full or sharded) into ``model`` in place.
 
     For a slim checkpoint, ``model`` must already hold the left-out frozen modules as training had them
     (:func:`load_model` builds it so); with ``verify`` their hashes are checked. Ranks other than 0 pass
@@ -285,20 +382,36 @@ def load_weights(path: str, model: nn.Module, *, verify: bool = True) -> None:
     """
     inner = unwrap(model)
     frozen, bases = left_out(path), lora_bases(path)
-    saved = load_file(os.path.join(path, WEIGHTS))
-    if not frozen and not bases:
-        inner.load_state_dict(saved)
-        return
-    missing, unexpected = inner.load_state_dict(saved, strict=False)
-    base_keys = _base_keys(inner, bases)
-    stray = [k for k in missing if not _under(k, frozen) and k not in base_keys]
-    if stray or unexpected:
-        raise RuntimeError(f"{path}: checkpoint does not fit the model: missing {stray[:5]}, unexpected {unexpected[:5]}")
+    if is_sharded_checkpoint(path):
+        _load_shards(path, model)
+    else:
+        saved = load_file(os.path.join(path, WEIGHTS))
+        if not frozen and not bases:
+            inner.load_state_dict(saved)
+            return
+        missing, unexpected = inner.load_state_dict(saved, strict=False)
+        base_keys = _base_keys(inner, bases)
+        stray = [k for k in missing if not _under(k, frozen) and k not in base_keys]
+        if stray or unexpected:
+            raise RuntimeError(f"{path}: checkpoint does not fit the model: missing {stray[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+    if verify:
+        verify_left_out(path, lambda name, hash_of: hash_of(inner.get_submodule(name)))
+
+
+def verify_left_out(path: str, actual_hash) -> None:
+    """Check the modules the checkpoint at ``path`` left out against the hashes it recorded;
+    ``actual_hash(module name, hash function)`` gives the hash of the module the loading model has.
+
+    Raises:
+        UserError: a left-out module differs from the one the checkpoint was trained with.
+    """
+    frozen, bases = left_out(path), lora_bases(path)
     checks = [(name, digest, weights_hash, "frozen weights") for name, digest in sorted(frozen.items())]
     checks += [(name, digest, base_hash, "pretrained weights under the LoRA adapters")
                for name, digest in sorted(bases.items())]
-    for name, digest, hash_of, what in checks if verify else ():
-        actual = hash_of(inner.get_submodule(name))
+    for name, digest, hash_of, what in checks:
+        actual = actual_hash(name, hash_of)
         if actual != digest:
             raise UserError(
                 f"{path} leaves out the {what} of {name} (sha256 {digest[:12]}), and rebuilding them from "
@@ -363,16 +476,35 @@ def read_config(checkpoint_dir: str) -> JobConfig:
         return from_yaml_text(f.read(), source=path)
 
 
-def load_checkpoint(path: str, *, model, optimizer, scheduler, scaler, verify: bool = True) -> TrainState:
+def load_checkpoint(path: str, *, model, optimizer, scheduler, scaler, verify: bool = True,
+                    hashes: dict[str, str] | None = None) -> TrainState:
     """Restore weights and optimizer/schedule state in place; returns the saved :class:`TrainState`.
 
+    A sharded model reads a sharded checkpoint (every rank calls this); its left-out modules are verified
+    against ``hashes`` (module name -> hash of the module as built, before sharding), when ``verify``.
+
     Raises:
-        UserError: ``state.pt`` is not a plain training state (:func:`read_state`).
+        UserError: ``state.pt`` is not a plain training state (:func:`read_state`), or a sharded checkpoint
+            meets a whole model or the other way round (the run changed ``scaling.strategy``).
     """
     blob = read_state(path)  # before the weights: a planted state file stops the resume at once
-    load_weights(path, model, verify=verify)
-    optimizer.load_state_dict(blob["optimizer"])
+    if is_sharded(model) != is_sharded_checkpoint(path):
+        raise UserError(strategy_mismatch(path, is_sharded_checkpoint(path)))
+    if is_sharded(model):
+        _load_shards(path, model, optimizer)
+        if verify:
+            verify_left_out(path, lambda name, hash_of: (hashes or {}).get(name, ""))
+    else:
+        load_weights(path, model, verify=verify)
+        optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     if scaler is not None and blob["scaler"] is not None:
         scaler.load_state_dict(blob["scaler"])
     return TrainState(**blob["train_state"])
+
+
+def strategy_mismatch(path: str, sharded: bool) -> str:
+    """The message for resuming a checkpoint written under the other ``scaling.strategy``."""
+    was, now = ("fsdp", "ddp") if sharded else ("ddp", "fsdp")
+    return (f"scaling.strategy: {now!r}, but the checkpoint to resume from, {path}, was written by a "
+            f"scaling.strategy: {was!r} run; resume with scaling.strategy: {was!r}, or train under a new --name")

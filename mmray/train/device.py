@@ -21,10 +21,12 @@ def has_conv(module: nn.Module) -> bool:
 
 def uses_channels_last(config: JobConfig, model: nn.Module, device: torch.device) -> bool:
     """``train.channels_last``: ``auto`` = on CUDA, when the image encoder is a CNN (where tensor cores
-    want NHWC); ``on`` / ``off`` as said. Only the image encoder and image batches change format."""
+    want NHWC); ``on`` / ``off`` as said. Only the image encoder and image batches change format. Never with
+    ``scaling.strategy: fsdp`` (it cannot shard NHWC weights; ``on`` is refused with it at config validation)."""
     setting = config.train.channels_last
     encoders = getattr(model, "encoders", {})
-    if setting == "off" or "image" not in encoders or not has_conv(encoders["image"]):
+    if setting == "off" or config.scaling.strategy == "fsdp" or "image" not in encoders \
+            or not has_conv(encoders["image"]):
         return False
     return setting == "on" or device.type == "cuda"
 

@@ -43,6 +43,7 @@ from mmray.train.device import DeviceMonitor, batch_to_device, maybe_compile, to
 from mmray.train.evaluation import autocast_dtype, evaluate_model, task_losses
 from mmray.train.objectives import in_pretraining, step_losses
 from mmray.train.outputs import EpochOutputs
+from mmray.train.sharding import is_sharded, local_parameters, shard_model, shares_line
 
 PROGRESS_EVERY_S = 1.0
 # Batches between checks that the training loss is finite. A check reads one number from the device
@@ -212,7 +213,8 @@ def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, confi
             drop_modalities(batch, config.data.modalities, config.train.modality_dropout)
         pending += 1
         sync = pending == accum
-        # Skip DDP's gradient all-reduce on micro-batches that only accumulate.
+        # Skip DDP's gradient all-reduce on micro-batches that only accumulate (a sharded model reduce-scatters
+        # every micro-batch's gradients into its shards: they are averaged across workers as they accumulate).
         no_sync = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
         with no_sync, torch.autocast(ctx.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             supervised = functools.partial(task_losses, batch=batch, label_smoothing=config.train.label_smoothing,
@@ -248,7 +250,7 @@ def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, confi
                           "rows_total": expected_rows, "loss": (loss_sum / rows.clamp(min=1)).item()})
     _stop_if_not_finite(first_bad, ctx, epoch, optimizer, config)  # every rank, at the same point
     if pending:  # a partial accumulation at the end of the epoch: average it in by hand across workers
-        for p in model.parameters():
+        for p in model.parameters() if not is_sharded(model) else ():  # sharded: averaged already
             if p.grad is not None:
                 p.grad.copy_(ctx.all_reduce(p.grad) / ctx.world_size)
         _optimizer_step(model, optimizer, scheduler, scaler, config, held)
@@ -318,9 +320,10 @@ def improved(value: float, best: float | None, mode: str, min_delta: float) -> b
 
 
 def _checkpoint_record_report(ctx: WorkerContext, epoch: int, scalars: dict[str, float], state: TrainState,
-                              outputs: EpochOutputs | None, save) -> None:
+                              outputs: EpochOutputs | None, save, sharded: bool = False) -> None:
     """End ``epoch``: rank 0 writes its checkpoint (``save(path)``) and makes it durable (``ctx.keep``), then
-    writes the epoch's record (``metrics.jsonl``, TensorBoard), then every rank reports.
+    writes the epoch's record (``metrics.jsonl``, TensorBoard), then every rank reports. ``sharded``: every
+    rank writes its shards of the checkpoint and reports them (the folders are merged into one).
 
     The order is the guarantee: a recorded epoch always has its checkpoint where ``keep`` stores it, so a run
     or trial killed right after the record resumes past it and never trains it again; and the record comes
@@ -328,13 +331,13 @@ def _checkpoint_record_report(ctx: WorkerContext, epoch: int, scalars: dict[str,
     Where ``report`` stores the checkpoint, a large one may still be uploading when the next epoch starts
     (``checkpoint.async_upload_mb``): a kill before it is stored resumes from the one before and trains that
     epoch again, and its record is rewritten from the checkpointed history (each epoch once)."""
-    scratch = tempfile.mkdtemp(prefix="mmray-ckpt-") if ctx.rank == 0 else None
+    scratch = tempfile.mkdtemp(prefix="mmray-ckpt-") if ctx.rank == 0 or sharded else None
     try:
         ckpt = kept = None
         if scratch is not None:  # one copy of the checkpoint, from rank 0 (Ray merges multi-rank folders)
             with _storage_full_at(ctx, epoch, resume_epoch=epoch - 1):
                 ckpt = save(os.path.join(scratch, checkpoint_name(epoch)))
-                kept = ctx.keep(ckpt)
+                kept = ctx.keep(ckpt) if ctx.rank == 0 else None
         if outputs is not None:
             outputs.write(epoch, scalars, state.history)
         with _storage_full_at(ctx, epoch, resume_epoch=epoch if kept else epoch - 1, partial=not kept):
@@ -376,6 +379,18 @@ def _storage_full_at(ctx: WorkerContext, epoch: int, *, resume_epoch: int, parti
                                resume_epoch) from e
 
 
+def _wrap(model: nn.Module, config: JobConfig, ctx: WorkerContext) -> nn.Module:
+    """``scaling.strategy``: ``ddp`` = the context's wrap (DDP on Ray Train workers); ``fsdp`` = sharded
+    (:func:`mmray.train.sharding.shard_model`), with one run-log line on how the parameters are spread."""
+    if config.scaling.strategy != "fsdp":
+        return ctx.prepare_model(model)
+    model = shard_model(model, config.train.precision, ctx.device)
+    held, total = local_parameters(model)
+    counts = ctx.all_gather(torch.tensor([held], dtype=torch.float64, device=ctx.device))
+    ctx.progress({"type": "sharding", "line": shares_line([int(c.item()) for c in counts], total)})
+    return model
+
+
 def train_loop(config: JobConfig, ctx: WorkerContext, inputs: LoopInputs | None = None) -> TrainState:
     """Train ``config`` on this worker until ``train.epochs`` or early stopping; report every epoch.
 
@@ -392,16 +407,19 @@ def train_loop(config: JobConfig, ctx: WorkerContext, inputs: LoopInputs | None 
     # record these hashes; the embedding cache's batches must come from exactly these weights.
     cached = dict(inputs.cached_encoders)
     hashes = encoder_hashes(model, sorted(set(permanently_frozen(config)) | set(cached))) if ctx.rank == 0 else {}
-    frozen = {m: hashes[m] for m in permanently_frozen(config)} if ctx.rank == 0 else {}
+    # Every rank names them (each leaves them out of its shards of a sharded checkpoint); rank 0 hashes them.
+    frozen = {m: hashes.get(m, "") for m in permanently_frozen(config)}
     # LoRA-adapted encoders that train: checkpoints hold their adapters, and the hash of the base weights.
-    lora_base = {f"encoders.{m}": base_hash(model.encoders[m]) for m in lora_encoders(config)} if ctx.rank == 0 else {}
+    lora_base = {f"encoders.{m}": base_hash(model.encoders[m]) if ctx.rank == 0 else "" for m in lora_encoders(config)}
     if ctx.rank == 0:
         check_cached_encoders(hashes, cached)
     groups = param_groups(model, config)  # before DDP: it must not register permanently frozen weights
     channels_last = uses_channels_last(config, model, ctx.device)
     if channels_last:
         to_channels_last(model)
-    model = maybe_compile(ctx.prepare_model(model), config)  # compile the DDP wrapper: it splits at buckets
+    model = maybe_compile(_wrap(model, config, ctx), config)  # compile the DDP wrapper: it splits at buckets
+    if is_sharded(model):  # sharding replaced every parameter by its shard: group those
+        groups = param_groups(model, config)
     monitor = DeviceMonitor(ctx.device)
     optimizer = make_optimizer(config.train.optimizer, groups)
     rows_per_worker = info.splits["train"].rows // ctx.world_size
@@ -415,7 +433,8 @@ def train_loop(config: JobConfig, ctx: WorkerContext, inputs: LoopInputs | None 
     with ctx.resume_checkpoint() as resume_from:  # a temporary local copy lives for this block only
         if resume_from:
             state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
-                                    scaler=scaler, verify=ctx.rank == 0)
+                                    scaler=scaler, verify=ctx.rank == 0,
+                                    hashes={f"encoders.{m}": d for m, d in frozen.items()} | lora_base)
             ctx.progress({"type": "resumed", "epoch": state.epoch, "path": resume_from})
             if state.epoch >= config.train.epochs or (patience is not None
                                                       and state.epochs_without_improvement >= patience):
@@ -459,7 +478,7 @@ def train_loop(config: JobConfig, ctx: WorkerContext, inputs: LoopInputs | None 
             state.history.append(scalars)
 
             ending = time.perf_counter()
-            _checkpoint_record_report(ctx, epoch, scalars, state, outputs, save)
+            _checkpoint_record_report(ctx, epoch, scalars, state, outputs, save, sharded=is_sharded(model))
             # checkpoint_s: how long checkpointing, recording and reporting kept the next epoch waiting
             ctx.progress({"type": "epoch_end", "epoch": epoch, "epochs": config.train.epochs, "metrics": scalars,
                           "metric": metric, "phase": phase, "checkpoint_s": time.perf_counter() - ending,

@@ -22,7 +22,7 @@ def _duration(seconds: float) -> str:
 
 
 class ProgressPrinter:
-    """Renders loop events (``epoch_start``, ``step``, ``epoch_end``, ``early_stop``, ``resumed``) and the
+    """Renders loop events (``epoch_start``, ``step``, ``epoch_end``, ``early_stop``, ``resumed``, ``sharding``) and the
     driver's (``embedding_cache``, ``worker_failed``)."""
 
     def __init__(self, stream: TextIO | None = None, tty: bool | None = None, width: int = 24):
@@ -82,6 +82,9 @@ class ProgressPrinter:
         self._line(e["line"])
 
     def _on_decode_cache(self, e: dict[str, Any]) -> None:
+        self._line(e["line"])
+
+    def _on_sharding(self, e: dict[str, Any]) -> None:  # scaling.strategy: fsdp
         self._line(e["line"])
 
     def _on_early_stop(self, e: dict[str, Any]) -> None:

@@ -50,13 +50,18 @@ class RayWorkerContext:
     def _batches(self, split: str, train: bool, epoch: int):
         import ray.train
 
-        bs = self._config.train.batch_size
+        from mmray.data.pipeline import local_shuffle_rows  # Ray Data: imported in the worker process
+
+        bs, data = self._config.train.batch_size, self._config.data
         if self._cached_epochs is not None and epoch > self._cached_epochs:
             split = f"{split}{RAW_SUFFIX}"  # the embedding cache served the epochs before: decode from now on
+        buffer = local_shuffle_rows(data, bs, train)
         return ray.train.get_dataset_shard(split).iter_torch_batches(
             batch_size=bs,
-            prefetch_batches=self._config.data.prefetch_batches,
-            local_shuffle_buffer_size=4 * bs if train else None,
+            prefetch_batches=data.prefetch_batches,
+            local_shuffle_buffer_size=buffer,
+            # per rank and epoch: the same seed gives the same mixing, each epoch and rank mixes differently
+            local_shuffle_seed=hash((self._config.train.seed, self.rank, epoch)) % 2**31 if buffer else None,
             pin_memory=self.device.type == "cuda",
         )
 
@@ -366,7 +371,8 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
 
     if cache.used:
         datasets = {
-            "train": build_cached_dataset(cache.entries, "train", train=True, seed=config.train.seed),
+            "train": build_cached_dataset(cache.entries, "train", train=True, seed=config.train.seed,
+                                          shuffle=config.data.shuffle),
             "val": build_cached_dataset(cache.entries, "val", train=False),
         }
         if cache.partial:  # the encoders unfreeze after cache.epochs: those epochs decode the dataset

@@ -26,6 +26,7 @@ from mmray.data.dataset_dir import read_dataset_info
 from mmray.export.ensemble import write_ensemble
 from mmray.export.evaluate import evaluate, split_batches
 from mmray.export.loader import load_model
+from mmray.export.writer import EXPORT_METRICS_FILE
 from mmray.train.evaluation import RowPredictions
 from mmray.train.finalize import export_checkpoint, supervised_best
 from mmray.tune.control_arms import compare
@@ -33,6 +34,13 @@ from mmray.tune.experiment import BEST_DIR, ENSEMBLE_ARM_FILE
 from mmray.tune.finalists import pick
 
 SINGLE_DIR, ENSEMBLE_DIR = "best-single", "best-ensemble"
+
+
+def _split_metrics(split: str, measured: dict[str, Any]) -> dict[str, Any]:
+    """``evaluate``'s result as a single export's ``metrics.json`` holds it (``val.accuracy``, ...)."""
+    out = {f"{split}.{k}": measured[k] for k in ("loss", "rows", "accuracy", "precision", "recall", "f1", "confusion")
+           if k in measured}
+    return out | {f"{split}.bad_records": measured.get("skipped", 0)}
 
 
 def test_rows(export_dir: str, data_dir: str):
@@ -91,12 +99,16 @@ def ensemble_arm(setup, trials: list, single_metrics: dict[str, Any]) -> dict[st
         "members": [t.trial_id for t in members], "metric": f"val.{key}",
         "val": {"ensemble": ens_score, "single": single_val}, "chosen": chosen, "ranked_by": metric,
     }
+    metrics = _split_metrics("val", ensemble_val)
     if "test" in read_dataset_info(data).splits:
+        metrics |= _split_metrics("test", evaluate(ens, data, split="test", diagnostics=False))
         c = compare(test_rows(ens, data), test_rows(single, data))
         record["test"] = {"ensemble": c.winner_accuracy, "single": c.control_accuracy,
                           "difference": c.ci.difference, "low": c.ci.low, "high": c.ci.high, "level": c.ci.level,
                           "rows": c.ci.rows, "verdict": c.verdict.replace("the winner", "the ensemble")
                           .replace("the control", "the single winner")}
+    with open(os.path.join(ens, EXPORT_METRICS_FILE), "w") as f:  # what best/ shows, whichever it is
+        f.write(json.dumps(metrics, indent=2) + "\n")
     if chosen == "ensemble":
         shutil.rmtree(best)
         shutil.copytree(ens, best)

@@ -50,11 +50,20 @@ def pick(trials: list, k: int) -> list:
     return [t for t in trials if t.best_epoch is not None and t.status != "error"][:k]
 
 
-def rank(trials: list, metric: str, mode: str) -> list:
-    """Re-checked trials first, by the mean of all their runs; then the rest by their one run, as before."""
+def rank(trials: list, metric: str, mode: str, finalists: int = 0) -> list:
+    """Re-checked trials first, by the mean of all their runs; then the rest by their one run, as before.
+
+    ``finalists``: how many of the ranked ``trials`` were picked for the re-check. With seed re-runs, a finalist
+    whose re-runs did not count (a time budget stopped them before its best epoch) stays among the finalists
+    with the mean of the runs it has, its own: a re-checked trial whose mean fell below it must not win just
+    because it was measured more (cross-validation scores are on other rows, so there only the folds rank)."""
     sign = 1 if mode == "max" else -1
-    checked = sorted((t for t in trials if t.rechecked), key=lambda t: -sign * mean_sd(t.scores(metric))[0])
-    return checked + [t for t in trials if not t.rechecked]
+    head = [t for t in trials if t.rechecked]
+    if not any(t.fold_scores for t in head):
+        head += [t for t in pick(trials, finalists) if not t.rechecked]
+    chosen = {id(t) for t in head}
+    head.sort(key=lambda t: -sign * mean_sd(t.scores(metric))[0])
+    return head + [t for t in trials if id(t) not in chosen]
 
 
 def check_cv(space, config, *, distributed: bool, flag: str = "--finalists-cv") -> None:

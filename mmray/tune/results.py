@@ -192,7 +192,7 @@ def finish(setup, results, recheck=None) -> SweepSummary:
     trials.sort(key=lambda t: (t.best_epoch is None, -sign * t.best.get(metric, 0.0)))
     if recheck is not None:
         recheck(trials)
-        trials = finalists.rank(trials, metric, mode)
+        trials = finalists.rank(trials, metric, mode, space.finalists)
     param_keys = [k for k, _ in space.ordered_parameters()]
     staged = store.StagedDir(exp)  # written locally, uploaded when exp is a URI
     write_leaderboard(staged.path(LEADERBOARD), trials, param_keys, metric)

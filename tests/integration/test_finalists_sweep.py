@@ -57,6 +57,12 @@ def test_finalists_are_rechecked_the_best_mean_wins_and_an_ensemble_is_weighed_a
     assert (exp / "best-ensemble" / "ensemble.json").is_file() and (exp / "best-single" / "model.safetensors").is_file()
     assert (exp / "best" / "ensemble.json").is_file() == (better == "ensemble")
     assert "low" in arm["test"] and arm["test"]["rows"] > 0
+    # best/ shows its own scores whichever it is, as a single export's metrics.json does
+    shown = json.loads((exp / "best" / "metrics.json").read_text())
+    assert shown["val.accuracy"] == pytest.approx(arm["val"][better])
+    assert shown["test.accuracy"] == pytest.approx(arm["test"][better])
+    ens = json.loads((exp / "best-ensemble" / "metrics.json").read_text())
+    assert ens["test.rows"] == arm["test"]["rows"] and ens["val.accuracy"] == pytest.approx(arm["val"]["ensemble"])
     assert "ensemble:    the top 2 trials' probabilities averaged" in proc.stdout
     assert "## Ensemble vs single winner" in summary
     assert mmray.load_model(exp / "best-ensemble").predict(texts=["a small red circle"])[0]["class_name"]

@@ -64,3 +64,35 @@ def test_every_verb_has_help_with_an_example(verb, capsys):
         build_parser().parse_args([*verb.split(), "--help"])
     assert e.value.code == 0
     assert "example:\n  mmray " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--image-format", "gif"], "--image-format: 'gif'; choose one of jpeg, png, webp"),
+    (["--image-size", "4000"], "--image-size: 4000; must be from 16 to 2048"),
+    (["--audio-seconds", "0"], "--audio-seconds: 0; must be from 0.1 to 60"),
+    (["--sample-rate", "1000"], "--sample-rate: 1000; must be from 8000 to 48000"),
+    (["--workers", "-1"], "--workers: -1; must be 0 (automatic) or more"),
+    (["--image-size", "big"], "argument --image-size: invalid int value: 'big'"),
+])
+def test_bad_synth_flags_exit_2_naming_flag_value_and_choices_and_write_nothing(tmp_path, capsys, flags, message):
+    out = tmp_path / "synth"
+    try:
+        code = main(["data", "synth", "--out", str(out), "--rows", "20", *flags])
+    except SystemExit as e:  # argparse's own type errors
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("mmray:") == 1
+    assert not out.exists()
+
+
+def test_synth_flags_reach_the_dataset(tmp_path, capsys):
+    out = tmp_path / "synth"
+    assert main(["data", "synth", "--out", str(out), "--rows", "12", "--shards", "1", "--image-size", "40",
+                 "--image-format", "webp", "--audio-seconds", "0.25", "--sample-rate", "8000", "--workers", "1"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    import json
+
+    media = json.loads((out / "dataset.json").read_text())["media"]
+    assert media == {"image": {"format": "webp", "size": 40}, "audio": {"format": "wav", "sample_rate": 8000,
+                                                                        "seconds": 0.25}}

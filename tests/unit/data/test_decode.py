@@ -11,7 +11,7 @@ import soundfile as sf
 from PIL import Image
 
 from mmray.config.schema import AudioPreprocess, DataConfig, ImagePreprocess
-from mmray.data.decode import BadRecordError, Preprocessor, decode_audio, decode_image
+from mmray.data.decode import BadRecordError, Preprocessor, decode_audio, decode_image, model_row_bytes
 
 
 def _png(rgb=(128, 128, 128), size=(40, 20)) -> bytes:
@@ -59,6 +59,15 @@ def test_batch_has_the_documented_shapes_and_dtypes(data_cfg, tiny_info):
     }
     assert {k: (v.shape, v.dtype.type) for k, v in out.items()} == expect
     assert out["valid"].all()
+
+
+@pytest.mark.parametrize("update", [{}, {"modalities": ("image",)}, {"modalities": ("text", "audio")},
+                                    {"image": ImagePreprocess(size=64), "audio": AudioPreprocess(seconds=2.0)}])
+def test_model_row_bytes_is_what_a_batch_takes(data_cfg, tiny_info, update):
+    """The Ray pipeline sizes its output blocks from it (one block per decode batch)."""
+    data = data_cfg.model_copy(update=update)
+    out = Preprocessor(data, tiny_info, train=False)(_batch(tiny_info))
+    assert model_row_bytes(data, tiny_info) * 16 == sum(v.nbytes for v in out.values())
 
 
 def test_only_configured_modalities_appear(tiny_dir, tiny_info):

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from mmray.cli.main import build_parser, main
+from mmray.config.errors import UserError
 from mmray.data.dataset_dir import read_dataset_info
 from mmray.data.inspect import inspect_dataset
 from mmray.data.manifest import ColumnMap
@@ -259,3 +260,98 @@ def test_text_only_jsonl_with_a_broken_line(tmp_path):
     again = prepare(str(path), str(tmp_path / "ds"), workers=1)  # an earlier dataset is replaced whole
     assert again.replaced and "replaced the old dataset" in again.summary()
     assert sorted(os.listdir(tmp_path)) == ["ds", "m.jsonl"]
+
+
+# ------------------------------------------------------------------------------ the chunked (Ray) path
+def in_process(fn, jobs, workers):
+    """Runs the chunked path's tasks here, each job and result through pickle as Ray sends them."""
+    import pickle
+
+    for job in jobs:
+        yield pickle.loads(pickle.dumps(fn(*pickle.loads(pickle.dumps(job)))))
+
+
+def _ordered_rows(info) -> dict[str, list[dict]]:
+    return {s: [r for f in info.split_files(s) for r in pq.read_table(f).to_pylist()] for s in info.splits}
+
+
+def assert_same_dataset(a, b):
+    """Same kept rows in the same order (every byte), same decisions, same counts, same tokenizer."""
+    assert _ordered_rows(a.info) == _ordered_rows(b.info)
+    with open(os.path.join(a.info.path, "rejected.jsonl"), "rb") as fa, \
+         open(os.path.join(b.info.path, "rejected.jsonl"), "rb") as fb:
+        assert fa.read() == fb.read()
+    ja, jb = (json.load(open(os.path.join(r.info.path, "dataset.json"))) for r in (a, b))
+    for doc in (ja, jb):
+        doc.pop("created")
+        for split in doc["splits"].values():
+            split.pop("files")
+    assert ja == jb
+    assert (a.rows_in, a.kept, a.rejected, a.partly_missing, a.rejected_by_reason, a.missing_by_reason) == \
+           (b.rows_in, b.kept, b.rejected, b.partly_missing, b.rejected_by_reason, b.missing_by_reason)
+    if a.info.tokenizer:
+        assert open(a.info.tokenizer_path, "rb").read() == open(b.info.tokenizer_path, "rb").read()
+
+
+def test_chunked_path_gives_the_serial_dataset(folder, prepared, tmp_path):
+    serial = prepared["csv"]
+    chunked = prepare(folder["manifests"]["csv"], str(tmp_path / "ds"), columns=COLUMNS, chunk_rows=7,
+                      run_chunks=in_process)
+    assert_same_dataset(serial, chunked)
+    n_chunks = -(-serial.rows_in // 7)
+    assert chunked.ray_tasks == n_chunks and f"on Ray: {n_chunks} tasks" in chunked.summary()
+    # each task wrote its own shards, straight into the dataset directory
+    files = chunked.info.splits["train"].files
+    assert len(files) > 1 and files[0] == "train/part-000000.parquet"
+    assert sorted(os.listdir(tmp_path)) == ["ds"]
+
+
+def test_chunked_strict_names_the_same_rows_and_writes_nothing(folder, tmp_path):
+    with pytest.raises(UserError) as serial:
+        prepare(folder["manifests"]["csv"], str(tmp_path / "a"), columns=COLUMNS, strict=True, workers=1)
+    with pytest.raises(UserError) as chunked:
+        prepare(folder["manifests"]["csv"], str(tmp_path / "b"), columns=COLUMNS, strict=True, chunk_rows=5,
+                run_chunks=in_process)
+    # the same first rows; a run stops after the chunk where the first problem is, so chunks of 5 show fewer
+    shown, want = str(chunked.value).splitlines(), str(serial.value).splitlines()
+    assert len(shown) > 2 and shown == want[:len(shown)]
+    assert os.listdir(tmp_path) == []
+
+
+def test_chunked_path_stops_a_run_whose_shards_are_on_another_machine(folder, tmp_path):
+    def elsewhere(fn, jobs, workers):  # a task on another node writes to that node's own disk
+        for job in jobs:
+            other = str(tmp_path / "other-node")
+            yield fn(*job[:3], other, *job[4:])
+
+    out = tmp_path / "ds"
+    with pytest.raises(UserError, match="--out: shard train/part-000000.parquet was written by a Ray task on "
+                                        "another machine.*a folder every machine shares"):
+        prepare(folder["manifests"]["csv"], str(out), columns=COLUMNS, chunk_rows=50, run_chunks=elsewhere)
+    assert not out.exists()
+
+
+def test_ray_flag_auto_stays_off_without_a_cluster(monkeypatch):
+    import sys
+
+    from mmray.data.prepare import AUTO_RAY_ROWS, _use_ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    assert not _use_ray("auto", 10 * AUTO_RAY_ROWS)  # a local Ray is never started just to prepare
+    assert "ray" not in sys.modules
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert _use_ray("auto", AUTO_RAY_ROWS) and not _use_ray("auto", AUTO_RAY_ROWS - 1)
+    assert not _use_ray("off", 10 * AUTO_RAY_ROWS) and _use_ray("on", 1)
+
+
+def test_bad_ray_flag_exits_2_and_names_the_choices(folder, tmp_path, capsys):
+    out = tmp_path / "ds"
+    with pytest.raises(SystemExit) as e:
+        main(["data", "prepare", folder["manifests"]["csv"], "--out", str(out), *CLI_COLUMNS, "--ray", "yes"])
+    assert e.value.code == 2
+    assert "--ray: invalid choice: 'yes' (choose from 'auto', 'on', 'off')" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(UserError, match=r"--ray: 'yes'; choose one of auto, on, off"):
+        prepare(folder["manifests"]["csv"], str(out), columns=COLUMNS, ray="yes")
+    assert not out.exists()

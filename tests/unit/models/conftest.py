@@ -5,11 +5,9 @@ Pretrained-model encoders (``hf_*``) get tiny random-weight models, saved once p
 """
 from __future__ import annotations
 
-import string
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import save_tiny_bert, save_tiny_wav2vec2
 
 from mmray.config.schema import ModelConfig
 from mmray.models import ENCODERS, FUSIONS, BuildContext
@@ -21,41 +19,6 @@ SMALL = {
     "dim": 16, "hidden_dim": 16, "channels": (8, 16), "layers": 1, "heads": 2, "ff_dim": 32,
     "n_mels": 16, "n_fft": 256, "hop_length": 64, "rank": 4, "dropout": 0.0,
 }
-
-
-# Words of the tiny tokenizer's vocabulary (with the specials and a-z: more ids than VOCAB, so any test id embeds).
-TINY_WORDS = "the a an is of and red blue green big small circle square triangle sound high low tone picture".split()
-
-
-def save_tiny_bert(folder: Path) -> str:
-    """A 1-layer, 32-wide random BERT and its WordPiece tokenizer, saved as a Hugging Face model folder."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase, *TINY_WORDS]
-    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=37, max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(folder)
-    return str(folder)
-
-
-def save_tiny_wav2vec2(folder: Path, sample_rate: int = SAMPLE_RATE) -> str:
-    """A 1-layer, 32-wide random wav2vec2 (2 conv layers, 10x downsampling) + its feature extractor config."""
-    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
-
-    torch.manual_seed(0)
-    config = Wav2Vec2Config(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
-        conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2), num_feat_extract_layers=2,
-        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, layerdrop=0.0,
-        mask_time_prob=0.0, mask_feature_prob=0.0,
-    )
-    Wav2Vec2Model(config).save_pretrained(folder)
-    Wav2Vec2FeatureExtractor(sampling_rate=sample_rate, do_normalize=True).save_pretrained(folder)
-    return str(folder)
 
 
 def small(entry, *, required: dict[str, dict] | None = None, **overrides):

@@ -38,6 +38,19 @@ def test_the_winner_is_the_best_mean_not_the_luckiest_run():
     assert [t.trial_id for t in rank([lucky, steady], "val.loss", "min")][0] in ("lucky", "steady")
 
 
+def test_a_finalist_whose_reruns_the_budget_cut_keeps_its_own_score_among_the_finalists():
+    # seen on a budgeted sweep: the job as is (0.698, its re-runs stopped by the budget before its best epoch)
+    # lost to a re-checked trial whose mean was 0.679, only because the latter had been measured twice
+    checked = _trial("checked", 0.684, rechecks=[0.673])
+    baseline = _trial("baseline", 0.698)  # picked as a finalist; no re-run counted
+    third = _trial("third", 0.682, rechecks=[0.690])
+    ranked = rank([baseline, checked, third, _trial("rest", 0.60)], "val.accuracy", "max", finalists=3)
+    assert [t.trial_id for t in ranked] == ["baseline", "third", "checked", "rest"]
+    # outside the finalists nothing moves ahead of them
+    ranked = rank([checked, baseline, _trial("rest", 0.99)], "val.accuracy", "max", finalists=2)
+    assert [t.trial_id for t in ranked][-1] == "rest"
+
+
 def test_the_leaderboard_and_summary_show_mean_and_sd(tmp_path):
     trials = rank([_trial("lucky", 0.95, [0.80, 0.82]), _trial("steady", 0.90, [0.91, 0.89]), _trial("rest", 0.85)],
                   "val.accuracy", "max")
