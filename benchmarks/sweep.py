@@ -19,6 +19,7 @@ either side). The box may be shared: numbers are noisy, ratios within a run are 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -82,14 +83,14 @@ class TimedContext(TuneTrialContext):
         for batch in super().train_batches(epoch):
             if self._first:
                 self._first = False
-                _stamp(self.marks_file, context=self._t_init, first_step=time.time())
+                _stamp(self.marks_file, context=self._t_init, first_step=time.time(), pid=os.getpid())
             yield batch
 
 
 def bare_trial(config: dict[str, Any], *, marks: str) -> None:
     from ray import tune
 
-    _stamp(marks, entry=time.time())
+    _stamp(marks, entry=time.time(), pid=os.getpid())
     tune.report({"done": 1})
 
 
@@ -164,6 +165,139 @@ def measure_overhead(data: str, storage: str, n: int) -> dict[str, Any]:
         }
         out[f"reuse_actors={reuse}"] = {"bare": startup_seconds(bare, "entry"), "mmray": phases}
     return out
+
+
+# ----------------------------------------------------------------------------- (a4) the cold trial, warmed
+# What was tried for the cold trial and not shipped (RESULTS.md, "(a4) The cold trial, third try"): the trials in
+# Ray's idle workers, which import these as they start (Ray's preload_python_modules).
+TRIAL_MODULES = ("torch", "torch._dynamo", "mmray.tune.sweep", "mmray.tune.cores", "mmray.tune.context",
+                 "mmray.data.decoded")
+
+
+@contextlib.contextmanager
+def trials_in_idle_workers():
+    """Tune gives its trainable actors a runtime env of their own (``PL_DISABLE_FORK``, PyTorch Lightning's), and Ray
+    gives an actor only an idle worker of the same runtime env: without it, trial actors take Ray's idle workers
+    (assuming none of the variables Tune copies from the driver, e.g. AWS credentials, is set)."""
+    from ray.tune.execution import class_cache
+
+    value = class_cache.DEFAULT_ENV_VARS.pop("PL_DISABLE_FORK", None)
+    try:
+        yield
+    finally:
+        if value is not None:
+            class_cache.DEFAULT_ENV_VARS["PL_DISABLE_FORK"] = value
+
+
+def fresh_ray(preload: tuple[str, ...] = ()) -> float:
+    """A new local Ray (its idle worker processes not yet used), its workers importing ``preload`` as they start;
+    returns its start-up seconds."""
+    import logging
+
+    import ray
+
+    from mmray.runtime import ensure_ray, quiet_ray_logs
+
+    if ray.is_initialized():
+        ray.shutdown()
+    t = time.time()
+    if preload:
+        quiet_ray_logs()
+        ray.init(address="local", num_cpus=os.cpu_count(), logging_level=logging.WARNING,
+                 _system_config={"worker_niceness": 0, "preload_python_modules": list(preload)})
+    else:
+        ensure_ray()
+    return time.time() - t
+
+
+def idle_workers() -> set[int]:
+    """The pids of this driver's Ray's idle worker processes (``ray::IDLE``)."""
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True) if p.name().startswith("ray::IDLE")}
+
+
+def build_decoded(data: str) -> str:
+    """The dataset's decoded-input cache, built here once (a sweep would build it before its first trial)."""
+    from mmray.data.dataset_dir import read_dataset_info
+    from mmray.data.decoded import plan
+
+    config = validate_job(job(data, name="cache", epochs=1))
+    return plan(config, read_dataset_info(data), build=True, runner="local").line()
+
+
+def measure_cold(data: str, storage: str, n: int, planning_s: float) -> dict[str, Any]:
+    """The first (cold) trial of a slot on a fresh Ray, as ``mmray tune`` runs it (reused actors): a bare Tune trial,
+    mmray's trial as before (Tune's trial actors in a process of their own), and mmray's trial in a preloaded idle
+    worker (:func:`trials_in_idle_workers`, :data:`TRIAL_MODULES`), with fit() ``planning_s`` after Ray started (a driver that plans that long)
+    and at once. Per side: seconds from fit() to the first trial's entry (bare) or first step, and whether its
+    process was one of Ray's idle workers."""
+    from mmray.tune.experiment import JOB_FILE
+
+    exp = os.path.join(storage, "mmray-cold")
+    os.makedirs(exp, exist_ok=True)
+    job_raw = job(data, name="cold", epochs=1)
+    with open(os.path.join(exp, JOB_FILE), "w") as f:
+        yaml.safe_dump(job_raw, f)
+
+    def mm(params, *, marks):
+        mmray_trial({"train.optimizer.lr": 3e-3}, marks=marks, job_raw=job_raw, experiment_dir=exp)
+
+    out: dict[str, Any] = {}
+    for side, trainable, warm, wait in (
+            ("bare Tune trial", bare_trial, False, planning_s),
+            ("mmray, own process", mm, False, planning_s),
+            (f"mmray, idle worker, fit {planning_s:.0f}s after Ray", mm, True, planning_s),
+            ("mmray, idle worker, fit at once", mm, True, 0.0)):
+        with trials_in_idle_workers() if warm else contextlib.nullcontext():
+            fresh_ray(TRIAL_MODULES if warm else ())
+            time.sleep(wait)  # stands for the driver's planning
+            idle = idle_workers()
+            rows = overhead_runs(trainable, n=n, storage=storage, name=f"cold-{len(out)}", reuse=True)
+        until = "entry" if trainable is bare_trial else "first_step"
+        out[side] = {"to_first_step": startup_seconds(rows, until), "idle_worker": rows[0].get("pid") in idle,
+                     "preloaded": warm}
+    return out
+
+
+def measure_tune_start(data: str, storage: str, warm: bool) -> dict[str, Any]:
+    """``mmray tune`` as a user runs it (2 trials of 1 epoch on a fresh Ray, the decoded-input cache already built):
+    seconds from the sweep's start (before the experiment is prepared) to each slot's first training step, with and
+    without the trials taking Ray's preloaded idle workers."""
+    import ray
+
+    from mmray.tune import sweep
+    from mmray.tune.experiment import prepare
+    from mmray.tune.space import SpaceConfig, check_against_job
+
+    if ray.is_initialized():
+        ray.shutdown()  # run_sweep starts its own Ray, as `mmray tune` does
+    name = f"start-{'warm' if warm else 'cold'}"
+    marks = os.path.join(storage, f"{name}.jsonl")
+    original_trial, original_ray = sweep._run_trial, sweep.ensure_ray
+
+    def timed_trial(params, **kwargs):
+        from mmray.tune import sweep as trial_module
+
+        trial_module._run_trial(params, context_class=type("Timed", (TimedContext,), {"marks_file": marks}), **kwargs)
+
+    sweep._run_trial = timed_trial
+    if warm:
+        sweep.ensure_ray = lambda: fresh_ray(TRIAL_MODULES)
+    try:
+        job_raw = job(data, name=name, epochs=1)
+        space = SpaceConfig.model_validate({"metric": "val.accuracy", "num_samples": 2, "finalists": 0, "ensemble": 0,
+                                            "search": {"name": "random", "seed": 0}, "scheduler": {"name": "none"},
+                                            "parameters": {"train.optimizer.lr": {"loguniform": [1e-3, 3e-3]}}})
+        check_against_job(space, job_raw)
+        t0 = time.time()
+        setup = prepare(job_raw, space, name=name, storage=storage)
+        with trials_in_idle_workers() if warm else contextlib.nullcontext():
+            sweep.run_sweep(setup, report=False)
+    finally:
+        sweep._run_trial, sweep.ensure_ray = original_trial, original_ray
+    steps = [m for m in map(json.loads, open(marks)) if "first_step" in m]
+    return {"to_first_step": sorted(m["first_step"] - t0 for m in steps)}
 
 
 # ----------------------------------------------------------------------------- (b) time to target
@@ -258,7 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=8, help="trials per sweep")
     ap.add_argument("--target", type=float, default=0.6, help="validation accuracy to reach")
     ap.add_argument("--overhead-trials", type=int, default=4, help="trials per overhead measurement")
-    ap.add_argument("--skip", choices=["overhead", "sweeps"], help="run only one part")
+    ap.add_argument("--skip", choices=["overhead", "sweeps"], help="leave one part out")
+    ap.add_argument("--only", choices=["overhead", "cold", "sweeps"], help="run only this part (cold: the cold "
+                    "trial in a process of its own and in a preloaded idle worker, each side on a fresh Ray)")
+    ap.add_argument("--planning", type=float, default=5.0, help="cold part: seconds between Ray's start and fit() "
+                    "for the side that stands for a driver planning the sweep")
     ap.add_argument("--json", help="also write the raw numbers here")
     args = ap.parse_args(argv)
 
@@ -276,7 +414,22 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     results: dict[str, Any] = {"args": vars(args), "ray_start_s": ray_start}
 
-    if args.skip != "overhead":
+    if args.only == "cold" or (args.only is None and args.skip != "overhead"):
+        print(build_decoded(data), flush=True)
+        results["cold"] = cold = measure_cold(data, root, args.overhead_trials, args.planning)
+        print("\n(a4) the cold trial: seconds from fit() to the first trial's first step (bare: its entry), "
+              f"each side on a fresh Ray, reused actors, {args.overhead_trials} trials one at a time", flush=True)
+        bare = cold["bare Tune trial"]["to_first_step"][0]
+        for side, r in cold.items():
+            print(f"  {side:<40} first {r['to_first_step'][0]:6.2f}s  {r['to_first_step'][0] / bare:5.2f}x bare  "
+                  f"later median {median(r['to_first_step'][1:]):5.2f}s  in an idle worker: {r['idle_worker']}",
+                  flush=True)
+        for warm in (False, True):
+            results[f"tune_start_warm={warm}"] = r = measure_tune_start(data, root, warm)
+            print(f"  mmray tune, {'trials in preloaded idle workers' if warm else 'trials in processes of their own'}"
+                  f": from the sweep's start to the first step of slot 1 / slot 2: {r['to_first_step'][0]:.2f}s / "
+                  f"{r['to_first_step'][-1]:.2f}s", flush=True)
+    if args.only == "overhead" or (args.only is None and args.skip != "overhead"):
         oh = measure_overhead(data, root, args.overhead_trials)
         results["overhead"] = oh
         print("\n(a) per-trial overhead: seconds from when a trial can start to its first training step "
@@ -296,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{shipped[0] / default[0]:.2f}x  later {median(shipped[1:]) / median(default[1:]):.2f}x  "
               f"mean over {len(shipped)} trials {statistics.mean(shipped) / statistics.mean(default):.2f}x (target <= 1.5x)")
 
-    if args.skip != "sweeps":
+    if args.only == "sweeps" or (args.only is None and args.skip != "sweeps"):
         runs = {}
         for label, fn in (
             ("mmray TPE + ASHA", lambda: mmray_sweep(data, root, name="tpe-asha", epochs=args.epochs,

@@ -50,8 +50,8 @@ from mmray.data.cache import (BuildProgress, dataset_fingerprint, digest, locked
                               read_manifest)
 from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
 from mmray.data.decode import BadRecordError, Preprocessor
-from mmray.data.reader import (Held, Shuffle, batch_rows, read_row_group, row_group_units, shuffled_units,
-                               split_readers, table_columns)
+from mmray.data.reader import (Held, Shuffle, batch_rows, iter_batches, read_row_group, row_group_units,
+                               shuffled_units, split_readers, table_columns)
 from mmray.data.tokenizer import TextTokenizer
 from mmray.runtime import ensure_ray
 from mmray.storage import human_size
@@ -70,8 +70,9 @@ MODEL_DTYPES = {"input_ids": np.int64, "attention_mask": np.int64}  # what the m
 
 
 # ---------------------------------------------------------------------------------------------- keys
-def key_parts(config, info: DatasetInfo, *, dataset_fp: str | None = None) -> dict:
-    """Everything the stored arrays depend on (see the module docstring)."""
+def key_parts(config, info: DatasetInfo, *, dataset_fp: str | None = None, tokenizer=None) -> dict:
+    """Everything the stored arrays depend on (see the module docstring). ``tokenizer``: the one the reader uses
+    (an export's own), when not the job's."""
     data = config.data
     parts: dict[str, Any] = {"format": FORMAT, "dataset": dataset_fp or dataset_fingerprint(info),
                              "modalities": list(data.modalities), "on_bad_record": data.on_bad_record}
@@ -80,7 +81,7 @@ def key_parts(config, info: DatasetInfo, *, dataset_fp: str | None = None) -> di
 
         parts["image"] = {"size": data.image.size, "pillow": PIL.__version__}
     if "text" in data.modalities:
-        parts["text"] = {"tokenizer": TextTokenizer.load(data.text, info).fingerprint(),
+        parts["text"] = {"tokenizer": (tokenizer or TextTokenizer.load(data.text, info)).fingerprint(),
                          "max_length": data.text.max_length}
     if "audio" in data.modalities:
         import torchaudio
@@ -377,9 +378,9 @@ def _open_part(path: str) -> pa.Table:
                        "and run again: it is rebuilt from the dataset") from None
 
 
-def read_part(path: str, data) -> tuple[int, dict[str, np.ndarray]]:
+def read_part(path: str, data, *, ids: bool = False) -> tuple[int, dict[str, np.ndarray]]:
     """A part file -> ``(rows, the decoded arrays of`` :meth:`~mmray.data.decode.Preprocessor.decode` ``)``, as
-    memory-mapped views: nothing is copied until a batch gathers its rows.
+    memory-mapped views: nothing is copied until a batch gathers its rows. ``ids``: also ``"id"``, the row ids.
 
     Raises:
         RunError: the file is missing, truncated or not an Arrow file, naming it and the entry to delete.
@@ -391,6 +392,8 @@ def read_part(path: str, data) -> tuple[int, dict[str, np.ndarray]]:
     out: dict[str, np.ndarray] = {}
     for name in table.column_names:
         if name == "id":
+            if ids:
+                out["id"] = table.column("id").to_numpy(zero_copy_only=False)
             continue
         col = table.column(name).combine_chunks()
         if name in FIXED:
@@ -422,10 +425,11 @@ def _gather(held: Held, ids: np.ndarray) -> dict[str, np.ndarray]:
 
 def iter_decoded_batches(entry: DecodedEntry, data, info: DatasetInfo, split: str | Sequence[str], *, batch_size: int,
                          train: bool, seed: int = 0, epoch: int = 0, tokenizer=None,
-                         rows: Mapping[str, np.ndarray] | None = None) -> Iterator[dict]:
+                         rows: Mapping[str, np.ndarray] | None = None, with_ids: bool = False) -> Iterator[dict]:
     """Like :func:`mmray.data.reader.iter_batches` (same batches for the same seed and epoch), read from the cache:
     the same order, and augmentation with the same seeded draws on the cached pixels. ``tokenizer``: the job's,
-    when the caller has it loaded (nothing is tokenised here; it saves loading it again).
+    when the caller has it loaded (nothing is tokenised here; it saves loading it again). ``with_ids``: each batch
+    also has ``"id"`` (list[str]), as the shard reader's.
 
     ``rows`` (split -> sorted row positions in that split): read only those rows, from each split it names (a
     cross-validation fold of train+val, :mod:`mmray.data.folds`); ``split`` is then ignored. The parts of every
@@ -446,12 +450,16 @@ def iter_decoded_batches(entry: DecodedEntry, data, info: DatasetInfo, split: st
         units = shuffled_units(units, rng)
     picked = _picked_rows(entry, splits, rows) if rows is not None else {}
     held = Held()
-    parts = ((read_part(entry.part_path(*by_unit[u]), data), picked.get(by_unit[u])) for u in units)
+    parts = ((read_part(entry.part_path(*by_unit[u]), data, ids=with_ids), picked.get(by_unit[u])) for u in units)
     sizes = (held.add((arrays, index), n if index is None else len(index)) for (n, arrays), index in parts)
     for ids in batch_rows(sizes, batch_size, order.window, rng if order.mix else None):
         batch = _gather(held, ids)
         held.done(held.locate(ids)[0])
-        yield {k: torch.from_numpy(v) for k, v in pre.finish(batch).items()}
+        row_ids = batch.pop("id", None)
+        out = {k: torch.from_numpy(v) for k, v in pre.finish(batch).items()}
+        if row_ids is not None:
+            out["id"] = [str(i) for i in row_ids]
+        yield out
 
 
 def _picked_rows(entry: DecodedEntry, splits: list[str], rows: Mapping[str, np.ndarray]) -> dict:
@@ -471,6 +479,44 @@ def _picked_rows(entry: DecodedEntry, splits: list[str], rows: Mapping[str, np.n
 def _part_rows(path: str) -> int:
     """Rows of one part file (memory-mapped: no array is read)."""
     return _open_part(path).num_rows
+
+
+def readable_entry(data, info: DatasetInfo, *, tokenizer=None) -> DecodedEntry | None:
+    """The entry an evaluation of ``data`` (a job's or an export's ``data`` section, ``data.path`` the dataset of
+    ``info``) may read instead of decoding, or None. Never builds one: an evaluation reads what a run or a sweep
+    built. ``tokenizer``: the reader's (an export's own); its fingerprint must be the entry's.
+
+    A reader that skips bad records (evaluate, predict, the control arms) may also read an entry built with
+    ``on_bad_record: fail``: such a build stops at the first bad record, so it holds none and its rows are the same."""
+    if data.decode_cache == "off" or "://" in data.path:
+        return None
+    settings = [data.on_bad_record] + (["fail"] if data.on_bad_record == "skip" else [])
+    for on_bad_record in settings:
+        config = _DataOnly(data.model_copy(update={"on_bad_record": on_bad_record}))
+        entry = find_entry(config, info, key_parts(config, info, tokenizer=tokenizer))
+        if entry is not None:
+            return entry
+    return None
+
+
+@dataclass(frozen=True)
+class _DataOnly:
+    """A job's stand-in where only its ``data`` section decides (the key of an entry)."""
+
+    data: Any
+
+
+def eval_batches(data, info: DatasetInfo, split: str, *, batch_size: int, with_ids: bool = False, tokenizer=None,
+                 preprocessor=None) -> Iterator[dict]:
+    """Batches of ``split`` to evaluate or predict on (file order, no augmentation): read from the decoded-input
+    cache when an entry of this key holds the split (:func:`readable_entry`), else decoded from the shards
+    (``preprocessor``: the one to decode with, e.g. an export's). The same batches either way."""
+    entry = readable_entry(data, info, tokenizer=tokenizer)
+    if entry is not None and entry.has(split):
+        return iter_decoded_batches(entry, data, info, split, batch_size=batch_size, train=False, tokenizer=tokenizer,
+                                    with_ids=with_ids)
+    return iter_batches(data, info, split, batch_size=batch_size, train=False, shuffle=False, with_ids=with_ids,
+                        preprocessor=preprocessor)
 
 
 def decoded_readers(config, decoded: DecodePlan):

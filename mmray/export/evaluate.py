@@ -1,7 +1,8 @@
 """Evaluate an export on a dataset split, and write per-row predictions (no Ray).
 
-``mmray evaluate`` and ``mmray predict`` call these; they read shards with the in-process reader
-(:func:`mmray.data.reader.iter_batches`) and decode exactly as validation did during training.
+``mmray evaluate`` and ``mmray predict`` call these; they read the dataset's decoded-input cache when a run or a
+sweep built one with the same key (:func:`mmray.data.decoded.eval_batches`), else decode the shards with the
+in-process reader exactly as validation did during training: the same batches either way.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 from mmray.config import UserError
 from mmray.data.dataset_dir import read_dataset_info
 from mmray.data.decode import Preprocessor
-from mmray.data.reader import iter_batches
+from mmray.data.decoded import eval_batches
 from mmray.export.loader import Predictor, load_model
 from mmray.models.builder import job_tasks
 from mmray.storage import StagedDir, local_output
@@ -47,11 +48,11 @@ def _open_split(predictor: Predictor, data_dir: str | Path, split: str):
 
 
 def split_batches(predictor: Predictor, data_dir: str | Path, split: str, batch_size: int) -> Iterator[dict]:
-    """Batches of ``split`` decoded with the export's own preprocessing, in file order, with row ids."""
+    """Batches of ``split`` decoded with the export's own preprocessing (or read from the decoded-input cache of the
+    same key), in file order, with row ids."""
     data, info, pre = _open_split(predictor, data_dir, split)
-    yield from iter_batches(
-        data, info, split, batch_size=batch_size, train=False, shuffle=False, with_ids=True, preprocessor=pre
-    )
+    yield from eval_batches(data, info, split, batch_size=batch_size, with_ids=True, tokenizer=predictor.tokenizer,
+                            preprocessor=pre)
 
 
 SCORES = ("accuracy", "precision", "recall", "f1", "confusion")

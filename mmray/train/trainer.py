@@ -341,12 +341,13 @@ class FitOutcome:
 
 
 def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]], None] | None = None,
-        callbacks: list | None = None, cache=None, decoded=None) -> FitOutcome:
+        callbacks: list | None = None, cache=None, decoded=None, announce: bool = True) -> FitOutcome:
     """Run the job on Ray Train; returns where the best checkpoint is (by ``train.metric``).
 
     ``callbacks`` are Ray Train ``UserCallback``s (a sweep passes Tune's report callback). ``cache`` is the
     :class:`~mmray.data.cache.CachePlan` to train from, ``decoded`` the :class:`~mmray.data.decoded.DecodePlan`
     whose cached inputs replace decoding; None looks each up (never builds: runs and sweeps build first).
+    ``announce``: say each plan in the run's log (a sweep's trial does not: the sweep said it once).
     """
     ensure_ray()
     import ray.train
@@ -358,9 +359,10 @@ def fit(config: JobConfig, *, run_dir: str, on_event: Callable[[dict[str, Any]],
     # the run's plans (looked up when not given), each announced in the run's log
     if cache is None:
         cache = plan(config, info, build=False)
-    _announce("embedding_cache", cache.line(), on_event)
     inputs = decoded if decoded is not None else decode_plan(config, info, build=False, embedding=cache)
-    _announce("decode_cache", inputs.line(), on_event)
+    if announce:
+        _announce("embedding_cache", cache.line(), on_event)
+        _announce("decode_cache", inputs.line(), on_event)
 
     def input_datasets(suffix: str = "") -> dict:
         def split(name: str, train: bool):

@@ -12,7 +12,7 @@ import numpy as np
 
 from mmray.config.errors import UserError
 from mmray.data.dataset_dir import read_dataset_info
-from mmray.data.reader import iter_batches
+from mmray.data.decoded import eval_batches
 from mmray.export.loader import load_trained
 from mmray.models.builder import job_tasks
 from mmray.train.evaluation import RowPredictions, evaluate_model
@@ -82,7 +82,8 @@ def verdict(ci: BootstrapCI) -> str:
 
 
 def predict_test(checkpoint_dir: str, *, batch_size: int = 256) -> RowPredictions:
-    """Load a training checkpoint (weights + its ``config.yaml``) and predict the dataset's test split.
+    """Load a training checkpoint (weights + its ``config.yaml``) and predict the dataset's test split (read from the
+    decoded-input cache when the sweep built one, as its trials did).
 
     Rows that cannot be decoded for this model are left out (they are skipped, not counted wrong).
 
@@ -96,7 +97,8 @@ def predict_test(checkpoint_dir: str, *, batch_size: int = 256) -> RowPrediction
         raise UserError(f"{config.data.path}: no test rows to compare models on")
     data = config.data.model_copy(update={"on_bad_record": "skip"})
     rows = RowPredictions()
-    evaluate_model(loaded.model, iter_batches(data, info, "test", batch_size=batch_size, train=False, with_ids=True),
+    batches = eval_batches(data, info, "test", batch_size=batch_size, with_ids=True, tokenizer=loaded.tokenizer)
+    evaluate_model(loaded.model, batches,
                    tasks=job_tasks(loaded.labels), modalities=config.data.modalities, device=loaded.device,
                    precision=config.train.precision, prefix="test", rows=rows)
     return rows

@@ -4,6 +4,7 @@ The experiment folder it fills (``STORAGE/NAME/``) is described, named and read 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -36,7 +37,8 @@ DATA_CPUS = 0.5  # kept free per distributed trial for its Ray Data decoding
 
 
 def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_dir: str,
-               context_class: type | None = None, cores_key: str | None = None, fold: tuple | None = None) -> None:
+               context_class: type | None = None, cores_key: str | None = None, fold: tuple | None = None,
+               shared: dict[str, bool] | None = None) -> None:
     """One trial: the job with this trial's parameters, trained in-process by the shared loop.
 
     ``context_class`` (default :class:`~mmray.tune.context.TuneTrialContext`) is the in-process trial's
@@ -45,6 +47,8 @@ def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_di
     ``fold``: ``(k, K, training rows, held-out rows)``, a finalist's cross-validation run
     (:mod:`mmray.tune.finalists`): it trains on the training rows of train+val and validates on the held-out
     ones, both read from the decoded-input cache (the embedding cache is not used: it holds whole splits).
+    ``shared``: which caches the sweep said its trials read (:func:`_build_shared_caches`); the trial says
+    nothing about its inputs unless it cannot read one of them (:func:`trial_input_notes`).
     """
     import torch
     from ray import tune
@@ -53,13 +57,22 @@ def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_di
 
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # one INFO line per checkpoint
     config = validate_job(apply_overrides(job_raw, params.items()))
-    run_dir = trial_dir(experiment_dir, tune.get_context().get_trial_id())
+    trial_id = tune.get_context().get_trial_id()
+    run_dir = trial_dir(experiment_dir, trial_id)
+    # The trial's plans, made once: never built here (the sweep built what trials share before the first one).
+    info = read_dataset_info(config.data.path)
+    cache = plan(config, info, build=False)
+    # a fold reads only the decoded-input cache (built before the folds started)
+    decoded = decode_plan(config, info, build=False, embedding=cache if fold is None else None)
+    for line in trial_input_notes(shared, *([cache] if fold is None else []), decoded):
+        print(f"mmray trial {trial_id}: {line}", flush=True)
     if distributed(config):
         # N workers (or GPUs): this function is only a driver; its TorchTrainer run is named after the
         # trial, so a restarted trial continues from that run's checkpoints.
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        outcome = fit(config, run_dir=run_dir, callbacks=[TuneReportCallback()])
+        outcome = fit(config, run_dir=run_dir, callbacks=[TuneReportCallback()], cache=cache, decoded=decoded,
+                      announce=False)
         if outcome.error is not None:
             raise outcome.error
         return
@@ -67,26 +80,28 @@ def _run_trial(params: dict[str, Any], *, job_raw: dict[str, Any], experiment_di
     # What the trial before left in this reused process: released here, not as that trial ended, because Tune
     # gives a stopped trial's thread 2 s to end before it refuses to reuse the process for the next trial.
     release_trial_memory()
-    # The trial's plans, made once: never built here (the sweep built what trials share before the first one).
-    info = read_dataset_info(config.data.path)
     if fold is not None:
         k, n, train_rows, held_out = fold
-        decoded = decode_plan(config, info, build=False)  # built before the folds started
         print(f"mmray fold {k + 1} of {n}: training on {sum(map(len, train_rows.values())):,} rows of train+val, "
-              f"validating on the {sum(map(len, held_out.values())):,} held out\nmmray {decoded.line()}", flush=True)
+              f"validating on the {sum(map(len, held_out.values())):,} held out", flush=True)
         ctx = (context_class or TuneTrialContext)(config, run_dir, readers=fold_readers(config, decoded, train_rows,
                                                                                          held_out))
         train_loop(config, ctx, LoopInputs())
         return
-    cache = plan(config, info, build=False)
-    decoded = decode_plan(config, info, build=False, embedding=cache)
-    print(f"mmray {cache.line()}\nmmray {decoded.line()}", flush=True)
     readers = decoded_readers(config, decoded)  # the decoded-input cache's, or the shards'
     ctx = (context_class or TuneTrialContext)(config, run_dir,
                                               readers=cached_readers(config, cache, raw=readers) if cache.used else readers,
                                               # more threads once fewer trials remain than cores
                                               cores=ShareFollower(cores_key, tune.get_context().get_trial_id()))
     train_loop(config, ctx, LoopInputs.from_cache(cache))
+
+
+def trial_input_notes(shared: dict[str, bool] | None, *plans) -> list[str]:
+    """What a trial says about its input plans (an embedding-cache and a decoded-input-cache plan): nothing when
+    it reads what the sweep said its trials read (the sweep said it once, before the first trial); the plan's line
+    for each cache the sweep shares (``shared[<its line's name>]`` true) but this trial cannot read."""
+    unread = [p.line() for p in plans if not p.used]  # "embedding cache: not used: ...", "decoded-input cache: ..."
+    return [line for line in unread if (shared or {}).get(line.split(":", 1)[0])]
 
 
 def release_trial_memory() -> None:
@@ -109,14 +124,18 @@ def release_trial_memory() -> None:
         pass  # not glibc (macOS, musl): its allocator returns memory its own way
 
 
-def _build_shared_caches(setup: "SweepSetup") -> None:
-    """Before any trial: build the embedding and decoded-input caches all trials share (or say why not)."""
+def _build_shared_caches(setup: "SweepSetup") -> dict[str, bool]:
+    """Before any trial: build the embedding and decoded-input caches all trials share, and say once, for the
+    whole sweep, whether each is used and why not (the trials stay quiet about it: :func:`trial_input_notes`).
+    Returns ``{"embedding cache": used, "decoded-input cache": used}``."""
     config = validate_job(setup.job_raw)
     info = read_dataset_info(config.data.path)
     swept = {k: spec.probe_values() for k, spec in setup.space.parameters.items()}
     cache = shared_plan(config, info, swept)
     print(f"mmray sweep {cache.line()}", flush=True)
-    print(f"mmray sweep {shared_decode_plan(config, info, swept, embedding=cache).line()}", flush=True)
+    decoded = shared_decode_plan(config, info, swept, embedding=cache)
+    print(f"mmray sweep {decoded.line()}", flush=True)
+    return {p.line().split(":", 1)[0]: p.used for p in (cache, decoded)}
 
 
 def distributed(config) -> bool:
@@ -184,7 +203,7 @@ def _display(setup: SweepSetup):
         apply_overrides(job_raw, (params or {}).items())).train.epochs)
 
 
-def _tuner(setup: SweepSetup, *, restore: bool):
+def _tuner(setup: SweepSetup, *, restore: bool, shared: dict[str, bool] | None = None):
     import optuna
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -198,7 +217,7 @@ def _tuner(setup: SweepSetup, *, restore: bool):
     balancer = None if distributed(config) else _core_balancer(setup)
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, job_raw=setup.job_raw, experiment_dir=exp,
-                             cores_key=balancer.key if balancer else None), trial_resources(config))
+                             cores_key=balancer.key if balancer else None, shared=shared), trial_resources(config))
     if restore:
         return tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True, resume_errored=True)
     metric, mode = space.metric, space.resolved_mode
@@ -257,26 +276,26 @@ def run_sweep(setup: SweepSetup, *, resume: bool = False, report: bool = True):
     # One sweep per experiment folder (a second one, or a --resume while it runs, is refused: exit 2).
     with store.folder_lock(setup.experiment_dir, what="experiment"):
         ensure_ray()
-        _build_shared_caches(setup)  # what every trial shares is prepared here, once, before the first trial
+        shared = _build_shared_caches(setup)  # what every trial shares is prepared here, once, before the first trial
         try:
-            results = _tuner(setup, restore=resume).fit()
+            results = _tuner(setup, restore=resume, shared=shared).fit()
         finally:
             close_displays()  # a sweep that raised or was interrupted gives the terminal back
-        summary = finish(setup, results, recheck=_recheck(setup) if setup.space.finalists else None)
+        summary = finish(setup, results, recheck=_recheck(setup, shared) if setup.space.finalists else None)
         summary.cores = read_cores(setup.experiment_dir)
         if report:
             summary.report_path, summary.report_verdicts = write_report_safely(setup.experiment_dir)
     return summary
 
 
-def _recheck(setup: SweepSetup):
+def _recheck(setup: SweepSetup, shared: dict[str, bool] | None = None):
     """The finalists' re-check (:mod:`mmray.tune.finalists`), given what the search left of the time budget."""
 
     def run(trials) -> None:
         budget, used = setup.space.time_budget_s, read_ledger(setup.experiment_dir).elapsed_s
         left = None if budget is None else max(budget - (used or 0.0), 1.0)
         config = validate_job(setup.job_raw)
-        recheck(setup, trials, run_trial=_run_trial, resources=trial_resources(config),
+        recheck(setup, trials, run_trial=functools.partial(_run_trial, shared=shared), resources=trial_resources(config),
                 max_concurrent=concurrency(setup.space, config), budget_left=left)
     return run
 

@@ -116,7 +116,7 @@ def test_a_fold_is_read_from_the_decoded_cache_as_a_row_subset_of_train_and_val(
     folds = make_folds(info, 3, seed=0)
     read_parts: list[str] = []
     real_read_part = decoded.read_part
-    monkeypatch.setattr(decoded, "read_part", lambda path, d: read_parts.append(path) or real_read_part(path, d))
+    monkeypatch.setattr(decoded, "read_part", lambda path, d, **kw: read_parts.append(path) or real_read_part(path, d, **kw))
     monkeypatch.setattr(Preprocessor, "decode", lambda self, batch: pytest.fail("a fold decoded a row again"))
     for k in range(3):
         train_rows, held_out = folds.rows(k, held_out=False), folds.rows(k, held_out=True)

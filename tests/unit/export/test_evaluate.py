@@ -160,3 +160,54 @@ def test_evaluate_reports_metrics_per_task_of_a_multi_task_model(exported, tools
     assert parity["accuracy"] == pytest.approx(_hand_accuracy(load_model(out.export_dir), batches, "label_parity"))
     header = format_evaluation(result).splitlines()[2]
     assert header.split() == ["metric", "label", "label_parity"]
+
+
+def _no_decoding(self, batch):
+    raise AssertionError("decoded a shard row although the decoded-input cache holds it")
+
+
+@pytest.mark.parametrize("built_with", ["skip", "fail"])
+def test_evaluate_and_predict_read_the_decoded_input_cache_with_the_same_results(tools, tmp_path, monkeypatch,
+                                                                               built_with):
+    """A run's decoded-input cache (built with the job's on_bad_record, either one) serves evaluate and predict,
+    which skip bad records: the same metrics and the same predictions, row by row, without decoding a row."""
+    from mmray.data import decoded
+    from mmray.data.decode import Preprocessor
+    from mmray.data.synth import synth
+
+    info = synth(out=str(tmp_path / "data"), rows=60, shards=2, seed=1)
+    config = tools.config(tmp_path / "data")
+    ex = tools.build_and_export(tmp_path, config, info, tmp_path / "export")
+    raw = evaluate(ex.export_dir, ex.data_dir, "test", batch_size=7)
+    predict_dataset(ex.export_dir, ex.data_dir, "val", tmp_path / "raw.jsonl", batch_size=7)
+    assert not decoded.list_decoded(str(ex.data_dir))  # evaluating builds nothing
+
+    trained = config.model_copy(update={"data": config.data.model_copy(update={"on_bad_record": built_with})})
+    assert decoded.plan(trained, info, build=True, runner="local").used
+    monkeypatch.setattr(Preprocessor, "decode", _no_decoding)
+    cached = evaluate(ex.export_dir, ex.data_dir, "test", batch_size=7)
+    predict_dataset(ex.export_dir, ex.data_dir, "val", tmp_path / "cached.jsonl", batch_size=7)
+    assert cached["rows"] == raw["rows"] > 0 and cached["confusion"] == raw["confusion"]
+    for key in ("loss", "accuracy", "f1", "skipped"):
+        assert cached[key] == pytest.approx(raw[key], abs=1e-6), key
+    assert cached["diagnostics"].keys() == raw["diagnostics"].keys()
+    for variant, scores in raw["diagnostics"].items():
+        assert cached["diagnostics"][variant] == pytest.approx(scores, abs=1e-6), variant
+    assert (tmp_path / "cached.jsonl").read_text() == (tmp_path / "raw.jsonl").read_text()
+
+
+def test_evaluate_decodes_when_the_cache_is_off_for_the_export(tools, tmp_path, monkeypatch):
+    from mmray.data import decoded
+    from mmray.data.decode import Preprocessor
+    from mmray.data.synth import synth
+
+    info = synth(out=str(tmp_path / "data"), rows=30, shards=1, seed=2)
+    config = tools.config(tmp_path / "data")
+    assert decoded.plan(config, info, build=True, runner="local").used
+    off = config.model_copy(update={"data": config.data.model_copy(update={"decode_cache": "off"})})
+    ex = tools.build_and_export(tmp_path, off, info, tmp_path / "export")
+    calls = []
+    original = Preprocessor.decode
+    monkeypatch.setattr(Preprocessor, "decode", lambda self, batch: calls.append(1) or original(self, batch))
+    assert evaluate(ex.export_dir, ex.data_dir, "test")["rows"] > 0
+    assert calls  # data.decode_cache: off is honoured by evaluation too
