@@ -91,3 +91,6 @@ def test_the_next_background_report_waits_for_the_upload_before(worker, tmp_path
     first["checkpoint_upload_fn"](first["checkpoint"], "checkpoint_epoch_0001")  # the upload ends
     second.join(timeout=60)
     assert not second.is_alive() and len(calls) == 2
+    last = calls[1]
+    last["checkpoint_upload_fn"](last["checkpoint"], "checkpoint_epoch_0002")  # and no local copy is left behind
+    assert is_complete(os.path.join(run_dir, "checkpoint_epoch_0002")) and not os.path.exists(last["checkpoint"].path)
