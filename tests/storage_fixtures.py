@@ -6,6 +6,7 @@ after it (Ray workers included), creates an empty bucket and yields ``s3://<buck
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -24,9 +25,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def s3_bucket():
-    pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
+@contextlib.contextmanager
+def moto_s3():
+    """A ``moto`` S3 server on loopback for the ``with`` block: the AWS environment variables point at it (for
+    this process and every process started inside the block, Ray workers included), with an empty bucket;
+    yields ``s3://<bucket>``. Also used by benchmarks as a local stand-in for object storage."""
     import boto3
 
     port = _free_port()
@@ -58,6 +61,13 @@ def s3_bucket():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def s3_bucket():
+    pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
+    with moto_s3() as bucket:
+        yield bucket
 
 
 @pytest.fixture

@@ -285,6 +285,12 @@ class ScalingConfig(StrictModel):
 
 class CheckpointConfig(StrictModel):
     num_to_keep: int = Field(2, ge=1, description="best checkpoints kept by train.metric (the latest is kept too)")
+    async_upload_mb: Optional[float] = Field(
+        100, ge=0,
+        description="an epoch's checkpoint of at least this many MB is uploaded to the run folder in the background "
+        "while the next epoch trains (Ray Train runs; the run waits for the last upload before it ends, and a failed "
+        "upload stops the run like a failed step); smaller ones, and all with null, are stored before the next "
+        "epoch starts. 0: always in the background")
 
 
 def _part(node: Any, key: str) -> Any:

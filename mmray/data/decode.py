@@ -10,7 +10,8 @@ or the local reader gives it) into the batch format the models consume:
 - ``audio``: float32 [B, N] mono at ``data.audio.sample_rate``; ``audio_present``: bool [B]
 
 Only the modalities in ``data.modalities`` appear. A null cell (a missing modality) gives zeros and
-``<modality>_present = False``.
+``<modality>_present = False``. Batches of the Ray Data pipeline also carry ``row_key``: int64 [B], each row's
+:func:`row_keys` (the loop sums them per epoch to show that every row was seen once).
 """
 from __future__ import annotations
 
@@ -32,6 +33,18 @@ log = logging.getLogger("mmray.data")
 # Random shift of training images, as a fraction of the image side.
 SHIFT_FRACTION = 0.125
 BRIGHTNESS_JITTER = 0.2
+
+
+ROW_KEY = "row_key"
+
+
+def row_keys(ids: Sequence[Any]) -> np.ndarray:
+    """int64 [B]: the CRC-32 of each row id (as text). Summed over an epoch's rows, it is the same number
+    whatever their order or split across workers, and differs (but for a 1 in 2^32 chance) when a row is
+    missing, seen twice, or replaced by another."""
+    import zlib
+
+    return np.fromiter((zlib.crc32(str(i).encode()) for i in ids), dtype=np.int64, count=len(ids))
 
 
 # An extra input column the reader adds to the rows of a row group whose pages could not be read (a page

@@ -33,7 +33,7 @@ import ray
 
 from mmray.config.schema import DataConfig
 from mmray.data.dataset_dir import DatasetInfo
-from mmray.data.decode import DAMAGED, Preprocessor, model_row_bytes
+from mmray.data.decode import DAMAGED, ROW_KEY, Preprocessor, model_row_bytes, row_keys
 from mmray.data.reader import read_row_group, row_group_units, table_columns
 
 # Emit each decode batch as one block (see the module docstring); False: Ray Data's default buffering.
@@ -74,7 +74,7 @@ class _Decode:
         self.data, self.info, self.train, self.seed = data, info, train, seed
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return Preprocessor.shared(self.data, self.info, self.train, self.seed)(batch)
+        return Preprocessor.shared(self.data, self.info, self.train, self.seed)(batch) | {ROW_KEY: row_keys(batch["id"])}
 
 
 def epoch_seed(seed: int):
@@ -110,7 +110,8 @@ class _ReadDecode:
         for path, group in zip(units["path"], units["row_group"]):
             table = read_row_group(str(path), int(group), self.data, self.info)
             for start in range(0, table.num_rows, step):
-                yield pre(table_columns(table.slice(start, step)))
+                columns = table_columns(table.slice(start, step))
+                yield pre(columns) | {ROW_KEY: row_keys(columns["id"])}
 
 
 def build_dataset(data: DataConfig, info: DatasetInfo, split: str, *, train: bool, seed: int = 0) -> "ray.data.Dataset":
@@ -124,7 +125,7 @@ def build_dataset(data: DataConfig, info: DatasetInfo, split: str, *, train: boo
         seed: seeds the order (redrawn every epoch) and the augmentation.
 
     Returns:
-        A dataset whose rows follow the batch format of :mod:`mmray.data.decode` (no ``id``);
+        A dataset whose rows follow the batch format of :mod:`mmray.data.decode` (no ``id``; its ``row_key``);
         iterate it with ``iter_torch_batches`` (or pass it to a TorchTrainer).
 
     Raises:

@@ -31,6 +31,7 @@ everything that loads a checkpoint) sees the same model a DDP run would give.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -62,9 +63,17 @@ def checkpoint_name(epoch: int) -> str:
     return f"{PREFIX}{epoch:04d}"
 
 
+def epoch_of(name: str) -> int | None:
+    """The epoch of the checkpoint folder named ``name`` (``checkpoint_epoch_0003`` -> 3; a path's last part
+    counts); None for another name."""
+    base = os.path.basename(name.rstrip("/"))
+    digits = base[len(PREFIX):]
+    return int(digits) if base.startswith(PREFIX) and digits.isdigit() else None
+
+
 def kept_checkpoints(run_dir: str) -> dict[int, str]:
     """epoch -> folder of the checkpoints a run kept (local path or URI; {} when there are none)."""
-    return {int(d[len(PREFIX):]): store.join(run_dir, d) for d in store.listdir(run_dir) if d.startswith(PREFIX)}
+    return {epoch_of(d): store.join(run_dir, d) for d in store.listdir(run_dir) if epoch_of(d) is not None}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -277,6 +286,64 @@ def copy_checkpoint(local: str, target: str) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def folder_mb(path: str) -> float:
+    """The size of the local checkpoint folder ``path`` in MB (10^6 bytes)."""
+    return sum(e.stat().st_size for e in os.scandir(path) if e.is_file()) / 1e6
+
+
+def uploads_in_background(path: str, async_upload_mb: float | None) -> bool:
+    """Whether the local checkpoint folder ``path`` is uploaded while the next epoch trains
+    (``checkpoint.async_upload_mb``: at least that many MB; None never)."""
+    return async_upload_mb is not None and folder_mb(path) >= async_upload_mb
+
+
+class CheckpointUploadError(RunError):
+    """Storing an epoch's checkpoint in the run folder failed while the next epoch trained (a background
+    upload). The run stops like a failed step: under ``train.max_failures`` it restarts from the last checkpoint
+    that was stored; otherwise a resume continues from it."""
+
+    def __init__(self, target: str, epoch: int, reason: str):
+        self.target, self.epoch, self.reason = target, epoch, reason
+        before = f"epoch {epoch - 1}'s checkpoint" if epoch > 1 else "the start"
+        super().__init__(f"uploading epoch {epoch}'s checkpoint to {target} failed in the background: {reason}; "
+                         f"the run stopped (the partial checkpoint was removed). Run the same command again: the "
+                         f"resume continues from the last checkpoint stored, {before} or earlier")
+
+    def __reduce__(self):  # pickles across Ray workers
+        return (type(self), (self.target, self.epoch, self.reason))
+
+
+def upload_checkpoint(local: str, target: str, persist, *, attempts: int = 3, backoff_s: float = 1.0) -> Any:
+    """Store the local checkpoint folder ``local`` at ``target`` (in the run folder) with ``persist()`` (the
+    storage's copy; its result is returned), then delete ``local``. For copies made off the training thread,
+    whose errors nobody else would see: a failed copy is tried again (``attempts`` in all, for an object store's
+    passing errors), except on a full disk; the last failure removes the partial copy at ``target``, deletes
+    ``local`` and raises one error naming the epoch: :class:`StorageFullError` or :class:`CheckpointUploadError`
+    (whose text never asks a caller to retry: ``local`` is gone)."""
+    import shutil
+    import time
+
+    epoch = epoch_of(target) or 0
+    try:
+        for attempt in range(1, attempts + 1):
+            try:
+                return persist()
+            except Exception as e:
+                with contextlib.suppress(Exception):  # the copy's own error is the one to report
+                    store.remove(target)
+                if is_storage_full(e):
+                    raise StorageFullError(getattr(e, "filename", None) or target, epoch, max(0, epoch - 1)) from e
+                if attempt == attempts:
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    # Ray Train retries a copy whose error names a passing AWS error ("AWS Error SLOW_DOWN"):
+                    # this one is final, so its text must not match.
+                    reason = f"{type(e).__name__}: {first}".replace("AWS Error", "AWS error").rstrip(": ")
+                    raise CheckpointUploadError(target, epoch, reason) from e
+                time.sleep(backoff_s * attempt)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
 
 
 def is_complete(path: str) -> bool:

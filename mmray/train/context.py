@@ -72,7 +72,9 @@ class WorkerContext(Protocol):
         that durable copy, or None where :meth:`report` is what stores it."""
         ...
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        """Publish one epoch's metrics and (from rank 0) its checkpoint folder. A barrier across workers."""
+        """Publish one epoch's metrics and (from rank 0) its checkpoint folder. A barrier across workers.
+        The folder is the context's once this returns (the caller deletes what is left of it): it may
+        have moved it away to store it in the background."""
         ...
     def resume_checkpoint(self) -> ContextManager[str | None]:
         """A local folder holding the checkpoint to resume from (None for a fresh start), for the ``with``

@@ -23,6 +23,7 @@ from mmray.config import JobConfig
 from mmray.config.errors import RunError
 from mmray.config.schema import LRScheduleConfig, OptimizerConfig
 from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
+from mmray.data.decode import ROW_KEY
 from mmray.data.tokenizer import TextTokenizer
 from mmray.models.builder import build_job_model, job_tasks
 from mmray.models.cached import check_cached_encoders, encoder_hashes
@@ -49,6 +50,10 @@ PROGRESS_EVERY_S = 1.0
 # (a sync) and, with several workers, gathers it from all of them so that every rank stops at the same
 # batch; the first non-finite batch is recorded exactly on the device in between, without a sync.
 FINITE_CHECK_EVERY = 10
+# train_epoch's account of the rows it saw (the batches' row_key, summed over workers): not a metric, it goes
+# to the epoch_end event as rows_seen = {"rows": n, "sum": sum of their keys}, for checks that every row of
+# the split was seen once (:func:`mmray.data.decode.row_keys`).
+ROW_DIGEST = "rows_seen"
 
 
 class NonFiniteLossError(RunError):
@@ -195,6 +200,7 @@ def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, confi
     extra_sums = {name: torch.zeros((), device=ctx.device) for name in _extra_losses(config, epoch)}
     rows = torch.zeros((), device=ctx.device)
     bad = torch.zeros((), device=ctx.device)
+    keyed = torch.zeros(2, dtype=torch.int64, device=ctx.device)  # sum of the rows' row_key, rows that had one
     start = last_progress = time.perf_counter()
     pending = 0  # micro-batches whose gradients are not yet applied
     # Encoders frozen for now (unfreeze_after_epochs) still get gradients (DDP needs every registered weight to);
@@ -235,6 +241,8 @@ def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, confi
             extra_sums[name] += parts[name].detach().float() * n_valid
         rows += n_valid
         bad += (~batch["valid"]).sum()
+        if ROW_KEY in batch:  # the Ray Data pipeline's batches: which rows this epoch saw, order-free
+            keyed += torch.stack([batch[ROW_KEY].sum(), torch.tensor(batch[ROW_KEY].numel(), device=ctx.device)])
         if ctx.rank == 0 and time.perf_counter() - last_progress > PROGRESS_EVERY_S:
             last_progress = time.perf_counter()
             # .item() syncs with the GPU: only once a second, for the person watching.
@@ -256,6 +264,9 @@ def train_epoch(model, batches: Iterable, *, optimizer, scheduler, scaler, confi
            "train.epoch_s": seconds}
     for i, name in enumerate(extras):  # train.contrastive_loss, train.adversarial_loss
         out[f"train.{name}_loss"] = (totals[3 + i] / totals[1].clamp(min=1)).item()
+    keys, keyed_rows = ctx.all_reduce(keyed).tolist()  # exact: int64
+    if keyed_rows:
+        out[ROW_DIGEST] = {"rows": keyed_rows, "sum": keys}
     return out
 
 
@@ -314,9 +325,12 @@ def _checkpoint_record_report(ctx: WorkerContext, epoch: int, scalars: dict[str,
     writes the epoch's record (``metrics.jsonl``, TensorBoard), then every rank reports. ``sharded``: every
     rank writes its shards of the checkpoint and reports them (the folders are merged into one).
 
-    The order is the guarantee: a recorded epoch always has its checkpoint, so a run or trial killed right
-    after the record resumes past it and never trains it again; and the record comes before report, inside
-    which a scheduler may stop a trial for good. A full disk is :class:`StorageFullError`."""
+    The order is the guarantee: a recorded epoch always has its checkpoint where ``keep`` stores it, so a run
+    or trial killed right after the record resumes past it and never trains it again; and the record comes
+    before report, inside which a scheduler may stop a trial for good. A full disk is :class:`StorageFullError`.
+    Where ``report`` stores the checkpoint, a large one may still be uploading when the next epoch starts
+    (``checkpoint.async_upload_mb``): a kill before it is stored resumes from the one before and trains that
+    epoch again, and its record is rewritten from the checkpointed history (each epoch once)."""
     scratch = tempfile.mkdtemp(prefix="mmray-ckpt-") if ctx.rank == 0 or sharded else None
     try:
         ckpt = kept = None
@@ -458,13 +472,17 @@ def train_loop(config: JobConfig, ctx: WorkerContext, inputs: LoopInputs | None 
             else:
                 state.epochs_without_improvement += 1
             state.epoch = epoch
+            seen = metrics.pop(ROW_DIGEST, None)
             scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             scalars["best_epoch"] = float(state.best_epoch or 0)  # 0 while pre-training: no candidate yet
             state.history.append(scalars)
 
+            ending = time.perf_counter()
             _checkpoint_record_report(ctx, epoch, scalars, state, outputs, save, sharded=is_sharded(model))
+            # checkpoint_s: how long checkpointing, recording and reporting kept the next epoch waiting
             ctx.progress({"type": "epoch_end", "epoch": epoch, "epochs": config.train.epochs, "metrics": scalars,
-                          "metric": metric, "phase": phase})
+                          "metric": metric, "phase": phase, "checkpoint_s": time.perf_counter() - ending,
+                          **({"rows_seen": seen} if seen else {})})
             if patience is not None and state.epochs_without_improvement >= patience:
                 ctx.progress({"type": "early_stop", "epoch": epoch, "best_epoch": state.best_epoch})
                 break

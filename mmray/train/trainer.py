@@ -17,7 +17,7 @@ from mmray.data.dataset_dir import read_dataset_info
 from mmray.data.decoded import build_decoded_dataset
 from mmray.data.decoded import plan as decode_plan
 from mmray.runtime import ensure_ray, is_verbose
-from mmray.train.checkpoint import PREFIX
+from mmray.train.checkpoint import epoch_of, upload_checkpoint, uploads_in_background
 from mmray.train.context import LoopInputs
 from mmray.train.loop import train_loop
 
@@ -43,6 +43,7 @@ class RayWorkerContext:
         self.run_dir = run_dir
         self._config, self._relay = config, relay
         self._cached_epochs = cached_epochs
+        self._uploading: threading.Event | None = None  # the checkpoint upload in the background, if any
         if relay is not None:  # every rank: the driver recognises Ray's notice of this process's death by its pid
             relay.push.remote({"type": "worker_started", "rank": self.rank, "pid": os.getpid()})
 
@@ -90,11 +91,43 @@ class RayWorkerContext:
         return out
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        """Ray Train stores the checkpoint in the run folder. A large one
+        (:func:`~mmray.train.checkpoint.uploads_in_background`) is moved out of ``checkpoint_dir`` into a folder of
+        its own and uploaded by Ray Train's upload thread while the next epoch trains; Ray registers it once it
+        is stored, waits for the last upload when the loop returns, and fails the worker (so the run, or a
+        restart under ``train.max_failures``) when an upload fails. One upload at a time: a report waits for the
+        one before, so at most two checkpoints are on local disk."""
         import ray.train
 
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        name = os.path.basename(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        if not checkpoint_dir or not uploads_in_background(checkpoint_dir, self._config.checkpoint.async_upload_mb):
+            checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+            name = os.path.basename(checkpoint_dir) if checkpoint_dir else None
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+            return
+        import shutil
+        import tempfile
+
+        name = os.path.basename(checkpoint_dir)
+        if self._uploading is not None:
+            self._uploading.wait()  # the one before is stored, or failed (then the worker is already failing)
+        own = os.path.join(tempfile.mkdtemp(prefix="mmray-upload-"), name)
+        shutil.move(checkpoint_dir, own)  # the caller's scratch folder is deleted when report returns
+        done = self._uploading = threading.Event()
+        storage = ray.train.get_context().get_storage()
+        target = store.join(self.run_dir, name)
+
+        def persist(checkpoint, dir_name):  # on Ray Train's upload thread
+            try:
+                return upload_checkpoint(own, target, lambda: storage.persist_current_checkpoint(checkpoint, dir_name))
+            finally:
+                shutil.rmtree(os.path.dirname(own), ignore_errors=True)
+                done.set()
+
+        from ray.train import CheckpointUploadMode
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(own), checkpoint_dir_name=name,
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC, delete_local_checkpoint_after_upload=False,
+                         checkpoint_upload_fn=persist)
 
     def keep(self, checkpoint_dir: str) -> None:
         return None  # Ray Train stores and registers the checkpoint in report; a resume continues from the last one
@@ -216,9 +249,9 @@ def _worker_failure_callback(relay: Any, max_failures: int, *, quiet: bool = Tru
                 _ConsoleQuiet.install()
 
         def after_report(self, run_context, metrics, checkpoint) -> None:
-            name = os.path.basename(checkpoint.path.rstrip("/")) if checkpoint is not None else ""
-            if name.startswith(PREFIX):
-                self.epoch = int(name[len(PREFIX):])
+            epoch = epoch_of(checkpoint.path) if checkpoint is not None else None
+            if epoch is not None:
+                self.epoch = epoch
 
         def after_exception(self, run_context, worker_exceptions) -> None:
             self.failures += 1

@@ -36,16 +36,19 @@ def _node_ports(ports: list[int], worker_base: int) -> list[str]:
 
 
 class LocalCluster:
-    """``ray start --head`` on 127.0.0.1 plus ``ray start --address`` for a second node, both with
-    ``RAY_AUTH_MODE=token`` and a fresh token in a private file (``RAY_AUTH_TOKEN_PATH``)."""
+    """``ray start --head`` on 127.0.0.1 plus ``ray start --address`` for ``nodes - 1`` more nodes (the second is
+    ``node2``, with a custom resource of that name, and so on), all with ``RAY_AUTH_MODE=token`` and a fresh token
+    in a private file (``RAY_AUTH_TOKEN_PATH``), each node with its own temp dir and ports."""
 
-    def __init__(self, head_cpus: int = 2, node_cpus: int = 1, extra_env: dict[str, str] | None = None):
+    def __init__(self, head_cpus: int = 2, node_cpus: int = 1, extra_env: dict[str, str] | None = None,
+                 nodes: int = 2, object_store_mb: int | None = None):
         self.root = tempfile.mkdtemp(prefix="mmrc-", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
         self.token_path = os.path.join(self.root, "auth_token")
         with open(self.token_path, "w") as f:
             f.write(secrets.token_hex(32))
         # every port this cluster uses, chosen together; workers get a range below the ephemeral ports
-        self._ports = free_ports(15)
+        self.nodes = nodes
+        self._ports = free_ports(3 + 6 * nodes)
         self.gcs_port, self.dashboard_port = self._ports[:2]
         self.gcs = f"127.0.0.1:{self.gcs_port}"
         self.url = f"http://127.0.0.1:{self.dashboard_port}"
@@ -54,6 +57,7 @@ class LocalCluster:
                          "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{os.path.dirname(sys.executable)}:"
                          f"{os.environ.get('PATH', '')}", **(extra_env or {})})
         self.head_cpus, self.node_cpus = head_cpus, node_cpus
+        self._store = ["--object-store-memory", str(object_store_mb * 1024 * 1024)] if object_store_mb else []
         self.procs: list[subprocess.Popen] = []
 
     @property
@@ -69,18 +73,22 @@ class LocalCluster:
                                            start_new_session=True))
 
     def start(self, timeout: float = 120) -> "LocalCluster":
-        base = 20000 + secrets.randbelow(25) * 400
+        span = 200 * self.nodes  # each node's worker ports: 200 of them
+        base = 20000 + secrets.randbelow(max(1, 10000 // span)) * span
         try:
             self._start(["--head", "--node-ip-address=127.0.0.1", "--port", str(self.gcs_port),
                          "--dashboard-host=127.0.0.1", "--dashboard-port", str(self.dashboard_port),
                          "--ray-client-server-port", str(self._ports[2]), "--num-cpus", str(self.head_cpus),
-                         "--temp-dir", os.path.join(self.root, "head"), *_node_ports(self._ports[3:9], base)],
-                        "head.log")
+                         "--temp-dir", os.path.join(self.root, "head"), *_node_ports(self._ports[3:9], base),
+                         *self._store], "head.log")
             self.wait_nodes(1, timeout)
-            self._start(["--address", self.gcs, "--node-ip-address=127.0.0.1", "--num-cpus", str(self.node_cpus),
-                         "--resources", json.dumps({"node2": 1}), "--temp-dir", os.path.join(self.root, "node2"),
-                         *_node_ports(self._ports[9:15], base + 200)], "node2.log")
-            self.wait_nodes(2, timeout)
+            for n in range(2, self.nodes + 1):
+                ports = self._ports[3 + 6 * (n - 1):3 + 6 * n]
+                self._start(["--address", self.gcs, "--node-ip-address=127.0.0.1", "--num-cpus", str(self.node_cpus),
+                             "--resources", json.dumps({f"node{n}": 1}), "--temp-dir",
+                             os.path.join(self.root, f"node{n}"), *_node_ports(ports, base + 200 * (n - 1)),
+                             *self._store], f"node{n}.log")
+            self.wait_nodes(self.nodes, timeout)
         except BaseException:
             self.stop()
             raise

@@ -15,6 +15,7 @@ import yaml
 from helpers import small_job
 
 from mmray.data.synth import synth
+from mmray.train.checkpoint import is_complete
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -34,12 +35,18 @@ def _train_workers(pid: int) -> list[int]:
     return out
 
 
-def test_a_killed_worker_is_one_line_and_the_run_finishes(tmp_path):
+@pytest.mark.parametrize("upload", ["sync", "background"])
+def test_a_killed_worker_is_one_line_and_the_run_finishes(tmp_path, upload):
+    """``background``: every checkpoint is uploaded while the next epoch trains (``async_upload_mb: 0``);
+    the restart resumes from the last one stored, like the synchronous path, and none is lost at the end."""
     data = str(tmp_path / "synth")
     synth(data, rows=600, shards=2, seed=0)
     job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(small_job(data, name="k", epochs=3, workers=1, batch_size=8,
-                                            max_failures=1).model_dump(mode="json")))
+    config = small_job(data, name="k", epochs=3, workers=1, batch_size=8, max_failures=1)
+    # every epoch's checkpoint stays (num_to_keep 5): each one reported must be there at the end
+    config = config.model_copy(update={"checkpoint": config.checkpoint.model_copy(update={
+        "num_to_keep": 5, "async_upload_mb": 0 if upload == "background" else None})})
+    job.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     snapshot = tmp_path / "runs" / "k" / "checkpoint_manager_snapshot.json"
     proc = subprocess.Popen([sys.executable, "-m", "mmray.cli.main", "train", str(job), "--storage",
                              str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -75,3 +82,9 @@ def test_a_killed_worker_is_one_line_and_the_run_finishes(tmp_path):
     assert [int(n) for n in re.findall(r"^mmray epoch=(\d+)/", after, re.M)] == list(range(restart + 1, 4)), out
     with open(tmp_path / "runs" / "k" / "metrics.jsonl") as f:
         assert [int(json.loads(line)["epoch"]) for line in f] == [1, 2, 3]
+    # every checkpoint reported is stored whole and registered: the last upload was waited for
+    assert sorted(p.name for p in (tmp_path / "runs" / "k").glob("checkpoint_epoch_*")) == [
+        f"checkpoint_epoch_000{e}" for e in (1, 2, 3)]
+    assert all(is_complete(str(tmp_path / "runs" / "k" / f"checkpoint_epoch_000{e}")) for e in (1, 2, 3))
+    assert "checkpoint_epoch_0003" in snapshot.read_text()
+    assert not list((tmp_path / "runs" / "k").glob(".tmp-*"))
