@@ -1,7 +1,9 @@
 """Shared test pieces: a small job that learns the built-in data fast, and a way to corrupt a record."""
 from __future__ import annotations
 
+import os
 import string
+import sys
 
 import pyarrow.parquet as pq
 
@@ -116,3 +118,20 @@ def save_tiny_wav2vec2(folder, sample_rate: int = 8000) -> str:
     Wav2Vec2Model(config).save_pretrained(folder)
     Wav2Vec2FeatureExtractor(sampling_rate=sample_rate, do_normalize=True).save_pretrained(folder)
     return str(folder)
+
+
+def train_workers(pid: int) -> list[int]:
+    """The pids of the Ray Train worker processes under the process ``pid`` (a CLI run the test started)."""
+    import ray
+
+    sys.path.insert(0, os.path.join(os.path.dirname(ray.__file__), "thirdparty_files"))  # Ray's bundled psutil
+    import psutil
+
+    out = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(child.cmdline()):
+                out.append(child.pid)
+        except psutil.Error:
+            pass
+    return out

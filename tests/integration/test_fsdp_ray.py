@@ -14,26 +14,12 @@ import time
 import pytest
 import torch
 import yaml
-from helpers import small_job
+from helpers import small_job, train_workers
 
 from mmray.data.synth import synth
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
-
-
-def _train_workers(pid: int) -> list[int]:
-    sys.path.insert(0, os.path.join(os.path.dirname(ray.__file__), "thirdparty_files"))
-    import psutil
-
-    out = []
-    for child in psutil.Process(pid).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(child.cmdline()):
-                out.append(child.pid)
-        except psutil.Error:
-            pass
-    return out
 
 
 def test_fsdp_run_shards_resumes_from_its_sharded_checkpoint_and_exports_whole(tmp_path):
@@ -64,7 +50,7 @@ def test_fsdp_run_shards_resumes_from_its_sharded_checkpoint_and_exports_whole(t
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline, "epoch 1's checkpoint never registered"
             time.sleep(0.2)
-        workers = _train_workers(proc.pid)
+        workers = train_workers(proc.pid)
         assert len(workers) == 2, workers
         os.kill(workers[1], signal.SIGKILL)
         out, _ = proc.communicate(timeout=600)

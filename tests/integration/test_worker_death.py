@@ -12,27 +12,13 @@ import time
 
 import pytest
 import yaml
-from helpers import small_job
+from helpers import small_job, train_workers
 
 from mmray.data.synth import synth
 from mmray.train.checkpoint import is_complete
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
-
-
-def _train_workers(pid: int) -> list[int]:
-    sys.path.insert(0, os.path.join(os.path.dirname(ray.__file__), "thirdparty_files"))
-    import psutil
-
-    out = []
-    for child in psutil.Process(pid).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(child.cmdline()):
-                out.append(child.pid)
-        except psutil.Error:
-            pass
-    return out
 
 
 @pytest.mark.parametrize("upload", ["sync", "background"])
@@ -59,7 +45,7 @@ def test_a_killed_worker_is_one_line_and_the_run_finishes(tmp_path, upload):
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline, "epoch 1's checkpoint never registered"
             time.sleep(0.2)
-        workers = _train_workers(proc.pid)
+        workers = train_workers(proc.pid)
         assert len(workers) == 1, workers
         killed = workers[0]
         os.kill(killed, signal.SIGKILL)
