@@ -19,6 +19,11 @@ SMALL_MODEL = {
     "fusion": {"name": "concat", "hidden_dim": 128},
 }
 
+# How long a subprocess, a poll loop or a join may take before a test calls it hung: a guard against a hang,
+# never a timing assumption. Generous, so that a machine whose cores another process keeps busy (the suite is
+# checked beside `stress-ng --cpu 2`) makes the suite slower, never red. `make test`'s per-test limit is above it.
+HANG_S = 1800
+
 # The best any single modality can do on the built-in data (image: shape known, pitch a coin flip).
 BEST_SINGLE_MODALITY_CEILING = 0.5
 

@@ -17,6 +17,7 @@ import urllib.request
 import uuid
 
 import pytest
+from helpers import HANG_S
 
 
 def _free_port() -> int:
@@ -41,14 +42,14 @@ def moto_s3():
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        deadline = time.time() + 30
+        deadline = time.time() + HANG_S
         while True:
             try:
                 urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
                 break
             except OSError:
                 assert server.poll() is None, "moto server exited"
-                assert time.time() < deadline, "moto server did not start within 30 s"
+                assert time.time() < deadline, f"moto server did not start within {HANG_S} s"
                 time.sleep(0.2)
         bucket = f"mmray-{uuid.uuid4().hex[:8]}"
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)

@@ -13,6 +13,8 @@ import tempfile
 import time
 import urllib.request
 
+from helpers import HANG_S
+
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
 
@@ -72,7 +74,7 @@ class LocalCluster:
                                            env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                            start_new_session=True))
 
-    def start(self, timeout: float = 120) -> "LocalCluster":
+    def start(self, timeout: float = HANG_S) -> "LocalCluster":
         span = 200 * self.nodes  # each node's worker ports: 200 of them
         base = 20000 + secrets.randbelow(max(1, 10000 // span)) * span
         try:
@@ -96,7 +98,7 @@ class LocalCluster:
 
     def get(self, path: str) -> dict:
         req = urllib.request.Request(f"{self.url}{path}", headers=self.headers)
-        with urllib.request.urlopen(req, timeout=10) as r:
+        with urllib.request.urlopen(req, timeout=HANG_S) as r:
             return json.loads(r.read())
 
     def alive_nodes(self) -> list[dict]:

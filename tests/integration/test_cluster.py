@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import HANG_S
 from local_cluster import LocalCluster
 
 from mmray.data.synth import synth
@@ -55,7 +56,7 @@ def in_process(cluster, monkeypatch, capsys, *args: str) -> tuple[int, str, str]
     return rc, out, err
 
 
-def mmray(cluster: LocalCluster, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+def mmray(cluster: LocalCluster, *args: str, timeout: float = HANG_S) -> subprocess.CompletedProcess:
     """The CLI as a user runs it from the project folder: the token in a file, no RAY_AUTH_MODE set."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_TOKEN_PATH=cluster.token_path, PYTHONPATH=REPO)
@@ -138,7 +139,7 @@ def test_stop_stops_a_running_job(cluster, two_node_run, monkeypatch, capsys):
                  *job_args(cluster, "train", "to-stop", "train.epochs=50", "scaling.num_workers=1"))
     assert proc.returncode == 0, proc.stderr
     job_id = submitted_id(proc.stdout)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + HANG_S
     while cluster.get(f"/api/jobs/{job_id}")["status"] != "RUNNING":
         assert time.monotonic() < deadline, "job never started"
         time.sleep(1)

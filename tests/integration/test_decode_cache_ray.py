@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from helpers import SMALL_MODEL, corrupt_image, small_job
+from helpers import HANG_S, SMALL_MODEL, corrupt_image, small_job
 
 from mmray.data import decoded
 from mmray.data.dataset_dir import read_dataset_info
@@ -116,7 +116,7 @@ def test_a_sweep_builds_the_cache_before_its_trials_and_the_next_sweep_reuses_it
     def tune(name: str) -> str:
         proc = subprocess.run([sys.executable, "-m", "mmray.cli.main", "tune", str(job), "--space", str(space),
                                "--storage", str(tmp_path / "runs"), "--name", name],
-                              capture_output=True, text=True, timeout=900)
+                              capture_output=True, text=True, timeout=HANG_S)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout + proc.stderr
 

@@ -11,7 +11,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import SMALL_MODEL
+from helpers import HANG_S, SMALL_MODEL
 
 import mmray
 from mmray.data.dataset_dir import read_dataset_info
@@ -48,7 +48,7 @@ def files(tmp_path_factory):
 def tune(job: str, space: str, root, name: str, *extra: str) -> str:
     proc = subprocess.run([sys.executable, "-m", "mmray.cli.main", "tune", job, "--space", space,
                            "--storage", str(root / "runs"), "--name", name, *extra],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
@@ -102,7 +102,7 @@ def test_two_workers_train_from_the_cache_until_an_encoder_unfreezes(files):
     partial = root / "partial.yaml"
     partial.write_text(yaml.safe_dump(raw))
     proc = subprocess.run([sys.executable, "-m", "mmray.cli.main", "train", str(partial), "--storage",
-                           str(root / "runs"), "--name", "partial"], capture_output=True, text=True, timeout=600)
+                           str(root / "runs"), "--name", "partial"], capture_output=True, text=True, timeout=HANG_S)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "embedding cache: used (" in out and "epochs 1-1, then the encoders unfreeze" in out

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import yaml
-from helpers import small_job
+from helpers import HANG_S, small_job
 
 from mmray.data.dataset_dir import read_dataset_info
 from mmray.data.synth import synth
@@ -33,7 +33,7 @@ def test_finalists_are_cross_validated_and_the_best_cv_mean_wins(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mmray.cli.main", "tune", str(job), "--space", str(space),
                            "--finalists", "2", "--finalists-cv", "2", "--storage", str(tmp_path / "runs"),
                            "--name", "exp"],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     exp = tmp_path / "runs" / "exp"
     rows = list(csv.DictReader(open(exp / "leaderboard.csv")))

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import yaml
-from helpers import small_job
+from helpers import HANG_S, small_job
 
 from mmray.data.synth import synth
 
@@ -30,7 +30,7 @@ def test_finalists_are_rechecked_the_best_mean_wins_and_an_ensemble_is_weighed_a
         "parameters": {"train.optimizer.lr": {"loguniform": [1e-3, 1e-2]}}}))
     proc = subprocess.run([sys.executable, "-m", "mmray.cli.main", "tune", str(job), "--space", str(space),
                            "--finalists", "2", "--ensemble", "2", "--storage", str(tmp_path / "runs"), "--name", "exp"],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     exp = tmp_path / "runs" / "exp"
     rows = list(csv.DictReader(open(exp / "leaderboard.csv")))

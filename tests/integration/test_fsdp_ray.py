@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 import yaml
-from helpers import small_job, train_workers
+from helpers import HANG_S, small_job, train_workers
 
 from mmray.data.synth import synth
 
@@ -44,7 +44,7 @@ def test_fsdp_run_shards_resumes_from_its_sharded_checkpoint_and_exports_whole(t
                              str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     try:
-        deadline = time.monotonic() + 500
+        deadline = time.monotonic() + HANG_S
         # the event: Ray has registered epoch 1's checkpoint (every rank's shards of it)
         while not (snapshot.is_file() and "checkpoint_epoch_0001" in snapshot.read_text()):
             assert proc.poll() is None, proc.stdout.read()
@@ -53,7 +53,7 @@ def test_fsdp_run_shards_resumes_from_its_sharded_checkpoint_and_exports_whole(t
         workers = train_workers(proc.pid)
         assert len(workers) == 2, workers
         os.kill(workers[1], signal.SIGKILL)
-        out, _ = proc.communicate(timeout=600)
+        out, _ = proc.communicate(timeout=HANG_S)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

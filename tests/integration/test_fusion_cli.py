@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import HANG_S
 
 from mmray.data.synth import synth
 
@@ -23,7 +24,7 @@ def test_mmray_train_quickstart_with_another_fusion(tmp_path):
     argv = ["train", QUICKSTART, *[a for s in sets for a in ("--set", s)], "--storage", str(tmp_path / "runs")]
     code = f"import sys\nfrom mmray.cli.main import main\nsys.exit(main({argv!r}))\n"
     # a hang guard, not a speed check: one epoch takes seconds on a quiet box, minutes on a saturated one
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     export = tmp_path / "runs" / "quickstart" / "export"
     assert f"export:      {export}" in proc.stdout

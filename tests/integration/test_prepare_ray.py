@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import HANG_S
 from local_cluster import LocalCluster
 
 pytest.importorskip("ray")
@@ -58,7 +59,7 @@ def test_prepare_on_two_nodes_gives_the_serial_dataset(cluster, tmp_path):
     env.update(RAY_ADDRESS=cluster.gcs, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=cluster.token_path,
                PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests", "unit", "data")]))
     proc = subprocess.run([sys.executable, "-c", RUN, manifest, str(tmp_path / "ray"), str(tmp_path / "report")],
-                          env=env, capture_output=True, text=True, timeout=400)
+                          env=env, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "report", "rb") as f:
         on_ray = pickle.load(f)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import yaml
-from helpers import small_job
+from helpers import HANG_S, small_job
 
 from mmray.data.synth import synth
 
@@ -32,7 +32,7 @@ def _train(tmp_path) -> subprocess.CompletedProcess:
     job.write_text(yaml.safe_dump(small_job(data, name="q", epochs=2, workers=1).model_dump(mode="json")))
     return subprocess.run([sys.executable, "-m", "mmray.cli.main", "train", str(job), "--storage",
                            str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=900)
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=HANG_S)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import yaml
-from helpers import small_job
+from helpers import HANG_S, small_job
 
 from mmray.data.synth import synth
 
@@ -36,19 +36,19 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     # First attempt: killed (with every Ray process it started) once epoch 2's checkpoint is stored.
     first = subprocess.Popen(mmray_train(str(job), storage), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, env=env, start_new_session=True)
-    deadline = time.time() + 300
+    deadline = time.time() + HANG_S
     snapshot = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
     # the event: Ray has recorded epoch 2's checkpoint in its snapshot (the folder alone is not yet registered)
     while not (os.path.isfile(snapshot) and "checkpoint_epoch_0002" in open(snapshot).read()):
         assert first.poll() is None, first.stdout.read()
-        assert time.time() < deadline, "no checkpoint within 300 s"
+        assert time.time() < deadline, f"no checkpoint within {HANG_S} s"
         time.sleep(0.5)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert not os.path.isdir(os.path.join(run_dir, "export"))
 
     # Second attempt, same command: continues after the last stored epoch, finishes and exports.
-    second = subprocess.run(mmray_train(str(job), storage), capture_output=True, text=True, env=env, timeout=600)
+    second = subprocess.run(mmray_train(str(job), storage), capture_output=True, text=True, env=env, timeout=HANG_S)
     assert second.returncode == 0, second.stdout + second.stderr
     resumed = re.search(r"resuming after epoch (\d+)", second.stdout)
     assert resumed, second.stdout
@@ -69,7 +69,7 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     assert [int(m["epoch"]) for m in history] == list(range(1, EPOCHS + 1))
 
     # Third time: the run is finished. Nothing trains (no Ray start-up); the message points to the export.
-    third = subprocess.run(mmray_train(str(job), storage), capture_output=True, text=True, env=env, timeout=120)
+    third = subprocess.run(mmray_train(str(job), storage), capture_output=True, text=True, env=env, timeout=HANG_S)
     assert third.returncode == 0, third.stdout + third.stderr
     assert f"run {run_dir} already finished; nothing was trained. Its export is {run_dir}/export" in third.stdout
     assert "mmray epoch=" not in third.stdout

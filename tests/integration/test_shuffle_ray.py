@@ -9,6 +9,7 @@ from collections import Counter
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import HANG_S
 
 from mmray.config.schema import DataConfig
 from mmray.data.dataset_dir import read_dataset_info
@@ -93,6 +94,6 @@ def test_two_consumers_see_every_row_once_per_epoch(local_ray, dataset, mode):
         for t in threads:
             t.start()
         for t in threads:
-            t.join(timeout=300)
+            t.join(timeout=HANG_S)
         assert not any(t.is_alive() for t in threads)
         assert Counter(seen[0] + seen[1]) == want

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import yaml
-from helpers import small_job
+from helpers import HANG_S, small_job
 
 from mmray.data.synth import synth
 
@@ -45,7 +45,7 @@ class GatedContext(TuneTrialContext):
     def train_batches(self, epoch):
         if self.long and epoch > 1:
             wait_for("short-done")
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + {hang}
             while self.cores.share() != CPUS and time.monotonic() < deadline:
                 time.sleep(0.05)
         if not self.long and epoch == 1:
@@ -93,10 +93,10 @@ def test_the_last_trial_takes_the_cores_the_finished_one_leaves(tmp_path):
     gates = tmp_path / "gates"
     gates.mkdir()
     script = tmp_path / "gated_tune.py"
-    script.write_text(GATED_TUNE.format(gates=str(gates), lr=JOB_LR, cpus=cpus, epochs=EPOCHS))
+    script.write_text(GATED_TUNE.format(gates=str(gates), lr=JOB_LR, cpus=cpus, epochs=EPOCHS, hang=HANG_S))
     proc = subprocess.run([sys.executable, str(script), "tune", str(job), "--space", str(space),
                            "--storage", str(tmp_path / "runs"), "--name", "exp"],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     exp = str(tmp_path / "runs" / "exp")
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import yaml
-from helpers import small_job
+from helpers import HANG_S, small_job
 from PIL import Image
 from storage_fixtures import s3_bucket  # noqa: F401 - a fixture
 
@@ -28,7 +28,7 @@ AUTO: dict = {}  # the report the sweep wrote when it ended
 
 
 def mmray(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mmray.cli.main", *args], capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, "-m", "mmray.cli.main", *args], capture_output=True, text=True, timeout=HANG_S)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import json
 import os
 
 import pytest
-from helpers import BEST_SINGLE_MODALITY_CEILING, corrupt_image, small_job
+from helpers import BEST_SINGLE_MODALITY_CEILING, HANG_S, corrupt_image, small_job
 
 from mmray.data.synth import synth
 
@@ -135,7 +135,7 @@ def test_a_bad_record_under_fail_is_one_mmray_line_not_worker_tracebacks(dataset
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(raw))
     proc = subprocess.run([sys.executable, "-m", "mmray.cli.main", "train", str(job), "--storage", str(tmp_path / "runs")],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 1, proc.stderr
     mmray_lines = [line for line in proc.stderr.splitlines() if line.startswith("mmray:")]
     assert mmray_lines[0].startswith(f"mmray: bad record {dataset[1]!r}: column 'image': cannot decode image")

@@ -11,7 +11,7 @@ import time
 import optuna
 import pytest
 import yaml
-from helpers import small_job
+from helpers import HANG_S, small_job
 
 from mmray.data.synth import synth
 
@@ -46,7 +46,7 @@ def tune_cmd(*args: str) -> list[str]:
 def sweep(files):
     job, space, root = files
     proc = subprocess.run(tune_cmd(job, "--space", space, "--storage", str(root / "runs"), "--name", "exp"),
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return str(root / "runs" / "exp"), proc.stdout
 
@@ -222,7 +222,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(files):
     finished = {t: last_checkpoint_index(exp, t) for t in terminated_in_snapshot(exp)}
     assert not os.path.exists(os.path.join(exp, "leaderboard.csv"))
 
-    second = subprocess.run(tune_cmd("--resume", exp), capture_output=True, text=True, timeout=900)
+    second = subprocess.run(tune_cmd("--resume", exp), capture_output=True, text=True, timeout=HANG_S)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     rows = leaderboard(exp)
     assert len(rows) == 6 and len({r["trial_id"] for r in rows}) == 6  # the searcher's count and history kept

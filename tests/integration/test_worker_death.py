@@ -12,7 +12,7 @@ import time
 
 import pytest
 import yaml
-from helpers import small_job, train_workers
+from helpers import HANG_S, small_job, train_workers
 
 from mmray.data.synth import synth
 from mmray.train.checkpoint import is_complete
@@ -39,7 +39,7 @@ def test_a_killed_worker_is_one_line_and_the_run_finishes(tmp_path, upload):
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     killed = None
     try:
-        deadline = time.monotonic() + 400
+        deadline = time.monotonic() + HANG_S
         # the event: Ray has registered epoch 1's checkpoint (so the restart has something to resume from)
         while not (snapshot.is_file() and "checkpoint_epoch_0001" in snapshot.read_text()):
             assert proc.poll() is None, proc.stdout.read()
@@ -49,7 +49,7 @@ def test_a_killed_worker_is_one_line_and_the_run_finishes(tmp_path, upload):
         assert len(workers) == 1, workers
         killed = workers[0]
         os.kill(killed, signal.SIGKILL)
-        out, _ = proc.communicate(timeout=600)
+        out, _ = proc.communicate(timeout=HANG_S)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

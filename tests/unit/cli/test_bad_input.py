@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import small_job
+from helpers import HANG_S, small_job
 
 from mmray.cli.main import main
 from mmray.data.synth import synth
@@ -159,7 +159,7 @@ def test_tokenizer_not_available_locally_exits_2_without_any_network_attempt(job
     )
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MMRAY_HF_DOWNLOAD")}
     env |= {"HF_HOME": str(tmp_path / "hf-home"), "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=HANG_S)
     assert proc.returncode == 2, proc.stderr
     assert "data.text.tokenizer: 'bert-base-uncased' not found locally" in proc.stderr
     assert "MMRAY_HF_DOWNLOAD=1" in proc.stderr

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import HANG_S
 
 from mmray.cli.main import build_parser, main
 
@@ -17,7 +18,7 @@ def test_bad_fusion_exits_2_naming_the_key_and_choices_and_never_starts_ray():
         f"rc = main(['train', {QUICKSTART!r}, '--set', 'model.fusion.name=nope'])\n"
         "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY')\nsys.exit(rc)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 2
     assert "model.fusion.name: 'nope' is not a fusion; choose one of " in proc.stderr
     from mmray.models.fusion import FUSIONS

@@ -21,7 +21,7 @@ from mmray.train.context import LocalContext
 from mmray.train.local import train_local
 from mmray.train.loop import train_loop
 
-from helpers import SMALL_MODEL, corrupt_image
+from helpers import HANG_S, SMALL_MODEL, corrupt_image
 
 
 def job(data: str, **overrides) -> dict:
@@ -159,7 +159,7 @@ def test_concurrent_builders_build_once(tmp_path):
     second = mp.Process(target=_builder, args=(path, config, None, None, out))
     second.start()  # it finds no entry and waits on the lock, or (if slower) finds the first one's entry
     go.set()
-    results = [out.get(timeout=300), out.get(timeout=300)]
+    results = [out.get(timeout=HANG_S), out.get(timeout=HANG_S)]
     first.join(60)
     second.join(60)
     assert first.exitcode == 0 and second.exitcode == 0

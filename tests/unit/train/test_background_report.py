@@ -7,6 +7,7 @@ import os
 import threading
 
 import pytest
+from helpers import HANG_S
 
 ray_train = pytest.importorskip("ray.train")
 
@@ -89,7 +90,7 @@ def test_the_next_background_report_waits_for_the_upload_before(worker, tmp_path
     assert second.is_alive() and len(calls) == 1
     first = calls[0]
     first["checkpoint_upload_fn"](first["checkpoint"], "checkpoint_epoch_0001")  # the upload ends
-    second.join(timeout=60)
+    second.join(timeout=HANG_S)
     assert not second.is_alive() and len(calls) == 2
     last = calls[1]
     last["checkpoint_upload_fn"](last["checkpoint"], "checkpoint_epoch_0002")  # and no local copy is left behind
