@@ -20,11 +20,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# A small sweep on the built-in data; its first trial is jobs/quickstart.yaml itself (the baseline).
-# The single-run path is `mmray train jobs/quickstart.yaml`.
+# A 5-minute sweep of the built-in space on the built-in data; its first trial is jobs/quickstart.yaml itself
+# (the baseline). The single-run path is `mmray train jobs/quickstart.yaml`.
 quickstart: $(STAMP)
 	$(BIN)/mmray data synth --out $(DATA) --rows 3000 --shards 4 --seed 0
-	$(BIN)/mmray tune jobs/quickstart.yaml --space search_spaces/quickstart.yaml --storage $(STORAGE) \
+	$(BIN)/mmray tune jobs/quickstart.yaml --time-budget 5m --storage $(STORAGE) \
 	  --set scaling.num_workers=1 --set train.batch_size=64
 
 # The whole suite, as CI runs it: lint first (seconds), then every test (about 20 min on 2 cores; a per-test hang guard of 40 min).

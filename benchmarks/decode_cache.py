@@ -4,6 +4,7 @@ Run with:
 
     .venv/bin/python benchmarks/decode_cache.py                         # 2,000 synth rows, 1 warm-up + 3 timed epochs
     .venv/bin/python benchmarks/decode_cache.py --rows 600 --epochs 2   # a quick smoke run
+    .venv/bin/python benchmarks/decode_cache.py --data /tmp/suite/digits-photo   # a dataset of real media
     .venv/bin/python benchmarks/decode_cache.py --results benchmarks/RESULTS.md   # also append the table there
 
 Arms, one after the other in this process (no Ray), each on ``--threads`` torch threads (1 = an in-process sweep
@@ -55,9 +56,13 @@ MODEL = {  # the quickstart job's encoders
 
 
 def job(data: str, args, *, cache: str, augment: bool = False):
+    modalities = sorted(read_dataset_info(data).modalities)
+    model = copy.deepcopy(MODEL)
+    model["encoders"] = {m: e for m, e in model["encoders"].items() if m in modalities}
     return validate_job({
-        "name": "decode-bench", "data": {"path": data, "decode_cache": cache, "image": {"augment": augment}},
-        "model": copy.deepcopy(MODEL),
+        "name": "decode-bench", "data": {"path": data, "modalities": modalities, "decode_cache": cache,
+                                         "image": {"augment": augment}},
+        "model": model,
         "train": {"epochs": 1 + args.epochs, "batch_size": args.batch_size, "seed": 0,
                   "optimizer": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01}, "early_stopping": {"patience": None}},
         "scaling": {"num_workers": 1},
@@ -131,12 +136,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workdir", default=None)
     p.add_argument("--results", default=None, help="append the table to this Markdown file")
+    p.add_argument("--data", default=None, help="an existing dataset folder (e.g. one of benchmarks/suite's) "
+                   "instead of --rows synth rows (its decoded-input cache is built here if missing)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
     work = args.workdir or tempfile.mkdtemp(prefix="mmray-decode-bench-")
-    data = os.path.join(work, "synth")
-    synth(data, rows=args.rows, shards=4, seed=0)
+    data = args.data or os.path.join(work, "synth")
+    if args.data is None:
+        synth(data, rows=args.rows, shards=4, seed=0)
     info = read_dataset_info(data)
     load_before = os.getloadavg()
     off = job(data, args, cache="off")
@@ -155,7 +163,7 @@ def main() -> None:
 
     per_core = {k: v["rows_cpu_s"] for k, v in results.items()}  # rows per CPU second: per core, whatever the load
     lines = [
-        f"rows={args.rows} (train {info.split_rows('train')}) batch_size={args.batch_size} threads={args.threads} "
+        f"data={args.data or f'synth --rows {args.rows}'} (train {info.split_rows('train')}) batch_size={args.batch_size} threads={args.threads} "
         f"timed epochs={args.epochs} cpus={os.cpu_count()} torch={torch.__version__} "
         f"python={platform.python_version()} load_avg_1m before/after={load_before[0]:.1f}/{load_after[0]:.1f}; "
         f"cache build {build_s:.1f} s (one thread, this process), {plan.entry.manifest['bytes'] / 2**20:.1f} MiB",

@@ -4,7 +4,7 @@ Run with:
 
     .venv/bin/python -m mmray.cli.main data synth --out /tmp/data200k --rows 200000 --shards 16 --seed 0
     .venv/bin/python benchmarks/stream.py --data /tmp/data200k                      # one node (a local Ray)
-    .venv/bin/python benchmarks/stream.py --data /tmp/data200k --nodes 4            # 4 `ray start` nodes here
+    .venv/bin/python benchmarks/stream.py --data /tmp/data50k --nodes 4             # 4 `ray start` nodes here
     .venv/bin/python benchmarks/stream.py --rows 3000 --nodes 2 --sample-s 1        # a quick smoke run
 
 :func:`mmray.fit` trains the small built-in model (the test suite's encoders, concat fusion) for ``--epochs`` on
@@ -17,12 +17,15 @@ Every ``--sample-s`` seconds a thread records:
 
 - ``rss``: resident memory of every process of the Ray cluster and this driver (summed; the object store's
   shared pages count once per process that maps them, so this overstates, but it is what would grow);
-- ``train rss``: the largest Ray Train worker's resident memory;
+- ``train rss``: the largest Ray Train worker's resident memory, and ``train uss`` its private memory (USS: RSS
+  less the pages it shares, such as the object store's blocks it has read, which RSS counts as they are touched,
+  so a worker's RSS climbs towards the store's size while USS shows what the worker itself holds);
 - ``store``: object store bytes in use, over all nodes; ``spilled``: bytes spilled to disk so far (both from
   the raylets' store stats, Ray's private ``get_memory_info_reply``: what ``ray memory --stats-only`` prints).
 
-The table compares the middle of the run with its end (medians of the second and last quarter of the samples):
-flat memory means the end is not above the middle. "Rows seen" is the loop's per-epoch account of the
+The table compares the middle of the training with its end (medians of the second and last quarter of the samples
+taken between the first epoch's start and the last epoch's end; start-up and the export after training are left
+out): flat memory means the end is not above the middle. "Rows seen" is the loop's per-epoch account of the
 batches' ``row_key`` (a CRC-32 of each row id, summed over the workers' batches): it must equal the train
 split's row count and the sum of its ids' keys (read from the shards here), i.e. every row exactly once.
 A plot of the samples goes to ``--plot`` (matplotlib), the samples to ``--plot`` with ``.csv``.
@@ -41,6 +44,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))  # LocalCluster
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # what LocalCluster imports (helpers)
 
 MODEL = {
     "encoders": {
@@ -103,11 +107,11 @@ class Sampler(threading.Thread):
         s = get_memory_info_reply(self._state).store_stats
         return s.object_store_bytes_used, s.spilled_bytes_total
 
-    def _rss(self) -> tuple[float, float]:
+    def _rss(self) -> tuple[float, float, float]:
         sys.path.insert(0, os.path.join(os.path.dirname(__import__("ray").__file__), "thirdparty_files"))
         import psutil
 
-        total, train = 0, 0
+        total, train, train_uss = 0, 0, 0
         seen = set()
         for root in self.roots:
             try:
@@ -123,17 +127,19 @@ class Sampler(threading.Thread):
                     total += rss
                     if "RayTrainWorker" in " ".join(p.cmdline()):
                         train = max(train, rss)
+                        train_uss = max(train_uss, p.memory_full_info().uss)
                 except psutil.Error:
                     pass
-        return total, train
+        return total, train, train_uss
 
     def sample(self) -> None:
-        rss, train = self._rss()
+        rss, train, train_uss = self._rss()
         try:
             used, spilled = self._store()
         except Exception:  # noqa: BLE001 - Ray not up yet, or shutting down
             used, spilled = float("nan"), float("nan")
         self.samples.append({"t": time.monotonic() - self.t0, "rss_mb": rss / 1e6, "train_rss_mb": train / 1e6,
+                             "train_uss_mb": train_uss / 1e6,
                              "store_mb": used / 1e6, "spilled_mb": spilled / 1e6})
         with open(self.csv_path, "a", newline="") as f:  # as it goes: a run stopped half-way keeps its samples
             w = csv.DictWriter(f, fieldnames=list(self.samples[-1]))
@@ -166,8 +172,9 @@ def plot(samples: list[dict], epochs: list[float], path: str, title: str) -> str
     t = [s["t"] for s in samples]
     fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
     axes[0].plot(t, [s["rss_mb"] for s in samples], label="all Ray processes + driver")
-    axes[0].plot(t, [s["train_rss_mb"] for s in samples], label="largest Train worker")
-    axes[0].set_ylabel("RSS (MB)")
+    axes[0].plot(t, [s["train_rss_mb"] for s in samples], label="largest Train worker (RSS)")
+    axes[0].plot(t, [s["train_uss_mb"] for s in samples], label="largest Train worker (USS, private)")
+    axes[0].set_ylabel("memory (MB)")
     axes[0].legend(loc="lower right", fontsize=8)
     axes[1].plot(t, [s["store_mb"] for s in samples])
     axes[1].set_ylabel("object store (MB)")
@@ -232,7 +239,7 @@ def main() -> None:
         if e.get("type") == "epoch_start":
             starts.append(time.monotonic() - sampler.t0)
         elif e.get("type") == "epoch_end":
-            ends.append(e)
+            ends.append({**e, "t": time.monotonic() - sampler.t0})
 
     sampler.start()
     failure, nodes, run_dir = None, 1, os.path.join(tmp, "runs", "stream")
@@ -264,11 +271,16 @@ def main() -> None:
     print(f"\n{rows:,} train rows, {args.epochs} epoch(s), {args.workers} Train workers, {where}; "
           f"{len(samples)} samples every {args.sample_s:g} s; run dir {run_dir}")
     print(f"load average: {' '.join(f'{x:.2f}' for x in load0)} at start, {' '.join(f'{x:.2f}' for x in load1)} at end\n")
+    # the training window: from the first epoch's start to the last epoch's end
+    t_end = ends[-1]["t"] if ends else float("inf")
+    window = [s for s in samples if (starts[0] if starts else 0.0) <= s["t"] <= t_end] or samples
+    print(f"training window: {window[0]['t']:.0f}-{window[-1]['t']:.0f} s of the run ({len(window)} samples)\n")
     print("| measure | middle (2nd quarter median) | end (last quarter median) | peak |")
     print("|---|---|---|---|")
     for key, label in (("rss_mb", "RSS, all Ray processes + driver (MB)"), ("train_rss_mb", "RSS, largest Train worker (MB)"),
+                       ("train_uss_mb", "USS, largest Train worker (MB)"),
                        ("store_mb", "object store in use (MB)"), ("spilled_mb", "spilled so far (MB)")):
-        mid, end, peak = quarters([s[key] for s in samples])
+        mid, end, peak = quarters([s[key] for s in window])
         print(f"| {label} | {mid:,.0f} | {end:,.0f} | {peak:,.0f} |")
     print()
     print("| epoch | rows seen | train rows | row-key sum matches | train.samples_per_s | epoch s |")

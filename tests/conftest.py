@@ -4,6 +4,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Every Ray a test starts (ray.init in a test, and the processes tests spawn) runs its workers at the suite's own
+# priority, as mmray's local Ray does (mmray/runtime.py); Ray's default, nice 15, starves them beside any other
+# busy process (the suite is checked beside `stress-ng --cpu 2`).
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

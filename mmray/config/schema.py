@@ -10,7 +10,7 @@ import os
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from mmray.config.errors import UserError
 from mmray.hf_local import image_settings, looks_local
@@ -30,6 +30,15 @@ METRICS: dict[str, str] = {
     "val.loss": "min",
     "train.loss": "min",
 }
+
+
+def _yaml_switch(value: Any) -> Any:
+    """YAML 1.1 (PyYAML, and ``--set``) reads a bare ``on``/``off``/``yes``/``no`` as a boolean: back to the word."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
+# A setting whose choices include "on"/"off": `decode_cache: off` in a job file means the word, not False.
+Switch = BeforeValidator(_yaml_switch)
 
 
 def _component(registry, modality: str | None = None):
@@ -92,7 +101,7 @@ class DataConfig(StrictModel):
     shuffle_buffer_rows: int = Field(
         1024, ge=1, description="rows mixed together with shuffle: local (at least train.batch_size)"
     )
-    decode_cache: Literal["auto", "on", "off"] = Field(
+    decode_cache: Annotated[Literal["auto", "on", "off"], Switch] = Field(
         "auto", description="decode each row once into DATA/.cache/decoded (uint8 pixels, resampled waveforms, token "
         "ids) and read every epoch, trial, sweep and evaluation from it; augmentation still runs every epoch. "
         "auto = when its estimated size (rows x decoded bytes per row) fits 16 GiB and half the free disk; "
@@ -213,10 +222,10 @@ class TrainConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 autocast on CUDA when supported, fp32 on CPU"
     )
-    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+    compile: Annotated[Literal["off", "default", "reduce-overhead", "max-autotune"], Switch] = Field(
         "off", description="torch.compile the model with this mode; the first steps pay for compiling"
     )
-    channels_last: Literal["auto", "on", "off"] = Field(
+    channels_last: Annotated[Literal["auto", "on", "off"], Switch] = Field(
         "auto", description="NHWC memory format for a convolutional image encoder; auto = on CUDA only "
         "(never with scaling.strategy: fsdp)"
     )
@@ -234,7 +243,7 @@ class TrainConfig(StrictModel):
         0, ge=-1, description="times a lost or crashed worker group is restarted from the last checkpoint "
         "(Ray Train's FailureConfig); -1 = without limit"
     )
-    embedding_cache: Literal["auto", "off"] = Field(
+    embedding_cache: Annotated[Literal["auto", "off"], Switch] = Field(
         "auto", description="auto = train from cached encoder outputs while every encoder is frozen (the whole run, "
         "or until the first unfreeze_after_epochs) and no augmentation touches its inputs (built once per dataset; "
         "see README); off = always run encoders",

@@ -148,7 +148,7 @@ def build_dataset(data: DataConfig, info: DatasetInfo, split: str, *, train: boo
     # group of large rows. Capped: 0.81-1.19x a DataLoader instead of 0.51x at 224 px / 10 s (benchmarks/RESULTS.md).
     ds = order_units(ds, shuffle, seed).map_batches(
         _ReadDecode(data, info, train, seed), batch_size=1, batch_format="numpy", num_cpus=data.decode_cpus,
-        concurrency=_decode_tasks() if CAP_DECODE_TASKS else None)
+        compute=ray.data.TaskPoolStrategy(size=_decode_tasks() if CAP_DECODE_TASKS else None))
     if BLOCK_PER_DECODE_BATCH:
         ds.context.target_max_block_size = decode_block_bytes(data, info)  # this dataset's context only
     return ds

@@ -65,8 +65,10 @@ class SweepProgress:
     """The sweep's trials as a person follows them; every method that changes state returns the event line."""
 
     def __init__(self, *, metric: str, mode: str, parameters: list[str], total: int | None, scheduler: str = "",
-                 clock: Callable[[], float] = time.monotonic):
+                 budget_s: float | None = None, spent_s: float = 0.0, clock: Callable[[], float] = time.monotonic):
         self.metric, self.mode, self.parameters, self.total = metric, mode, parameters, total
+        # the search's time budget and what a resumed sweep had already spent of it (header: time left)
+        self.budget_s, self.spent_s = budget_s, spent_s
         self.scheduler = SCHEDULER_NAMES.get(scheduler, scheduler or "the scheduler")
         self.clock = clock
         self.start = clock()
@@ -81,7 +83,8 @@ class SweepProgress:
         row.status, row.started, row.ended, row.stopping = "running", row.started or self.clock(), None, False
         if resumed:
             return f"mmray trial {trial_id} restarted after epoch {row.epoch}"
-        shown = " ".join(f"{self._label(k)}={_value(v)}" for k, v in row.params.items())
+        # a conditional parameter the trial does not use (e.g. fusion.rank of a concat trial) is not shown
+        shown = " ".join(f"{self._label(k)}={_value(v)}" for k, v in row.params.items() if v is not None)
         return f"mmray trial {trial_id} started: {shown}".rstrip()
 
     def result(self, trial_id: str, metrics: dict[str, Any], *, stopping: bool = False) -> None:
@@ -167,13 +170,18 @@ class SweepProgress:
     def header(self) -> str:
         c = self.counts()
         done = sum(c[s] for s in FINISHED)
-        parts = [f"{done}/{self.total if self.total else 'until the time budget'} trials done ({c['completed']} completed, "
-                 f"{c['stopped'] + c['early-stopped']} stopped, {c['failed']} failed)",
-                 f"{c['running']} running", f"{c['pending']} pending"]
+        parts = [f"{done}{f'/{self.total}' if self.total else ''} trials done ({c['completed']} completed, "
+                 f"{c['stopped'] + c['early-stopped']} stopped, {c['failed']} failed)", f"{c['running']} running"]
+        if self.total:
+            parts.append(f"{c['pending']} pending")
         best = self.best_row()
         if best is not None:
             parts.append(f"best {self.metric} {_metric(best.best)} (trial {best.trial_id})")
-        parts.append(f"elapsed {_duration(self.clock() - self.start)}")
+        elapsed = self.clock() - self.start
+        parts.append(f"elapsed {_duration(elapsed)}")
+        if self.budget_s is not None:
+            left = max(0.0, self.budget_s - self.spent_s - elapsed)
+            parts.append(f"time budget {_duration(self.budget_s)}, {_duration(left)} left")
         eta = self.eta()
         if eta is not None and self.total and done < self.total:
             parts.append(f"ETA {_duration(eta)}")

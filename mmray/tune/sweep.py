@@ -198,7 +198,8 @@ def _display(setup: SweepSetup):
 
     space, job_raw = setup.space, setup.job_raw
     progress = SweepProgress(metric=space.metric, mode=space.resolved_mode, total=space.num_samples,
-                             parameters=[k for k, _ in space.ordered_parameters()], scheduler=space.scheduler.name)
+                             parameters=[k for k, _ in space.ordered_parameters()], scheduler=space.scheduler.name,
+                             budget_s=search_budget(space), spent_s=read_ledger(setup.experiment_dir).elapsed_s or 0.0)
     return SweepDisplay(progress, epochs_of=lambda params: validate_job(
         apply_overrides(job_raw, (params or {}).items())).train.epochs)
 

@@ -56,7 +56,7 @@ class LocalCluster:
         self.url = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         self.env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path,
-                         "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{os.path.dirname(sys.executable)}:"
+                         "RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0", "PATH": f"{os.path.dirname(sys.executable)}:"
                          f"{os.environ.get('PATH', '')}", **(extra_env or {})})
         self.head_cpus, self.node_cpus = head_cpus, node_cpus
         self._store = ["--object-store-memory", str(object_store_mb * 1024 * 1024)] if object_store_mb else []

@@ -12,9 +12,10 @@ ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
-def test_local_ray_workers_run_at_the_callers_priority():
+def test_local_ray_workers_run_at_the_callers_priority(monkeypatch):
     # Ray's default puts workers at nice 15, below every ordinary process on the machine: a trial then
     # loses its core to any background job, while the same loop run by hand would not.
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)  # the suite's own setting (conftest): mmray's, here
     if ray.is_initialized():
         ray.shutdown()
     ensure_ray(num_cpus=1)

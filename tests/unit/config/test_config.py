@@ -131,3 +131,14 @@ def test_switching_from_an_implicit_default_component_drops_only_what_the_new_on
 def test_every_float_key_is_finite_only(key, value):
     (msg,) = problems([f"{key}={value}"])
     assert msg.startswith(f"{key}: ") and "finite numbers only" in msg
+
+
+def test_a_bare_yaml_on_or_off_means_the_word_where_the_choices_are_words(tmp_path):
+    # YAML 1.1 reads `on`/`off` as booleans; a user writing `decode_cache: off` means the choice 'off'
+    job = tmp_path / "job.yaml"
+    job.write_text("name: j\ndata: {path: d, decode_cache: off}\ntrain: {compile: off, channels_last: on}\n")
+    config = load_job(str(job), ["train.embedding_cache=off"])
+    assert (config.data.decode_cache, config.train.compile, config.train.channels_last) == ("off", "off", "on")
+    assert config.train.embedding_cache == "off"
+    with pytest.raises(ConfigError, match="train.embedding_cache: 'on' is not valid; choose one of 'auto' or 'off'"):
+        load_job(str(job), ["train.embedding_cache=on"])

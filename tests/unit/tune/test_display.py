@@ -146,3 +146,23 @@ def test_the_display_pickles_without_its_stream():
     d, out, _ = display()
     again = pickle.loads(cloudpickle.dumps(d))  # Tune stores its run config (callbacks included) for --resume
     assert again.stream is not out and again.progress.metric == "val.accuracy"
+
+
+def test_a_budgeted_sweep_shows_the_time_left_and_no_unused_conditional_parameters():
+    clock = Clock()
+    progress = SweepProgress(metric="val.accuracy", mode="max", parameters=[*PARAMS, "model.fusion.rank"],
+                             total=None, scheduler="asha", budget_s=300, spent_s=60, clock=clock)
+    out = io.StringIO()
+    d = SweepDisplay(progress, epochs_of=lambda config: config["epochs"], stream=out, tty=False, summary_every_s=60)
+    d.setup()
+    t = trial("a_00000", 3e-3, "concat")
+    t.config["model.fusion.rank"] = None  # concat has no rank: Optuna leaves the conditional parameter unset
+    d.on_trial_start(0, [], t)
+    clock.now += 60
+    result(d, t, 1, 0.5)
+    d.on_step_end(0, [t])
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "mmray trial a_00000 started: optimizer.lr=0.003 fusion.name=concat"
+    # a resumed sweep had spent 1 minute of its 5 before this one ran for 1 more: 3 left; no count of trials
+    assert lines[-1] == ("mmray sweep: 0 trials done (0 completed, 0 stopped, 0 failed), 1 running, "
+                         "best val.accuracy 0.5000 (trial a_00000), elapsed 1m00s, time budget 5m00s, 3m00s left")
