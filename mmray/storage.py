@@ -160,6 +160,21 @@ def write_bytes(path: str, data: bytes) -> None:
         f.write(data)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux's /proc; elsewhere the usual 0o022)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        return 0o022
+
+
+def shareable(path: str) -> None:
+    """Give a local file that a library wrote private (safetensors' ``save_file`` writes 0600) the mode any
+    other file written here gets (0666 less the umask): a checkpoint or an export is meant to be read by others."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 

@@ -34,6 +34,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
+from mmray import storage as store
 from mmray.errors import UserError
 from mmray.export.codec import (
     MIN_INT8_KERNEL_ELEMENTS,
@@ -131,6 +132,7 @@ def quantize_export(model_dir: str | Path, mode: str, out: str | Path | None = N
     try:
         _copy_export_files(src, tmp)
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mmray.quantize": mode})
+        store.shareable(str(tmp / WEIGHTS_FILE))
         (tmp / QUANTIZATION_FILE).write_text(json.dumps(spec, indent=2) + "\n")
         replace_dir(tmp, dest)
     except BaseException:

@@ -215,6 +215,7 @@ def write_export(
     tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
     try:
         save_file(weights_for_safetensors(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        store.shareable(str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(to_yaml(config))
         _write_json(tmp / LABELS_FILE, _labels(info, model))
         if "text" in config.data.modalities:

@@ -145,6 +145,7 @@ def save_checkpoint(
     else:
         save_file(state_dict_for_saving(model, leave_out=frozen or (), lora_base=lora_base or ()),
                   os.path.join(path, WEIGHTS))
+        store.shareable(os.path.join(path, WEIGHTS))
     if frozen or lora_base:
         with open(os.path.join(path, FROZEN), "w") as f:
             json.dump({"left_out": frozen or {}, "lora_base": lora_base or {},

@@ -37,6 +37,12 @@ def test_export_has_exactly_the_documented_files(exported):
     assert set(versions) >= {"mmray", "torch", "ray", "git_commit"}
 
 
+def test_every_file_of_the_export_is_readable_by_others_as_the_umask_allows(exported):
+    # safetensors writes its file 0600; an export (and a checkpoint) is meant to be shared like its other files
+    mode = lambda name: (exported.export_dir / name).stat().st_mode & 0o777  # noqa: E731
+    assert mode("model.safetensors") == mode("config.yaml") == mode("labels.json")  # 0644 under umask 022
+
+
 def test_weights_are_safetensors_not_pickle(exported):
     path = exported.export_dir / "model.safetensors"
     assert path.read_bytes()[:1] != b"\x80"  # pickle protocol marker
