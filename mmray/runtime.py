@@ -5,6 +5,8 @@ import logging
 import os
 import warnings
 
+from mmray.errors import RunError
+
 # Inherited by the Ray processes a local driver starts; a job submitted to a cluster passes them in its
 # runtime env instead (the cluster's processes were started by someone else).
 QUIET_ENV = {
@@ -144,7 +146,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Ray gives a starting node 30 s to register with its GCS (hard-coded in ray/_private/node.py); a machine whose
+# cores are saturated by other work can miss that once, and a second start (warm page cache) usually makes it.
+START_ATTEMPTS = 3
+NODE_START_TIMEOUT = "timed out during startup"
+
+
 def _start_local_ray(ray, num_cpus: int | None, **kwargs) -> None:
+    """Start a local Ray (:func:`_init_local_ray`), again when its node timed out during start-up on a busy
+    machine (up to :data:`START_ATTEMPTS` times); then a :class:`~mmray.errors.RunError` that says so, with the
+    load. Between attempts ``ray.shutdown()`` drops what the driver had connected; the processes of a node that
+    never registered are ended by Ray's reaper when this process exits."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            _init_local_ray(ray, num_cpus, **kwargs)
+            return
+        except Exception as e:
+            if NODE_START_TIMEOUT not in str(e):
+                raise
+            ray.shutdown()
+            load = os.getloadavg()[0]
+            if attempt == START_ATTEMPTS:
+                raise RunError(f"the local Ray did not start: its node missed Ray's 30 s start-up deadline "
+                               f"{START_ATTEMPTS} times (load average {load:.1f} on {os.cpu_count()} cores); "
+                               f"run again when the machine is less busy") from e
+            logging.getLogger(__name__).warning(
+                "mmray: warning: the local Ray's node did not start within Ray's 30 s (load average %.1f on %d "
+                "cores); starting it again (%d/%d)", load, os.cpu_count(), attempt + 1, START_ATTEMPTS)
+
+
+def _init_local_ray(ray, num_cpus: int | None, **kwargs) -> None:
     """Start a local Ray whose processes know their own cluster's state API.
 
     Ray Train's placement-group cleaner (a detached actor per run) asks the state API about the run's controller

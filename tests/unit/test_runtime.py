@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from mmray import runtime
+from mmray.errors import RunError
 
 
 def test_ray_noise_from_workers_is_dropped_and_everything_else_printed():
@@ -76,3 +79,49 @@ def test_the_drivers_progress_bar_notice_is_not_logged_unless_verbose(caplog, mo
         logger.warning(notice)
         logger.warning("Progress bars for operators disabled.")
     assert [r.getMessage() for r in caplog.records] == ["Progress bars for operators disabled."]
+
+
+class SlowNodeRay:
+    """Stands for the ``ray`` module on a machine so busy that the local node misses Ray's start-up deadline
+    ``misses`` times (the exception and message are Ray's own, from ray/_private/node.py)."""
+
+    def __init__(self, misses: int):
+        self.misses, self.inits, self.shutdowns = misses, 0, 0
+
+    def init(self, **kwargs):
+        self.inits += 1
+        if self.inits <= self.misses:
+            raise Exception("The current node timed out during startup. This could happen because some of the "
+                            "raylet failed to startup or the GCS has become overloaded.")
+
+    def shutdown(self):
+        self.shutdowns += 1
+
+
+def test_a_local_ray_whose_node_missed_its_start_up_deadline_is_started_again(caplog):
+    fake = SlowNodeRay(misses=2)
+    with caplog.at_level(logging.WARNING, logger="mmray.runtime"):
+        runtime._start_local_ray(fake, 2)
+    assert (fake.inits, fake.shutdowns) == (3, 2)
+    assert [r.getMessage().split(" (load")[0] for r in caplog.records] == [
+        "mmray: warning: the local Ray's node did not start within Ray's 30 s"] * 2
+
+
+def test_a_local_ray_that_never_starts_says_why_in_one_line():
+    fake = SlowNodeRay(misses=99)
+    with pytest.raises(RunError, match=r"the local Ray did not start: its node missed Ray's 30 s start-up deadline "
+                                       r"3 times \(load average [\d.]+ on \d+ cores\); run again when"):
+        runtime._start_local_ray(fake, 2)
+    assert fake.inits == runtime.START_ATTEMPTS
+
+
+def test_any_other_failure_to_start_ray_is_not_retried():
+    class Broken(SlowNodeRay):
+        def init(self, **kwargs):
+            self.inits += 1
+            raise ValueError("bad argument")
+
+    fake = Broken(0)
+    with pytest.raises(ValueError, match="bad argument"):
+        runtime._start_local_ray(fake, 2)
+    assert fake.inits == 1
