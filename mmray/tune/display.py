@@ -181,7 +181,7 @@ class SweepProgress:
         parts.append(f"elapsed {_duration(elapsed)}")
         if self.budget_s is not None:
             left = max(0.0, self.budget_s - self.spent_s - elapsed)
-            parts.append(f"time budget {_duration(self.budget_s)}, {_duration(left)} left")
+            parts.append(f"search budget {_duration(self.budget_s)}, {_duration(left)} left")
         eta = self.eta()
         if eta is not None and self.total and done < self.total:
             parts.append(f"ETA {_duration(eta)}")

@@ -165,4 +165,4 @@ def test_a_budgeted_sweep_shows_the_time_left_and_no_unused_conditional_paramete
     assert lines[0] == "mmray trial a_00000 started: optimizer.lr=0.003 fusion.name=concat"
     # a resumed sweep had spent 1 minute of its 5 before this one ran for 1 more: 3 left; no count of trials
     assert lines[-1] == ("mmray sweep: 0 trials done (0 completed, 0 stopped, 0 failed), 1 running, "
-                         "best val.accuracy 0.5000 (trial a_00000), elapsed 1m00s, time budget 5m00s, 3m00s left")
+                         "best val.accuracy 0.5000 (trial a_00000), elapsed 1m00s, search budget 5m00s, 3m00s left")
