@@ -4,10 +4,13 @@ from __future__ import annotations
 import os
 import string
 import sys
+import time
+from typing import Callable
 
 import pyarrow.parquet as pq
 
 from mmray.config import JobConfig, validate_job
+from mmray.train.checkpoint import checkpoint_name
 
 # Small encoders: the built-in task is learnable in a few epochs on 2 CPU cores.
 SMALL_MODEL = {
@@ -140,3 +143,17 @@ def train_workers(pid: int) -> list[int]:
         except psutil.Error:
             pass
     return out
+
+
+def wait_for_registered_checkpoint(run_dir, epoch: int, ended: Callable[[], str | None]) -> None:
+    """Return once Ray has registered ``epoch``'s checkpoint of the run in ``run_dir`` (its
+    ``checkpoint_manager_snapshot.json`` names it; the folder alone is not yet registered): the event a test that
+    kills a run or a worker mid-way acts on. ``ended()`` is asked at every poll: a message when the run ended first
+    (it may raise the run's own error instead), else None."""
+    snapshot = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
+    deadline = time.monotonic() + HANG_S
+    while not (os.path.isfile(snapshot) and checkpoint_name(epoch) in open(snapshot).read()):
+        gone = ended()
+        assert gone is None, gone
+        assert time.monotonic() < deadline, f"epoch {epoch}'s checkpoint never registered"
+        time.sleep(0.2)

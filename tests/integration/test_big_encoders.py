@@ -12,13 +12,19 @@ import json
 import os
 import signal
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 import yaml
-from helpers import HANG_S, save_tiny_bert, save_tiny_vision, save_tiny_wav2vec2, train_workers
+from helpers import (
+    HANG_S,
+    save_tiny_bert,
+    save_tiny_vision,
+    save_tiny_wav2vec2,
+    train_workers,
+    wait_for_registered_checkpoint,
+)
 
 from mmray.config import validate_job
 from mmray.data.synth import Media, synth
@@ -71,17 +77,17 @@ def run(root, cluster):
     from mmray.train.api import train
 
     events: list[dict] = []
-    snapshot = root / "runs" / "big" / "checkpoint_manager_snapshot.json"
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(train, validate_job(big_job(root)), storage=str(root / "runs"), on_event=events.append)
-        deadline = time.monotonic() + HANG_S
+
+        def ended() -> str | None:
+            if not running.done():
+                return None
+            running.result()  # its error, if it failed
+            return "the run finished before epoch 1's checkpoint was seen"
+
         # the event: Ray has registered epoch 1's checkpoint (every rank's shards of it)
-        while not (snapshot.is_file() and "checkpoint_epoch_0001" in snapshot.read_text()):
-            if running.done():
-                running.result()  # its error, if it failed
-                pytest.fail("the run finished before epoch 1's checkpoint was seen")
-            assert time.monotonic() < deadline, "epoch 1's checkpoint never registered"
-            time.sleep(0.2)
+        wait_for_registered_checkpoint(root / "runs" / "big", 1, ended)
         workers = train_workers(os.getpid())
         assert len(workers) == 2, workers
         os.kill(workers[1], signal.SIGKILL)

@@ -9,12 +9,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import yaml
-from helpers import HANG_S, small_job, train_workers
+from helpers import HANG_S, small_job, train_workers, wait_for_registered_checkpoint
 
 from mmray.data.synth import synth
 
@@ -39,17 +38,12 @@ def test_fsdp_run_shards_resumes_from_its_sharded_checkpoint_and_exports_whole(t
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(raw))
     run_dir = tmp_path / "runs" / "f"
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
     proc = subprocess.Popen([sys.executable, "-m", "mmray.cli.main", "train", str(job), "--storage",
                              str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     try:
-        deadline = time.monotonic() + HANG_S
         # the event: Ray has registered epoch 1's checkpoint (every rank's shards of it)
-        while not (snapshot.is_file() and "checkpoint_epoch_0001" in snapshot.read_text()):
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "epoch 1's checkpoint never registered"
-            time.sleep(0.2)
+        wait_for_registered_checkpoint(run_dir, 1, lambda: proc.stdout.read() if proc.poll() is not None else None)
         workers = train_workers(proc.pid)
         assert len(workers) == 2, workers
         os.kill(workers[1], signal.SIGKILL)

@@ -7,11 +7,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
-from helpers import HANG_S, small_job
+from helpers import HANG_S, small_job, wait_for_registered_checkpoint
 
 from mmray.data.synth import synth
 
@@ -36,13 +35,8 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     # First attempt: killed (with every Ray process it started) once epoch 2's checkpoint is stored.
     first = subprocess.Popen(mmray_train(str(job), storage), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, env=env, start_new_session=True)
-    deadline = time.time() + HANG_S
-    snapshot = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
     # the event: Ray has recorded epoch 2's checkpoint in its snapshot (the folder alone is not yet registered)
-    while not (os.path.isfile(snapshot) and "checkpoint_epoch_0002" in open(snapshot).read()):
-        assert first.poll() is None, first.stdout.read()
-        assert time.time() < deadline, f"no checkpoint within {HANG_S} s"
-        time.sleep(0.5)
+    wait_for_registered_checkpoint(run_dir, 2, lambda: first.stdout.read() if first.poll() is not None else None)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert not os.path.isdir(os.path.join(run_dir, "export"))

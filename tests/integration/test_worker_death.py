@@ -8,11 +8,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
-from helpers import HANG_S, small_job, train_workers
+from helpers import HANG_S, small_job, train_workers, wait_for_registered_checkpoint
 
 from mmray.data.synth import synth
 from mmray.train.checkpoint import is_complete
@@ -39,12 +38,9 @@ def test_a_killed_worker_is_one_line_and_the_run_finishes(tmp_path, upload):
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     killed = None
     try:
-        deadline = time.monotonic() + HANG_S
         # the event: Ray has registered epoch 1's checkpoint (so the restart has something to resume from)
-        while not (snapshot.is_file() and "checkpoint_epoch_0001" in snapshot.read_text()):
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "epoch 1's checkpoint never registered"
-            time.sleep(0.2)
+        wait_for_registered_checkpoint(snapshot.parent, 1,
+                                       lambda: proc.stdout.read() if proc.poll() is not None else None)
         workers = train_workers(proc.pid)
         assert len(workers) == 1, workers
         killed = workers[0]
