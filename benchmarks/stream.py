@@ -46,14 +46,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))  # LocalCluster
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # what LocalCluster imports (helpers)
 
-MODEL = {
-    "encoders": {
-        "image": {"name": "cnn", "channels": [16, 32, 64], "dim": 64},
-        "text": {"name": "transformer", "dim": 64, "layers": 1, "heads": 4, "ff_dim": 128},
-        "audio": {"name": "mel_cnn", "n_mels": 32, "channels": [16, 32, 64], "dim": 64},
-    },
-    "fusion": {"name": "concat", "hidden_dim": 128},
-}
+from helpers import SMALL_MODEL  # noqa: E402 - the test suite's small model (its encoders, concat fusion)
 
 
 def job(data: str, *, epochs: int, workers: int, batch_size: int, cpus_per_worker: float):
@@ -62,7 +55,7 @@ def job(data: str, *, epochs: int, workers: int, batch_size: int, cpus_per_worke
     return validate_job({
         "name": "stream",
         "data": {"path": data, "modalities": ["audio", "image", "text"], "decode_cache": "off"},
-        "model": MODEL,
+        "model": SMALL_MODEL,
         "train": {"epochs": epochs, "batch_size": batch_size, "optimizer": {"lr": 3e-3},
                   "early_stopping": {"patience": None}, "embedding_cache": "off"},
         "scaling": {"num_workers": workers, "cpus_per_worker": cpus_per_worker},
