@@ -166,7 +166,7 @@ def ddp_worker(rank: int, world: int, config_json: dict, loader_workers: int, ou
     from mmray.data.dataset_dir import read_dataset_info
     from mmray.data.tokenizer import TextTokenizer
     from mmray.models.builder import build_as_trained, job_tasks
-    from mmray.train.device import to_channels_last, uses_channels_last
+    from mmray.train.device import channels_last_encoders, to_channels_last
     from mmray.train.loop import autocast_dtype
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -179,9 +179,9 @@ def ddp_worker(rank: int, world: int, config_json: dict, loader_workers: int, ou
     info = read_dataset_info(config.data.path)
     tokenizer = TextTokenizer.load(config.data.text, info)
     model = build_as_trained(config, job_tasks(info.tasks), tokenizer)
-    nhwc = uses_channels_last(config, model, device)
-    if nhwc:
-        to_channels_last(model)
+    encoders = channels_last_encoders(config, model)
+    to_channels_last(model, encoders)
+    nhwc = "image" in encoders
     model = torch.nn.parallel.DistributedDataParallel(model.to(device), device_ids=[rank] if cuda else None)
     if config.train.compile != "off":
         model = torch.compile(model, mode=config.train.compile)

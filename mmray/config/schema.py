@@ -226,8 +226,9 @@ class TrainConfig(StrictModel):
         "off", description="torch.compile the model with this mode; the first steps pay for compiling"
     )
     channels_last: Annotated[Literal["auto", "on", "off"], Switch] = Field(
-        "auto", description="NHWC memory format for a convolutional image encoder; auto = on CUDA only "
-        "(never with scaling.strategy: fsdp)"
+        "auto", description="NHWC memory format for convolutional encoders (cnn, resnet*, mel_cnn): faster on CPU "
+        "and CUDA; auto = those encoders, on = every encoder with a 2-D convolution (never with "
+        "scaling.strategy: fsdp)"
     )
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     modality_dropout: float = Field(

@@ -1,6 +1,7 @@
-"""What the loop does differently on a GPU: memory format, ``torch.compile``, and per-epoch device figures.
+"""How the loop uses the device: memory format, ``torch.compile``, and per-epoch GPU figures.
 
-Plain PyTorch, no Ray. On CPU everything here is a no-op unless the config asks for it explicitly.
+Plain PyTorch, no Ray. ``torch.compile`` and the GPU figures are CUDA matters (no-ops on CPU unless asked for);
+the NHWC memory format of convolutional encoders is the default on CPU and CUDA alike.
 """
 from __future__ import annotations
 
@@ -19,24 +20,35 @@ def has_conv(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in module.modules())
 
 
-def uses_channels_last(config: JobConfig, model: nn.Module, device: torch.device) -> bool:
-    """``train.channels_last``: ``auto`` = on CUDA, when the image encoder is a CNN (where tensor cores
-    want NHWC); ``on`` / ``off`` as said. Only the image encoder and image batches change format. Never with
-    ``scaling.strategy: fsdp`` (it cannot shard NHWC weights; ``on`` is refused with it at config validation)."""
+def is_convolutional(module: nn.Module) -> bool:
+    """Most of the module's weights are 2-D convolutions (``cnn``, ``resnet*``, ``mel_cnn``; not a ViT, whose one
+    convolution is its patch embedding)."""
+    conv = sum(p.numel() for m in module.modules() if isinstance(m, nn.Conv2d) for p in m.parameters(recurse=False))
+    return conv * 2 >= sum(p.numel() for p in module.parameters())
+
+
+def channels_last_encoders(config: JobConfig, model: nn.Module) -> tuple[str, ...]:
+    """``train.channels_last``: the modalities whose encoder runs in NHWC. ``auto`` = every convolutional encoder
+    (:func:`is_convolutional`), on CPU and CUDA alike: oneDNN's NHWC convolution, pooling and batch-norm kernels
+    take 1.2-1.8x less CPU time a step than NCHW (``benchmarks/RESULTS.md``) and CUDA's tensor cores want NHWC;
+    ``on`` = every encoder with a 2-D convolution; ``off`` = none. Never with ``scaling.strategy: fsdp`` (it cannot
+    shard NHWC weights; ``on`` is refused with it at config validation)."""
     setting = config.train.channels_last
-    encoders = getattr(model, "encoders", {})
-    if setting == "off" or config.scaling.strategy == "fsdp" or "image" not in encoders \
-            or not has_conv(encoders["image"]):
-        return False
-    return setting == "on" or device.type == "cuda"
+    if setting == "off" or config.scaling.strategy == "fsdp":
+        return ()
+    wanted = has_conv if setting == "on" else is_convolutional
+    return tuple(m for m, encoder in getattr(model, "encoders", {}).items() if has_conv(encoder) and wanted(encoder))
 
 
-def to_channels_last(model: nn.Module) -> None:
-    """The image encoder's conv weights in NHWC, in place (batches follow in :func:`batch_to_device`)."""
-    model.encoders["image"].to(memory_format=torch.channels_last)
+def to_channels_last(model: nn.Module, modalities: tuple[str, ...]) -> None:
+    """The conv weights of these modalities' encoders in NHWC, in place. A convolution with NHWC weights gives
+    NHWC outputs whatever its input's layout (image batches are also moved, in :func:`batch_to_device`)."""
+    for modality in modalities:
+        model.encoders[modality].to(memory_format=torch.channels_last)
 
 
 def batch_to_device(batch: dict[str, Any], device: torch.device, *, channels_last: bool = False) -> dict[str, Any]:
+    """``channels_last``: also the image batch in NHWC (when the image encoder runs in it)."""
     out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     if channels_last and torch.is_tensor(out.get("image")) and out["image"].dim() == 4:
         out["image"] = out["image"].contiguous(memory_format=torch.channels_last)

@@ -10,6 +10,7 @@ import functools
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from mmray.train.checkpoint import (
     unwrap,
 )
 from mmray.train.context import LoopInputs, WorkerContext
-from mmray.train.device import DeviceMonitor, batch_to_device, maybe_compile, to_channels_last, uses_channels_last
+from mmray.train.device import DeviceMonitor, batch_to_device, channels_last_encoders, maybe_compile, to_channels_last
 from mmray.train.evaluation import autocast_dtype, evaluate_model, task_losses
 from mmray.train.objectives import in_pretraining, step_losses
 from mmray.train.outputs import EpochOutputs
@@ -147,10 +148,22 @@ def make_optimizer(cfg: OptimizerConfig, groups: list[ParamGroup]) -> torch.opti
             if ps:
                 torch_groups.append({"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0,
                                      "lr": cfg.lr * g.lr_mult, "name": g.name})
+    fused = fusable([p for g in torch_groups for p in g["params"]])
     if cfg.name == "sgd":
-        return torch.optim.SGD(torch_groups, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.SGD(torch_groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused)
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return cls(torch_groups, lr=cfg.lr, betas=cfg.betas)
+    return cls(torch_groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+
+
+def fusable(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused optimizer kernels can step ``params``: one kernel over all of a group's tensors instead
+    of a Python loop over them (on CPU, torch's own default is that loop; fused steps take a third of its time for
+    the zoo's small models, ``benchmarks/RESULTS.md``). Plain floating-point tensors on CPU or CUDA only: not the
+    DTensor shards of a sharded model."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor exists unless something imported it
+    return bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.is_floating_point()
+        and not (dtensor is not None and isinstance(p, dtensor.DTensor)) for p in params)
 
 
 def make_scheduler(optimizer, cfg: LRScheduleConfig, total_steps: int, *, groups: list[ParamGroup] | None = None,
@@ -414,9 +427,9 @@ def train_loop(config: JobConfig, ctx: WorkerContext, inputs: LoopInputs | None 
     if ctx.rank == 0:
         check_cached_encoders(hashes, cached)
     groups = param_groups(model, config)  # before DDP: it must not register permanently frozen weights
-    channels_last = uses_channels_last(config, model, ctx.device)
-    if channels_last:
-        to_channels_last(model)
+    nhwc = channels_last_encoders(config, model)
+    to_channels_last(model, nhwc)
+    channels_last = "image" in nhwc  # image batches follow their encoder's layout
     model = maybe_compile(_wrap(model, config, ctx), config)  # compile the DDP wrapper: it splits at buckets
     if is_sharded(model):  # sharding replaced every parameter by its shard: group those
         groups = param_groups(model, config)

@@ -14,7 +14,7 @@ from mmray.data.synth import synth
 from mmray.data.tokenizer import TextTokenizer
 from mmray.models.builder import build_as_trained, job_tasks
 from mmray.train.context import LocalContext
-from mmray.train.device import DeviceMonitor, batch_to_device, maybe_compile, to_channels_last, uses_channels_last
+from mmray.train.device import DeviceMonitor, batch_to_device, channels_last_encoders, maybe_compile, to_channels_last
 from mmray.train.local import train_local
 from mmray.train.loop import device_figures
 
@@ -39,24 +39,40 @@ def _model_and_batch(config):
     return model, batch
 
 
-def test_channels_last_is_on_for_a_cnn_on_cuda_only_unless_asked(tiny):
-    model, _ = _model_and_batch(_job(tiny))
-    assert uses_channels_last(_job(tiny), model, CUDA) and not uses_channels_last(_job(tiny), model, CPU)
-    assert uses_channels_last(_job(tiny, channels_last="on"), model, CPU)
-    assert not uses_channels_last(_job(tiny, channels_last="off"), model, CUDA)
-    audio_only = small_job(tiny, modalities=("audio",), epochs=1, workers=1)
-    assert not uses_channels_last(audio_only, _model_and_batch(audio_only)[0], CUDA)  # no image encoder
+def test_channels_last_is_on_for_every_convolutional_encoder_unless_asked(tiny):
+    model, _ = _model_and_batch(_job(tiny))  # a cnn image encoder, a mel_cnn audio encoder, a transformer for text
+    assert channels_last_encoders(_job(tiny), model) == ("audio", "image")
+    assert channels_last_encoders(_job(tiny, channels_last="off"), model) == ()
+    text_only = small_job(tiny, modalities=("text",), epochs=1, workers=1)
+    assert channels_last_encoders(text_only, _model_and_batch(text_only)[0]) == ()
+
+
+def test_a_vit_is_not_convolutional_its_one_convolution_is_the_patch_embedding(tmp_path):
+    from helpers import save_tiny_vision
+
+    from mmray.config import validate_job
+    from mmray.models.encoders import ENCODERS
+    from mmray.models.encoders.base import BuildContext
+    from mmray.train.device import has_conv, is_convolutional
+
+    folder = str(tmp_path / "vit")
+    save_tiny_vision(folder, "vit", 16)
+    config = validate_job({"name": "x", "data": {"path": "d"},
+                           "model": {"encoders": {"image": {"name": "hf_image", "path": folder}}}})
+    vit = ENCODERS.build(config.model.encoders.image, ctx=BuildContext(image_size=16))
+    assert has_conv(vit) and not is_convolutional(vit)  # `on` would still put it in NHWC, `auto` leaves it
 
 
 def test_channels_last_changes_the_layout_not_the_logits(tiny):
     model, batch = _model_and_batch(_job(tiny))
     with torch.inference_mode():
         expected = model(batch_to_device(batch, CPU)).logits["label"]
-        to_channels_last(model)
+        to_channels_last(model, ("audio", "image"))
         nhwc = batch_to_device(batch, CPU, channels_last=True)
         assert nhwc["image"].is_contiguous(memory_format=torch.channels_last)
-        conv = next(m for m in model.encoders["image"].modules() if isinstance(m, torch.nn.Conv2d))
-        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        for modality in ("audio", "image"):
+            conv = next(m for m in model.encoders[modality].modules() if isinstance(m, torch.nn.Conv2d))
+            assert conv.weight.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(model(nhwc).logits["label"], expected, rtol=1e-4, atol=1e-5)
 
 
@@ -78,9 +94,9 @@ def test_device_figures_are_absent_on_cpu():
     assert device_figures({}, ctx) == {}
 
 
-def test_training_with_channels_last_on_cpu_learns_like_the_default(tiny, tmp_path):
-    plain, _ = train_local(_job(tiny), str(tmp_path / "plain"))
-    nhwc, ctx = train_local(_job(tiny, channels_last="on"), str(tmp_path / "nhwc"))
+def test_training_in_channels_last_learns_like_nchw(tiny, tmp_path):
+    nhwc, _ = train_local(_job(tiny), str(tmp_path / "nhwc"))  # auto: the cnn and mel_cnn encoders in NHWC
+    plain, ctx = train_local(_job(tiny, channels_last="off"), str(tmp_path / "plain"))
     for a, b in zip(plain.history, nhwc.history):
         assert b["train.loss"] == pytest.approx(a["train.loss"], rel=1e-3)
     assert "gpu.memory_peak_gb" not in nhwc.history[-1]
