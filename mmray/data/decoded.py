@@ -402,7 +402,8 @@ def read_part(path: str, data, *, ids: bool = False) -> tuple[int, dict[str, np.
             if ids:
                 out["id"] = table.column("id").to_numpy(zero_copy_only=False)
             continue
-        col = table.column(name).combine_chunks()
+        chunks = table.column(name)  # one chunk as written: a view of the file (combining would copy it)
+        col = chunks.chunk(0) if chunks.num_chunks == 1 else chunks.combine_chunks()
         if name in FIXED:
             out[name] = col.flatten().to_numpy(zero_copy_only=True).reshape((n,) + shapes[name])
         else:
