@@ -39,6 +39,7 @@ from mmray.models.model import ModelOutput
 from mmray.train.checkpoint import STATE as CHECKPOINT_STATE
 from mmray.train.checkpoint import load_model as load_checkpoint_model
 from mmray.train.checkpoint import read_config as read_checkpoint_config
+from mmray.train.device import channels_last_encoders, to_channels_last
 
 
 def _require(path: Path, what: str) -> Path:
@@ -96,6 +97,7 @@ class Predictor:
         preprocessor: Any,
         device: torch.device,
     ):
+        to_channels_last(model, channels_last_encoders(config, model))  # NHWC convolutions, as in training
         self.model = model
         self.config = config
         self.labels = dict(labels)

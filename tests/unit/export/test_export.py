@@ -1,6 +1,7 @@
 """write_export + load_model: the export layout, no pickle, and identical predictions after reloading."""
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import json
 import shutil
@@ -17,10 +18,19 @@ from mmray.config import UserError
 from mmray.data.reader import iter_batches
 from mmray.export import export_files, load_model, write_export
 from mmray.export.writer import weights_for_safetensors
+from mmray.train.device import channels_last_encoders, to_channels_last
 
 
 def _decoded(ex, split, batch_size=64):
     return next(iter_batches(ex.config.data, ex.info, split, batch_size=batch_size, train=False))
+
+
+def _as_trained(ex):
+    """A copy of the exported model in the memory format training (and the loaded export) runs it in: its
+    convolutional encoders NHWC (train.channels_last: auto)."""
+    model = copy.deepcopy(ex.model)
+    to_channels_last(model, channels_last_encoders(ex.config, model))
+    return model
 
 
 def test_export_has_exactly_the_documented_files(exported):
@@ -52,9 +62,9 @@ def test_weights_are_safetensors_not_pickle(exported):
 
 
 def test_reloaded_model_gives_identical_probabilities(exported):
-    batch = _decoded(exported, "train")
+    batch, model = _decoded(exported, "train"), _as_trained(exported)
     with torch.inference_mode():
-        expected = torch.softmax(exported.model(batch).logits["label"], dim=-1)
+        expected = torch.softmax(model(batch).logits["label"], dim=-1)
     p = load_model(exported.export_dir)
     assert not p.model.training
     assert p.class_names == list(exported.info.class_names)
@@ -121,9 +131,9 @@ def test_image_only_model_exports_without_tokenizer(exported, tmp_path, tools):
     ex = tools.build_and_export(tmp_path, config, exported.info, tmp_path / "img")
     assert "tokenizer" not in {q.name for q in ex.export_dir.iterdir()}
     p = load_model(ex.export_dir)
-    batch = _decoded(ex, "test")
+    batch, model = _decoded(ex, "test"), _as_trained(ex)
     with torch.inference_mode():
-        expected = torch.softmax(ex.model(batch).logits["label"], dim=-1)
+        expected = torch.softmax(model(batch).logits["label"], dim=-1)
     assert torch.equal(p.predict_batch(batch), expected)
     with pytest.raises(UserError, match="takes no text"):
         p.predict(images=[None], texts=["x"])
