@@ -40,7 +40,7 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -595,19 +595,25 @@ class _ReadCached:
 def list_caches(path: str) -> list[dict]:
     """The cache entries of the dataset at ``path``: name, modality, encoder, rows, bytes, built, stale."""
     info = read_dataset_info(path)
-    root = cache_root(info)
+
+    def describe(m: dict, other_data: bool) -> dict:
+        return {"modality": m["modality"], "encoder": m["encoder"], "bytes": m["bytes"],
+                "rows": {s: v["rows"] for s, v in m["splits"].items()}, "sequences": m["sequences"],
+                "built": m["built"], "stale": other_data}
+    return list_entries(cache_root(info), info, describe)
+
+
+def list_entries(root: str, info: DatasetInfo, describe: Callable[[dict, bool], dict]) -> list[dict]:
+    """``{"name": folder, **describe(manifest, built for another version of the dataset)}`` for every entry
+    folder under ``root`` that has a manifest, by name (one listing for the embedding and decoded-input caches)."""
     if not os.path.isdir(root):
         return []
     fp = dataset_fingerprint(info)
     out = []
     for name in sorted(os.listdir(root)):
-        entry = _read_entry(os.path.join(root, name))
-        if entry is None:
-            continue
-        m = entry.manifest
-        out.append({"name": name, "modality": m["modality"], "encoder": m["encoder"], "bytes": m["bytes"],
-                    "rows": {s: v["rows"] for s, v in m["splits"].items()}, "sequences": m["sequences"],
-                    "built": m["built"], "stale": m["key"]["dataset"] != fp})
+        manifest = read_manifest(os.path.join(root, name))
+        if manifest is not None:
+            out.append({"name": name, **describe(manifest, manifest["key"]["dataset"] != fp)})
     return out
 
 

@@ -46,12 +46,30 @@ import pyarrow as pa
 
 from mmray.config.errors import RunError
 from mmray.config.schema import DataConfig
-from mmray.data.cache import (BuildProgress, dataset_fingerprint, digest, locked, log_build, part_name, part_units,
-                              read_manifest)
+from mmray.data.cache import (
+    BuildProgress,
+    dataset_fingerprint,
+    digest,
+    list_entries,
+    locked,
+    log_build,
+    part_name,
+    part_units,
+    read_manifest,
+)
 from mmray.data.dataset_dir import DatasetInfo, read_dataset_info
 from mmray.data.decode import BadRecordError, Preprocessor
-from mmray.data.reader import (Held, Shuffle, batch_rows, iter_batches, read_row_group, row_group_units,
-                               shuffled_units, split_readers, table_columns)
+from mmray.data.reader import (
+    Held,
+    Shuffle,
+    batch_rows,
+    iter_batches,
+    read_row_group,
+    row_group_units,
+    shuffled_units,
+    split_readers,
+    table_columns,
+)
 from mmray.data.tokenizer import TextTokenizer
 from mmray.runtime import ensure_ray
 from mmray.storage import human_size
@@ -358,7 +376,6 @@ class _DecodeUnits:
 
 def write_part(path: str, batch: dict[str, np.ndarray], ids: pa.ChunkedArray) -> None:
     """One row group's decoded arrays as an uncompressed Arrow IPC file (memory-mappable as written)."""
-    n = len(ids)
     cols: dict[str, Any] = {"id": ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids}
     for key in sorted(batch):
         x = batch[key]
@@ -602,17 +619,10 @@ def build_decoded_dataset(data: DataConfig, info: DatasetInfo, entry: DecodedEnt
 def list_decoded(path: str) -> list[dict]:
     """The decoded-input cache entries of the dataset at ``path``: name, modalities, rows, bytes, built, stale."""
     info = read_dataset_info(path)
-    root = cache_root(info)
-    if not os.path.isdir(root):
-        return []
-    fp = dataset_fingerprint(info)
-    out = []
-    for name in sorted(os.listdir(root)):
-        m = read_manifest(os.path.join(root, name))
-        if m is None:
-            continue
-        out.append({"name": name, "modalities": m["modalities"], "bytes": m["bytes"],
-                    "rows": {s: v["rows"] for s, v in m["splits"].items()},
-                    "bad_records": sum(v.get("bad_records", 0) for v in m["splits"].values()),
-                    "built": m["built"], "stale": m["key"]["dataset"] != fp or m["key"].get("format") != FORMAT})
-    return out
+
+    def describe(m: dict, other_data: bool) -> dict:
+        return {"modalities": m["modalities"], "bytes": m["bytes"],
+                "rows": {s: v["rows"] for s, v in m["splits"].items()},
+                "bad_records": sum(v.get("bad_records", 0) for v in m["splits"].values()),
+                "built": m["built"], "stale": other_data or m["key"].get("format") != FORMAT}
+    return list_entries(cache_root(info), info, describe)

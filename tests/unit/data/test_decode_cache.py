@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+from helpers import HANG_S, SMALL_MODEL, corrupt_image
 
 from mmray.config import validate_job
 from mmray.data import decoded
@@ -20,8 +21,6 @@ from mmray.data.synth import synth
 from mmray.train.context import LocalContext
 from mmray.train.local import train_local
 from mmray.train.loop import train_loop
-
-from helpers import HANG_S, SMALL_MODEL, corrupt_image
 
 
 def job(data: str, **overrides) -> dict:
@@ -74,8 +73,8 @@ def test_training_from_the_cache_gives_the_same_run_without_decoding(data, tmp_p
 
 
 def test_evaluation_reads_the_cache_with_the_metrics_decoding_gives(data, monkeypatch):
-    from mmray.models.builder import build_job_model, job_tasks
     from mmray.data.tokenizer import TextTokenizer
+    from mmray.models.builder import build_job_model, job_tasks
     from mmray.train import finalize
 
     config = validate_job(job(data))

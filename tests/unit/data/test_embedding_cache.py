@@ -9,6 +9,7 @@ import threading
 
 import pytest
 import torch
+from helpers import SMALL_MODEL
 
 from mmray.config import validate_job
 from mmray.config.errors import UserError
@@ -20,8 +21,6 @@ from mmray.models.cached import check_cached_encoders, encoder_hashes
 from mmray.train.context import LocalContext, LoopInputs
 from mmray.train.local import train_local
 from mmray.train.loop import train_loop
-
-from helpers import SMALL_MODEL
 
 
 def frozen_job(data: str, *, fusion: str = "concat", **overrides) -> dict:

@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from helpers import SMALL_MODEL
 
 from mmray.config import validate_job
 from mmray.config.errors import UserError
@@ -15,8 +16,6 @@ from mmray.data.dataset_dir import read_dataset_info
 from mmray.data.decode import Preprocessor
 from mmray.data.folds import Folds, check_fold_count, make_folds, split_labels, stratified_folds
 from mmray.data.synth import synth
-
-from helpers import SMALL_MODEL
 
 # three classes of uneven size, in two splits
 LABELS = {"train": np.array([0] * 23 + [1] * 11 + [2] * 6), "val": np.array([0] * 4 + [1] * 3 + [2] * 1)}

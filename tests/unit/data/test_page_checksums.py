@@ -7,14 +7,13 @@ import os
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import small_job
 
 from mmray.config import validate_job
 from mmray.data.dataset_dir import read_dataset_info
 from mmray.data.decode import BadRecordError
 from mmray.data.reader import iter_batches, row_group_units
 from mmray.data.synth import synth
-
-from helpers import small_job
 
 
 @pytest.fixture

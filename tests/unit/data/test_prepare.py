@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from prepare_media import DUPLICATE_OF, FAULTS, make_folder, write_manifest
 
 from mmray.cli.main import build_parser, main
 from mmray.config.errors import UserError
@@ -16,7 +17,6 @@ from mmray.data.dataset_dir import read_dataset_info
 from mmray.data.inspect import inspect_dataset
 from mmray.data.manifest import ColumnMap
 from mmray.data.prepare import prepare
-from prepare_media import DUPLICATE_OF, FAULTS, make_folder, write_manifest
 
 COLUMNS = ColumnMap(media={"image": "img", "text": "caption", "audio": "sound"}, label="y")
 CLI_COLUMNS = ["--image-col", "img", "--text-col", "caption", "--audio-col", "sound", "--label-col", "y"]
@@ -218,10 +218,10 @@ def test_training_on_a_prepared_folder_learns(tmp_path):
     Labels are the pitch names ("high"/"low", string labels), which the audio tells: a short run must
     clear chance (1/2) by a wide margin.
     """
+    from helpers import small_job
+
     from mmray.data.synth import PITCHES
     from mmray.train.local import train_local
-
-    from helpers import small_job
 
     made = make_folder(str(tmp_path), good_rows=200, seed=5)
     for r in made["rows"]:  # in a column of names, "cat" would be a class of its own: leave it out
