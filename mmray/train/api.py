@@ -159,5 +159,5 @@ def _train_locked(config: JobConfig, info: DatasetInfo, run_dir: str, state: str
     export_dir = run_export_dir(run_dir)
     metrics = export_checkpoint(config, info, supervised_best(config, outcome.best_checkpoint), export_dir,
                                 tensorboard_dir=tensorboard_dir(run_dir), cache=cache,
-                                decoded=decoded)  # the run's plans, not second ones
+                                decoded=decoded, on_event=on_event)  # the run's plans, not second ones
     return RunResult(run_dir, export_dir, metrics, state == "resume")

@@ -1,7 +1,8 @@
 """After training: evaluate the best checkpoint on val and test, and write the model export. No Ray."""
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Callable, Iterable, Iterator
 
 from mmray import storage as store
 from mmray.config import JobConfig
@@ -15,9 +16,10 @@ from mmray.export.loader import load_trained
 from mmray.models.builder import job_tasks
 from mmray.models.cached import check_cached_encoders, encoder_hashes
 from mmray.train.checkpoint import checkpoint_epoch, kept_checkpoints, left_out, read_train_state
-from mmray.train.evaluation import evaluate_model
+from mmray.train.evaluation import evaluate_model, modality_ablations
 
 EVAL_BATCH_SIZE = 256
+MEASURE_EVERY_S = 1.0  # between "measure" progress events (a bar on a terminal; a line every 10 s elsewhere)
 
 
 def best_kept(kept: dict[int, str], metric: str, mode: str) -> str | None:
@@ -50,7 +52,8 @@ def supervised_best(config: JobConfig, best_checkpoint: str) -> str:
 
 def evaluate_splits(model, config: JobConfig, info: DatasetInfo, tasks: dict[str, int], splits=("val", "test"),
                     verified: dict[str, str] | None = None, cache: CachePlan | None = None,
-                    decoded: DecodePlan | None = None):
+                    decoded: DecodePlan | None = None, on_event: Callable[[dict], None] | None = None,
+                    epoch: int | None = None):
     """``{split}.{metric}`` for each split present in the dataset, with the same code the loop uses, plus the
     modality diagnostics ``{split}.diagnostics.{without_<m>|only_<m>}.{accuracy|f1}``.
 
@@ -61,14 +64,34 @@ def evaluate_splits(model, config: JobConfig, info: DatasetInfo, tasks: dict[str
     ``cache``: the run's embedding-cache plan (:func:`mmray.data.cache.plan`); looked up when not given.
     Otherwise the splits are read from the decoded-input cache when there is one (``decoded``: the run's
     :func:`mmray.data.decoded.plan`; looked up when not given), else decoded from the shards.
+    ``on_event``: gets a ``measure_start`` event (``epoch``, the splits' rows, passes over each row) and ``measure``
+    events (``split``, rows done of ``rows_total``) at most every :data:`MEASURE_EVERY_S` while it runs: on 20k+
+    rows this takes minutes, the model running once per row plus twice per modality for the diagnostics.
     """
     batches = _eval_batches(model, config, info, verified or {}, cache or plan(config, info, build=False), decoded)
+    present = [s for s in splits if s in info.splits and info.split_rows(s) > 0]
+    emit = on_event or (lambda event: None)
+    emit({"type": "measure_start", "epoch": epoch, "rows": {s: info.split_rows(s) for s in present},
+          "passes": 1 + len(modality_ablations(config.data.modalities))})
     metrics: dict[str, Any] = {}
-    for split in splits:
-        if split in info.splits and info.split_rows(split) > 0:
-            metrics |= evaluate_model(model, batches(split), tasks=tasks, modalities=config.data.modalities,
-                                      precision=config.train.precision, prefix=split, diagnostics=True)
+    for split in present:
+        counted = _counted(batches(split), emit, split, info.split_rows(split))
+        metrics |= evaluate_model(model, counted, tasks=tasks, modalities=config.data.modalities,
+                                  precision=config.train.precision, prefix=split, diagnostics=True)
     return metrics
+
+
+def _counted(batches: Iterable[dict], emit: Callable[[dict], None], split: str, total: int) -> Iterator[dict]:
+    """``batches``, emitting a ``measure`` event of the rows handed out so far at most every
+    :data:`MEASURE_EVERY_S`, and one when the split is done."""
+    rows, last = 0, time.perf_counter()
+    for batch in batches:
+        yield batch
+        rows += len(batch["valid"])
+        if time.perf_counter() - last >= MEASURE_EVERY_S:
+            last = time.perf_counter()
+            emit({"type": "measure", "split": split, "rows": rows, "rows_total": total})
+    emit({"type": "measure", "split": split, "rows": rows, "rows_total": total, "done": True})
 
 
 def _eval_batches(model, config: JobConfig, info: DatasetInfo, verified: dict[str, str], cache: CachePlan,
@@ -113,7 +136,7 @@ def write_diagnostics(tensorboard_dir: str, metrics: dict[str, Any], epoch: int,
 
 
 def measure_checkpoint(config: JobConfig, info: DatasetInfo, checkpoint_dir: str, cache: CachePlan | None = None,
-                       decoded: DecodePlan | None = None):
+                       decoded: DecodePlan | None = None, on_event: Callable[[dict], None] | None = None):
     """Load ``checkpoint_dir`` (a local path or a URI) into the job's model and measure it on val and test
     (from the embedding cache of the run's plan ``cache``, or its decoded-input cache ``decoded``, when they
     serve them; looked up when not given).
@@ -125,20 +148,21 @@ def measure_checkpoint(config: JobConfig, info: DatasetInfo, checkpoint_dir: str
         verified = {name.removeprefix("encoders."): digest for name, digest in left_out(local).items()}
         epoch = checkpoint_epoch(local)
     metrics = evaluate_splits(loaded.model, config, info, job_tasks(loaded.labels), verified=verified, cache=cache,
-                              decoded=decoded)
+                              decoded=decoded, on_event=on_event, epoch=epoch)
     return loaded.model, loaded.tokenizer, {"epoch": epoch, **metrics}
 
 
 def export_checkpoint(config: JobConfig, info: DatasetInfo, checkpoint_dir: str, export_dir: str,
                       tensorboard_dir: str | None = None, cache: CachePlan | None = None,
-                      decoded: DecodePlan | None = None) -> dict[str, Any]:
+                      decoded: DecodePlan | None = None, on_event: Callable[[dict], None] | None = None
+                      ) -> dict[str, Any]:
     """Load ``checkpoint_dir``, measure it on val and test, and write the export folder; returns its metrics.
 
     Either folder may be a local path or a URI. With ``tensorboard_dir``, the validation modality
     diagnostics also go there (:func:`write_diagnostics`). ``cache``, ``decoded``: the run's cache plans, as in
-    :func:`measure_checkpoint`.
+    :func:`measure_checkpoint`; ``on_event``: its progress (:func:`evaluate_splits`).
     """
-    model, tokenizer, metrics = measure_checkpoint(config, info, checkpoint_dir, cache, decoded)
+    model, tokenizer, metrics = measure_checkpoint(config, info, checkpoint_dir, cache, decoded, on_event)
     write_export(export_dir, model, config, info, tokenizer, metrics, epoch=metrics["epoch"])
     if tensorboard_dir is not None:
         write_diagnostics(tensorboard_dir, metrics, metrics["epoch"])

@@ -23,7 +23,8 @@ def _duration(seconds: float) -> str:
 
 class ProgressPrinter:
     """Renders loop events (``epoch_start``, ``step``, ``epoch_end``, ``early_stop``, ``resumed``, ``sharding``) and the
-    driver's (``embedding_cache``, ``worker_failed``)."""
+    driver's (``embedding_cache``, ``decode_cache``, ``worker_failed``, and ``measure_start`` / ``measure`` while the
+    exported epoch is measured on val and test)."""
 
     def __init__(self, stream: TextIO | None = None, tty: bool | None = None, width: int = 24):
         self.stream = stream or sys.stdout
@@ -32,6 +33,7 @@ class ProgressPrinter:
         self._epoch_started = time.perf_counter()
         self._epoch_seconds: list[float] = []
         self._bar_shown = False
+        self._measure_started = self._measure_line = 0.0
 
     def __call__(self, event: dict[str, Any]) -> None:
         getattr(self, f"_on_{event['type']}", lambda e: None)(event)
@@ -43,15 +45,30 @@ class ProgressPrinter:
         self._epoch_started = time.perf_counter()
 
     def _on_step(self, e: dict[str, Any]) -> None:
-        if not self.tty:
-            return
-        total = max(1, e["rows_total"])
-        done = min(1.0, e["rows"] / total)
-        rate = e["rows"] / max(1e-9, time.perf_counter() - self._epoch_started)
-        filled = int(done * self.width)
+        if self.tty:
+            self._bar(f"epoch {e['epoch']}", e["rows"], e["rows_total"], self._epoch_started, f"loss {e['loss']:.4f}  ")
+
+    def _on_measure_start(self, e: dict[str, Any]) -> None:  # after training: the exported epoch on val and test
+        self._measure_started = self._measure_line = time.perf_counter()
+        rows = " + ".join(f"{n:,} {split}" for split, n in e["rows"].items())
+        which = f"epoch {e['epoch']}" if e.get("epoch") is not None else "the exported epoch"
+        passes = (f", {e['passes']} passes a row: the model, then without and with only each modality"
+                  if e["passes"] > 1 else "")
+        self._line(f"measuring {which} on {rows} rows{passes}")
+
+    def _on_measure(self, e: dict[str, Any]) -> None:
+        if self.tty:
+            self._bar(f"measuring {e['split']}", e["rows"], e["rows_total"], self._measure_started, "")
+        elif not e.get("done") and time.perf_counter() - self._measure_line >= 10:
+            self._measure_line = time.perf_counter()
+            self._line(f"mmray measuring split={e['split']} rows={e['rows']}/{e['rows_total']}")
+
+    def _bar(self, what: str, rows: int, rows_total: int, started: float, extra: str) -> None:
+        total = max(1, rows_total)
+        filled = int(min(1.0, rows / total) * self.width)
         bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(f"\r  epoch {e['epoch']} [{bar}] {e['rows']:,}/{total:,} rows  loss {e['loss']:.4f}  "
-                          f"{rate:,.0f} rows/s ")
+        rate = rows / max(1e-9, time.perf_counter() - started)
+        self.stream.write(f"\r  {what} [{bar}] {rows:,}/{total:,} rows  {extra}{rate:,.0f} rows/s ")
         self.stream.flush()
         self._bar_shown = True
 

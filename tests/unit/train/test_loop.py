@@ -146,6 +146,35 @@ def test_progress_on_a_terminal_draws_a_bar_then_an_epoch_line():
     assert text.rstrip().endswith("* best") and "epoch 1/3" in text and "ETA" in text
 
 
+def test_measuring_the_exported_epoch_shows_its_progress(tiny, monkeypatch):
+    from mmray.data.dataset_dir import read_dataset_info
+    from mmray.data.tokenizer import TextTokenizer
+    from mmray.models.builder import build_as_trained, job_tasks
+    from mmray.train import finalize
+
+    config, info = small_job(tiny, epochs=1, workers=1), read_dataset_info(tiny)
+    tasks = job_tasks(info.tasks)
+    model = build_as_trained(config, tasks, TextTokenizer.load(config.data.text, info)).eval()
+    monkeypatch.setattr(finalize, "MEASURE_EVERY_S", 0.0)  # an event after every batch
+    events: list[dict] = []
+    metrics = finalize.evaluate_splits(model, config, info, tasks, on_event=events.append, epoch=3)
+    rows = {"val": info.split_rows("val"), "test": info.split_rows("test")}
+    assert events[0] == {"type": "measure_start", "epoch": 3, "rows": rows, "passes": 7}  # + without/only x 3
+    for split, n in rows.items():
+        counts = [e["rows"] for e in events[1:] if e["split"] == split]
+        assert counts == sorted(counts) and counts[-1] == n and metrics[f"{split}.accuracy"] >= 0
+    assert [e["split"] for e in events if e.get("done")] == ["val", "test"]
+
+    out = io.StringIO()
+    for event in events:
+        ProgressPrinter(out, tty=True)(event) if event["type"] == "measure" else None
+    assert f"measuring val [########################] {rows['val']}/{rows['val']} rows" in out.getvalue()
+    printed = io.StringIO()
+    ProgressPrinter(printed, tty=False)(events[0])
+    assert printed.getvalue() == (f"measuring epoch 3 on {rows['val']} val + {rows['test']} test rows, 7 passes a "
+                                  "row: the model, then without and with only each modality\n")
+
+
 def _encoder_weights(run_dir: str, epoch: int, prefix: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
