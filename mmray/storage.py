@@ -169,9 +169,13 @@ def _umask() -> int:
         return 0o022
 
 
-def shareable(path: str) -> None:
-    """Give a local file that a library wrote private (safetensors' ``save_file`` writes 0600) the mode any
-    other file written here gets (0666 less the umask): a checkpoint or an export is meant to be read by others."""
+def save_weights(tensors: dict, path: str, metadata: dict[str, str] | None = None) -> None:
+    """``tensors`` as a safetensors file at the local ``path``, with the mode any other file written here gets
+    (0666 less the umask; safetensors' ``save_file`` writes 0600): a checkpoint or an export is meant to be read by
+    others. The one writer of every ``model.safetensors`` (checkpoints, exports, soups, compressed exports)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata=metadata)
     os.chmod(path, 0o666 & ~_umask())
 
 

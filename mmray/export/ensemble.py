@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mmray import storage as store
 from mmray.config import UserError
@@ -167,8 +167,7 @@ def write_soup(out_dir: str | Path, members: Sequence[str | Path]) -> Path:
     try:
         shutil.copytree(members[0], tmp, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("eval-*.json", "confusion-*.png", "compare-*.json"))
-        save_file(soup, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mmray.soup": str(len(members))})
-        store.shareable(str(tmp / WEIGHTS_FILE))
+        store.save_weights(soup, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mmray.soup": str(len(members))})
         (tmp / EXPORT_METRICS_FILE).write_text(json.dumps({"soup_of": [str(m) for m in members]}, indent=2) + "\n")
         replace_dir(tmp, out)
     except BaseException:

@@ -32,8 +32,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
-
 from mmray import storage as store
 from mmray.errors import UserError
 from mmray.export.codec import (
@@ -131,8 +129,7 @@ def quantize_export(model_dir: str | Path, mode: str, out: str | Path | None = N
     tmp.chmod(0o755)
     try:
         _copy_export_files(src, tmp)
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mmray.quantize": mode})
-        store.shareable(str(tmp / WEIGHTS_FILE))
+        store.save_weights(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mmray.quantize": mode})
         (tmp / QUANTIZATION_FILE).write_text(json.dumps(spec, indent=2) + "\n")
         replace_dir(tmp, dest)
     except BaseException:

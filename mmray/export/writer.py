@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import save_file
 
 from mmray import storage as store
 from mmray.config import JobConfig, UserError, to_yaml
@@ -214,8 +213,7 @@ def write_export(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
     try:
-        save_file(weights_for_safetensors(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        store.shareable(str(tmp / WEIGHTS_FILE))
+        store.save_weights(weights_for_safetensors(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(to_yaml(config))
         _write_json(tmp / LABELS_FILE, _labels(info, model))
         if "text" in config.data.modalities:

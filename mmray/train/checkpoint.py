@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from mmray import storage as store
@@ -143,9 +143,8 @@ def save_checkpoint(
         if dist.get_rank() != 0:
             return path
     else:
-        save_file(state_dict_for_saving(model, leave_out=frozen or (), lora_base=lora_base or ()),
-                  os.path.join(path, WEIGHTS))
-        store.shareable(os.path.join(path, WEIGHTS))
+        store.save_weights(state_dict_for_saving(model, leave_out=frozen or (), lora_base=lora_base or ()),
+                           os.path.join(path, WEIGHTS))
     if frozen or lora_base:
         with open(os.path.join(path, FROZEN), "w") as f:
             json.dump({"left_out": frozen or {}, "lora_base": lora_base or {},

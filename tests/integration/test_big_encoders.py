@@ -64,14 +64,7 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def run(root, cluster):
+def run(root, local_ray):
     """The fsdp run; a worker is killed once Ray has registered epoch 1's checkpoint, so the worker group
     restarts from it (``train.max_failures: 1``)."""
     from mmray.train.api import train
@@ -148,7 +141,7 @@ def test_the_export_predicts_as_the_adapted_model_without_peft(run, root, monkey
     assert len(out) == 2 and all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in out)
 
 
-def test_a_two_trial_sweep_over_lora_rank_runs_a_sharded_trainer_per_trial(root, cluster, tmp_path):
+def test_a_two_trial_sweep_over_lora_rank_runs_a_sharded_trainer_per_trial(root, local_ray, tmp_path):
     from mmray.tune.api import tune_job
 
     job = tmp_path / "job.yaml"

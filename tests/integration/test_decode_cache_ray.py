@@ -22,13 +22,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("decoded-ray") / "synth")
     info = synth(out, rows=400, shards=2, seed=1)
@@ -58,7 +51,7 @@ def rows(ds) -> list[str]:
     return sorted(out)
 
 
-def test_the_workers_pipeline_over_the_cache_gives_the_rows_decoding_gives(cluster, data):
+def test_the_workers_pipeline_over_the_cache_gives_the_rows_decoding_gives(local_ray, data):
     from mmray.data.decoded import build_decoded_dataset
     from mmray.data.pipeline import build_dataset
 
@@ -72,7 +65,7 @@ def test_the_workers_pipeline_over_the_cache_gives_the_rows_decoding_gives(clust
         assert len(cached) == info.split_rows(split) and cached == raw, split
 
 
-def test_a_two_worker_run_reads_the_cache_with_the_same_rows_and_metrics(cluster, data, tmp_path):
+def test_a_two_worker_run_reads_the_cache_with_the_same_rows_and_metrics(local_ray, data, tmp_path):
     from mmray.train.api import train
     from mmray.train.checkpoint import kept_checkpoints
     from mmray.train.finalize import measure_checkpoint

@@ -15,16 +15,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    from mmray.data.pipeline import configure_data_context
-
-    configure_data_context(cpu_limit=2)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline") / "ds"
     synth(str(out), rows=80, shards=3, seed=5)

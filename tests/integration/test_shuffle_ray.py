@@ -22,16 +22,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+def ordered_ray(local_ray):
     from ray.data import DataContext
 
-    from mmray.data.pipeline import configure_data_context
-
-    configure_data_context(cpu_limit=2)
     DataContext.get_current().execution_options.preserve_order = True  # the order is the seed's, not the race's
     yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +52,7 @@ def _epochs(ds, n: int = 2, buffer=None) -> list[list[tuple]]:
 
 
 @pytest.mark.parametrize("mode", ["files", "local", "global", "none"])
-def test_every_row_once_per_epoch_new_order_each_epoch_same_for_a_seed(local_ray, dataset, mode):
+def test_every_row_once_per_epoch_new_order_each_epoch_same_for_a_seed(ordered_ray, dataset, mode):
     from mmray.data.pipeline import build_dataset, local_shuffle_rows
 
     data = DataConfig(path=dataset.path, decode_batch_size=8, shuffle=mode, shuffle_buffer_rows=16)
@@ -76,7 +71,7 @@ def test_every_row_once_per_epoch_new_order_each_epoch_same_for_a_seed(local_ray
 
 
 @pytest.mark.parametrize("mode", ["files", "global"])
-def test_two_consumers_see_every_row_once_per_epoch(local_ray, dataset, mode):
+def test_two_consumers_see_every_row_once_per_epoch(ordered_ray, dataset, mode):
     """As Ray Train hands a dataset to 2 workers: ``streaming_split(2)``, both consumed at once, 2 epochs."""
     from mmray.data.pipeline import build_dataset
 

@@ -9,9 +9,9 @@ import os
 import pytest
 from helpers import small_job
 
+from mmray import storage as store
 from mmray.data.reader import split_readers
 from mmray.data.synth import synth
-from mmray.train import checkpoint as ckpt_module
 from mmray.train.checkpoint import StorageFullError
 from mmray.train.context import LocalContext
 from mmray.train.local import train_local
@@ -25,16 +25,16 @@ def config(tmp_path):
 
 
 def _full_on_epoch(monkeypatch, epoch: int):
-    real = ckpt_module.save_file
+    real = store.save_weights
 
-    def save_file(tensors, path, *a, **k):
+    def save_weights(tensors, path, *a, **k):
         if f"checkpoint_epoch_{epoch:04d}" in path:
             with open(path, "wb") as f:
                 f.write(b"\0" * 100)  # a partly written file, as a full disk leaves it
             raise OSError(errno.ENOSPC, "No space left on device", path)
         return real(tensors, path, *a, **k)
 
-    monkeypatch.setattr(ckpt_module, "save_file", save_file)
+    monkeypatch.setattr(store, "save_weights", save_weights)
 
 
 def test_a_full_disk_at_epoch_2_is_one_message_and_leaves_only_epoch_1(config, tmp_path, monkeypatch):
