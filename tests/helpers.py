@@ -5,9 +5,11 @@ import os
 import string
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import pyarrow.parquet as pq
+import yaml
 
 from mmray.config import JobConfig, validate_job
 from mmray.train.checkpoint import checkpoint_name
@@ -157,3 +159,29 @@ def wait_for_registered_checkpoint(run_dir, epoch: int, ended: Callable[[], str 
         assert gone is None, gone
         assert time.monotonic() < deadline, f"epoch {epoch}'s checkpoint never registered"
         time.sleep(0.2)
+
+
+# ------------------------------------------------------------------ refused commands (tests/unit/cli)
+def job_file(data_dir: str, tmp_path: Path, *, workers: int) -> Path:
+    """A valid job whose storage is an empty folder under ``tmp_path`` (see :func:`written`)."""
+    raw = small_job(data_dir, workers=workers).model_dump(mode="json")
+    raw["storage"] = str(tmp_path / "runs")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def written(tmp_path: Path) -> list[str]:
+    """What the command wrote into the job's storage."""
+    runs = tmp_path / "runs"
+    return sorted(os.listdir(runs)) if runs.exists() else []
+
+
+def fails(capsys, *argv: str) -> str:
+    """Run ``mmray *argv``: it must exit 2 with ``mmray: ...`` on stderr and no traceback; returns stderr."""
+    from mmray.cli.main import main
+
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmray: ") and "Traceback" not in err
+    return err

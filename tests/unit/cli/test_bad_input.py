@@ -9,56 +9,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import HANG_S, small_job
+from helpers import HANG_S, fails, job_file, written
 
 from mmray.cli.main import main
-from mmray.data.synth import synth
 
 REPO = Path(__file__).resolve().parents[3]
 
 
-def _ray_started(*_, **__):
-    raise AssertionError("Ray started: bad input must be refused before")
-
-
-@pytest.fixture(autouse=True)
-def no_ray(monkeypatch):
-    import mmray.train.trainer
-    import mmray.tune.sweep
-
-    monkeypatch.setattr(mmray.train.trainer, "fit", _ray_started)
-    monkeypatch.setattr(mmray.tune.sweep, "run_sweep", _ray_started)
-    yield
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("bad-input") / "synth"
-    synth(str(out), rows=60, shards=1, seed=0)
-    return str(out)
+pytestmark = pytest.mark.usefixtures("no_ray")
 
 
 @pytest.fixture()
 def job(data_dir, tmp_path) -> Path:
-    """A valid job whose storage is an empty folder under tmp_path."""
-    raw = small_job(data_dir, workers=1).model_dump(mode="json")
-    raw["storage"] = str(tmp_path / "runs")
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def written(tmp_path: Path) -> list[str]:
-    runs = tmp_path / "runs"
-    return sorted(os.listdir(runs)) if runs.exists() else []
-
-
-def fails(capsys, *argv: str) -> str:
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("mmray: ") and "Traceback" not in err
-    return err
+    return job_file(data_dir, tmp_path, workers=1)
 
 
 # ------------------------------------------------------------------ files that are not YAML text

@@ -3,57 +3,20 @@ the dotted keys and their values, nothing written."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from helpers import small_job
+from helpers import fails, job_file, written
 
 from mmray.cli.main import main
-from mmray.data.synth import synth
 
-
-def _ray_started(*_, **__):
-    raise AssertionError("Ray started: bad input must be refused before")
-
-
-@pytest.fixture(autouse=True)
-def no_ray(monkeypatch):
-    import mmray.train.trainer
-
-    monkeypatch.setattr(mmray.train.trainer, "fit", _ray_started)
-    yield
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("fsdp-refusals") / "synth"
-    synth(str(out), rows=40, shards=1, seed=0)
-    return str(out)
+pytestmark = pytest.mark.usefixtures("no_ray")
 
 
 @pytest.fixture()
 def job(data_dir, tmp_path) -> Path:
-    raw = small_job(data_dir, workers=2).model_dump(mode="json")
-    raw["storage"] = str(tmp_path / "runs")
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def fails(capsys, *argv: str) -> str:
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("mmray: ") and "Traceback" not in err
-    return err
-
-
-def written(tmp_path: Path) -> list[str]:
-    runs = tmp_path / "runs"
-    return sorted(os.listdir(runs)) if runs.exists() else []
+    return job_file(data_dir, tmp_path, workers=2)
 
 
 @pytest.mark.parametrize("verb", ["train", "validate"])
