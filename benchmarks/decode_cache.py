@@ -31,7 +31,6 @@ is printed too). With ``--threads 1`` one CPU second is one core's second.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import platform
 import statistics
@@ -43,26 +42,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from common import quickstart_model  # noqa: E402
 
 from mmray.config import validate_job  # noqa: E402
 from mmray.data import decoded  # noqa: E402
 from mmray.data.dataset_dir import read_dataset_info  # noqa: E402
 from mmray.data.synth import synth  # noqa: E402
 
-MODEL = {  # the quickstart job's encoders
-    "encoders": {
-        "image": {"name": "cnn", "channels": [16, 32, 64], "dim": 64},
-        "text": {"name": "transformer", "dim": 64, "layers": 1, "heads": 4, "ff_dim": 128},
-        "audio": {"name": "mel_cnn", "n_mels": 32, "channels": [16, 32, 64], "dim": 64},
-    },
-    "fusion": {"name": "concat", "hidden_dim": 128, "dropout": 0.1},
-}
-
 
 def job(data: str, args, *, cache: str, augment: bool = False):
     modalities = sorted(read_dataset_info(data).modalities)
-    model = copy.deepcopy(MODEL)
-    model["encoders"] = {m: e for m, e in model["encoders"].items() if m in modalities}
+    model = quickstart_model(modalities)
     return validate_job({
         "name": "decode-bench", "data": {"path": data, "modalities": modalities, "decode_cache": cache,
                                          "image": {"augment": augment}},

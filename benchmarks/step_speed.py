@@ -29,6 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from common import quickstart_model  # noqa: E402
 
 from mmray.models.encoders import ENCODERS  # noqa: E402
 from mmray.models.encoders.base import BuildContext  # noqa: E402
@@ -93,11 +94,7 @@ def optimizer_table(args) -> list[str]:
 
     config = validate_job({
         "name": "step-speed", "data": {"path": "unused", "modalities": ["audio", "image", "text"]},
-        "model": {"encoders": {
-            "image": {"name": "cnn", "channels": [16, 32, 64], "dim": 64},
-            "text": {"name": "transformer", "dim": 64, "layers": 1, "heads": 4, "ff_dim": 128},
-            "audio": {"name": "mel_cnn", "n_mels": 32, "channels": [16, 32, 64], "dim": 64}},
-            "fusion": {"name": "concat", "hidden_dim": 128, "dropout": 0.1}},
+        "model": quickstart_model(),
         "train": {"optimizer": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01}},
     })
     class Vocabulary:  # all the text encoder needs of a tokenizer

@@ -33,17 +33,11 @@ import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from common import quickstart_model  # noqa: E402
+
 from mmray.config import validate_job  # noqa: E402
 from mmray.tune.context import TuneTrialContext  # noqa: E402
 
-MODEL = {  # the quickstart job's encoders
-    "encoders": {
-        "image": {"name": "cnn", "channels": [16, 32, 64], "dim": 64},
-        "text": {"name": "transformer", "dim": 64, "layers": 1, "heads": 4, "ff_dim": 128},
-        "audio": {"name": "mel_cnn", "n_mels": 32, "channels": [16, 32, 64], "dim": 64},
-    },
-    "fusion": {"name": "concat", "hidden_dim": 128, "dropout": 0.1},
-}
 PARAMETERS = {  # a space where the learning rate matters and some fusions learn slower than others
     "model.fusion.name": {"choice": ["concat", "gated", "late", "low_rank_tensor", "attention"]},
     "train.optimizer.lr": {"loguniform": [3.0e-4, 3.0e-2]},
@@ -52,7 +46,7 @@ PARAMETERS = {  # a space where the learning rate matters and some fusions learn
 
 def job(data: str, *, name: str, epochs: int, batch_size: int = 32) -> dict[str, Any]:
     return validate_job({
-        "name": name, "data": {"path": data, "modalities": ["audio", "image", "text"]}, "model": MODEL,
+        "name": name, "data": {"path": data, "modalities": ["audio", "image", "text"]}, "model": quickstart_model(),
         "train": {"epochs": epochs, "batch_size": batch_size, "optimizer": {"lr": 3e-3},
                   "early_stopping": {"patience": None}},
         "scaling": {"num_workers": 1},
