@@ -108,7 +108,7 @@ def plain_arm(config, args, *, tuned: bool = False) -> dict:
     if tuned:
         from mmray.train.device import channels_last_encoders, to_channels_last
 
-        to_channels_last(model, channels_last_encoders(config, model))
+        to_channels_last(model.encoders, channels_last_encoders(config, model.encoders))
 
     def batches(epoch: int):
         perm = torch.randperm(n)

@@ -179,8 +179,8 @@ def ddp_worker(rank: int, world: int, config_json: dict, loader_workers: int, ou
     info = read_dataset_info(config.data.path)
     tokenizer = TextTokenizer.load(config.data.text, info)
     model = build_as_trained(config, job_tasks(info.tasks), tokenizer)
-    encoders = channels_last_encoders(config, model)
-    to_channels_last(model, encoders)
+    encoders = channels_last_encoders(config, model.encoders)
+    to_channels_last(model.encoders, encoders)
     nhwc = "image" in encoders
     model = torch.nn.parallel.DistributedDataParallel(model.to(device), device_ids=[rank] if cuda else None)
     if config.train.compile != "off":

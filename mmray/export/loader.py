@@ -97,7 +97,8 @@ class Predictor:
         preprocessor: Any,
         device: torch.device,
     ):
-        to_channels_last(model, channels_last_encoders(config, model))  # NHWC convolutions, as in training
+        encoders = getattr(model, "encoders", {})  # an ensemble's members each have theirs
+        to_channels_last(encoders, channels_last_encoders(config, encoders))  # NHWC convolutions, as in training
         self.model = model
         self.config = config
         self.labels = dict(labels)

@@ -6,7 +6,7 @@ the NHWC memory format of convolutional encoders is the default on CPU and CUDA 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -27,8 +27,8 @@ def is_convolutional(module: nn.Module) -> bool:
     return conv * 2 >= sum(p.numel() for p in module.parameters())
 
 
-def channels_last_encoders(config: JobConfig, model: nn.Module) -> tuple[str, ...]:
-    """``train.channels_last``: the modalities whose encoder runs in NHWC. ``auto`` = every convolutional encoder
+def channels_last_encoders(config: JobConfig, encoders: Mapping[str, nn.Module]) -> tuple[str, ...]:
+    """``train.channels_last``: the modalities of ``encoders`` (a model's ``encoders``) whose encoder runs in NHWC. ``auto`` = every convolutional encoder
     (:func:`is_convolutional`), on CPU and CUDA alike: oneDNN's NHWC convolution, pooling and batch-norm kernels
     take 1.2-1.8x less CPU time a step than NCHW (``benchmarks/RESULTS.md``) and CUDA's tensor cores want NHWC;
     ``on`` = every encoder with a 2-D convolution; ``off`` = none. Never with ``scaling.strategy: fsdp`` (it cannot
@@ -37,14 +37,14 @@ def channels_last_encoders(config: JobConfig, model: nn.Module) -> tuple[str, ..
     if setting == "off" or config.scaling.strategy == "fsdp":
         return ()
     wanted = has_conv if setting == "on" else is_convolutional
-    return tuple(m for m, encoder in getattr(model, "encoders", {}).items() if has_conv(encoder) and wanted(encoder))
+    return tuple(m for m, encoder in encoders.items() if has_conv(encoder) and wanted(encoder))
 
 
-def to_channels_last(model: nn.Module, modalities: tuple[str, ...]) -> None:
+def to_channels_last(encoders: Mapping[str, nn.Module], modalities: tuple[str, ...]) -> None:
     """The conv weights of these modalities' encoders in NHWC, in place. A convolution with NHWC weights gives
     NHWC outputs whatever its input's layout (image batches are also moved, in :func:`batch_to_device`)."""
     for modality in modalities:
-        model.encoders[modality].to(memory_format=torch.channels_last)
+        encoders[modality].to(memory_format=torch.channels_last)
 
 
 def batch_to_device(batch: dict[str, Any], device: torch.device, *, channels_last: bool = False) -> dict[str, Any]:

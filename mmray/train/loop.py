@@ -427,8 +427,8 @@ def train_loop(config: JobConfig, ctx: WorkerContext, inputs: LoopInputs | None 
     if ctx.rank == 0:
         check_cached_encoders(hashes, cached)
     groups = param_groups(model, config)  # before DDP: it must not register permanently frozen weights
-    nhwc = channels_last_encoders(config, model)
-    to_channels_last(model, nhwc)
+    nhwc = channels_last_encoders(config, model.encoders)
+    to_channels_last(model.encoders, nhwc)
     channels_last = "image" in nhwc  # image batches follow their encoder's layout
     model = maybe_compile(_wrap(model, config, ctx), config)  # compile the DDP wrapper: it splits at buckets
     if is_sharded(model):  # sharding replaced every parameter by its shard: group those

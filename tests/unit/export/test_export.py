@@ -29,7 +29,7 @@ def _as_trained(ex):
     """A copy of the exported model in the memory format training (and the loaded export) runs it in: its
     convolutional encoders NHWC (train.channels_last: auto)."""
     model = copy.deepcopy(ex.model)
-    to_channels_last(model, channels_last_encoders(ex.config, model))
+    to_channels_last(model.encoders, channels_last_encoders(ex.config, model.encoders))
     return model
 
 

@@ -41,10 +41,10 @@ def _model_and_batch(config):
 
 def test_channels_last_is_on_for_every_convolutional_encoder_unless_asked(tiny):
     model, _ = _model_and_batch(_job(tiny))  # a cnn image encoder, a mel_cnn audio encoder, a transformer for text
-    assert channels_last_encoders(_job(tiny), model) == ("audio", "image")
-    assert channels_last_encoders(_job(tiny, channels_last="off"), model) == ()
+    assert channels_last_encoders(_job(tiny), model.encoders) == ("audio", "image")
+    assert channels_last_encoders(_job(tiny, channels_last="off"), model.encoders) == ()
     text_only = small_job(tiny, modalities=("text",), epochs=1, workers=1)
-    assert channels_last_encoders(text_only, _model_and_batch(text_only)[0]) == ()
+    assert channels_last_encoders(text_only, _model_and_batch(text_only)[0].encoders) == ()
 
 
 def test_a_vit_is_not_convolutional_its_one_convolution_is_the_patch_embedding(tmp_path):
@@ -67,7 +67,7 @@ def test_channels_last_changes_the_layout_not_the_logits(tiny):
     model, batch = _model_and_batch(_job(tiny))
     with torch.inference_mode():
         expected = model(batch_to_device(batch, CPU)).logits["label"]
-        to_channels_last(model, ("audio", "image"))
+        to_channels_last(model.encoders, ("audio", "image"))
         nhwc = batch_to_device(batch, CPU, channels_last=True)
         assert nhwc["image"].is_contiguous(memory_format=torch.channels_last)
         for modality in ("audio", "image"):
