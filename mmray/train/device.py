@@ -28,11 +28,11 @@ def is_convolutional(module: nn.Module) -> bool:
 
 
 def channels_last_encoders(config: JobConfig, encoders: Mapping[str, nn.Module]) -> tuple[str, ...]:
-    """``train.channels_last``: the modalities of ``encoders`` (a model's ``encoders``) whose encoder runs in NHWC. ``auto`` = every convolutional encoder
-    (:func:`is_convolutional`), on CPU and CUDA alike: oneDNN's NHWC convolution, pooling and batch-norm kernels
-    take 1.2-1.8x less CPU time a step than NCHW (``benchmarks/RESULTS.md``) and CUDA's tensor cores want NHWC;
-    ``on`` = every encoder with a 2-D convolution; ``off`` = none. Never with ``scaling.strategy: fsdp`` (it cannot
-    shard NHWC weights; ``on`` is refused with it at config validation)."""
+    """``train.channels_last``: which of ``encoders`` (a model's ``encoders``) run in NHWC. ``auto`` = every
+    convolutional one (:func:`is_convolutional`), on CPU and CUDA alike: oneDNN's NHWC convolution, pooling and
+    batch-norm kernels take 1.2-1.9x less CPU time a step than NCHW (``benchmarks/step_speed.py``) and CUDA's
+    tensor cores want NHWC; ``on`` = every encoder with a 2-D convolution; ``off`` = none. Never with
+    ``scaling.strategy: fsdp`` (it cannot shard NHWC weights; ``on`` is refused with it at config validation)."""
     setting = config.train.channels_last
     if setting == "off" or config.scaling.strategy == "fsdp":
         return ()
