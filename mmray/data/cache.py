@@ -422,7 +422,7 @@ class _EncodeUnits:
         if threads is not None and self.device.type == "cpu":
             torch.set_num_threads(threads)  # one actor per CPU: more threads would fight over the cores
         self.encoders = {m: e.to(self.device).eval() for m, e in encoders.items()}
-        from mmray.train.device import channels_last_encoders, to_channels_last
+        from mmray.train.device import channels_last_encoders, to_channels_last  # the loop's rule; data/ sits below it
 
         to_channels_last(self.encoders, channels_last_encoders(config, self.encoders))  # as training runs them
         self.pre = Preprocessor(self.data, info, train=False)

@@ -16,9 +16,10 @@ from mmray.data.synth import synth
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-# mmray's own lines: its progress ("mmray epoch=..."), the plans' lines and the summary block after the run
-OWN = ("mmray", "embedding cache:", "decoded-input cache:", "run:", "best epoch:", "export:", "tensorboard:",
-       "evaluate:")
+# mmray's own lines: its progress ("mmray epoch=..."), the plans' lines, the measurement of the exported epoch and
+# the summary block after the run
+OWN = ("mmray", "embedding cache:", "decoded-input cache:", "measuring epoch", "run:", "best epoch:", "export:",
+       "tensorboard:", "evaluate:")
 
 
 def _not_mmrays(out: str) -> list[str]:
