@@ -166,8 +166,9 @@ def test_measuring_the_exported_epoch_shows_its_progress(tiny, monkeypatch):
     assert [e["split"] for e in events if e.get("done")] == ["val", "test"]
 
     out = io.StringIO()
+    terminal = ProgressPrinter(out, tty=True)
     for event in events:
-        ProgressPrinter(out, tty=True)(event) if event["type"] == "measure" else None
+        terminal(event)
     assert f"measuring val [########################] {rows['val']}/{rows['val']} rows" in out.getvalue()
     printed = io.StringIO()
     ProgressPrinter(printed, tty=False)(events[0])
