@@ -24,7 +24,7 @@ def is_convolutional(module: nn.Module) -> bool:
     """Most of the module's weights are 2-D convolutions (``cnn``, ``resnet*``, ``mel_cnn``; not a ViT, whose one
     convolution is its patch embedding)."""
     conv = sum(p.numel() for m in module.modules() if isinstance(m, nn.Conv2d) for p in m.parameters(recurse=False))
-    return conv * 2 >= sum(p.numel() for p in module.parameters())
+    return conv > 0 and conv * 2 >= sum(p.numel() for p in module.parameters())
 
 
 def channels_last_encoders(config: JobConfig, encoders: Mapping[str, nn.Module]) -> tuple[str, ...]:
@@ -37,7 +37,7 @@ def channels_last_encoders(config: JobConfig, encoders: Mapping[str, nn.Module])
     if setting == "off" or config.scaling.strategy == "fsdp":
         return ()
     wanted = has_conv if setting == "on" else is_convolutional
-    return tuple(m for m, encoder in encoders.items() if has_conv(encoder) and wanted(encoder))
+    return tuple(m for m, encoder in encoders.items() if wanted(encoder))
 
 
 def to_channels_last(encoders: Mapping[str, nn.Module], modalities: tuple[str, ...]) -> None:
